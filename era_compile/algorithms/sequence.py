@@ -1,0 +1,49 @@
+"""Sequence surgery: from the chosen anchors to the pruned sequence (ALGORITHMS.md section 2.3).
+
+Shapes stay static: ``T`` visual tokens per sample and ``k`` anchors give ``n' = N - T + k``
+kept positions per sample, found with a stable sort instead of ``nonzero``.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def visual_positions(visual_mask: Tensor, num_visual: int) -> Tensor:
+    """[B, N] bool with ``num_visual`` True per row -> [B, T] their positions, ascending."""
+    counts = visual_mask.sum(-1)
+    if bool((counts != num_visual).any()):
+        raise ValueError(f"every sample must hold {num_visual} visual tokens; found {counts.tolist()} "
+                         "(samples with different numbers of visual tokens are not supported yet)")
+    order = torch.argsort((~visual_mask).to(torch.int8), dim=-1, stable=True)
+    return order[:, :num_visual]
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, ...] gathered at index [B, M] along dim 1 -> [B, M, ...]."""
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def assemble(hidden: Tensor, visual_mask: Tensor, visual_pos: Tensor, anchors: Tensor,
+             anchor_states: Tensor, anchor_log_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Write the recycled anchor states in place, drop the other visual tokens.
+
+    Returns ``keep_index`` [B, n'] (original positions, ascending: kept tokens keep their
+    positions), ``hidden_kept`` [B, n', D] and ``log_bias`` [B, n'] float32 (the LAR bias
+    of each kept key, 0 for text).
+    """
+    B, N, D = hidden.shape
+    k = anchors.shape[1]
+    anchor_pos = visual_pos.gather(1, anchors)
+    keep = ~visual_mask
+    keep = keep.scatter(1, anchor_pos, True)
+    n_kept = N - visual_pos.shape[1] + k
+    keep_index = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_kept]
+    written = hidden.scatter(1, anchor_pos.unsqueeze(-1).expand(B, k, D), anchor_states.to(hidden.dtype))
+    bias = torch.zeros(B, N, dtype=torch.float32, device=hidden.device)
+    bias = bias.scatter(1, anchor_pos, anchor_log_bias.to(torch.float32))
+    return keep_index, gather_rows(written, keep_index), bias.gather(1, keep_index)

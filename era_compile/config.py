@@ -1,0 +1,109 @@
+"""ERAConfig: every knob of the backend, validated once, hashed into the compile cache key."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+COMPILERS = ("inductor", "eager")
+WEIGHT_NORMS = ("mean", "none", "max")
+DEFAULT_KEEP_RATIO = 0.25
+
+
+@dataclass(frozen=True)
+class ERAConfig:
+    """What to prune, where, and how the pruned model attends.
+
+    Budget: give exactly one of ``keep_ratio`` (share of the visual tokens kept,
+    ``k = max(1, round(ratio * T))``) or ``keep_tokens`` (``k = min(keep_tokens, T)``);
+    with neither, ``keep_ratio=0.25``. ``keep_ratio=1.0`` keeps every visual token.
+    """
+
+    keep_ratio: Optional[float] = None
+    keep_tokens: Optional[int] = None
+    layer: int = 2
+    strategy: str = "era"
+    recycle: bool = True
+    rectify: bool = True
+    dep_lambda: float = 1.0
+    dep_beta: float = 0.5
+    weight_norm: str = "mean"
+    attention: str = "auto"
+    compiler: str = "inductor"
+    strict: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keep_tokens is not None:
+            if self.keep_ratio is not None:
+                _fail("keep_tokens", "give keep_ratio or keep_tokens, not both")
+            if not _is_int(self.keep_tokens) or self.keep_tokens < 1:
+                _fail("keep_tokens", f"must be an int >= 1, got {self.keep_tokens!r}")
+        else:
+            if self.keep_ratio is None:
+                object.__setattr__(self, "keep_ratio", DEFAULT_KEEP_RATIO)
+            r = self.keep_ratio
+            if not _is_number(r) or not (0.0 < r <= 1.0):
+                _fail("keep_ratio", f"must be a number in (0, 1], got {r!r}")
+        if not _is_int(self.layer) or self.layer < 0:
+            _fail("layer", f"must be an int >= 0, got {self.layer!r}")
+        from era_compile.algorithms import available_strategies
+
+        if self.strategy not in available_strategies():
+            _fail("strategy", f"unknown strategy {self.strategy!r}; known: {sorted(available_strategies())}")
+        for name in ("recycle", "rectify", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"must be a bool, got {getattr(self, name)!r}")
+        if not _is_number(self.dep_lambda) or self.dep_lambda < 0 or not math.isfinite(self.dep_lambda):
+            _fail("dep_lambda", f"must be a finite number >= 0, got {self.dep_lambda!r}")
+        if not _is_number(self.dep_beta) or not (0.0 <= self.dep_beta <= 1.0):
+            _fail("dep_beta", f"must be a number in [0, 1], got {self.dep_beta!r}")
+        _check_choice("weight_norm", self.weight_norm, WEIGHT_NORMS)
+        _check_choice("attention", self.attention, ATTENTION_KERNELS)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        if not _is_int(self.seed):
+            _fail("seed", f"must be an int, got {self.seed!r}")
+
+    def kept(self, num_visual: int) -> int:
+        """Visual tokens kept out of ``num_visual``: static, a function of the count alone."""
+        if self.keep_tokens is not None:
+            return max(1, min(self.keep_tokens, num_visual))
+        return max(1, min(num_visual, round(self.keep_ratio * num_visual)))
+
+    def strategy_options(self) -> dict:
+        """The knobs a selection strategy receives (JSON-able, so they can ride in an op's schema)."""
+        return {"lam": float(self.dep_lambda), "beta": float(self.dep_beta), "seed": int(self.seed)}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def cache_key(self) -> str:
+        """A short stable digest; two configs never share a compiled graph."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **changes) -> "ERAConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _fail(field: str, why: str) -> None:
+    raise ValueError(f"ERAConfig.{field}: {why}")
+
+
+def _check_choice(field: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        _fail(field, f"must be one of {list(choices)}, got {value!r}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
