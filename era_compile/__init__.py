@@ -1,0 +1,17 @@
+"""era_compile: a torch.compile backend that prunes visual tokens inside the compiled graph.
+
+    from era_compile import era_backend, make_era_backend, ERAConfig, last_report
+    model.compile(backend=era_backend)
+"""
+
+from era_compile.algorithms import register_strategy
+from era_compile.backend import EraBackend, EraCompileError, era_backend, make_era_backend
+from era_compile.config import ERAConfig
+from era_compile.report import Report, last_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ERAConfig", "EraBackend", "EraCompileError", "Report",
+    "era_backend", "last_report", "make_era_backend", "register_strategy",
+]

@@ -1,0 +1,141 @@
+"""The Dynamo backend: run the passes on each graph, then hand it to the inner compiler.
+
+    model.compile(backend=era_backend)                       # defaults
+    model.compile(backend=make_era_backend(ERAConfig(...)))  # any config
+    model.compile(backend="era")                             # the registered name
+
+If a rewrite cannot be done, or the rewritten graph does not compile, the backend never
+pretends: with ``strict=True`` it raises ``EraCompileError``; otherwise it logs a warning,
+records the reason in the report, and compiles the graph unmodified.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+import era_compile.ops  # noqa: F401  (registers torch.ops.era.*)
+from era_compile.config import ERAConfig
+from era_compile.passes.graph import PassContext, PassError
+from era_compile.passes.pipeline import run_pipeline
+from era_compile.report import PruningEntry, Report, logger, set_last
+
+
+class EraCompileError(RuntimeError):
+    """Raised in strict mode when the backend could not prune a graph it should have."""
+
+
+class EraBackend:
+    """A Dynamo backend bound to one ``ERAConfig``; its ``report`` covers every graph it compiled."""
+
+    def __init__(self, config: Optional[ERAConfig] = None):
+        self.config = config if config is not None else ERAConfig()
+        if not isinstance(self.config, ERAConfig):
+            raise TypeError(f"make_era_backend expects an ERAConfig, got {type(self.config).__name__}")
+        self.report = Report(config=self.config.to_dict())
+        # Dynamo and the inner compiler's caches see a distinct backend per config.
+        self.__name__ = f"era_{self.config.cache_key()}"
+
+    def __repr__(self) -> str:
+        return f"EraBackend({self.config!r})"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        start = time.perf_counter()
+        index = self.report.graphs
+        self.report.graphs += 1
+        set_last(self.report)
+        try:
+            compiled = self._compile(gm, list(example_inputs), index)
+        finally:
+            self.report.compile_seconds += time.perf_counter() - start
+        return compiled
+
+    # ------------------------------------------------------------------ internals
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: List[Any], index: int) -> Callable:
+        _dump(gm, index, "before", self.config)
+        work = _copy(gm)
+        ctx = PassContext(self.config, example_inputs, graph_index=index)
+        try:
+            results = run_pipeline(work, ctx)
+        except PassError as e:
+            return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e)
+        except Exception as e:  # a bug of ours must not take the user's model down with it
+            return self._fall_back(gm, example_inputs, index,
+                                   f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
+
+        self.report.passes.append({r.name: dict(r.counts, skipped=r.skipped) for r in results})
+        site = ctx.prune_site
+        if site is None:
+            reason = next((r.skipped for r in results if r.skipped), "nothing to prune")
+            self._skip(index, reason)
+            return self._inner(gm, example_inputs)
+
+        _dump(work, index, "after", self.config)
+        try:
+            compiled = self._inner(work, example_inputs)
+        except Exception as e:  # the inner compiler rejected the rewritten graph
+            return self._fall_back(gm, example_inputs, index,
+                                   f"the pruned graph failed to compile ({type(e).__name__}: {e}); "
+                                   "pruning did not happen", e)
+        rewrites = next((r.counts.get("attention_rewrites", 0) for r in results if r.name == "attention"), 0)
+        self.report.pruning.append(PruningEntry(index, site.layer, site.visual_tokens, site.kept,
+                                                site.seq_len_before, site.seq_len_after))
+        self.report.attention_rewrites += rewrites
+        if ctx.kernel:
+            self.report.kernel = ctx.kernel
+        logger.info("graph %d: pruned at layer %d, %d -> %d visual tokens, sequence %d -> %d, "
+                    "%d attention calls rectified (%s)", index, site.layer, site.visual_tokens, site.kept,
+                    site.seq_len_before, site.seq_len_after, rewrites, ctx.kernel or "no bias")
+        return compiled
+
+    def _skip(self, index: int, reason: str) -> None:
+        self.report.skipped.append(f"graph {index}: {reason}")
+        logger.info("graph %d: left unchanged: %s", index, reason)
+
+    def _fall_back(self, gm, example_inputs, index: int, reason: str, error: Exception) -> Callable:
+        if self.config.strict:
+            raise EraCompileError(f"era_compile, graph {index}: {reason}") from error
+        self.report.skipped.append(f"graph {index}: {reason}")
+        warnings.warn(f"era_compile, graph {index}: {reason}; running it unpruned", RuntimeWarning, stacklevel=3)
+        logger.warning("graph %d: %s; running it unpruned", index, reason)
+        return self._inner(gm, example_inputs)
+
+    def _inner(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        if self.config.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+
+def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:
+    """A backend for ``torch.compile`` / ``model.compile`` with this configuration."""
+    return EraBackend(config)
+
+
+era_backend = EraBackend()
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy to rewrite, so the original stays intact for the fallback."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _dump(gm: fx.GraphModule, index: int, stage: str, config: ERAConfig) -> None:
+    folder = os.environ.get("ERA_COMPILE_DUMP")
+    if not folder:
+        return
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{config.cache_key()}_graph{index}_{stage}.py").write_text(
+        gm.print_readable(print_output=False, include_stride=False, include_device=False))

@@ -1,0 +1,72 @@
+"""What the backend did to each graph it compiled: the answer to "did it really prune?"."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+logger = logging.getLogger("era_compile")
+
+
+@dataclass
+class PruningEntry:
+    graph: int
+    layer: int
+    visual_tokens: int
+    kept: int
+    seq_len_before: int
+    seq_len_after: int
+
+
+@dataclass
+class Report:
+    """Accumulates over every graph one backend instance compiles.
+
+    ``graphs``: how many graphs the backend saw. ``pruning``: one entry per pruning site.
+    ``attention_rewrites``: SDPA calls turned into biased attention. ``kernel``: the
+    attention kernel used. ``skipped``: why a graph was left as it was. ``passes``: per
+    graph, what each pass counted.
+    """
+
+    config: dict
+    graphs: int = 0
+    pruning: List[PruningEntry] = field(default_factory=list)
+    attention_rewrites: int = 0
+    kernel: Optional[str] = None
+    skipped: List[str] = field(default_factory=list)
+    passes: List[Dict[str, dict]] = field(default_factory=list)
+    compile_seconds: float = 0.0
+
+    @property
+    def pruned(self) -> bool:
+        return bool(self.pruning)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"era_compile report: {self.graphs} graph(s) compiled in {self.compile_seconds:.1f} s"]
+        for p in self.pruning:
+            lines.append(f"  graph {p.graph}: pruned at layer {p.layer}: {p.visual_tokens} visual tokens -> "
+                         f"{p.kept} kept; sequence {p.seq_len_before} -> {p.seq_len_after}")
+        lines.append(f"  attention rewrites: {self.attention_rewrites} (kernel: {self.kernel or '-'})")
+        for s in self.skipped:
+            lines.append(f"  skipped: {s}")
+        if not self.pruning:
+            lines.append("  NOTE: no graph was pruned")
+        return "\n".join(lines)
+
+
+_last: Optional[Report] = None
+
+
+def set_last(report: Report) -> None:
+    global _last
+    _last = report
+
+
+def last_report() -> Optional[Report]:
+    """The report of the backend that compiled most recently (None before any compile)."""
+    return _last

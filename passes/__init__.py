@@ -1,0 +1,1 @@
+"""FX passes over the graphs Dynamo hands the backend (installed as ``era_compile.passes``)."""

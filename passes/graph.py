@@ -1,0 +1,211 @@
+"""Helpers shared by the passes: the pass context and result, node queries, fake propagation."""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from era_compile.config import ERAConfig
+
+
+class PassError(RuntimeError):
+    """A pass found a structure it cannot rewrite safely; the graph is left for the fallback."""
+
+
+@dataclass
+class PassResult:
+    """What one pass did: ``counts`` go to the report; ``skipped`` says why it did nothing."""
+
+    name: str
+    changed: bool = False
+    counts: Dict[str, int] = field(default_factory=dict)
+    skipped: Optional[str] = None
+
+
+@dataclass
+class VisualSpan:
+    """Where the image features enter the sequence (found by ``span``)."""
+
+    merge: fx.Node          # the masked_scatter that writes image features into the embeddings
+    visual_mask: fx.Node    # bool [B, N], True at visual positions (inserted by ``span``)
+    batch: int
+    seq_len: int            # N
+    num_visual: int         # T, visual tokens per sample (static: from the features' shape)
+
+
+@dataclass
+class DecoderLayer:
+    """One decoder layer of the language model (found by ``layers``)."""
+
+    index: int              # position among the language model's layers, 0-based
+    module_path: str        # e.g. "L['self'].language_model.layers.3"
+    attention: fx.Node      # its scaled_dot_product_attention call
+    nodes: Set[fx.Node]     # every node traced inside the layer's module
+    hidden_in: fx.Node      # the residual stream entering the layer, [B, N, D]
+
+
+@dataclass
+class PruneSite:
+    """What ``prune`` inserted, for ``attention`` to use."""
+
+    layer: int
+    keep_index: fx.Node     # int64 [B, n'] original positions kept, ascending
+    log_bias: fx.Node       # float32 [B, n'] LAR bias per kept key (0 off the anchors)
+    downstream: Set[fx.Node]
+    visual_tokens: int
+    kept: int
+    seq_len_before: int
+    seq_len_after: int
+
+
+@dataclass
+class PassContext:
+    """State that flows through the pipeline for one graph."""
+
+    config: ERAConfig
+    example_inputs: Sequence[Any]
+    graph_index: int = 0
+    span: Optional[VisualSpan] = None
+    layers: List[DecoderLayer] = field(default_factory=list)
+    prune_site: Optional[PruneSite] = None
+    kernel: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- node queries
+
+_SDPA_TARGETS = {
+    torch._C._nn.scaled_dot_product_attention,
+    torch.nn.functional.scaled_dot_product_attention,
+}
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SDPA_TARGETS
+
+
+def is_masked_scatter(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target == "masked_scatter"
+    if node.op == "call_function":
+        return node.target in (torch.Tensor.masked_scatter, torch.masked_scatter,
+                               torch.ops.aten.masked_scatter.default)
+    return False
+
+
+def fake_value(node: Any) -> Any:
+    """The fake (meta) value Dynamo or a propagation recorded for a node."""
+    if not isinstance(node, fx.Node):
+        return node
+    if "val" in node.meta:
+        return node.meta["val"]
+    return node.meta.get("example_value")
+
+
+def tensor_meta(node: Any) -> Optional[torch.Tensor]:
+    v = fake_value(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def module_stack_paths(node: fx.Node) -> List[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [entry[0] if isinstance(entry, tuple) else str(entry) for entry in stack.values()]
+
+
+_INDEXED_MODULE = re.compile(r"\.(\d+)$")
+
+
+def layer_module_path(node: fx.Node) -> Optional[str]:
+    """The deepest enclosing module that is an element of a ModuleList (``...layers.3``)."""
+    for path in reversed(module_stack_paths(node)):
+        if _INDEXED_MODULE.search(path):
+            return path
+    return None
+
+
+def reachable_from(roots: Iterable[fx.Node]) -> Set[fx.Node]:
+    """Every node that (transitively) uses one of ``roots``, the roots excluded."""
+    seen: Set[fx.Node] = set()
+    todo = [u for r in roots for u in r.users]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+    return seen
+
+
+def ancestors_of(node: fx.Node, within: Set[fx.Node]) -> List[fx.Node]:
+    """Nodes of ``within`` that ``node`` depends on (itself included), in graph order."""
+    seen: Set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in seen or n not in within:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def sdpa_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """An argument of a scaled_dot_product_attention call, positional or keyword."""
+    order = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    if name in node.kwargs:
+        return node.kwargs[name]
+    i = order.index(name)
+    return node.args[i] if i < len(node.args) else default
+
+
+# --------------------------------------------------------------------------- graph upkeep
+
+def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Refresh ``meta['val']`` of every node; raises if the shapes do not check.
+
+    Runs in Dynamo's own fake mode when the placeholders carry its fake values (so its
+    ShapeEnv owns any data-dependent scalar, like HF's ``.item()`` checks), else in a new one.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [n.meta.get("example_value") for n in placeholders]
+    mode = next((f.fake_mode for f in fakes if isinstance(f, FakeTensor)), None)
+    if mode is None or len(fakes) != len(example_inputs):
+        mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+                 for x in example_inputs]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    for node in gm.graph.nodes:  # Dynamo's own key, kept consistent for later readers
+        if "val" in node.meta and "example_value" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+def finish(gm: fx.GraphModule, *, drop_dead: bool = False) -> None:
+    """Lint and regenerate code after a pass; at the end of the pipeline also drop dead nodes."""
+    if drop_dead:
+        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _is_impure(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    return node.is_impure()
+
+
+def insert_call(graph: fx.Graph, target: Any, args: tuple, kwargs: Optional[dict] = None,
+                *, stem: str) -> fx.Node:
+    """A call node named ``era_<stem>``: FX makes the name unique, and a name of our own
+    cannot shadow the function it calls in the generated code (findings, pitfall 11)."""
+    return graph.create_node("call_function", target, args, kwargs or {}, name=f"era_{stem}")
+
+
+def getitem(graph: fx.Graph, node: fx.Node, i: int, stem: str) -> fx.Node:
+    return insert_call(graph, operator.getitem, (node, i), stem=stem)

@@ -1,0 +1,68 @@
+"""layers: find the language model's decoder layers and their attention calls.
+
+A decoder layer is found by structure, not by name: it is an indexed module
+(``...layers.<i>``) that holds a ``scaled_dot_product_attention`` call *downstream of the
+image merge*. The vision tower's attention runs before the merge (it produces the
+features), so it is excluded without looking at any module name.
+
+For each layer the pass records its nodes and the residual stream entering it: the one
+value from outside the layer with the shape of the merged embeddings ``[B, N, D]``. Then
+it checks that the configured pruning layer K exists. The graph is not changed.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch.fx as fx
+
+from .graph import (DecoderLayer, PassContext, PassError, PassResult, is_sdpa, layer_module_path,
+                    reachable_from, tensor_meta)
+
+
+def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    result = PassResult("layers")
+    span = ctx.span
+    after_merge = reachable_from([span.merge])
+    attention_calls = [n for n in gm.graph.nodes if is_sdpa(n) and n in after_merge]
+    if not attention_calls:
+        raise PassError("no scaled_dot_product_attention after the image merge: the language model "
+                        "must use attn_implementation='sdpa' (eager attention is not supported)")
+
+    paths: List[str] = []
+    for call in attention_calls:
+        path = layer_module_path(call)
+        if path is None:
+            raise PassError(f"attention call {call.name} is not inside an indexed decoder layer module")
+        if path in paths:
+            raise PassError(f"decoder layer {path} holds more than one attention call")
+        paths.append(path)
+
+    members: Dict[str, set] = {p: set() for p in paths}
+    for node in gm.graph.nodes:
+        path = layer_module_path(node)
+        if path in members:
+            members[path].add(node)
+
+    residual_shape = tuple(tensor_meta(span.merge).shape)
+    layers = []
+    for index, (path, call) in enumerate(zip(paths, attention_calls)):
+        nodes = members[path]
+        inputs = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
+        hidden = [a for a in inputs if _is_residual(a, residual_shape)]
+        if len(hidden) != 1:
+            raise PassError(f"decoder layer {path}: expected one incoming residual stream of shape "
+                            f"{list(residual_shape)}, found {len(hidden)}")
+        layers.append(DecoderLayer(index, path, call, nodes, hidden[0]))
+    ctx.layers = layers
+
+    k = ctx.config.layer
+    if k >= len(layers):
+        raise PassError(f"ERAConfig.layer={k} but the language model has {len(layers)} decoder layers")
+    result.counts = {"decoder_layers": len(layers), "prune_layer": k}
+    return result
+
+
+def _is_residual(node: fx.Node, shape: tuple) -> bool:
+    t = tensor_meta(node)
+    return t is not None and t.is_floating_point() and tuple(t.shape) == shape

@@ -1,0 +1,162 @@
+"""prune: cut the residual stream at the input of layer K and continue on the kept tokens.
+
+Before (K = 2)::
+
+    h2 = h1_mid + mlp_1                      # residual stream entering layer 2, [B, N, D]
+    x = rms_norm_2(h2) ... view(x, (1, N, -1, 16)) ... sdpa(q, k, v, mask[B,1,N,N])
+    cos_2 ... used by every layer
+
+After::
+
+    anchors, conf = era::select(h2, visual_mask, q_1, k_1, mask_1, ...)      # layer 1's attention
+    keep, h2_kept, log_bias = era::recycle(h2, visual_mask, anchors, conf, ...)
+    cos_kept = take_along_dim(cos_unsq, keep[:, None, :, None], 2)          # every crossing tensor
+    mask_kept = take_along_dim(take_along_dim(mask, keep..., 2), keep..., 3)
+    x = rms_norm_2(h2_kept) ... view(x, (1, n', -1, 16)) ... sdpa(q, k, v, mask_kept)
+
+Every node that depends on the cut is "downstream". Upstream nodes are scheduled first,
+then the inserted ops, then the downstream nodes, so the inserted ops can read anything
+upstream (for K = 0: the cos/sin that layer 0's queries use). Which dimensions to gather
+and which shape literals to rewrite is decided by ``seqshape`` (symbolic re-propagation),
+never by matching the value N.
+
+Saliency (ALGORITHMS.md 1.3): the queries, keys and mask of layer K-1's attention call; for
+K = 0, a copy of layer 0's query/key computation that reads the unpruned input.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Set, Tuple
+
+import torch
+import torch.fx as fx
+
+from era_compile.ops.prune import default_scale
+
+from .graph import (PassContext, PassError, PassResult, PruneSite, ancestors_of, fake_value, getitem,
+                    insert_call, reachable_from, sdpa_arg, tensor_meta)
+from .seqshape import SeqLen, plan_sequence_rewrite
+
+
+def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    result = PassResult("prune")
+    cfg, span = ctx.config, ctx.span
+    K = cfg.layer
+    layer = ctx.layers[K]
+    cut = layer.hidden_in
+    T, N = span.num_visual, span.seq_len
+    keep = cfg.kept(T)
+    n_after = N - T + keep
+    graph = gm.graph
+
+    downstream = reachable_from([cut])
+    downstream.discard(next(n for n in graph.nodes if n.op == "output"))
+    first = _schedule_upstream_first(graph, downstream)
+
+    source = ctx.layers[K - 1].attention if K > 0 else layer.attention
+    q, k = sdpa_arg(source, "query"), sdpa_arg(source, "key")
+    attn_mask = sdpa_arg(source, "attn_mask")
+    is_causal = bool(sdpa_arg(source, "is_causal", False))
+    scale = sdpa_arg(source, "scale")
+    if scale is None:
+        scale = default_scale(tensor_meta(q).shape[-1])
+
+    with graph.inserting_before(first):
+        if K == 0:  # layer 0's q/k on the unpruned input: copy their computation
+            q, k = _copy_unpruned(graph, [q, k], downstream)
+        sel = insert_call(graph, torch.ops.era.select.default,
+                          (cut, span.visual_mask, q, k, attn_mask, is_causal, float(scale), T, keep,
+                           cfg.strategy, json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
+        anchors, confidence = getitem(graph, sel, 0, "anchors"), getitem(graph, sel, 1, "confidence")
+        rec = insert_call(graph, torch.ops.era.recycle.default,
+                          (cut, span.visual_mask, anchors, confidence, T, cfg.recycle, cfg.weight_norm),
+                          stem="recycle")
+        keep_index = getitem(graph, rec, 0, "keep_index")
+        hidden_kept = getitem(graph, rec, 1, "hidden_kept")
+        log_bias = getitem(graph, rec, 2, "log_bias")
+
+    order = [n for n in graph.nodes if n in downstream]
+    frozen = _parameter_placeholders(gm, ctx)
+    replacement_shape = (span.batch, n_after, tensor_meta(cut).shape[-1])
+    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=N, frozen=frozen)
+
+    cut.replace_all_uses_with(hidden_kept, delete_user_cb=lambda user: user in downstream)
+    gathered: Dict[Tuple[fx.Node, Tuple[int, ...]], fx.Node] = {}
+    with graph.inserting_before(first):
+        for (consumer, source_node), dims in plan.gathers.items():
+            key = (source_node, dims)
+            if key not in gathered:
+                gathered[key] = _gather(graph, source_node, dims, keep_index, (span.batch, n_after))
+            consumer.replace_input_with(source_node, gathered[key])
+    literals = 0
+    for node, (args, kwargs) in plan.shape_args.items():
+        resolve = lambda a: a.factor * n_after if isinstance(a, SeqLen) else a  # noqa: E731
+        new_args = fx.node.map_aggregate(args, resolve)
+        new_kwargs = fx.node.map_aggregate(kwargs, resolve)
+        if new_args != node.args or new_kwargs != node.kwargs:
+            literals += 1
+        node.args, node.kwargs = new_args, new_kwargs
+
+    ctx.prune_site = PruneSite(K, keep_index, log_bias, downstream, T, keep, N, n_after)
+    result.changed = True
+    result.counts = {"gathered_tensors": len(gathered), "rewritten_shapes": literals,
+                     "downstream_nodes": len(order)}
+    return result
+
+
+def _schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.Node:
+    """Move every node that does not depend on the cut before the first one that does.
+
+    Valid because an upstream node never reads a downstream one. Returns the first
+    downstream node, the insertion point for the pruning ops.
+    """
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    first = next(n for n in nodes if n in downstream)
+    seen_first = False
+    for n in nodes:
+        if n is first:
+            seen_first = True
+        elif seen_first and n not in downstream:
+            first.prepend(n)
+    return first
+
+
+def _copy_unpruned(graph: fx.Graph, values: List[fx.Node], downstream: Set[fx.Node]) -> List[fx.Node]:
+    """Copies of the computation of ``values`` that read the unpruned cut, not the pruned one."""
+    copies: Dict[fx.Node, fx.Node] = {}
+    for v in values:
+        for n in ancestors_of(v, downstream):
+            if n not in copies:
+                copies[n] = graph.node_copy(n, lambda a: copies.get(a, a))
+    return [copies.get(v, v) for v in values]
+
+
+def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index: fx.Node,
+            index_size: Tuple[int, int]) -> fx.Node:
+    """``source`` at the kept positions along ``dims`` (dim 0 is the batch, or 1 to broadcast)."""
+    shape = tuple(tensor_meta(source).shape)
+    batch, kept = index_size
+    if shape[0] != 1 and shape[0] != batch:
+        raise PassError(f"cannot gather {source.name} {list(shape)}: its first dimension is not the batch")
+    out = source
+    for d in dims:
+        if d == 0:
+            raise PassError(f"{source.name}: the sequence cannot be its first (batch) dimension")
+        index_shape = [batch if i == 0 else kept if i == d else 1 for i in range(len(shape))]
+        index = insert_call(graph, torch.Tensor.reshape, (keep_index, index_shape), stem="index")
+        out = insert_call(graph, torch.take_along_dim, (out, index, d), stem=f"{source.name}_kept")
+    return out
+
+
+def _parameter_placeholders(gm: fx.GraphModule, ctx: PassContext) -> Set[fx.Node]:
+    """Placeholders bound to parameters or buffers: weights never carry a sequence dimension."""
+    frozen = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, ctx.example_inputs):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(getattr(grapharg, "source", None), "name", None)
+        source = source() if callable(source) else (source or "")
+        if isinstance(value, torch.nn.Parameter) or "_parameters" in source or "_buffers" in source:
+            frozen.add(node)
+    return frozen

@@ -1,0 +1,299 @@
+"""Which dimensions of which nodes are the sequence, found by symbolic re-propagation.
+
+After the cut at layer K, every node downstream of the residual stream must run on the
+pruned length ``n'``. Dynamo bakes the original length ``N`` into the graph as literals
+(``view(x, (1, 43, -1, 16))``), and rewriting every ``43`` is wrong as soon as the prompt
+length equals some other size (the hidden or head size). So this module never guesses from
+values:
+
+1. The downstream nodes are re-run on fake tensors whose pruned length is a sentinel ``P``:
+   a prime larger than any size in the graph (fake tensors allocate nothing). A dimension
+   that comes out as a multiple of ``P`` is a sequence dimension; no size can collide with it.
+2. Shape literals of ``view``/``reshape``/``expand`` are mapped to their input's dimensions
+   by aligning the original input and output shapes (products of dimension groups), so the
+   literal that stands for a sequence dimension of the input, and only that one, becomes ``P``.
+3. A tensor computed upstream of the cut but used downstream (RoPE cos/sin, the attention
+   mask) is gathered along the smallest set of its length-``N`` dimensions that lets the
+   consumer run: a stale length ``N`` meeting ``P`` fails to broadcast, so a wrong choice
+   is detected by the op's own shape check. Ambiguity is an error, never a guess.
+
+Anything this cannot explain raises ``PassError``; the backend then reports that pruning
+did not happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .graph import PassError, fake_value
+
+
+@dataclass(frozen=True)
+class SeqLen:
+    """Stands for ``factor * n'`` in a rewritten shape argument."""
+
+    factor: int = 1
+
+
+@dataclass
+class SeqPlan:
+    """How to make the downstream nodes run on the pruned length."""
+
+    # node -> (args, kwargs) with SeqLen placeholders where a length literal stood
+    shape_args: Dict[fx.Node, Tuple[tuple, dict]] = field(default_factory=dict)
+    # (consumer, upstream input) -> dims of the input to gather with the kept positions
+    gathers: Dict[Tuple[fx.Node, fx.Node], Tuple[int, ...]] = field(default_factory=dict)
+    # the pruned length as seen by every downstream node (for the report and tests)
+    sequence_dims: Dict[fx.Node, Tuple[int, ...]] = field(default_factory=dict)
+
+
+_VIEW_METHODS = {"view", "reshape"}
+_VIEW_FUNCTIONS = {torch.reshape}
+_EXPAND_METHODS = {"expand"}
+
+
+def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replacement_shape: Tuple[int, ...],
+                          seq_dim: int, seq_len: int, frozen: Set[fx.Node]) -> SeqPlan:
+    """Plan the rewrite of ``downstream`` (graph order) when ``cut`` is replaced by a tensor
+    of ``replacement_shape`` whose ``seq_dim`` is pruned. ``frozen`` nodes (parameters,
+    buffers) never carry a sequence dimension."""
+    P = sentinel_length(downstream[0].graph)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    plan = SeqPlan()
+    member = set(downstream)
+    with mode, _quiet_fake_tensor_errors():
+        values: Dict[fx.Node, Any] = {}
+        shape = list(replacement_shape)
+        shape[seq_dim] = P
+        ref = fake_value(cut)
+        values[cut] = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+
+        def upstream_value(node: fx.Node, dims: Tuple[int, ...] = ()) -> Any:
+            v = fake_value(node)
+            if isinstance(v, torch.Tensor):
+                size = [P if d in dims else n for d, n in enumerate(v.shape)]
+                return torch.empty(size, dtype=v.dtype, device=v.device)
+            return v
+
+        for node in downstream:
+            if node.op == "output":
+                continue
+            args, kwargs = node.args, node.kwargs
+            if _is_shape_op(node):
+                args, kwargs = _rewrite_shape_args(node, values, P, seq_len)
+                plan.shape_args[node] = (args, kwargs)
+            crossing = [a for a in node.all_input_nodes if a not in member and a is not cut]
+            candidates = []
+            for a in crossing:
+                v = fake_value(a)
+                dims = [] if a in frozen or not isinstance(v, torch.Tensor) else \
+                    [d for d, n in enumerate(v.shape) if n == seq_len]
+                candidates.append(dims)
+            out = _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_value, P, plan)
+            values[node] = out
+            if isinstance(out, torch.Tensor):
+                plan.sequence_dims[node] = tuple(d for d, n in enumerate(out.shape) if _is_seq(n, P))
+    return plan
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_errors():
+    """Rejected attempts are expected here; FakeTensor would log each one at ERROR level."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def sentinel_length(graph: fx.Graph) -> int:
+    """A prime above 16x every size in the graph: it cannot collide with a real size or a
+    product of a real size with a small factor."""
+    largest = 1
+    for node in graph.nodes:
+        v = fake_value(node)
+        if isinstance(v, torch.Tensor):
+            largest = max([largest, *(int(n) for n in v.shape)])
+    return _next_prime(max(1_000_003, 16 * largest))
+
+
+def _next_prime(n: int) -> int:
+    def is_prime(m: int) -> bool:
+        return m > 1 and all(m % p for p in range(2, int(m ** 0.5) + 1))
+    while not is_prime(n):
+        n += 1
+    return n
+
+
+def _is_seq(n: Any, P: int) -> bool:
+    return isinstance(n, int) and n % P == 0 and n > 0
+
+
+def _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_value, P, plan):
+    """Run ``node`` with its upstream inputs gathered along the fewest length-N dims that work."""
+    options = [list(_subsets(dims)) for dims in candidates]
+    by_size: Dict[int, list] = {}
+    for combo in itertools.product(*options) if options else [()]:
+        by_size.setdefault(sum(len(c) for c in combo), []).append(combo)
+    errors = []
+    for size in sorted(by_size):
+        found = []
+        for combo in by_size[size]:
+            bound = {a: upstream_value(a, dims) for a, dims in zip(crossing, combo)}
+            try:
+                out = _run(node, args, kwargs, values, bound, P)
+            except _Rejected as e:
+                errors.append(str(e))
+                continue
+            found.append((combo, out))
+        if len(found) > 1:
+            raise PassError(f"cannot tell which dimensions of the inputs of {node.name} are the sequence: "
+                            f"{[dict(zip((a.name for a in crossing), c)) for c, _ in found]} all fit")
+        if found:
+            combo, out = found[0]
+            for a, dims in zip(crossing, combo):
+                if dims:
+                    plan.gathers[(node, a)] = dims
+            return out
+    raise PassError(f"{node.name} ({_describe(node)}) cannot run on the pruned sequence: {errors[-1] if errors else ''}")
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _run(node, args, kwargs, values, bound, P):
+    def load(x):
+        if isinstance(x, fx.Node):
+            if x in bound:
+                return bound[x]
+            if x in values:
+                return values[x]
+            return _as_fake(fake_value(x))
+        if isinstance(x, SeqLen):
+            return P * x.factor
+        return x
+
+    a = fx.node.map_aggregate(args, load)
+    k = fx.node.map_aggregate(kwargs, load)
+    try:
+        if node.op == "call_function":
+            return node.target(*a, **k)
+        if node.op == "call_method":
+            return getattr(a[0], node.target)(*a[1:], **k)
+    except Exception as e:  # a shape mismatch: this choice of dims does not fit
+        raise _Rejected(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    raise PassError(f"unexpected {node.op} node {node.name} downstream of the cut")
+
+
+def _as_fake(v):
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+    return v
+
+
+def _subsets(dims: List[int]):
+    for r in range(len(dims) + 1):
+        yield from itertools.combinations(dims, r)
+
+
+def _describe(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+# --------------------------------------------------------------------------- shape literals
+
+def _is_shape_op(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS or node.target in _EXPAND_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
+def _sizes_of(node: fx.Node) -> Tuple[list, bool]:
+    """The size list of view/reshape/expand, and whether it was passed as varargs."""
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return list(rest[0]), False
+    if "size" in node.kwargs or "shape" in node.kwargs:
+        return list(node.kwargs.get("size", node.kwargs.get("shape"))), False
+    return list(rest), True
+
+
+def _rebuild(node: fx.Node, sizes: list, varargs: bool) -> Tuple[tuple, dict]:
+    kwargs = dict(node.kwargs)
+    for key in ("size", "shape"):
+        if key in kwargs:
+            kwargs[key] = tuple(sizes)
+            return node.args, kwargs
+    if varargs:
+        return (node.args[0], *sizes), kwargs
+    return (node.args[0], tuple(sizes)), kwargs
+
+
+def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tuple, dict]:
+    src = node.args[0]
+    original_in = tuple(fake_value(src).shape)
+    original_out = tuple(fake_value(node).shape)
+    new_in = values[src].shape if src in values else original_in
+    symbolic_in = {d for d, n in enumerate(new_in) if _is_seq(n, P)}
+    sizes, varargs = _sizes_of(node)
+    if not symbolic_in:
+        return node.args, node.kwargs
+    if node.op == "call_method" and node.target in _EXPAND_METHODS:
+        offset = len(sizes) - len(original_in)
+        for d in symbolic_in:
+            sizes[d + offset] = -1  # keep the input's (pruned) length
+        return _rebuild(node, sizes, varargs)
+    for in_dims, out_dims in _view_groups(original_in, original_out):
+        if not symbolic_in.intersection(in_dims):
+            continue
+        sized = [d for d in out_dims if original_out[d] != 1]  # size-1 dims ride along
+        if len(sized) != 1:
+            raise PassError(f"{node.name}: a view splits the sequence dimension {original_in} -> {original_out}")
+        (d,) = sized
+        if isinstance(sizes[d], int) and sizes[d] == -1:
+            continue
+        total = original_out[d]
+        if total % seq_len:
+            raise PassError(f"{node.name}: size {total} is not a multiple of the sequence length {seq_len}")
+        sizes[d] = SeqLen(total // seq_len)
+    return _rebuild(node, sizes, varargs)
+
+
+def _view_groups(shape_in: Sequence[int], shape_out: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
+    """Pair runs of input and output dims with equal products: [1,43,64]->[1,43,4,16] gives
+    ([0],[0]), ([1],[1]), ([2],[2,3])."""
+    groups: List[Tuple[List[int], List[int]]] = []
+    i = j = 0
+    while i < len(shape_in) and j < len(shape_out):
+        gi, gj = [i], [j]
+        pi, pj = shape_in[i], shape_out[j]
+        i += 1
+        j += 1
+        while pi != pj:
+            if pi < pj and i < len(shape_in):
+                gi.append(i)
+                pi *= shape_in[i]
+                i += 1
+            elif j < len(shape_out):
+                gj.append(j)
+                pj *= shape_out[j]
+                j += 1
+            else:
+                raise PassError(f"cannot align view {list(shape_in)} -> {list(shape_out)}")
+        groups.append((gi, gj))
+    # trailing size-1 dims join the last group
+    if groups:
+        groups[-1][0].extend(range(i, len(shape_in)))
+        groups[-1][1].extend(range(j, len(shape_out)))
+    return groups
