@@ -1,0 +1,155 @@
+"""The eager reference: the same pruning on a Hugging Face VLM, with hooks instead of FX.
+
+Plain PyTorch, no compile. Forward pre-hooks on the decoder layers cut the sequence at
+layer K (the same algorithm functions the ops call: selection, BTR, sequence assembly)
+and gather every per-token argument of the later layers (cos/sin, mask, position ids).
+A registered attention function reads layer K-1's queries and keys for the saliency and
+adds the LAR bias in layers >= K. What the compiled graph computes must match this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+from era_compile.algorithms import run_strategy
+from era_compile.algorithms.btr import recycle as btr_recycle
+from era_compile.algorithms.sequence import assemble, gather_rows, visual_positions
+from era_compile.config import ERAConfig
+from era_compile.ops.prune import default_scale, selection_inputs
+
+_ACTIVE: Optional["EagerReference"] = None
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    ref, idx = _ACTIVE, getattr(module, "layer_idx", None)
+    if ref is None or idx is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    ref.observe(idx, query, key, attention_mask, scaling)
+    bias = ref.bias_for(idx)
+    if bias is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, rep), repeat_kv(value, rep)
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = bias[:, None, None, :].to(torch.float32).expand(-1, 1, q_len, k_len)
+    if attention_mask is not None:
+        blocked = ~attention_mask if attention_mask.dtype == torch.bool else None
+        mask = mask.masked_fill(blocked, float("-inf")) if blocked is not None else mask + attention_mask
+    elif q_len > 1:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        mask = mask.masked_fill(~causal, float("-inf"))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype), scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("era_reference", _reference_attention)
+
+
+class EagerReference:
+    """``EagerReference(model, config)(**inputs)`` runs ``model`` eagerly with the pruning of ``config``."""
+
+    def __init__(self, model: torch.nn.Module, config: ERAConfig, *, drop_decode_bias: bool = False):
+        self.model, self.config = model, config
+        self.decoder = model.get_decoder()
+        self.layers = self.decoder.layers
+        self.image_token_id = model.config.image_token_id
+        self.drop_decode_bias = drop_decode_bias
+        self.last: dict = {}
+
+    # ------------------------------------------------------------------ hooks' callbacks
+
+    def observe(self, layer: int, query, key, attention_mask, scaling) -> None:
+        if self._capture is not None and layer == self._capture:
+            self._seen = (query, key, attention_mask, scaling)
+
+    def bias_for(self, layer: int):
+        if self._bias is None or layer < self.config.layer or not self.config.rectify:
+            return None
+        return self._bias
+
+    def _prune(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        K, cfg = self.config.layer, self.config
+        if K == 0:  # layer 0's queries and keys on the unpruned input, cache untouched
+            self._capture = 0
+            module.self_attn(hidden_states=module.input_layernorm(hidden), attention_mask=kwargs.get("attention_mask"),
+                             position_embeddings=kwargs["position_embeddings"], past_key_values=None)
+        query, key, attn_mask, scaling = self._seen
+        self._capture = None
+        T = int(self._visual_mask[0].sum())
+        k = cfg.kept(T)
+        is_causal = attn_mask is None and query.shape[2] > 1
+        scale = scaling if scaling is not None else default_scale(query.shape[-1])
+        inputs = selection_inputs(hidden, self._visual_mask, query, key, attn_mask, is_causal, scale, T)
+        selection = run_strategy(cfg.strategy, inputs, k, json.loads(json.dumps(cfg.strategy_options())))
+        visual_pos = visual_positions(self._visual_mask, T)
+        states, log_bias = btr_recycle(gather_rows(hidden, visual_pos), selection.anchors,
+                                       selection.confidence, merge=cfg.recycle, weight_norm=cfg.weight_norm)
+        keep, hidden_kept, bias = assemble(hidden, self._visual_mask, visual_pos, selection.anchors, states, log_bias)
+        self._keep, self._bias = keep, bias
+        self.last = {"keep_index": keep, "log_bias": bias, "anchors": selection.anchors}
+        args = (hidden_kept,) + tuple(args[1:]) if args else args
+        if not args:
+            kwargs["hidden_states"] = hidden_kept
+        return args, self._gather_kwargs(kwargs)
+
+    def _gather_kwargs(self, kwargs):
+        keep = self._keep
+        kwargs = dict(kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (_take(cos, keep, 1), _take(sin, keep, 1))
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = _take(_take(mask, keep, 2), keep, 3)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = _take(kwargs["position_ids"], keep, 1)
+        return kwargs
+
+    def _later(self, module, args, kwargs):
+        return args, self._gather_kwargs(kwargs)
+
+    # ------------------------------------------------------------------ running
+
+    @contextlib.contextmanager
+    def active(self, input_ids: torch.Tensor):
+        global _ACTIVE
+        self._visual_mask = input_ids == self.image_token_id
+        self._capture = self.config.layer - 1 if self.config.layer > 0 else None
+        self._seen, self._keep, self._bias = None, None, None
+        text_config = self.model.config.get_text_config()
+        previous = text_config._attn_implementation
+        handles = [self.layers[self.config.layer].register_forward_pre_hook(self._prune, with_kwargs=True)]
+        handles += [layer.register_forward_pre_hook(self._later, with_kwargs=True)
+                    for layer in self.layers[self.config.layer + 1:]]
+        text_config._attn_implementation = "era_reference"
+        _ACTIVE = self
+        try:
+            yield self
+        finally:
+            _ACTIVE = None
+            text_config._attn_implementation = previous
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def __call__(self, **inputs) -> Any:
+        if not bool((inputs["input_ids"] == self.image_token_id).any()):
+            return self.model(**inputs)
+        with self.active(inputs["input_ids"]):
+            return self.model(**inputs)
+
+
+def _take(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """x gathered at the kept positions along ``dim`` (dim 0 is the batch, or 1 to broadcast)."""
+    shape = [keep.shape[0] if i == 0 else keep.shape[1] if i == dim else 1 for i in range(x.dim())]
+    return torch.take_along_dim(x, keep.reshape(shape), dim)

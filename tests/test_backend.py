@@ -1,0 +1,124 @@
+"""The backend's contract: never a silent no-op, clear errors, reports, registration, dumps."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import build, compiled_forward
+
+from era_compile import ERAConfig, EraCompileError, last_report, make_era_backend
+
+
+class MergeWithoutDecoder(torch.nn.Module):
+    """A masked_scatter merge with no attention after it: nothing a decoder pass can find."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, embeds, mask, features):
+        return self.proj(embeds.masked_scatter(mask, features))
+
+
+def _merge_inputs():
+    mask = torch.zeros(1, 10, 1, dtype=torch.bool)
+    mask[:, 2:6] = True
+    return torch.randn(1, 10, 8), mask, torch.randn(4, 8)
+
+
+def test_text_only_prompt_passes_through_and_says_so():
+    model, _ = build("llava")
+    ids = torch.randint(3, 200, (1, 12))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    out, report = compiled_forward(model, {"input_ids": ids}, ERAConfig(compiler="eager", strict=True))
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+    assert not report.pruned
+    assert report.skipped and all("no masked_scatter" in s for s in report.skipped)
+    assert "no graph was pruned" in str(report)
+
+
+def test_strict_raises_on_a_merge_without_decoder_layers():
+    model = MergeWithoutDecoder()
+    backend = make_era_backend(ERAConfig(compiler="eager", strict=True))
+    with pytest.raises(Exception, match="no scaled_dot_product_attention after the image merge"):
+        torch.compile(model, backend=backend)(*_merge_inputs())
+
+
+def test_non_strict_warns_reports_and_runs_unpruned(caplog):
+    model = MergeWithoutDecoder()
+    args = _merge_inputs()
+    backend = make_era_backend(ERAConfig(compiler="eager"))
+    with caplog.at_level(logging.WARNING, logger="era_compile"), \
+            pytest.warns(RuntimeWarning, match="pruning did not happen"):
+        out = torch.compile(model, backend=backend)(*args)
+    assert torch.allclose(out, model(*args))
+    assert not backend.report.pruned
+    assert any("pruning did not happen" in s for s in backend.report.skipped)
+    assert any("pruning did not happen" in r.getMessage() for r in caplog.records)
+
+
+def test_layer_beyond_the_model_is_reported():
+    model, inputs = build("llava")
+    with pytest.raises(Exception, match="ERAConfig.layer=9 but the language model has 4 decoder layers"):
+        compiled_forward(model, inputs, ERAConfig(layer=9, compiler="eager", strict=True))
+
+
+def test_registered_name_and_last_report(caplog):
+    model, inputs = build("llava")
+    with caplog.at_level(logging.INFO, logger="era_compile"), torch.no_grad():
+        out = torch.compile(model, backend="era")(**inputs)
+    report = last_report()
+    assert report is not None and report.pruned
+    d = report.to_dict()
+    for key in ("graphs", "pruning", "attention_rewrites", "kernel", "skipped"):
+        assert key in d
+    entry = d["pruning"][0]
+    for key in ("layer", "visual_tokens", "kept", "seq_len_before", "seq_len_after"):
+        assert key in entry
+    assert out.logits.shape[1] == entry["seq_len_after"]
+    assert any("pruned at layer" in r.getMessage() for r in caplog.records)
+
+
+def test_dump_writes_graphs_before_and_after(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERA_COMPILE_DUMP", str(tmp_path))
+    model, inputs = build("llava")
+    compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
+    after = sorted(tmp_path.glob("*_after.py"))
+    assert len(after) == 1 and len(list(tmp_path.glob("*_before.py"))) >= 2
+    text = after[0].read_text()
+    assert "era.select" in text and "era.recycle" in text and "era.biased_attention" in text
+
+
+@pytest.mark.parametrize("field, value", [
+    ("keep_ratio", 0.0), ("keep_ratio", 1.5), ("keep_tokens", 0), ("layer", -1), ("layer", 1.5),
+    ("strategy", "nope"), ("recycle", "yes"), ("rectify", 1), ("dep_lambda", -1.0), ("dep_beta", 2.0),
+    ("weight_norm", "sum"), ("attention", "cuda"), ("compiler", "tvm"), ("strict", None),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ERAConfig\.{field}"):
+        ERAConfig(**{field: value})
+
+
+def test_config_budget_and_key():
+    assert ERAConfig().keep_ratio == 0.25
+    with pytest.raises(ValueError, match="not both"):
+        ERAConfig(keep_ratio=0.5, keep_tokens=8)
+    assert ERAConfig(keep_tokens=8).kept(36) == 8 and ERAConfig(keep_tokens=80).kept(36) == 36
+    assert ERAConfig(keep_ratio=0.11).kept(576) == 63 and ERAConfig(keep_ratio=1e-6).kept(576) == 1
+    assert ERAConfig().cache_key() == ERAConfig().cache_key() != ERAConfig(layer=3).cache_key()
+    with pytest.raises(TypeError):
+        make_era_backend({"layer": 2})
+
+
+def test_strict_error_type_is_exported():
+    model, inputs = build("llava")
+    with pytest.raises(Exception) as info:
+        compiled_forward(model, inputs, ERAConfig(layer=9, compiler="eager", strict=True))
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(type(e))
+        e = e.__cause__ or e.__context__
+    assert EraCompileError in chain

@@ -1,0 +1,100 @@
+"""Compiled pruned LLaVA against the eager reference of the same algorithm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, compiled_forward
+from reference import EagerReference
+
+from era_compile import ERAConfig, zoo
+
+TOL = 1e-4  # fp32, compiled vs eager reference (issue 2)
+
+
+def _reference(model, inputs, config):
+    return EagerReference(model, config)(**inputs)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
+def test_pruned_logits_match_reference(layer, keep_ratio):
+    model, inputs = build("llava")
+    config = ERAConfig(keep_ratio=keep_ratio, layer=layer, compiler="eager", strict=True)
+    expected = _reference(model, inputs, config).logits
+    out, report = compiled_forward(model, inputs, config)
+    T = zoo.num_visual_tokens(model)
+    n_after = inputs["input_ids"].shape[1] - T + config.kept(T)
+    assert expected.shape[1] == n_after
+    assert out.logits.shape == expected.shape
+    assert (out.logits - expected).abs().max().item() <= TOL
+    (site,) = report.pruning
+    assert (site.layer, site.visual_tokens, site.kept, site.seq_len_after) == (layer, T, config.kept(T), n_after)
+    assert report.attention_rewrites == model.config.text_config.num_hidden_layers - layer
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_inductor_matches_reference(layer):
+    model, inputs = build("llava")
+    config = ERAConfig(keep_ratio=0.25, layer=layer, compiler="inductor", strict=True)
+    expected = _reference(model, inputs, config).logits
+    out, report = compiled_forward(model, inputs, config)
+    assert out.logits.shape == expected.shape
+    assert (out.logits - expected).abs().max().item() <= TOL
+    assert report.pruned
+
+
+def test_kv_cache_of_pruned_layers_holds_kept_length():
+    model, inputs = build("llava")
+    config = ERAConfig(keep_ratio=0.25, layer=2, compiler="eager", strict=True)
+    out, report = compiled_forward(model, inputs, config)
+    N = inputs["input_ids"].shape[1]
+    n_after = report.pruning[0].seq_len_after
+    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    assert lengths == [N, N, n_after, n_after]
+    assert n_after < N
+
+
+def test_prompt_length_equal_to_hidden_size():
+    """N == hidden size (64): a rewrite that changed every 64 would break or corrupt the model."""
+    model, inputs = build("llava", prefix=5, suffix=23)
+    assert inputs["input_ids"].shape[1] == model.config.text_config.hidden_size
+    config = ERAConfig(keep_ratio=0.25, layer=1, compiler="eager", strict=True)
+    expected = _reference(model, inputs, config).logits
+    out, _ = compiled_forward(model, inputs, config)
+    assert out.logits.shape == expected.shape
+    assert (out.logits - expected).abs().max().item() <= TOL
+
+
+def test_keep_all_without_rectify_equals_plain_compile():
+    model, inputs = build("llava")
+    with torch.no_grad():
+        plain = torch.compile(model, backend="eager")(**inputs).logits
+    torch._dynamo.reset()
+    out, report = compiled_forward(model, inputs, ERAConfig(keep_ratio=1.0, layer=1, rectify=False,
+                                                            compiler="eager", strict=True))
+    assert report.pruned and report.pruning[0].kept == report.pruning[0].visual_tokens
+    assert out.logits.shape == plain.shape
+    assert (out.logits - plain).abs().max().item() <= 1e-6
+
+
+def test_rectification_changes_the_output():
+    """LAR is not a no-op: the same selection without the bias gives other logits."""
+    model, inputs = build("llava")
+    with_bias, _ = compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
+    torch._dynamo.reset()
+    without, report = compiled_forward(model, inputs, ERAConfig(layer=1, rectify=False, compiler="eager",
+                                                                strict=True))
+    assert report.attention_rewrites == 0
+    assert (with_bias.logits - without.logits).abs().max().item() > 1e-3
+
+
+def test_two_configs_never_share_a_compiled_graph():
+    model, inputs = build("llava")
+    a, b = ERAConfig(keep_ratio=0.25, layer=1, compiler="eager"), ERAConfig(keep_ratio=0.5, layer=1, compiler="eager")
+    assert a.cache_key() != b.cache_key()
+    out_a, rep_a = compiled_forward(model, inputs, a)
+    out_b, rep_b = compiled_forward(model, inputs, b)  # no reset: Dynamo's cache is live
+    assert rep_b.pruned, "the second config reused the first one's graph"
+    assert out_a.logits.shape[1] != out_b.logits.shape[1]
+    assert (out_b.logits - _reference(model, inputs, b).logits).abs().max().item() <= TOL

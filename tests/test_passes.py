@@ -1,0 +1,93 @@
+"""Pass level: what the pipeline does to a Dynamo graph, node by node."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build
+
+from era_compile import ERAConfig
+from era_compile.backend import _copy
+from era_compile.passes.graph import PassContext, is_masked_scatter, is_sdpa, module_stack_paths, tensor_meta
+from era_compile.passes.pipeline import run_pipeline
+from era_compile.passes.seqshape import _view_groups
+
+
+def _capture_single_graph(model, inputs):
+    """LLaVA as one graph (vision tower, merge and decoder together): the hardest case for filtering."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad():
+        model(**inputs)  # warm: transformers installs its hooks lazily on the first call
+        torch.compile(model, backend=backend)(**inputs)
+    return next((gm, ex) for gm, ex in graphs if any(is_masked_scatter(n) for n in gm.graph.nodes))
+
+
+def _is_vision(node):
+    return any("vision" in p for p in module_stack_paths(node))
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_pipeline_node_counts(layer):
+    model, inputs = build("llava")
+    gm, example_inputs = _capture_single_graph(model, inputs)
+    n_layers = model.config.text_config.num_hidden_layers
+    sdpa = [n for n in gm.graph.nodes if is_sdpa(n)]
+    vision = [n.name for n in sdpa if _is_vision(n)]
+    assert len(vision) == model.config.vision_config.num_hidden_layers and len(sdpa) == len(vision) + n_layers
+
+    work = _copy(gm)
+    ctx = PassContext(ERAConfig(layer=layer, keep_ratio=0.25), example_inputs)
+    results = {r.name: r for r in run_pipeline(work, ctx)}
+
+    after = [n for n in work.graph.nodes if is_sdpa(n)]
+    vision_after = [n.name for n in after if _is_vision(n)]
+    # the vision tower is untouched (its last layer is dead code: LLaVA reads hidden_states[-2])
+    assert set(vision_after) <= set(vision) and len(vision_after) >= len(vision) - 1
+    assert len(after) == len(vision_after) + layer
+    assert _count(work, torch.ops.era.biased_attention.default) == n_layers - layer
+    assert _count(work, torch.ops.era.select.default) == 1
+    assert _count(work, torch.ops.era.recycle.default) == 1
+    assert results["attention"].counts["attention_rewrites"] == n_layers - layer
+    assert results["prune"].counts["rewritten_shapes"] > 0 and results["prune"].counts["gathered_tensors"] > 0
+    assert results["layers"].counts["decoder_layers"] == n_layers
+
+    # every node carries fake metadata, and no stale length is left after the cut
+    N = ctx.span.seq_len
+    for node in work.graph.nodes:
+        if node.name.startswith("era_") or isinstance(node.meta.get("example_value"), torch.Tensor):
+            assert isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)), node.name
+    downstream = ctx.prune_site.downstream  # every node that depends on the cut
+    assert {layer_.attention for layer_ in ctx.layers[layer:]} <= downstream
+    for node in downstream:
+        t = tensor_meta(node)
+        if node.graph is work.graph and t is not None:
+            assert N not in tuple(t.shape), f"{node.name} still has length {N}: {tuple(t.shape)}"
+
+
+def test_single_graph_runs_and_prunes():
+    """The single-graph capture (vision tower inside) also compiles and matches the reference."""
+    from conftest import compiled_forward
+    from reference import EagerReference
+
+    model, inputs = build("llava")
+    config = ERAConfig(layer=1, compiler="eager", strict=True)
+    expected = EagerReference(model, config)(**inputs).logits
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        out, report = compiled_forward(model, inputs, config)
+    assert report.pruned and report.graphs == 1
+    assert (out.logits - expected).abs().max().item() <= 1e-4
+
+
+def test_view_groups():
+    assert _view_groups((1, 43, 64), (1, 43, 4, 16)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
+    assert _view_groups((1, 4, 43, 16), (1, 4, 688)) == [([0], [0]), ([1], [1]), ([2, 3], [2])]
+    assert _view_groups((1, 43, 64), (43, 64)) == [([0, 1], [0]), ([2], [1])]
