@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with torch and era_compile installed.
+# torch goes in first, pinned to the local CPU build, so that resolving the package's
+# `torch>=2.11` never pulls multi-GB CUDA wheels. A torch already importable (a GPU image
+# with its own build) is kept: the venv sees system packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  "$VPY" -m pip install --quiet torch==2.13.0
+fi
+if ! "$VPY" -c "import era_compile, transformers, pytest, optree" >/dev/null 2>&1; then
+  "$VPY" -m pip install --quiet -e ".[test]"
+fi
+"$VPY" -c "import torch, transformers; print(f'era_compile env: torch {torch.__version__}, transformers {transformers.__version__}')"
