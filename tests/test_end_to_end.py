@@ -98,3 +98,19 @@ def test_two_configs_never_share_a_compiled_graph():
     assert rep_b.pruned, "the second config reused the first one's graph"
     assert out_a.logits.shape[1] != out_b.logits.shape[1]
     assert (out_b.logits - _reference(model, inputs, b).logits).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["bool-mask", "is_causal"])
+def test_batch_of_two_samples_prunes_each_its_own_way(with_mask):
+    """Two images in a batch: each sample keeps its own anchors (the gathers are per sample)."""
+    model, inputs = build("llava", batch=2)
+    if not with_mask:  # no attention_mask: SDPA runs with is_causal and GQA, no mask to gather
+        inputs.pop("attention_mask")
+    config = ERAConfig(keep_ratio=0.25, layer=1, compiler="eager", strict=True)
+    reference = EagerReference(model, config)
+    expected = reference(**inputs).logits
+    keep = reference.last["keep_index"]
+    assert not torch.equal(keep[0], keep[1]), "both samples kept the same positions: the test lost its teeth"
+    out, report = compiled_forward(model, inputs, config)
+    assert out.logits.shape == expected.shape == (2, report.pruning[0].seq_len_after, expected.shape[-1])
+    assert (out.logits - expected).abs().max().item() <= TOL
