@@ -17,7 +17,7 @@ After::
 Every node that depends on the cut is "downstream". Upstream nodes are scheduled first,
 then the inserted ops, then the downstream nodes, so the inserted ops can read anything
 upstream (for K = 0: the cos/sin that layer 0's queries use). Which dimensions to gather
-and which shape literals to rewrite is decided by ``seqshape`` (symbolic re-propagation),
+and which shape literals to rewrite is decided by ``seqshape`` (shapes re-run with a sentinel length),
 never by matching the value N.
 
 Saliency (ALGORITHMS.md 1.3): the queries, keys and mask of layer K-1's attention call; for
@@ -89,9 +89,11 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if key not in gathered:
                 gathered[key] = _gather(graph, source_node, dims, keep_index, (span.batch, n_after))
             consumer.replace_input_with(source_node, gathered[key])
+    def resolve(a):
+        return a.factor * n_after if isinstance(a, SeqLen) else a
+
     literals = 0
     for node, (args, kwargs) in plan.shape_args.items():
-        resolve = lambda a: a.factor * n_after if isinstance(a, SeqLen) else a  # noqa: E731
         new_args = fx.node.map_aggregate(args, resolve)
         new_kwargs = fx.node.map_aggregate(kwargs, resolve)
         if new_args != node.args or new_kwargs != node.kwargs:

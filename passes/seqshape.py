@@ -1,4 +1,4 @@
-"""Which dimensions of which nodes are the sequence, found by symbolic re-propagation.
+"""Which dimensions of which nodes are the sequence, found by re-propagating shapes.
 
 After the cut at layer K, every node downstream of the residual stream must run on the
 pruned length ``n'``. Dynamo bakes the original length ``N`` into the graph as literals
@@ -51,8 +51,6 @@ class SeqPlan:
     shape_args: Dict[fx.Node, Tuple[tuple, dict]] = field(default_factory=dict)
     # (consumer, upstream input) -> dims of the input to gather with the kept positions
     gathers: Dict[Tuple[fx.Node, fx.Node], Tuple[int, ...]] = field(default_factory=dict)
-    # the pruned length as seen by every downstream node (for the report and tests)
-    sequence_dims: Dict[fx.Node, Tuple[int, ...]] = field(default_factory=dict)
 
 
 _VIEW_METHODS = {"view", "reshape"}
@@ -97,10 +95,7 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
                 dims = [] if a in frozen or not isinstance(v, torch.Tensor) else \
                     [d for d, n in enumerate(v.shape) if n == seq_len]
                 candidates.append(dims)
-            out = _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_value, P, plan)
-            values[node] = out
-            if isinstance(out, torch.Tensor):
-                plan.sequence_dims[node] = tuple(d for d, n in enumerate(out.shape) if _is_seq(n, P))
+            values[node] = _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_value, P, plan)
     return plan
 
 
@@ -245,17 +240,17 @@ def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tu
     original_in = tuple(fake_value(src).shape)
     original_out = tuple(fake_value(node).shape)
     new_in = values[src].shape if src in values else original_in
-    symbolic_in = {d for d, n in enumerate(new_in) if _is_seq(n, P)}
+    seq_in = {d for d, n in enumerate(new_in) if _is_seq(n, P)}
     sizes, varargs = _sizes_of(node)
-    if not symbolic_in:
+    if not seq_in:
         return node.args, node.kwargs
     if node.op == "call_method" and node.target in _EXPAND_METHODS:
         offset = len(sizes) - len(original_in)
-        for d in symbolic_in:
+        for d in seq_in:
             sizes[d + offset] = -1  # keep the input's (pruned) length
         return _rebuild(node, sizes, varargs)
     for in_dims, out_dims in _view_groups(original_in, original_out):
-        if not symbolic_in.intersection(in_dims):
+        if not seq_in.intersection(in_dims):
             continue
         sized = [d for d in out_dims if original_out[d] != 1]  # size-1 dims ride along
         if len(sized) != 1:
