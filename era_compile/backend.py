@@ -25,6 +25,7 @@ from era_compile.config import ERAConfig
 from era_compile.passes.graph import PassContext, PassError
 from era_compile.passes.pipeline import run_pipeline
 from era_compile.report import PruningEntry, Report, logger, set_last
+from era_compile.runtime import Runtime, plan_for
 
 
 class EraCompileError(RuntimeError):
@@ -39,6 +40,7 @@ class EraBackend:
         if not isinstance(self.config, ERAConfig):
             raise TypeError(f"make_era_backend expects an ERAConfig, got {type(self.config).__name__}")
         self.report = Report(config=self.config.to_dict())
+        self.runtime = Runtime(self.report, self.config.strict)
         # Dynamo and the inner compiler's caches see a distinct backend per config.
         self.__name__ = f"era_{self.config.cache_key()}"
 
@@ -71,29 +73,37 @@ class EraBackend:
                                    f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
 
         self.report.passes.append({r.name: dict(r.counts, skipped=r.skipped) for r in results})
+        plan = plan_for(ctx, self.config, work)
         site = ctx.prune_site
-        if site is None:
+        changed = any(r.changed for r in results if r.name != "span")
+        if not changed:
             reason = next((r.skipped for r in results if r.skipped), "nothing to prune")
             self._skip(index, reason)
-            return self._inner(gm, example_inputs)
+            return self.runtime.wrap(self._inner(gm, example_inputs), plan)
 
         _dump(work, index, "after", self.config)
         try:
             compiled = self._inner(work, example_inputs)
         except Exception as e:  # the inner compiler rejected the rewritten graph
             return self._fall_back(gm, example_inputs, index,
-                                   f"the pruned graph failed to compile ({type(e).__name__}: {e}); "
+                                   f"the rewritten graph failed to compile ({type(e).__name__}: {e}); "
                                    "pruning did not happen", e)
-        rewrites = next((r.counts.get("attention_rewrites", 0) for r in results if r.name == "attention"), 0)
+        counts = {r.name: r.counts for r in results}
+        if ctx.kernel:
+            self.report.kernel = ctx.kernel
+        if site is None:
+            rewrites = counts.get("decode", {}).get("attention_rewrites", 0)
+            self.report.decode_rewrites += rewrites
+            logger.info("graph %d: %d attention calls over a cache read the anchors' bias", index, rewrites)
+            return self.runtime.wrap(compiled, plan)
+        rewrites = counts.get("attention", {}).get("attention_rewrites", 0)
         self.report.pruning.append(PruningEntry(index, site.layer, site.visual_tokens, site.kept,
                                                 site.seq_len_before, site.seq_len_after))
         self.report.attention_rewrites += rewrites
-        if ctx.kernel:
-            self.report.kernel = ctx.kernel
         logger.info("graph %d: pruned at layer %d, %d -> %d visual tokens, sequence %d -> %d, "
                     "%d attention calls rectified (%s)", index, site.layer, site.visual_tokens, site.kept,
                     site.seq_len_before, site.seq_len_after, rewrites, ctx.kernel or "no bias")
-        return compiled
+        return self.runtime.wrap(compiled, plan)
 
     def _skip(self, index: int, reason: str) -> None:
         self.report.skipped.append(f"graph {index}: {reason}")

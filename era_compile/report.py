@@ -25,15 +25,19 @@ class Report:
     """Accumulates over every graph one backend instance compiles.
 
     ``graphs``: how many graphs the backend saw. ``pruning``: one entry per pruning site.
-    ``attention_rewrites``: SDPA calls turned into biased attention. ``kernel``: the
-    attention kernel used. ``skipped``: why a graph was left as it was. ``passes``: per
-    graph, what each pass counted.
+    ``attention_rewrites``: SDPA calls of pruned prefills turned into biased attention.
+    ``decode_rewrites``: attention calls over a cache that read its bias (decode steps).
+    ``broken_bias_chain``: decode calls that received a cache this backend did not write.
+    ``kernel``: the attention kernel used. ``skipped``: why a graph was left as it was.
+    ``passes``: per graph, what each pass counted.
     """
 
     config: dict
     graphs: int = 0
     pruning: List[PruningEntry] = field(default_factory=list)
     attention_rewrites: int = 0
+    decode_rewrites: int = 0
+    broken_bias_chain: int = 0
     kernel: Optional[str] = None
     skipped: List[str] = field(default_factory=list)
     passes: List[Dict[str, dict]] = field(default_factory=list)
@@ -51,7 +55,11 @@ class Report:
         for p in self.pruning:
             lines.append(f"  graph {p.graph}: pruned at layer {p.layer}: {p.visual_tokens} visual tokens -> "
                          f"{p.kept} kept; sequence {p.seq_len_before} -> {p.seq_len_after}")
-        lines.append(f"  attention rewrites: {self.attention_rewrites} (kernel: {self.kernel or '-'})")
+        lines.append(f"  attention rewrites: {self.attention_rewrites} in prefill, {self.decode_rewrites} over a "
+                     f"cache (kernel: {self.kernel or '-'})")
+        if self.broken_bias_chain:
+            lines.append(f"  WARNING: {self.broken_bias_chain} decode call(s) ran without the anchors' bias "
+                         "(cache not written by this backend)")
         for s in self.skipped:
             lines.append(f"  skipped: {s}")
         if not self.pruning:

@@ -12,7 +12,7 @@ The demo and the tests use these; real checkpoints load from a local path instea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
@@ -56,20 +56,30 @@ def _tiny_llava(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int
     return model
 
 
-def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0) -> dict:
-    """``prefix`` text tokens, the image's placeholder tokens, then ``suffix`` text tokens."""
+def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, images: int = 1,
+                  left_pad: Sequence[int] = (), seed: int = 0) -> dict:
+    """Per sample: ``prefix`` text tokens, then for each of ``images`` images its placeholder tokens
+    followed by ``suffix`` text tokens. ``left_pad[b]`` shortens sample b's last text run by that
+    many tokens and pads it on the left (attention_mask 0), as tokenizers do for generation."""
     vcfg = model.config.vision_config
     num_visual = (vcfg.image_size // vcfg.patch_size) ** 2
+    pad_id = model.config.text_config.pad_token_id
     g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch):
-        pre = torch.randint(3, TEXT_VOCAB, (prefix,), generator=g)
-        post = torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)
-        rows.append(torch.cat([pre, torch.full((num_visual,), IMAGE_TOKEN_ID), post]))
+    rows, masks = [], []
+    for b in range(batch):
+        pad = left_pad[b] if b < len(left_pad) else 0
+        if not 0 <= pad < suffix:
+            raise ValueError(f"left_pad[{b}]={pad} must be in [0, suffix={suffix})")
+        parts = [torch.randint(3, TEXT_VOCAB, (prefix,), generator=g)]
+        for i in range(images):
+            text = suffix - pad if i == images - 1 else suffix
+            parts += [torch.full((num_visual,), IMAGE_TOKEN_ID), torch.randint(3, TEXT_VOCAB, (text,), generator=g)]
+        row = torch.cat(parts)
+        rows.append(torch.cat([torch.full((pad,), pad_id), row]))
+        masks.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(len(row), dtype=torch.long)]))
     input_ids = torch.stack(rows)
-    pixel_values = torch.randn(batch, 3, vcfg.image_size, vcfg.image_size, generator=g)
-    return {"input_ids": input_ids, "pixel_values": pixel_values,
-            "attention_mask": torch.ones_like(input_ids)}
+    pixel_values = torch.randn(batch * images, 3, vcfg.image_size, vcfg.image_size, generator=g)
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": torch.stack(masks)}
 
 
 def num_visual_tokens(model) -> int:

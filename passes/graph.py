@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+import era_compile.ops  # noqa: F401  (registers torch.ops.era.*, which the passes insert)
 from era_compile.config import ERAConfig
 
 
@@ -67,6 +68,19 @@ class PruneSite:
 
 
 @dataclass
+class CachedLayer:
+    """A decoder layer's KV-cache write (found by ``kvcache``)."""
+
+    index: int                      # module index: "...layers.3" is layer 3
+    attention: fx.Node              # its attention call (SDPA or era::biased_attention)
+    keys: fx.Node                   # cat([past, new], -2): the cached keys after this call
+    values: fx.Node
+    keys_output: int                # position of ``keys`` among the graph outputs
+    values_output: int
+    past_keys: Optional[fx.Node]    # the graph input holding the past keys (decode), else None
+
+
+@dataclass
 class PassContext:
     """State that flows through the pipeline for one graph."""
 
@@ -77,6 +91,8 @@ class PassContext:
     layers: List[DecoderLayer] = field(default_factory=list)
     prune_site: Optional[PruneSite] = None
     kernel: Optional[str] = None
+    cache_layers: List[CachedLayer] = field(default_factory=list)
+    extra_outputs: int = 0          # trailing outputs the runtime strips (see ``publish``)
 
 
 # --------------------------------------------------------------------------- node queries
@@ -89,6 +105,12 @@ _SDPA_TARGETS = {
 
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _SDPA_TARGETS
+
+
+def is_attention(node: fx.Node) -> bool:
+    """SDPA, or the biased attention a pass already put in its place (q, k, v come first in both)."""
+    return is_sdpa(node) or (node.op == "call_function"
+                             and node.target is torch.ops.era.biased_attention.default)
 
 
 def is_masked_scatter(node: fx.Node) -> bool:
@@ -128,6 +150,11 @@ def layer_module_path(node: fx.Node) -> Optional[str]:
         if _INDEXED_MODULE.search(path):
             return path
     return None
+
+
+def layer_index(node: fx.Node) -> Optional[int]:
+    path = layer_module_path(node)
+    return int(_INDEXED_MODULE.search(path).group(1)) if path else None
 
 
 def reachable_from(roots: Iterable[fx.Node]) -> Set[fx.Node]:

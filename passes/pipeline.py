@@ -1,4 +1,9 @@
-"""The pass pipeline: span -> layers -> prune -> attention, each checked before the next.
+"""The pass pipeline, in one of two shapes decided by what the graph holds.
+
+* A graph that merges image features (a prefill with an image):
+  span -> layers -> prune -> attention -> kvcache -> publish.
+* Any other graph (a decode step, a text-only prompt): span finds nothing, then
+  kvcache -> decode, so layers >= K keep the anchors' bias over a cache a pruned prefill wrote.
 
 After every pass that changed the graph, the graph is linted and recompiled and fake
 tensors are propagated through it again: a rewrite whose shapes do not check fails here,
@@ -13,30 +18,36 @@ from typing import Callable, List
 import torch.fx as fx
 
 from .attention import rectify_attention
+from .decode import rectify_cached_attention
 from .graph import PassContext, PassError, PassResult, finish, propagate_fake
+from .kvcache import find_kv_cache
 from .layers import find_decoder_layers
 from .prune import prune_visual_tokens
+from .publish import publish_pruning
 from .span import find_visual_span
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
 
-PIPELINE: List[Pass] = [find_visual_span, find_decoder_layers, prune_visual_tokens, rectify_attention]
+WITH_IMAGE: List[Pass] = [find_decoder_layers, prune_visual_tokens, rectify_attention, find_kv_cache,
+                          publish_pruning]
+WITHOUT_IMAGE: List[Pass] = [find_kv_cache, rectify_cached_attention]
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> List[PassResult]:
-    """Run the passes in order; stop quietly after the first one that finds nothing to do."""
-    results: List[PassResult] = []
-    for p in PIPELINE:
-        result = p(gm, ctx)
-        results.append(result)
-        if result.changed:
-            finish(gm)
-            try:
-                propagate_fake(gm, ctx.example_inputs)
-            except Exception as e:
-                raise PassError(f"after pass {result.name!r} the graph no longer type-checks: "
-                                f"{type(e).__name__}: {e}") from e
-        if result.skipped and result.name == "span":
-            return results
+    results: List[PassResult] = [_run(find_visual_span, gm, ctx)]
+    for p in WITH_IMAGE if ctx.span is not None else WITHOUT_IMAGE:
+        results.append(_run(p, gm, ctx))
     finish(gm, drop_dead=True)
     return results
+
+
+def _run(p: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    result = p(gm, ctx)
+    if result.changed:
+        finish(gm)
+        try:
+            propagate_fake(gm, ctx.example_inputs)
+        except Exception as e:
+            raise PassError(f"after pass {result.name!r} the graph no longer type-checks: "
+                            f"{type(e).__name__}: {e}") from e
+    return result

@@ -1,10 +1,14 @@
 """The eager reference: the same pruning on a Hugging Face VLM, with hooks instead of FX.
 
 Plain PyTorch, no compile. Forward pre-hooks on the decoder layers cut the sequence at
-layer K (the same algorithm functions the ops call: selection, BTR, sequence assembly)
-and gather every per-token argument of the later layers (cos/sin, mask, position ids).
-A registered attention function reads layer K-1's queries and keys for the saliency and
-adds the LAR bias in layers >= K. What the compiled graph computes must match this.
+layer K in prefill (the same algorithm functions the ops call: selection, BTR, sequence
+assembly) and gather every per-token argument of the later layers (cos/sin, mask,
+position ids). A registered attention function reads layer K-1's queries and keys for the
+saliency and adds the LAR bias in layers >= K. In decode steps the pruned layers' caches
+hold the kept tokens plus the generated ones: their bias is the prefill bias extended by 0,
+and Hugging Face's mask (over original positions) is gathered onto those keys. The cache
+stays compact here whatever the padding: the compiled runtime's layout is its own business,
+the attention it computes must match this.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from era_compile.algorithms import run_strategy
@@ -34,13 +39,16 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     ref.observe(idx, query, key, attention_mask, scaling)
-    bias = ref.bias_for(idx)
-    if bias is None:
+    if not ref.pruned_layer(idx):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    k_len = key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] != k_len:  # decode: original positions
+        attention_mask = _take(attention_mask, ref.cached_positions(k_len), 3)
+    bias = ref.bias_for(k_len)
     rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, rep), repeat_kv(value, rep)
-    q_len, k_len = query.shape[2], key.shape[2]
+    q_len = query.shape[2]
     mask = bias[:, None, None, :].to(torch.float32).expand(-1, 1, q_len, k_len)
     if attention_mask is not None:
         blocked = ~attention_mask if attention_mask.dtype == torch.bool else None
@@ -53,6 +61,9 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
 
 
 AttentionInterface.register("era_reference", _reference_attention)
+# Masks are built per attention implementation too: without this, HF would hand the
+# reference no mask at all and padding would be silently ignored.
+AttentionMaskInterface.register("era_reference", sdpa_mask)
 
 
 class EagerReference:
@@ -72,13 +83,27 @@ class EagerReference:
         if self._capture is not None and layer == self._capture:
             self._seen = (query, key, attention_mask, scaling)
 
-    def bias_for(self, layer: int):
-        if self._bias is None or layer < self.config.layer or not self.config.rectify:
-            return None
-        return self._bias
+    def pruned_layer(self, layer: int) -> bool:
+        return self._keep is not None and layer >= self.config.layer
+
+    def bias_for(self, k_len: int):
+        """LAR bias of the k_len keys of a pruned layer: prefill's, then 0 for generated tokens."""
+        bias = self._bias if self.config.rectify else torch.zeros_like(self._bias)
+        if k_len > bias.shape[1]:
+            extra = torch.zeros(bias.shape[0], k_len - bias.shape[1], device=bias.device)
+            bias = torch.cat([torch.zeros_like(bias) if self.drop_decode_bias else bias, extra], -1)
+        return bias
+
+    def cached_positions(self, k_len: int) -> torch.Tensor:
+        """Original positions of a pruned layer's cached keys: the kept ones, then the generated."""
+        keep = self._keep
+        generated = torch.arange(self._seq_len, self._seq_len + k_len - keep.shape[1], device=keep.device)
+        return torch.cat([keep, generated.expand(keep.shape[0], -1)], -1)
 
     def _prune(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        if self._keep is not None:  # a decode step: the cache already holds the kept tokens
+            return None
         K, cfg = self.config.layer, self.config
         if K == 0:  # layer 0's queries and keys on the unpruned input, cache untouched
             self._capture = 0
@@ -96,7 +121,7 @@ class EagerReference:
         states, log_bias = btr_recycle(gather_rows(hidden, visual_pos), selection.anchors,
                                        selection.confidence, merge=cfg.recycle, weight_norm=cfg.weight_norm)
         keep, hidden_kept, bias = assemble(hidden, self._visual_mask, visual_pos, selection.anchors, states, log_bias)
-        self._keep, self._bias = keep, bias
+        self._keep, self._bias, self._seq_len = keep, bias, hidden.shape[1]
         self.last = {"keep_index": keep, "log_bias": bias, "anchors": selection.anchors}
         args = (hidden_kept,) + tuple(args[1:]) if args else args
         if not args:
@@ -116,6 +141,9 @@ class EagerReference:
         return kwargs
 
     def _later(self, module, args, kwargs):
+        cos = kwargs["position_embeddings"][0]
+        if cos.shape[1] != self._seq_len:  # a decode step: positions are the new tokens' own
+            return None
         return args, self._gather_kwargs(kwargs)
 
     # ------------------------------------------------------------------ running
@@ -147,6 +175,14 @@ class EagerReference:
             return self.model(**inputs)
         with self.active(inputs["input_ids"]):
             return self.model(**inputs)
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> Any:
+        """``model.generate`` with this pruning in prefill and the bias kept in every decode step."""
+        if not bool((kwargs["input_ids"] == self.image_token_id).any()):
+            return self.model.generate(**kwargs)
+        with self.active(kwargs["input_ids"]):
+            return self.model.generate(**kwargs)
 
 
 def _take(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:

@@ -43,6 +43,8 @@ import math
 from typing import Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
+from torch import sym_not
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -52,6 +54,13 @@ KERNELS = ("auto", "sdpa", "flex")
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def _differ(a, b) -> bool:
+    """True only when two sizes are known to differ. A check must never install a guard: in
+    Dynamo's ShapeEnv, comparing two symbolic lengths would specialise them (every decode
+    step would recompile)."""
+    return statically_known_true(sym_not(sym_eq(a, b)))
 
 
 def _check_inputs(
@@ -69,18 +78,18 @@ def _check_inputs(
         raise ValueError(f"biased_attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, Hq, _, D = q.shape
     Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or v.size(0) != B:
+    if _differ(Bk, B) or _differ(v.size(0), B):
         raise ValueError(f"biased_attention: batch sizes differ: q {B}, k {Bk}, v {v.size(0)}")
-    if Dk != D:
+    if _differ(Dk, D):
         raise ValueError(f"biased_attention: q and k head dims differ: {D} vs {Dk}")
-    if v.size(1) != Hkv or v.size(2) != Lk:
+    if _differ(v.size(1), Hkv) or _differ(v.size(2), Lk):
         raise ValueError(f"biased_attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads/length")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"biased_attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA"
         )
     if bias is not None:
-        if bias.dim() != 2 or bias.size(1) != Lk or bias.size(0) not in (1, B):
+        if bias.dim() != 2 or _differ(bias.size(1), Lk) or (_differ(bias.size(0), 1) and _differ(bias.size(0), B)):
             raise ValueError(
                 f"biased_attention: bias must be [B, Lk] or [1, Lk] = [{B} or 1, {Lk}], got {tuple(bias.shape)}"
             )
@@ -90,10 +99,8 @@ def _check_inputs(
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
             raise ValueError(f"biased_attention: attn_mask must be bool or float, got {attn_mask.dtype}")
         target = (B, Hq, q.size(2), Lk)
-        try:
-            ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == torch.Size(target)
-        except RuntimeError:
-            ok = False
+        ok = attn_mask.dim() <= 4 and not any(
+            _differ(m, 1) and _differ(m, t) for m, t in zip(reversed(attn_mask.shape), reversed(target)))
         if not ok:
             raise ValueError(
                 f"biased_attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = {target}"

@@ -1,0 +1,176 @@
+"""What runs around a compiled graph: the LAR bias travels with the KV cache.
+
+The cache of layers >= K keeps plain, d-wide keys (widening them would break the next
+decode trace, DESIGN.md section 4). Their bias lives beside them, in a ``CacheBiasStore``
+keyed by the *identity* of the cached key tensors: a compiled graph's new cache tensors come
+back, as the very same objects, as inputs of the next decode graph. An entry dies with its
+cache, and two requests or two models never share a key tensor, so they never share a bias.
+
+* After a pruned prefill: each cached key tensor of layers >= K gets its bias (``log b``
+  on anchors, 0 on text; ``-inf`` where the position holds no token, see below).
+* Before a decode step: each layer's past keys are looked up; the biases are exposed to
+  ``era::cache_bias`` for that call. After it, the new cache tensors get the old bias
+  extended by 0 for the new tokens.
+* A past-key tensor the store does not know (a cache reordered or copied outside the graph,
+  as beam search does) breaks the chain: ``strict`` raises; otherwise a warning, a report
+  line and bias 0 for that step. Never a silent zero.
+
+Padded batches: Hugging Face builds one decode mask for all layers, sized from layer 0's
+cache. With K >= 1 and a padding mask, compact caches in layers >= K would not match it, and
+the next decode step would fail inside Dynamo. So when the prefill saw padding, the pruned
+layers' K/V are laid out at their original positions (dropped tokens are zero rows that the
+bias gives ``-inf``). Unpadded batches keep the compact cache.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from era_compile.ops.cache import cache_biases
+from era_compile.report import Report, logger
+
+BLOCKED = torch.finfo(torch.float32).min  # bias of a cache position that holds no token
+
+
+class BrokenBiasChain(RuntimeError):
+    """A decode step received cached keys whose bias this backend never recorded."""
+
+
+class CacheBiasStore:
+    """``cached key tensor -> bias [B, L]`` by identity; entries die with their tensors."""
+
+    def __init__(self):
+        self._bias = WeakIdKeyDictionary()
+
+    def record(self, keys: Tensor, bias: Tensor) -> None:
+        self._bias[keys] = bias
+
+    def lookup(self, keys: Tensor) -> Optional[Tensor]:
+        return self._bias.get(keys)
+
+
+@dataclass
+class GraphPlan:
+    """What the runtime does around one compiled graph (from the passes' context)."""
+
+    layer: int                                  # K: layers >= K carry a bias
+    keys_outputs: Dict[int, int] = field(default_factory=dict)    # layer -> output index
+    values_outputs: Dict[int, int] = field(default_factory=dict)
+    past_key_inputs: Dict[int, int] = field(default_factory=dict)  # layer -> input index
+    extra_outputs: int = 0                      # trailing outputs added by ``publish``
+    rectify: bool = True
+    seq_len: int = 0                            # N, for laying out a padded cache
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.keys_outputs or self.past_key_inputs or self.extra_outputs)
+
+
+class Runtime:
+    """Per-backend state and the wrapper factory; one instance per ``EraBackend``."""
+
+    def __init__(self, report: Report, strict: bool):
+        self.store = CacheBiasStore()
+        self.report = report
+        self.strict = strict
+        self._warned = False
+
+    def wrap(self, compiled: Callable, plan: GraphPlan) -> Callable:
+        if not plan.needed:
+            return compiled
+
+        def run(*args):
+            biases = self._past_biases(args, plan)
+            with cache_biases(biases):
+                outputs = compiled(*args)
+            return self._record(list(outputs), plan, biases)
+
+        run._era_plan = plan  # for tests and debugging
+        return run
+
+    # ------------------------------------------------------------------ before a call
+
+    def _past_biases(self, args, plan: GraphPlan) -> Dict[int, Tensor]:
+        biases = {}
+        for layer, i in plan.past_key_inputs.items():
+            past = args[i]
+            bias = self.store.lookup(past)
+            if bias is None:
+                self._broken(layer, past)
+                bias = torch.zeros(past.shape[0], past.shape[-2], device=past.device)
+            biases[layer] = bias
+        return biases
+
+    def _broken(self, layer: int, past: Tensor) -> None:
+        why = (f"layer {layer}: the cached keys passed to this decode step were not written by a graph of this "
+               "backend (a cache reordered or copied outside the graph, e.g. beam search, or prefilled "
+               "without it); the recycled anchors' bias is unknown")
+        if self.strict:
+            raise BrokenBiasChain(why)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"era_compile: {why}; attending without it", RuntimeWarning, stacklevel=4)
+            logger.warning("%s; attending without it", why)
+        self.report.broken_bias_chain += 1
+
+    # ------------------------------------------------------------------ after a call
+
+    def _record(self, outputs: List, plan: GraphPlan, past: Dict[int, Tensor]):
+        if plan.extra_outputs:
+            keep_index, log_bias, *rest = outputs[-plan.extra_outputs:]
+            del outputs[-plan.extra_outputs:]
+            key_visible = rest[0] if rest else None
+            self._record_prefill(outputs, plan, keep_index, log_bias, key_visible)
+        else:
+            for layer, i in plan.keys_outputs.items():
+                keys = outputs[i]
+                old = past.get(layer)
+                old_len = old.shape[-1] if old is not None else 0
+                new = torch.zeros(keys.shape[0], keys.shape[-2] - old_len, device=keys.device)
+                self.store.record(keys, new if old is None else torch.cat([old.to(new.device), new], -1))
+        return tuple(outputs)
+
+    def _record_prefill(self, outputs: List, plan: GraphPlan, keep_index: Tensor, log_bias: Tensor,
+                        key_visible: Optional[Tensor]) -> None:
+        bias = log_bias if plan.rectify else torch.zeros_like(log_bias)
+        padded = key_visible is not None and not bool(key_visible.all())
+        if padded:
+            bias = torch.full((bias.shape[0], plan.seq_len), BLOCKED, device=bias.device).scatter(1, keep_index, bias)
+        for layer, i in plan.keys_outputs.items():
+            if padded:
+                j = plan.values_outputs[layer]
+                outputs[i] = _at_original_positions(outputs[i], keep_index, plan.seq_len)
+                outputs[j] = _at_original_positions(outputs[j], keep_index, plan.seq_len)
+            self.store.record(outputs[i], bias)
+
+
+def _at_original_positions(cache: Tensor, keep_index: Tensor, seq_len: int) -> Tensor:
+    """[B, H, n', d] kept rows -> [B, H, N, d] with each row at its original position, zeros elsewhere."""
+    B, H, _, d = cache.shape
+    index = keep_index[:, None, :, None].expand(B, H, keep_index.shape[1], d)
+    return cache.new_zeros(B, H, seq_len, d).scatter(2, index, cache)
+
+
+def plan_for(ctx, config, gm) -> GraphPlan:
+    """The runtime plan of a graph, from what the passes found in it."""
+    plan = GraphPlan(layer=config.layer, rectify=config.rectify, extra_outputs=ctx.extra_outputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for c in ctx.cache_layers:
+        if c.index < config.layer:
+            continue
+        plan.keys_outputs[c.index] = c.keys_output
+        plan.values_outputs[c.index] = c.values_output
+        if c.past_keys is not None:
+            plan.past_key_inputs[c.index] = placeholders.index(c.past_keys)
+    if ctx.prune_site is not None:
+        plan.seq_len = ctx.prune_site.seq_len_before
+    return plan
+
+
+__all__: Tuple[str, ...] = ("CacheBiasStore", "GraphPlan", "Runtime", "BrokenBiasChain", "plan_for")
