@@ -48,6 +48,7 @@ class EraBackend:
         return f"EraBackend({self.config!r})"
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        _raise_recompile_limit(self.report)
         start = time.perf_counter()
         index = self.report.graphs
         self.report.graphs += 1
@@ -123,6 +124,25 @@ class EraBackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
+
+
+# A generate() workload recompiles the one shared forward frame many times (prefill, the first
+# two decode steps, then each new prompt length or batch size). Past Dynamo's default limit
+# (8) the forward silently runs eagerly: a decode step would then attend over the pruned cache
+# without the anchors' bias and no backend code would run to notice. So the backend raises
+# the limit when it is first used, and says so in the report and the log.
+RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit(report: Report) -> None:
+    config = torch._dynamo.config
+    if config.recompile_limit < RECOMPILE_LIMIT:
+        note = f"torch._dynamo.config.recompile_limit raised from {config.recompile_limit} to {RECOMPILE_LIMIT}"
+        config.recompile_limit = RECOMPILE_LIMIT
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+        report.notes.append(note)
+        logger.info("%s (a generate() workload recompiles its forward often; past the limit Dynamo "
+                    "would run it eagerly and the decode bias would be lost)", note)
 
 
 def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:

@@ -41,6 +41,7 @@ class Report:
     kernel: Optional[str] = None
     skipped: List[str] = field(default_factory=list)
     passes: List[Dict[str, dict]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
     compile_seconds: float = 0.0
 
     @property
@@ -62,6 +63,8 @@ class Report:
                          "(cache not written by this backend)")
         for s in self.skipped:
             lines.append(f"  skipped: {s}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
         if not self.pruning:
             lines.append("  NOTE: no graph was pruned")
         return "\n".join(lines)

@@ -65,7 +65,6 @@ class GraphPlan:
     past_key_inputs: Dict[int, int] = field(default_factory=dict)  # layer -> input index
     extra_outputs: int = 0                      # trailing outputs added by ``publish``
     rectify: bool = True
-    seq_len: int = 0                            # N, for laying out a padded cache
 
     @property
     def needed(self) -> bool:
@@ -141,12 +140,13 @@ class Runtime:
         bias = log_bias if plan.rectify else torch.zeros_like(log_bias)
         padded = key_visible is not None and not bool(key_visible.all())
         if padded:
-            bias = torch.full((bias.shape[0], plan.seq_len), BLOCKED, device=bias.device).scatter(1, keep_index, bias)
+            seq_len = key_visible.shape[-1]  # N: the visibility row spans the original positions
+            bias = torch.full((bias.shape[0], seq_len), BLOCKED, device=bias.device).scatter(1, keep_index, bias)
         for layer, i in plan.keys_outputs.items():
             if padded:
                 j = plan.values_outputs[layer]
-                outputs[i] = _at_original_positions(outputs[i], keep_index, plan.seq_len)
-                outputs[j] = _at_original_positions(outputs[j], keep_index, plan.seq_len)
+                outputs[i] = _at_original_positions(outputs[i], keep_index, seq_len)
+                outputs[j] = _at_original_positions(outputs[j], keep_index, seq_len)
             self.store.record(outputs[i], bias)
 
 
@@ -168,8 +168,6 @@ def plan_for(ctx, config, gm) -> GraphPlan:
         plan.values_outputs[c.index] = c.values_output
         if c.past_keys is not None:
             plan.past_key_inputs[c.index] = placeholders.index(c.past_keys)
-    if ctx.prune_site is not None:
-        plan.seq_len = ctx.prune_site.seq_len_before
     return plan
 
 

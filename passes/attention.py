@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from era_compile.ops.attention import resolve_kernel
 
-from .graph import PassContext, PassError, PassResult, insert_call, sdpa_arg, tensor_meta
+from .graph import PassContext, PassError, PassResult, hint, insert_call, same_size, sdpa_arg, tensor_meta
 
 
 def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -37,8 +37,8 @@ def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if float(sdpa_arg(call, "dropout_p", 0.0) or 0.0) != 0.0:
             raise PassError(f"layer {layer.index}: attention with dropout (training?) cannot be rectified")
         key_len = tensor_meta(k).shape[-2]
-        if key_len != site.seq_len_after:
-            raise PassError(f"layer {layer.index}: its keys hold {key_len} positions, not the "
+        if not same_size(key_len, site.kept_len):
+            raise PassError(f"layer {layer.index}: its keys hold {hint(key_len)} positions, not the "
                             f"{site.seq_len_after} kept tokens (a non-empty KV cache in prefill is not supported yet)")
         kernel = resolve_kernel(ctx.config.attention, tensor_meta(q))
         with gm.graph.inserting_before(call):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.experimental.symbolic_shapes import ShapeEnv, statically_known_true, sym_eq
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import era_compile.ops  # noqa: F401  (registers torch.ops.era.*, which the passes insert)
@@ -37,9 +37,9 @@ class VisualSpan:
 
     merge: fx.Node          # the masked_scatter that writes image features into the embeddings
     visual_mask: fx.Node    # bool [B, N], True at visual positions (inserted by ``span``)
-    batch: int
-    seq_len: int            # N
-    num_visual: int         # T, visual tokens per sample (static: from the features' shape)
+    batch: Any              # B (int, or SymInt in a dynamic graph)
+    seq_len: Any            # N (int, or SymInt)
+    num_visual: int         # T, visual tokens per sample: always static (see ``span``)
 
 
 @dataclass
@@ -63,8 +63,10 @@ class PruneSite:
     downstream: Set[fx.Node]
     visual_tokens: int
     kept: int
-    seq_len_before: int
-    seq_len_after: int
+    seq_len_before: int     # N of the example (a hint when the graph is dynamic)
+    seq_len_after: int      # n' of the example
+    kept_len: Any           # n' as the graph knows it: an int, or a SymInt in a dynamic graph
+    attention_mask: Optional[fx.Node]  # layer K's mask over the original positions, if any
 
 
 @dataclass
@@ -136,6 +138,29 @@ def tensor_meta(node: Any) -> Optional[torch.Tensor]:
     return v if isinstance(v, torch.Tensor) else None
 
 
+# --------------------------------------------------------------------------- sizes
+# A Dynamo graph's sizes may be SymInts. A pass must never compare them with ``==`` (that
+# installs a guard in Dynamo's ShapeEnv and specialises the graph): it asks whether a fact
+# is statically known, plans on the current values (hints), and writes size *nodes*.
+
+def hint(size: Any) -> int:
+    """The current concrete value of a size (the example's, for a SymInt)."""
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def hints(shape) -> Tuple[int, ...]:
+    return tuple(hint(d) for d in shape)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """True when two sizes are known to be equal, without installing a guard."""
+    return statically_known_true(sym_eq(a, b))
+
+
+def is_static(*sizes: Any) -> bool:
+    return all(isinstance(d, int) for d in sizes)
+
+
 def module_stack_paths(node: fx.Node) -> List[str]:
     stack = node.meta.get("nn_module_stack") or {}
     return [entry[0] if isinstance(entry, tuple) else str(entry) for entry in stack.values()]
@@ -157,10 +182,20 @@ def layer_index(node: fx.Node) -> Optional[int]:
     return int(_INDEXED_MODULE.search(path).group(1)) if path else None
 
 
-def reachable_from(roots: Iterable[fx.Node]) -> Set[fx.Node]:
-    """Every node that (transitively) uses one of ``roots``, the roots excluded."""
+def is_size_query(node: fx.Node) -> bool:
+    """``x.size(d)`` / ``sym_size(x, d)``: reads a shape, not values."""
+    return ((node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size))
+            or (node.op == "call_method" and node.target == "size"))
+
+
+def reachable_from(roots: Iterable[fx.Node], *, through_sizes: bool = True) -> Set[fx.Node]:
+    """Every node that (transitively) uses one of ``roots``, the roots excluded.
+
+    ``through_sizes=False`` does not follow a root's size queries: what is computed from the
+    length of a tensor (HF's positions and masks in a dynamic graph) does not depend on its values.
+    """
     seen: Set[fx.Node] = set()
-    todo = [u for r in roots for u in r.users]
+    todo = [u for r in roots for u in r.users if through_sizes or not is_size_query(u)]
     while todo:
         n = todo.pop()
         if n in seen:

@@ -16,8 +16,8 @@ from typing import Dict, List
 
 import torch.fx as fx
 
-from .graph import (DecoderLayer, PassContext, PassError, PassResult, is_sdpa, layer_module_path,
-                    reachable_from, tensor_meta)
+from .graph import (DecoderLayer, PassContext, PassError, PassResult, hints, is_sdpa, layer_module_path,
+                    reachable_from, same_size, tensor_meta)
 
 
 def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -44,7 +44,7 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if path in members:
             members[path].add(node)
 
-    residual_shape = tuple(tensor_meta(span.merge).shape)
+    residual_shape = tuple(tensor_meta(span.merge).shape)  # may hold SymInts: compared without guards
     layers = []
     for index, (path, call) in enumerate(zip(paths, attention_calls)):
         nodes = members[path]
@@ -52,7 +52,7 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         hidden = [a for a in inputs if _is_residual(a, residual_shape)]
         if len(hidden) != 1:
             raise PassError(f"decoder layer {path}: expected one incoming residual stream of shape "
-                            f"{list(residual_shape)}, found {len(hidden)}")
+                            f"{list(hints(residual_shape))}, found {len(hidden)}")
         layers.append(DecoderLayer(index, path, call, nodes, hidden[0]))
     ctx.layers = layers
 
@@ -65,4 +65,5 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _is_residual(node: fx.Node, shape: tuple) -> bool:
     t = tensor_meta(node)
-    return t is not None and t.is_floating_point() and tuple(t.shape) == shape
+    return (t is not None and t.is_floating_point() and t.dim() == len(shape)
+            and all(same_size(a, b) for a, b in zip(t.shape, shape)))

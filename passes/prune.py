@@ -27,6 +27,7 @@ K = 0, a copy of layer 0's query/key computation that reads the unpruned input.
 from __future__ import annotations
 
 import json
+import operator
 from typing import Dict, List, Set, Tuple
 
 import torch
@@ -34,8 +35,8 @@ import torch.fx as fx
 
 from era_compile.ops.prune import default_scale
 
-from .graph import (PassContext, PassError, PassResult, PruneSite, ancestors_of, fake_value, getitem,
-                    insert_call, reachable_from, sdpa_arg, tensor_meta)
+from .graph import (PassContext, PassError, PassResult, PruneSite, ancestors_of, getitem, hint, hints,
+                    insert_call, is_static, reachable_from, same_size, sdpa_arg, tensor_meta)
 from .seqshape import SeqLen, plan_sequence_rewrite
 
 
@@ -47,10 +48,13 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cut = layer.hidden_in
     T, N = span.num_visual, span.seq_len
     keep = cfg.kept(T)
-    n_after = N - T + keep
+    n_after = N - T + keep  # a SymInt when the graph is dynamic in N
     graph = gm.graph
+    original_mask = sdpa_arg(layer.attention, "attn_mask")
 
-    downstream = reachable_from([cut])
+    # size queries of the cut stay upstream: in a dynamic graph HF builds positions and masks
+    # from the original length, and those are gathered, not recomputed at the pruned length
+    downstream = reachable_from([cut], through_sizes=False)
     downstream.discard(next(n for n in graph.nodes if n.op == "output"))
     first = _schedule_upstream_first(graph, downstream)
 
@@ -78,8 +82,8 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     order = [n for n in graph.nodes if n in downstream]
     frozen = _parameter_placeholders(gm, ctx)
-    replacement_shape = (span.batch, n_after, tensor_meta(cut).shape[-1])
-    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=N, frozen=frozen)
+    replacement_shape = (hint(span.batch), hint(n_after), hint(tensor_meta(cut).shape[-1]))
+    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(N), frozen=frozen)
 
     cut.replace_all_uses_with(hidden_kept, delete_user_cb=lambda user: user in downstream)
     gathered: Dict[Tuple[fx.Node, Tuple[int, ...]], fx.Node] = {}
@@ -87,20 +91,32 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for (consumer, source_node), dims in plan.gathers.items():
             key = (source_node, dims)
             if key not in gathered:
-                gathered[key] = _gather(graph, source_node, dims, keep_index, (span.batch, n_after))
+                gathered[key] = _gather(graph, source_node, dims, keep_index, span.batch)
             consumer.replace_input_with(source_node, gathered[key])
-    def resolve(a):
-        return a.factor * n_after if isinstance(a, SeqLen) else a
+    with graph.inserting_before(first):
+        # the pruned length in shape arguments: a literal in a static graph, a size node otherwise
+        kept_len = n_after if is_static(n_after) else insert_call(
+            graph, torch.ops.aten.sym_size.int, (hidden_kept, 1), stem="kept_len")
+        scaled: Dict[int, object] = {1: kept_len}
 
-    literals = 0
-    for node, (args, kwargs) in plan.shape_args.items():
-        new_args = fx.node.map_aggregate(args, resolve)
-        new_kwargs = fx.node.map_aggregate(kwargs, resolve)
-        if new_args != node.args or new_kwargs != node.kwargs:
-            literals += 1
-        node.args, node.kwargs = new_args, new_kwargs
+        def resolve(a):
+            if not isinstance(a, SeqLen):
+                return a
+            if a.factor not in scaled:
+                scaled[a.factor] = a.factor * kept_len if is_static(n_after) else insert_call(
+                    graph, operator.mul, (kept_len, a.factor), stem="kept_len_scaled")
+            return scaled[a.factor]
 
-    ctx.prune_site = PruneSite(K, keep_index, log_bias, downstream, T, keep, N, n_after)
+        literals = 0
+        for node, (args, kwargs) in plan.shape_args.items():
+            new_args = fx.node.map_aggregate(args, resolve)
+            new_kwargs = fx.node.map_aggregate(kwargs, resolve)
+            if new_args != node.args or new_kwargs != node.kwargs:
+                literals += 1
+            node.args, node.kwargs = new_args, new_kwargs
+
+    ctx.prune_site = PruneSite(K, keep_index, log_bias, downstream, T, keep, hint(N), hint(n_after),
+                               n_after, original_mask)
     result.changed = True
     result.counts = {"gathered_tensors": len(gathered), "rewritten_shapes": literals,
                      "downstream_nodes": len(order)}
@@ -134,19 +150,20 @@ def _copy_unpruned(graph: fx.Graph, values: List[fx.Node], downstream: Set[fx.No
     return [copies.get(v, v) for v in values]
 
 
-def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index: fx.Node,
-            index_size: Tuple[int, int]) -> fx.Node:
+def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index: fx.Node, batch) -> fx.Node:
     """``source`` at the kept positions along ``dims`` (dim 0 is the batch, or 1 to broadcast)."""
-    shape = tuple(tensor_meta(source).shape)
-    batch, kept = index_size
-    if shape[0] != 1 and shape[0] != batch:
-        raise PassError(f"cannot gather {source.name} {list(shape)}: its first dimension is not the batch")
+    shape = tensor_meta(source).shape
+    if not (same_size(shape[0], 1) or same_size(shape[0], batch)):
+        raise PassError(f"cannot gather {source.name} {list(hints(shape))}: its first dimension is not the batch")
     out = source
     for d in dims:
         if d == 0:
             raise PassError(f"{source.name}: the sequence cannot be its first (batch) dimension")
-        index_shape = [batch if i == 0 else kept if i == d else 1 for i in range(len(shape))]
-        index = insert_call(graph, torch.Tensor.reshape, (keep_index, index_shape), stem="index")
+        # keep_index [B, n'] -> [B, 1, .., n', .., 1] with n' at dim d, by unsqueezing (no sizes written)
+        index = keep_index
+        for i in range(1, len(shape)):
+            if i != d:
+                index = insert_call(graph, torch.unsqueeze, (index, i), stem="index")
         out = insert_call(graph, torch.take_along_dim, (out, index, d), stem=f"{source.name}_kept")
     return out
 

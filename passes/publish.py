@@ -8,9 +8,9 @@ After::
 
     return (..., keys_2, values_2, ..., era_keep_index, era_log_bias, era_key_visible)
 
-``era_key_visible`` [B, n'] (present when the attention has a mask) says which kept keys the
-last query may see; a False there is a padding key, and a padded batch needs its cache laid
-out at the original positions (see ``runtime``).
+``era_key_visible`` [B, N] (present when the attention has a mask) says which of the original
+positions the last query may see; a False there is a padding key, and a padded batch needs
+its cache laid out at the original positions (see ``runtime``), N long.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import PassContext, PassResult, insert_call, is_sdpa, sdpa_arg, tensor_meta
+from .graph import PassContext, PassResult, insert_call, tensor_meta
 
 EXTRA_OUTPUTS = ("keep_index", "log_bias", "key_visible")
 
@@ -31,8 +31,7 @@ def publish_pruning(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     output = graph.output_node()
     extra = [site.keep_index, site.log_bias]
-    first = ctx.layers[site.layer].attention
-    mask = sdpa_arg(first, "attn_mask") if is_sdpa(first) else first.args[4]
+    mask = site.attention_mask
     with graph.inserting_before(output):
         if mask is not None:
             last_row = insert_call(graph, operator.getitem, (mask, (slice(None), 0, -1, slice(None))),

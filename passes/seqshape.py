@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .graph import PassError, fake_value
+from .graph import PassError, fake_value, hint, hints
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,11 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
                           seq_dim: int, seq_len: int, frozen: Set[fx.Node]) -> SeqPlan:
     """Plan the rewrite of ``downstream`` (graph order) when ``cut`` is replaced by a tensor
     of ``replacement_shape`` whose ``seq_dim`` is pruned. ``frozen`` nodes (parameters,
-    buffers) never carry a sequence dimension."""
+    buffers) never carry a sequence dimension.
+
+    A dynamic graph is planned on its example sizes (hints); the plan names positions
+    (which argument, which dimension), so it holds for every size the graph serves.
+    ``seq_len`` is the example's N."""
     P = sentinel_length(downstream[0].graph)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     plan = SeqPlan()
@@ -77,9 +81,9 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
         def upstream_value(node: fx.Node, dims: Tuple[int, ...] = ()) -> Any:
             v = fake_value(node)
             if isinstance(v, torch.Tensor):
-                size = [P if d in dims else n for d, n in enumerate(v.shape)]
+                size = [P if d in dims else n for d, n in enumerate(hints(v.shape))]
                 return torch.empty(size, dtype=v.dtype, device=v.device)
-            return v
+            return _as_fake(v)
 
         for node in downstream:
             if node.op == "output":
@@ -93,7 +97,7 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
             for a in crossing:
                 v = fake_value(a)
                 dims = [] if a in frozen or not isinstance(v, torch.Tensor) else \
-                    [d for d, n in enumerate(v.shape) if n == seq_len]
+                    [d for d, n in enumerate(hints(v.shape)) if n == seq_len]
                 candidates.append(dims)
             values[node] = _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_value, P, plan)
     return plan
@@ -118,7 +122,7 @@ def sentinel_length(graph: fx.Graph) -> int:
     for node in graph.nodes:
         v = fake_value(node)
         if isinstance(v, torch.Tensor):
-            largest = max([largest, *(int(n) for n in v.shape)])
+            largest = max([largest, *hints(v.shape)])
     return _next_prime(max(1_000_003, 16 * largest))
 
 
@@ -192,8 +196,11 @@ def _run(node, args, kwargs, values, bound, P):
 
 
 def _as_fake(v):
+    """A value of another fake mode, made concrete (example sizes) in this one."""
     if isinstance(v, torch.Tensor):
-        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+        return torch.empty_strided(hints(v.shape), hints(v.stride()), dtype=v.dtype, device=v.device)
+    if isinstance(v, torch.SymInt):
+        return hint(v)
     return v
 
 
@@ -237,8 +244,8 @@ def _rebuild(node: fx.Node, sizes: list, varargs: bool) -> Tuple[tuple, dict]:
 
 def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tuple, dict]:
     src = node.args[0]
-    original_in = tuple(fake_value(src).shape)
-    original_out = tuple(fake_value(node).shape)
+    original_in = hints(fake_value(src).shape)
+    original_out = hints(fake_value(node).shape)
     new_in = values[src].shape if src in values else original_in
     seq_in = {d for d, n in enumerate(new_in) if _is_seq(n, P)}
     sizes, varargs = _sizes_of(node)

@@ -3,7 +3,8 @@
 Hugging Face VLMs splice the projected image features into the text embeddings with
 ``inputs_embeds.masked_scatter(mask, features)``, the mask being ``input_ids == <image id>``
 (computed here or in an earlier graph). This pass finds that merge, reads the number of
-visual tokens from the features' static shape, and inserts a ``[B, N]`` visual mask.
+visual tokens per sample from the features' shape (in a dynamic graph from the example,
+pinned by a guard: it fixes every pruned shape), and inserts a ``[B, N]`` visual mask.
 
 Before::
 
@@ -22,7 +23,8 @@ import math
 import torch
 import torch.fx as fx
 
-from .graph import PassContext, PassError, PassResult, VisualSpan, insert_call, is_masked_scatter, tensor_meta
+from .graph import (PassContext, PassError, PassResult, VisualSpan, hint, hints, insert_call, is_masked_scatter,
+                    is_static, tensor_meta)
 
 
 def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -38,19 +40,22 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if embeds is None or mask is None or features is None or embeds.dim() != 3:
         raise PassError("masked_scatter merge without [B, N, D] embeddings, a mask and features")
     batch, seq_len, hidden = embeds.shape
-    if not all(isinstance(d, int) for d in (batch, seq_len, hidden)) or \
-            not all(isinstance(d, int) for d in features.shape):
-        raise PassError("dynamic-shape prefill graphs are not supported yet (sequence length is symbolic)")
-    total_visual, rem = divmod(math.prod(features.shape), hidden)
-    if rem:
-        raise PassError(f"image features of shape {tuple(features.shape)} do not split into rows of {hidden}")
+    # The visual tokens per sample must be a constant of the compiled graph (the kept count
+    # and every pruned shape follow from it). In a dynamic graph it is read from the example
+    # and pinned with one guard: another image size recompiles instead of mis-pruning.
+    total_visual = math.prod(hints(features.shape)) // hint(hidden)
     if total_visual == 0:
         result.skipped = "image features are empty (no visual tokens in this graph)"
         return result
-    per_sample, rem = divmod(total_visual, batch)
+    per_sample, rem = divmod(total_visual, hint(batch))
     if rem:
-        raise PassError(f"{total_visual} visual tokens do not split evenly over a batch of {batch}; "
+        raise PassError(f"{total_visual} visual tokens do not split evenly over a batch of {hint(batch)}; "
                         "samples with different numbers of visual tokens are not supported yet")
+    rows = math.prod(features.shape) // hidden
+    if not is_static(rows, batch):
+        torch._check(rows == per_sample * batch)  # the guard: this graph serves this many visual tokens
+    if hint(seq_len) < per_sample:
+        raise PassError(f"{per_sample} visual tokens per sample but only {hint(seq_len)} positions")
 
     with gm.graph.inserting_after(merge):
         mask_node = merge.args[1]
@@ -62,5 +67,5 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             raise PassError(f"image mask of rank {mask.dim()} (expected [B, N] or [B, N, 1])")
     ctx.span = VisualSpan(merge, visual_mask, batch, seq_len, per_sample)
     result.changed = True
-    result.counts = {"visual_tokens": per_sample, "seq_len": seq_len}
+    result.counts = {"visual_tokens": per_sample, "seq_len": hint(seq_len)}
     return result

@@ -42,7 +42,8 @@ def assemble(hidden: Tensor, visual_mask: Tensor, visual_pos: Tensor, anchors: T
     keep = ~visual_mask
     keep = keep.scatter(1, anchor_pos, True)
     n_kept = N - visual_pos.shape[1] + k
-    keep_index = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_kept]
+    # contiguous: a slice of the [B, N] argsort would not match the op's fake (static-stride) output
+    keep_index = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_kept].contiguous()
     written = hidden.scatter(1, anchor_pos.unsqueeze(-1).expand(B, k, D), anchor_states.to(hidden.dtype))
     bias = torch.zeros(B, N, dtype=torch.float32, device=hidden.device)
     bias = bias.scatter(1, anchor_pos, anchor_log_bias.to(torch.float32))

@@ -48,7 +48,7 @@ def select(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor,
     confidence = sel.confidence
     if confidence is None:  # every recycled token counts 1
         confidence = torch.ones(hidden.shape[0], num_visual, device=hidden.device)
-    return sel.anchors, confidence.to(torch.float32)
+    return sel.anchors.contiguous(), confidence.to(torch.float32).contiguous()
 
 
 @select.register_fake
