@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -59,7 +59,6 @@ class CacheBiasStore:
 class GraphPlan:
     """What the runtime does around one compiled graph (from the passes' context)."""
 
-    layer: int                                  # K: layers >= K carry a bias
     keys_outputs: Dict[int, int] = field(default_factory=dict)    # layer -> output index
     values_outputs: Dict[int, int] = field(default_factory=dict)
     past_key_inputs: Dict[int, int] = field(default_factory=dict)  # layer -> input index
@@ -159,7 +158,7 @@ def _at_original_positions(cache: Tensor, keep_index: Tensor, seq_len: int) -> T
 
 def plan_for(ctx, config, gm) -> GraphPlan:
     """The runtime plan of a graph, from what the passes found in it."""
-    plan = GraphPlan(layer=config.layer, rectify=config.rectify, extra_outputs=ctx.extra_outputs)
+    plan = GraphPlan(rectify=config.rectify, extra_outputs=ctx.extra_outputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for c in ctx.cache_layers:
         if c.index < config.layer:
@@ -170,5 +169,3 @@ def plan_for(ctx, config, gm) -> GraphPlan:
             plan.past_key_inputs[c.index] = placeholders.index(c.past_keys)
     return plan
 
-
-__all__: Tuple[str, ...] = ("CacheBiasStore", "GraphPlan", "Runtime", "BrokenBiasChain", "plan_for")

@@ -25,9 +25,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from era_compile.ops.attention import resolve_kernel
-
-from .graph import PassContext, PassError, PassResult, insert_call, is_sdpa, sdpa_arg, tensor_meta
+from .graph import PassContext, PassError, PassResult, insert_call, is_sdpa, replace_with_biased_attention
 
 
 def rectify_cached_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -42,11 +40,7 @@ def rectify_cached_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult
         call = layer.attention
         if not is_sdpa(call):
             raise PassError(f"layer {layer.index}: expected a scaled_dot_product_attention call")
-        if float(sdpa_arg(call, "dropout_p", 0.0) or 0.0) != 0.0:
-            raise PassError(f"layer {layer.index}: attention with dropout (training?) cannot be rectified")
-        q, k, v = (sdpa_arg(call, n) for n in ("query", "key", "value"))
         new_keys = layer.keys.args[0][1]
-        ctx.kernel = resolve_kernel(ctx.config.attention, tensor_meta(q))
         with graph.inserting_before(call):
             past_bias = insert_call(graph, torch.ops.era.cache_bias.default, (layer.past_keys, layer.index),
                                     stem=f"cache_bias_{layer.index}")
@@ -57,15 +51,8 @@ def rectify_cached_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult
             new_bias = insert_call(graph, torch.zeros_like, (one_head,), {"dtype": torch.float32},
                                    stem=f"new_bias_{layer.index}")
             bias = insert_call(graph, torch.cat, ([past_bias, new_bias], -1), stem=f"bias_{layer.index}")
-            biased = insert_call(
-                graph, torch.ops.era.biased_attention.default,
-                (q, k, v, bias, sdpa_arg(call, "attn_mask"), bool(sdpa_arg(call, "is_causal", False)),
-                 sdpa_arg(call, "scale"), ctx.kernel),
-                stem=f"biased_attention_{layer.index}")
-        biased.meta.update({key: call.meta[key] for key in ("nn_module_stack", "stack_trace") if key in call.meta})
-        call.replace_all_uses_with(biased)
-        graph.erase_node(call)
-        layer.attention = biased
+        layer.attention = replace_with_biased_attention(graph, call, bias, ctx.config.attention, layer.index)
+        ctx.kernel = layer.attention.args[7]
     result.changed = True
     result.counts = {"attention_rewrites": len(todo)}
     return result

@@ -269,5 +269,27 @@ def insert_call(graph: fx.Graph, target: Any, args: tuple, kwargs: Optional[dict
     return graph.create_node("call_function", target, args, kwargs or {}, name=f"era_{stem}")
 
 
+def replace_with_biased_attention(graph: fx.Graph, call: fx.Node, bias: fx.Node, kernel_name: str,
+                                  layer: int) -> fx.Node:
+    """Swap an SDPA call for ``era::biased_attention`` with the same q, k, v, mask, causality and
+    scale plus a per-key ``bias``; returns the new node (which keeps the call's module stack)."""
+    if float(sdpa_arg(call, "dropout_p", 0.0) or 0.0) != 0.0:
+        raise PassError(f"layer {layer}: attention with dropout (training?) cannot be rectified")
+    from era_compile.ops.attention import resolve_kernel
+
+    q = sdpa_arg(call, "query")
+    with graph.inserting_before(call):
+        biased = insert_call(
+            graph, torch.ops.era.biased_attention.default,
+            (q, sdpa_arg(call, "key"), sdpa_arg(call, "value"), bias, sdpa_arg(call, "attn_mask"),
+             bool(sdpa_arg(call, "is_causal", False)), sdpa_arg(call, "scale"),
+             resolve_kernel(kernel_name, tensor_meta(q))),
+            stem=f"biased_attention_{layer}")
+    biased.meta.update({key: call.meta[key] for key in ("nn_module_stack", "stack_trace") if key in call.meta})
+    call.replace_all_uses_with(biased)
+    graph.erase_node(call)
+    return biased
+
+
 def getitem(graph: fx.Graph, node: fx.Node, i: int, stem: str) -> fx.Node:
     return insert_call(graph, operator.getitem, (node, i), stem=stem)

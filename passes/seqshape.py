@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
