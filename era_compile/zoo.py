@@ -47,12 +47,7 @@ def _tiny_llava(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int
     )
     config._attn_implementation = "sdpa"
     model = LlavaForConditionalGeneration(config).eval()
-    # Random init gives near-uniform attention everywhere; a larger spread makes the
-    # saliency (and so the selection) clearly non-degenerate in tests.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
+    _sharpen_attention(model)
     return model
 
 
@@ -82,6 +77,50 @@ def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, im
     return {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": torch.stack(masks)}
 
 
+def _tiny_llava_next():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaNextConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], vision_feature_layer=-2)
+    config._attn_implementation = "sdpa"
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _sharpen_attention(model)
+    return model
+
+
+def _llava_next_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0,
+                       image_size=(40, 60)) -> dict:
+    """Anyres: a base view plus crops of one ``image_size`` image per sample; the image-token
+    count (crops and image_newline rows) comes from the model itself, as a processor computes it."""
+    vcfg = model.config.vision_config
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([list(image_size)] * batch)
+    pixel_values = torch.randn(batch, 5, 3, vcfg.image_size, vcfg.image_size, generator=g)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes)
+    counts = [f.shape[0] for f in features.pooler_output]
+    rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g), torch.full((n,), IMAGE_TOKEN_ID),
+                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for n in counts]
+    input_ids = torch.stack(rows)
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "image_sizes": sizes,
+            "attention_mask": torch.ones_like(input_ids)}
+
+
+def _sharpen_attention(model) -> None:
+    """Random init gives near-uniform attention; a larger spread makes the saliency (and so the
+    selection) clearly non-degenerate in tests."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+
+
 def num_visual_tokens(model) -> int:
     vcfg = model.config.vision_config
     return (vcfg.image_size // vcfg.patch_size) ** 2
@@ -93,6 +132,12 @@ ZOO: Dict[str, ZooEntry] = {
         "tiny LLaVA-1.5 (CLIP 2x32, Llama 4x64, GQA 4:2, 36 visual tokens)",
         _tiny_llava,
         _llava_inputs,
+    ),
+    "llava-next": ZooEntry(
+        "llava-next",
+        "tiny LLaVA-NeXT (anyres: base view + 4 crops, image_newline rows; Llama 4x64)",
+        _tiny_llava_next,
+        _llava_next_inputs,
     ),
 }
 
