@@ -15,11 +15,16 @@ cache, and two requests or two models never share a key tensor, so they never sh
   as beam search does) breaks the chain: ``strict`` raises; otherwise a warning, a report
   line and bias 0 for that step. Never a silent zero.
 
-Padded batches: Hugging Face builds one decode mask for all layers, sized from layer 0's
-cache. With K >= 1 and a padding mask, compact caches in layers >= K would not match it, and
-the next decode step would fail inside Dynamo. So when the prefill saw padding, the pruned
-layers' K/V are laid out at their original positions (dropped tokens are zero rows that the
-bias gives ``-inf``). Unpadded batches keep the compact cache.
+Cache layout. Hugging Face builds one decode mask for all layers, sized from layer 0's cache,
+whenever an attention mask is passed (transformers 5.17 keeps even an all-ones mask in
+generate(); 5.23 drops it). With K >= 1, compact caches in layers >= K would not match that
+mask and the next decode step would fail inside Dynamo, before any backend runs. So:
+
+* K >= 1 and the prefill had an attention mask: the pruned layers' K/V are laid out at their
+  original positions (dropped tokens are zero rows that the bias gives ``-inf``);
+* K = 0 (every layer is pruned, so layer 0's length fits them all): compact, unless there was
+  padding (then aligned too, so HF's mask over original positions stays right);
+* no mask: compact, the KV-memory saving kept.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class GraphPlan:
     past_key_inputs: Dict[int, int] = field(default_factory=dict)  # layer -> input index
     extra_outputs: int = 0                      # trailing outputs added by ``publish``
     rectify: bool = True
+    align_with_mask: bool = False               # K >= 1: any attention mask means aligned caches
 
     @property
     def needed(self) -> bool:
@@ -137,12 +143,12 @@ class Runtime:
     def _record_prefill(self, outputs: List, plan: GraphPlan, keep_index: Tensor, log_bias: Tensor,
                         key_visible: Optional[Tensor]) -> None:
         bias = log_bias if plan.rectify else torch.zeros_like(log_bias)
-        padded = key_visible is not None and not bool(key_visible.all())
-        if padded:
+        aligned = key_visible is not None and (plan.align_with_mask or not bool(key_visible.all()))
+        if aligned:
             seq_len = key_visible.shape[-1]  # N: the visibility row spans the original positions
             bias = torch.full((bias.shape[0], seq_len), BLOCKED, device=bias.device).scatter(1, keep_index, bias)
         for layer, i in plan.keys_outputs.items():
-            if padded:
+            if aligned:
                 j = plan.values_outputs[layer]
                 outputs[i] = _at_original_positions(outputs[i], keep_index, seq_len)
                 outputs[j] = _at_original_positions(outputs[j], keep_index, seq_len)
@@ -158,7 +164,7 @@ def _at_original_positions(cache: Tensor, keep_index: Tensor, seq_len: int) -> T
 
 def plan_for(ctx, config, gm) -> GraphPlan:
     """The runtime plan of a graph, from what the passes found in it."""
-    plan = GraphPlan(rectify=config.rectify, extra_outputs=ctx.extra_outputs)
+    plan = GraphPlan(rectify=config.rectify, extra_outputs=ctx.extra_outputs, align_with_mask=config.layer >= 1)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for c in ctx.cache_layers:
         if c.index < config.layer:

@@ -112,6 +112,63 @@ def _llava_next_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 
             "attention_mask": torch.ones_like(input_ids)}
 
 
+QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=251, vision_start_token_id=252,
+                   vision_end_token_id=253)
+_QWEN_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+
+
+def _tiny_qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=_QWEN_TEXT,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=16,
+                           fullatt_block_indexes=[1]),
+        **QWEN_TOKENS)
+    config._attn_implementation = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _sharpen_attention(model)
+    return model
+
+
+def _tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=_QWEN_TEXT,
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        **QWEN_TOKENS)
+    config._attn_implementation = "sdpa"
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _sharpen_attention(model)
+    return model
+
+
+def _qwen_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0,
+                 grid=(1, 12, 12)) -> dict:
+    """Per sample: text, <|vision_start|>, the image's pad tokens (t*h*w / merge^2 of them),
+    <|vision_end|>, text; flattened patches and ``image_grid_thw`` as Qwen's processor gives them."""
+    vcfg = model.config.vision_config
+    merge = vcfg.spatial_merge_size
+    t, h, w = grid
+    num_visual = t * h * w // (merge * merge)
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g),
+                       torch.tensor([QWEN_TOKENS["vision_start_token_id"]]), torch.full((num_visual,), IMAGE_TOKEN_ID),
+                       torch.tensor([QWEN_TOKENS["vision_end_token_id"]]),
+                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for _ in range(batch)]
+    input_ids = torch.stack(rows)
+    return {"input_ids": input_ids, "pixel_values": torch.randn(batch * t * h * w, patch_dim, generator=g),
+            "image_grid_thw": torch.tensor([list(grid)] * batch), "attention_mask": torch.ones_like(input_ids),
+            # what the processor returns beside input_ids: 1 marks image tokens (M-RoPE needs it)
+            "mm_token_type_ids": (input_ids == IMAGE_TOKEN_ID).long()}
+
+
 def _sharpen_attention(model) -> None:
     """Random init gives near-uniform attention; a larger spread makes the saliency (and so the
     selection) clearly non-degenerate in tests."""
@@ -138,6 +195,18 @@ ZOO: Dict[str, ZooEntry] = {
         "tiny LLaVA-NeXT (anyres: base view + 4 crops, image_newline rows; Llama 4x64)",
         _tiny_llava_next,
         _llava_next_inputs,
+    ),
+    "qwen2-vl": ZooEntry(
+        "qwen2-vl",
+        "tiny Qwen2-VL (M-RoPE positions, 2x2 patch merger; Qwen2 4x64)",
+        _tiny_qwen2_vl,
+        _qwen_inputs,
+    ),
+    "qwen2.5-vl": ZooEntry(
+        "qwen2.5-vl",
+        "tiny Qwen2.5-VL (M-RoPE positions, windowed ViT, 2x2 patch merger; Qwen2 4x64)",
+        _tiny_qwen2_5_vl,
+        _qwen_inputs,
     ),
 }
 

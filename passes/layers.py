@@ -26,8 +26,11 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     after_merge = reachable_from([span.merge])
     attention_calls = [n for n in gm.graph.nodes if is_sdpa(n) and n in after_merge]
     if not attention_calls:
-        raise PassError("no scaled_dot_product_attention after the image merge: the language model "
-                        "must use attn_implementation='sdpa' (eager attention is not supported)")
+        if any(layer_module_path(n) for n in after_merge):
+            raise PassError("decoder layers follow the image merge but none calls scaled_dot_product_attention: "
+                            "load the model with attn_implementation='sdpa' (eager attention is not supported)")
+        raise PassError("no decoder layer after the image merge in this graph: Dynamo split the merge from the "
+                        "decoder (as in a plain Qwen2-VL forward); pruning across graphs is not supported yet")
 
     paths: List[str] = []
     for call in attention_calls:

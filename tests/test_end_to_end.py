@@ -45,7 +45,9 @@ def test_inductor_matches_reference(layer):
 
 
 def test_kv_cache_of_pruned_layers_holds_kept_length():
+    """Without a mask the pruned layers' cache is compact: exactly the kept tokens."""
     model, inputs = build("llava")
+    inputs.pop("attention_mask")
     config = ERAConfig(keep_ratio=0.25, layer=2, compiler="eager", strict=True)
     out, report = compiled_forward(model, inputs, config)
     N = inputs["input_ids"].shape[1]
@@ -53,6 +55,18 @@ def test_kv_cache_of_pruned_layers_holds_kept_length():
     lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     assert lengths == [N, N, n_after, n_after]
     assert n_after < N
+
+
+def test_kv_cache_with_a_mask_is_aligned_to_original_positions():
+    """With an attention mask (and K >= 1) HF will size its decode mask from layer 0, so the
+    pruned layers store their kept rows at the original positions: N rows, N - n' of them zero."""
+    model, inputs = build("llava")
+    config = ERAConfig(keep_ratio=0.25, layer=2, compiler="eager", strict=True)
+    out, report = compiled_forward(model, inputs, config)
+    N, n_after = report.pruning[0].seq_len_before, report.pruning[0].seq_len_after
+    for layer in out.past_key_values.layers[2:]:
+        zero_rows = (layer.keys == 0).all(-1).all(1)  # [B, N]
+        assert layer.keys.shape[-2] == N and int(zero_rows.sum()) == N - n_after
 
 
 def test_prompt_length_equal_to_hidden_size():

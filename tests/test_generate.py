@@ -87,16 +87,27 @@ def test_two_models_generating_alternately_keep_their_own_bias():
 
 
 def test_no_recompiles_after_two_decode_steps_nor_for_a_second_image():
-    model, inputs = build("llava")
-    _, other = build("llava", seed=5)  # same sizes, another image and other words
+    """The backend compiles exactly the graphs a plain compile does (HF's own breaks: 4 prefill
+    graphs on transformers 5.23, 7 on 5.17), then one graph each for decode steps 1 and 2, and
+    nothing more: not for the rest of a generation, not for another image of the same size."""
+    def first_generation(backend):
+        model, inputs = build("llava")
+        model.compile(backend=backend)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)  # prefill, decode steps 1 and 2
+        return model, inputs
+
+    plain = []
+    first_generation(lambda gm, example_inputs: plain.append(gm) or gm.forward)
+    torch._dynamo.reset()
     backend = make_era_backend(ERAConfig(layer=2, compiler="eager", strict=True))
-    model.compile(backend=backend)
+    model, inputs = first_generation(backend)
+    after_two_steps = backend.report.graphs
+    _, other = build("llava", seed=5)  # same sizes, another image and other words
     with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=3, do_sample=False)  # prefill, then decode steps 1 and 2
-        after_two_steps = backend.report.graphs
         model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
         model.generate(**other, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert after_two_steps == 6  # 4 prefill graphs (HF breaks the forward), decode step 1 and step 2
+    assert after_two_steps == len(plain)
     assert backend.report.graphs == after_two_steps
     assert len(backend.report.pruning) == 1
 
