@@ -79,3 +79,11 @@ def test_llava_next_image_newline_tokens_are_pruned_like_visual_tokens():
     assert features.pooler_output[0].shape[0] < T
     out, report = compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
     assert report.pruning[0].visual_tokens == T  # crops' patches and the newline rows together
+
+
+def test_eager_attention_model_is_refused_with_the_reason():
+    """attn_implementation="eager" leaves no SDPA call to rewrite: refused, and the message says why."""
+    model, inputs = build("llava")
+    model.set_attn_implementation("eager")
+    with pytest.raises(Exception, match="load the model with attn_implementation='sdpa'"):
+        compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
