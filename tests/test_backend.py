@@ -43,7 +43,7 @@ def test_text_only_prompt_passes_through_and_says_so():
 def test_strict_raises_on_a_merge_without_decoder_layers():
     model = MergeWithoutDecoder()
     backend = make_era_backend(ERAConfig(compiler="eager", strict=True))
-    with pytest.raises(Exception, match="no scaled_dot_product_attention after the image merge"):
+    with pytest.raises(Exception, match="no decoder layer after the image merge"):
         torch.compile(model, backend=backend)(*_merge_inputs())
 
 
