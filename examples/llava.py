@@ -1,0 +1,6 @@
+"""LLaVA-1.5 with ERA pruning: `python examples/llava.py [--model-path DIR --image FILE]`."""
+
+from _common import run
+
+if __name__ == "__main__":
+    run(__doc__, "llava")
