@@ -33,7 +33,7 @@ from typing import Dict, List, Set, Tuple
 import torch
 import torch.fx as fx
 
-from era_compile.ops.prune import default_scale
+from era_compile.ops.attention import default_scale
 
 from .graph import (PassContext, PassError, PassResult, PruneSite, ancestors_of, getitem, hint, hints,
                     insert_call, is_static, reachable_from, same_size, sdpa_arg, tensor_meta)

@@ -27,7 +27,8 @@ from era_compile.algorithms import run_strategy
 from era_compile.algorithms.btr import recycle as btr_recycle
 from era_compile.algorithms.sequence import assemble, gather_rows, visual_positions
 from era_compile.config import ERAConfig
-from era_compile.ops.prune import default_scale, selection_inputs
+from era_compile.ops.attention import default_scale
+from era_compile.ops.prune import selection_inputs
 
 _ACTIVE: Optional["EagerReference"] = None
 

@@ -107,6 +107,12 @@ def _check_inputs(
             )
 
 
+def default_scale(head_dim: int) -> float:
+    """The softmax scale when none is given: ``1/sqrt(d)`` of the original head dim (never of an
+    augmented one)."""
+    return 1.0 / math.sqrt(head_dim)
+
+
 def resolve_kernel(kernel: str, q: Optional[Tensor] = None) -> str:
     """The concrete kernel for a requested name: ``"auto"`` becomes ``"sdpa"``.
 
@@ -288,7 +294,7 @@ def biased_attention_op(
     """softmax(q k^T * scale + bias + masks) v; see the module docstring. Returns [B, Hq, Lq, Dv]."""
     _check_inputs(q, k, v, bias, attn_mask, kernel)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.size(-1))
+        scale = default_scale(q.size(-1))
     if resolve_kernel(kernel, q) == "sdpa":
         return _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale)
     return _flex_kernel(q, k, v, bias, attn_mask, causal, scale)
@@ -347,7 +353,7 @@ def augment_for_bias(
     d = q.size(-1)
     B, Hkv, Lk, _ = k.shape
     if scale is None:
-        scale = 1.0 / math.sqrt(d)
+        scale = default_scale(d)
     if scale == 0:
         raise ValueError("augment_for_bias: scale must be non-zero")
     width = -(-(d + 1) // multiple) * multiple

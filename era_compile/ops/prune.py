@@ -11,7 +11,6 @@ and their fake kernels give static shapes: ``k`` anchors of ``T`` visual tokens 
 from __future__ import annotations
 
 import json
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -76,6 +75,3 @@ def _(hidden, visual_mask, anchors, confidence, num_visual, merge, weight_norm):
             hidden.new_empty((B, n_kept, D)),
             hidden.new_empty((B, n_kept), dtype=torch.float32))
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
