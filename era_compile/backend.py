@@ -15,17 +15,17 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
 import era_compile.ops  # noqa: F401  (registers torch.ops.era.*)
 from era_compile.config import ERAConfig
-from era_compile.passes.graph import PassContext, PassError
+from era_compile.passes.graph import CarriedVisual, PassContext, PassError, is_masked_scatter
 from era_compile.passes.pipeline import run_pipeline
 from era_compile.report import PruningEntry, Report, logger, set_last
-from era_compile.runtime import Runtime, plan_for
+from era_compile.runtime import Handoff, Runtime, plan_for
 
 
 class EraCompileError(RuntimeError):
@@ -49,22 +49,38 @@ class EraBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         _raise_recompile_limit(self.report)
-        start = time.perf_counter()
         index = self.report.graphs
         self.report.graphs += 1
         set_last(self.report)
-        try:
-            compiled = self._compile(gm, list(example_inputs), index)
-        finally:
-            self.report.compile_seconds += time.perf_counter() - start
-        return compiled
+        _dump(gm, index, "before", self.config)
+        example_inputs = list(example_inputs)
+        receivers = [] if any(is_masked_scatter(n) for n in gm.graph.nodes) else _receivers(example_inputs)
+        if not receivers:
+            return self._compile(gm, example_inputs, index)
+
+        # Embeddings merged in an earlier graph may arrive here: one variant per carried mask's T
+        def build(args: List[Any], carried: Optional[Tuple[int, Handoff]]) -> Callable:
+            if carried is None:
+                return self._compile(gm, args, index)
+            i, handoff = carried
+            return self._compile(gm, args, index, CarriedVisual(i, handoff.mask, handoff.num_visual))
+
+        return self.runtime.dispatch(receivers, build, example_inputs)
 
     # ------------------------------------------------------------------ internals
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: List[Any], index: int) -> Callable:
-        _dump(gm, index, "before", self.config)
+    def _compile(self, gm: fx.GraphModule, example_inputs: List[Any], index: int,
+                 carried: Optional[CarriedVisual] = None) -> Callable:
+        start = time.perf_counter()
+        try:
+            return self._rewrite_and_compile(gm, example_inputs, index, carried)
+        finally:
+            self.report.compile_seconds += time.perf_counter() - start
+
+    def _rewrite_and_compile(self, gm: fx.GraphModule, example_inputs: List[Any], index: int,
+                             carried: Optional[CarriedVisual]) -> Callable:
         work = _copy(gm)
-        ctx = PassContext(self.config, example_inputs, graph_index=index)
+        ctx = PassContext(self.config, list(example_inputs), graph_index=index, carried=carried)
         try:
             results = run_pipeline(work, ctx)
         except PassError as e:
@@ -84,7 +100,7 @@ class EraBackend:
 
         _dump(work, index, "after", self.config)
         try:
-            compiled = self._inner(work, example_inputs)
+            compiled = self._inner(work, ctx.example_inputs)
         except Exception as e:  # the inner compiler rejected the rewritten graph
             return self._fall_back(gm, example_inputs, index,
                                    f"the rewritten graph failed to compile ({type(e).__name__}: {e}); "
@@ -92,6 +108,11 @@ class EraBackend:
         counts = {r.name: r.counts for r in results}
         if ctx.kernel:
             self.report.kernel = ctx.kernel
+        if ctx.handoff_output is not None:
+            self.report.handoffs += 1
+            logger.info("graph %d: merges %d visual tokens per sample but runs no decoder layer: their mask is "
+                        "handed on with the merged embeddings", index, ctx.span.num_visual)
+            return self.runtime.wrap(compiled, plan)
         if site is None:
             rewrites = counts.get("decode", {}).get("attention_rewrites", 0)
             self.report.decode_rewrites += rewrites
@@ -151,6 +172,13 @@ def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:
 
 
 era_backend = EraBackend()
+
+
+def _receivers(example_inputs: List[Any]) -> List[int]:
+    """Inputs that could be merged embeddings [B, N, D] handed on by an earlier graph."""
+    return [i for i, x in enumerate(example_inputs)
+            if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
+            and x.dim() == 3 and x.is_floating_point()]
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -28,6 +28,8 @@ class Report:
     ``attention_rewrites``: SDPA calls of pruned prefills turned into biased attention.
     ``decode_rewrites``: attention calls over a cache that read its bias (decode steps).
     ``broken_bias_chain``: decode calls that received a cache this backend did not write.
+    ``handoffs``: graphs that merged image features but ran no decoder, so handed their visual
+    mask on to the graph that does (Dynamo split a forward between them).
     ``kernel``: the attention kernel used. ``skipped``: why a graph was left as it was.
     ``passes``: per graph, what each pass counted.
     """
@@ -38,6 +40,7 @@ class Report:
     attention_rewrites: int = 0
     decode_rewrites: int = 0
     broken_bias_chain: int = 0
+    handoffs: int = 0
     kernel: Optional[str] = None
     skipped: List[str] = field(default_factory=list)
     passes: List[Dict[str, dict]] = field(default_factory=list)
@@ -58,6 +61,9 @@ class Report:
                          f"{p.kept} kept; sequence {p.seq_len_before} -> {p.seq_len_after}")
         lines.append(f"  attention rewrites: {self.attention_rewrites} in prefill, {self.decode_rewrites} over a "
                      f"cache (kernel: {self.kernel or '-'})")
+        if self.handoffs:
+            lines.append(f"  {self.handoffs} graph(s) merged the image without a decoder layer and handed the "
+                         "visual mask on to the next graph")
         if self.broken_bias_chain:
             lines.append(f"  WARNING: {self.broken_bias_chain} decode call(s) ran without the anchors' bias "
                          "(cache not written by this backend)")

@@ -1,4 +1,16 @@
-"""What runs around a compiled graph: the LAR bias travels with the KV cache.
+"""What runs around a compiled graph: what one graph decided reaches the next by tensor identity.
+
+Two things travel that way, each in a per-backend store keyed weakly by a tensor's identity,
+so an entry dies with its tensor and two requests or two models never share one:
+
+* the visual mask, from a graph that merged image features but runs no decoder to the graph
+  that receives the merged embeddings (a plain Qwen2-VL forward, see ``passes/handoff.py``);
+* the LAR bias of the pruned cache, from a prefill to every decode step.
+
+Visual mask. A graph that receives merged embeddings is compiled per visual-token count T
+(its pruned shapes depend on T): ``dispatch`` looks its inputs up and runs, or compiles on
+first sight, the variant for the T they carry; no carried mask means the unpruned variant. A
+handed-on mask that no graph picks up is reported when its tensor dies: pruning did not happen.
 
 The cache of layers >= K keeps plain, d-wide keys (widening them would break the next
 decode trace, DESIGN.md section 4). Their bias lives beside them, in a ``CacheBiasStore``
@@ -30,8 +42,9 @@ mask and the next decode step would fail inside Dynamo, before any backend runs.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,6 +58,16 @@ BLOCKED = torch.finfo(torch.float32).min  # bias of a cache position that holds 
 
 class BrokenBiasChain(RuntimeError):
     """A decode step received cached keys whose bias this backend never recorded."""
+
+
+@dataclass(eq=False)
+class Handoff:
+    """A merged-embeddings tensor's visual mask, waiting for the graph that runs the decoder."""
+
+    mask: Tensor            # bool [B, N]
+    num_visual: int         # T per sample, static in the graph that merged
+    graph: int              # that graph's index, for messages
+    claimed: bool = False
 
 
 class CacheBiasStore:
@@ -70,10 +93,15 @@ class GraphPlan:
     extra_outputs: int = 0                      # trailing outputs added by ``publish``
     rectify: bool = True
     align_with_mask: bool = False               # K >= 1: any attention mask means aligned caches
+    graph: int = 0
+    handoff_output: Optional[int] = None        # merged embeddings handed on; their mask is the last output
+    num_visual: int = 0                         # T of the handed-on mask
+    visual_input: Optional[int] = None          # input whose carried mask the graph takes as an extra input
 
     @property
     def needed(self) -> bool:
-        return bool(self.keys_outputs or self.past_key_inputs or self.extra_outputs)
+        return bool(self.keys_outputs or self.past_key_inputs or self.extra_outputs
+                    or self.handoff_output is not None or self.visual_input is not None)
 
 
 class Runtime:
@@ -81,6 +109,7 @@ class Runtime:
 
     def __init__(self, report: Report, strict: bool):
         self.store = CacheBiasStore()
+        self.handoffs = WeakIdKeyDictionary()  # merged embeddings -> Handoff
         self.report = report
         self.strict = strict
         self._warned = False
@@ -90,6 +119,10 @@ class Runtime:
             return compiled
 
         def run(*args):
+            if plan.visual_input is not None:
+                handoff = self.handoffs[args[plan.visual_input]]  # ``dispatch`` chose this variant for it
+                handoff.claimed = True
+                args = args + (handoff.mask,)
             biases = self._past_biases(args, plan)
             with cache_biases(biases):
                 outputs = compiled(*args)
@@ -97,6 +130,49 @@ class Runtime:
 
         run._era_plan = plan  # for tests and debugging
         return run
+
+    def dispatch(self, receivers: List[int], build: Callable[[List, Optional[Tuple[int, Handoff]]], Callable],
+                 example_inputs: List) -> Callable:
+        """A graph that may receive merged embeddings (``receivers``: its rank-3 float inputs):
+        one compiled variant per (input, T) carried, built by ``build(args, carried)`` on first sight."""
+        variants: Dict[Optional[Tuple[int, int]], Callable] = {}
+
+        def variant(args) -> Callable:
+            carried = self._carried(args, receivers)
+            key = (carried[0], carried[1].num_visual) if carried else None
+            if key not in variants:
+                variants[key] = build(list(args), carried)
+            return variants[key]
+
+        variant(example_inputs)
+
+        def run(*args):
+            return variant(args)(*args)
+
+        run._era_variants = variants  # for tests and debugging
+        return run
+
+    def _carried(self, args, receivers: List[int]) -> Optional[Tuple[int, Handoff]]:
+        found = [(i, self.handoffs.get(args[i])) for i in receivers]
+        found = [(i, h) for i, h in found if h is not None]
+        if len(found) > 1:
+            raise RuntimeError(f"era_compile: inputs {[i for i, _ in found]} of one graph all carry merged "
+                               "image embeddings; expected one")
+        return found[0] if found else None
+
+    def _hand_off(self, embeds: Tensor, handoff: Handoff) -> None:
+        self.handoffs[embeds] = handoff
+        weakref.finalize(embeds, self._check_claimed, handoff)
+
+    def _check_claimed(self, handoff: Handoff) -> None:
+        if handoff.claimed:
+            return
+        why = (f"graph {handoff.graph} merged {handoff.num_visual} visual tokens per sample and handed them on, "
+               "but no compiled graph received the merged embeddings (changed outside a graph?): "
+               "pruning did not happen")
+        self.report.skipped.append(why)
+        warnings.warn(f"era_compile: {why}", RuntimeWarning)
+        logger.warning(why)
 
     # ------------------------------------------------------------------ before a call
 
@@ -126,7 +202,9 @@ class Runtime:
     # ------------------------------------------------------------------ after a call
 
     def _record(self, outputs: List, plan: GraphPlan, past: Dict[int, Tensor]):
-        if plan.extra_outputs:
+        if plan.handoff_output is not None:
+            self._hand_off(outputs[plan.handoff_output], Handoff(outputs.pop(), plan.num_visual, plan.graph))
+        elif plan.extra_outputs:
             keep_index, log_bias, *rest = outputs[-plan.extra_outputs:]
             del outputs[-plan.extra_outputs:]
             key_visible = rest[0] if rest else None
@@ -164,7 +242,10 @@ def _at_original_positions(cache: Tensor, keep_index: Tensor, seq_len: int) -> T
 
 def plan_for(ctx, config, gm) -> GraphPlan:
     """The runtime plan of a graph, from what the passes found in it."""
-    plan = GraphPlan(rectify=config.rectify, extra_outputs=ctx.extra_outputs, align_with_mask=config.layer >= 1)
+    plan = GraphPlan(rectify=config.rectify, extra_outputs=ctx.extra_outputs, align_with_mask=config.layer >= 1,
+                     graph=ctx.graph_index, handoff_output=ctx.handoff_output,
+                     num_visual=ctx.span.num_visual if ctx.span is not None else 0,
+                     visual_input=ctx.carried.input_index if ctx.carried is not None else None)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for c in ctx.cache_layers:
         if c.index < config.layer:

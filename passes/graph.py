@@ -35,11 +35,21 @@ class PassResult:
 class VisualSpan:
     """Where the image features enter the sequence (found by ``span``)."""
 
-    merge: fx.Node          # the masked_scatter that writes image features into the embeddings
+    merge: fx.Node          # the merged embeddings: the masked_scatter, or the input that carries them
     visual_mask: fx.Node    # bool [B, N], True at visual positions (inserted by ``span``)
     batch: Any              # B (int, or SymInt in a dynamic graph)
     seq_len: Any            # N (int, or SymInt)
     num_visual: int         # T, visual tokens per sample: always static (see ``span``)
+
+
+@dataclass
+class CarriedVisual:
+    """Visual positions that reached this graph with its input embeddings: the merge ran in an
+    earlier graph, which handed its mask on (see ``handoff`` and ``era_compile.runtime``)."""
+
+    input_index: int        # the placeholder holding the merged embeddings [B, N, D]
+    mask: torch.Tensor      # the example's bool [B, N] visual mask (a real tensor)
+    num_visual: int         # T per sample, fixed by the graph that merged
 
 
 @dataclass
@@ -87,14 +97,16 @@ class PassContext:
     """State that flows through the pipeline for one graph."""
 
     config: ERAConfig
-    example_inputs: Sequence[Any]
+    example_inputs: List[Any]       # grows by one when ``span`` adds the carried visual mask as an input
     graph_index: int = 0
+    carried: Optional[CarriedVisual] = None
     span: Optional[VisualSpan] = None
     layers: List[DecoderLayer] = field(default_factory=list)
     prune_site: Optional[PruneSite] = None
     kernel: Optional[str] = None
     cache_layers: List[CachedLayer] = field(default_factory=list)
     extra_outputs: int = 0          # trailing outputs the runtime strips (see ``publish``)
+    handoff_output: Optional[int] = None  # output holding the merged embeddings (see ``handoff``)
 
 
 # --------------------------------------------------------------------------- node queries
@@ -155,6 +167,12 @@ def hints(shape) -> Tuple[int, ...]:
 def same_size(a: Any, b: Any) -> bool:
     """True when two sizes are known to be equal, without installing a guard."""
     return statically_known_true(sym_eq(a, b))
+
+
+def same_shape(value: Optional[torch.Tensor], shape: Sequence[Any]) -> bool:
+    """True when ``value`` is a tensor known to have ``shape``, without installing a guard."""
+    return (value is not None and value.dim() == len(shape)
+            and all(same_size(a, b) for a, b in zip(value.shape, shape)))
 
 
 def is_static(*sizes: Any) -> bool:

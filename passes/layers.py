@@ -7,7 +7,9 @@ features), so it is excluded without looking at any module name.
 
 For each layer the pass records its nodes and the residual stream entering it: the one
 value from outside the layer with the shape of the merged embeddings ``[B, N, D]``. Then
-it checks that the configured pruning layer K exists. The graph is not changed.
+it checks that the configured pruning layer K exists. The graph is not changed. A merge
+with no decoder after it in this graph (Dynamo split them) finds no layers: the pipeline
+then hands the visual mask on instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Dict, List
 import torch.fx as fx
 
 from .graph import (DecoderLayer, PassContext, PassError, PassResult, hints, is_sdpa, layer_module_path,
-                    reachable_from, same_size, tensor_meta)
+                    reachable_from, same_shape, tensor_meta)
 
 
 def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -29,8 +31,12 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if any(layer_module_path(n) for n in after_merge):
             raise PassError("decoder layers follow the image merge but none calls scaled_dot_product_attention: "
                             "load the model with attn_implementation='sdpa' (eager attention is not supported)")
-        raise PassError("no decoder layer after the image merge in this graph: Dynamo split the merge from the "
-                        "decoder (as in a plain Qwen2-VL forward); pruning across graphs is not supported yet")
+        if ctx.carried is not None:
+            raise PassError(f"{span.merge.name} carries visual tokens into this graph but no decoder layer uses it")
+        # Dynamo split the merge from the decoder (a plain Qwen2-VL forward): ``handoff`` passes
+        # the visual mask on to the decoder's graph
+        result.skipped = "no decoder layer after the image merge in this graph: its visual mask is handed on"
+        return result
 
     paths: List[str] = []
     for call in attention_calls:
@@ -68,5 +74,4 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _is_residual(node: fx.Node, shape: tuple) -> bool:
     t = tensor_meta(node)
-    return (t is not None and t.is_floating_point() and t.dim() == len(shape)
-            and all(same_size(a, b) for a, b in zip(t.shape, shape)))
+    return t is not None and t.is_floating_point() and same_shape(t, shape)

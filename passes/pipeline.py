@@ -1,7 +1,9 @@
 """The pass pipeline, in one of two shapes decided by what the graph holds.
 
-* A graph that merges image features (a prefill with an image):
-  span -> layers -> prune -> attention -> kvcache -> publish.
+* A graph that merges image features (a prefill with an image), or receives embeddings an
+  earlier graph merged: span -> layers -> prune -> attention -> kvcache -> publish.
+* A graph that merges image features but holds no decoder layer (Dynamo split them):
+  span -> layers (finds none) -> handoff.
 * Any other graph (a decode step, a text-only prompt): span finds nothing, then
   kvcache -> decode, so layers >= K keep the anchors' bias over a cache a pruned prefill wrote.
 
@@ -20,6 +22,7 @@ import torch.fx as fx
 from .attention import rectify_attention
 from .decode import rectify_cached_attention
 from .graph import PassContext, PassError, PassResult, finish, propagate_fake
+from .handoff import hand_off_visual_mask
 from .kvcache import find_kv_cache
 from .layers import find_decoder_layers
 from .prune import prune_visual_tokens
@@ -28,14 +31,18 @@ from .span import find_visual_span
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]
 
-WITH_IMAGE: List[Pass] = [find_decoder_layers, prune_visual_tokens, rectify_attention, find_kv_cache,
-                          publish_pruning]
+WITH_IMAGE: List[Pass] = [prune_visual_tokens, rectify_attention, find_kv_cache, publish_pruning]
 WITHOUT_IMAGE: List[Pass] = [find_kv_cache, rectify_cached_attention]
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> List[PassResult]:
     results: List[PassResult] = [_run(find_visual_span, gm, ctx)]
-    for p in WITH_IMAGE if ctx.span is not None else WITHOUT_IMAGE:
+    if ctx.span is None:
+        passes = WITHOUT_IMAGE
+    else:
+        results.append(_run(find_decoder_layers, gm, ctx))
+        passes = WITH_IMAGE if ctx.layers else [hand_off_visual_mask]
+    for p in passes:
         results.append(_run(p, gm, ctx))
     finish(gm, drop_dead=True)
     return results

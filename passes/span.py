@@ -14,11 +14,19 @@ After::
 
     embeds = l_inputs_embeds_.masked_scatter(l_stack0_, l_image_features_)
     era_visual_mask = torch.any(l_stack0_, -1)                               # bool [B,N]
+
+When Dynamo splits the merge from the decoder (a plain Qwen2-VL forward), the merge's graph
+hands its mask on with the merged embeddings (``handoff``), and the runtime passes it to the
+decoder's graph. There the span is the embeddings input, and the mask a new input::
+
+    def forward(self, l_stack0_, l_inputs_embeds_, ..., era_visual_mask):   # bool [B,N]
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -30,6 +38,11 @@ from .graph import (PassContext, PassError, PassResult, VisualSpan, hint, hints,
 def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult("span")
     merges = [n for n in gm.graph.nodes if is_masked_scatter(n)]
+    if not merges and ctx.carried is not None:
+        return _span_from_carried_mask(gm, ctx, result)
+    if not merges and any(_is_masked_assignment(n) for n in gm.graph.nodes):
+        raise PassError("image features are merged by a masked assignment (embeds[mask] = features), not "
+                        "masked_scatter: this merge form is not supported")
     if not merges:
         result.skipped = "no masked_scatter merge of image features (no visual tokens in this graph)"
         return result
@@ -69,3 +82,34 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     result.changed = True
     result.counts = {"visual_tokens": per_sample, "seq_len": hint(seq_len)}
     return result
+
+
+def _span_from_carried_mask(gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> PassResult:
+    carried = ctx.carried
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    embeds = placeholders[carried.input_index]
+    value = tensor_meta(embeds)
+    if value is None or value.dim() != 3 or tuple(carried.mask.shape) != hints(value.shape[:2]):
+        raise PassError(f"input {embeds.name} carries a visual mask of shape {list(carried.mask.shape)}, "
+                        "which does not match its [B, N] dimensions")
+    batch, seq_len, _ = value.shape
+    with gm.graph.inserting_after(placeholders[-1]):
+        visual_mask = gm.graph.placeholder("era_visual_mask")
+    # its fake value shares the embeddings' (possibly symbolic) B and N
+    with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
+        visual_mask.meta["example_value"] = value.new_empty(value.shape[:2], dtype=torch.bool)
+    ctx.example_inputs.append(carried.mask)
+    ctx.span = VisualSpan(embeds, visual_mask, batch, seq_len, carried.num_visual)
+    result.changed = True
+    result.counts = {"visual_tokens": carried.num_visual, "seq_len": hint(seq_len),
+                     "carried_by_input": carried.input_index}
+    return result
+
+
+def _is_masked_assignment(node: fx.Node) -> bool:
+    """``x[mask] = y`` on [B, N, D] float embeddings with a bool mask: a merge in another form."""
+    if not (node.op == "call_function" and node.target is operator.setitem):
+        return False
+    target, index = tensor_meta(node.args[0]), tensor_meta(node.args[1])
+    return (target is not None and index is not None and target.dim() == 3 and target.is_floating_point()
+            and index.dtype == torch.bool)
