@@ -17,6 +17,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 
 IMAGE_TOKEN_ID = 250  # inside the tiny vocabulary, never produced by the text sampler below
+VIDEO_TOKEN_ID = 251
 TEXT_VOCAB = 240      # text tokens are drawn from [3, TEXT_VOCAB)
 
 
@@ -112,7 +113,7 @@ def _llava_next_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 
             "attention_mask": torch.ones_like(input_ids)}
 
 
-QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=251, vision_start_token_id=252,
+QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=252,
                    vision_end_token_id=253)
 _QWEN_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -169,6 +170,37 @@ def _qwen_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, see
             "mm_token_type_ids": (input_ids == IMAGE_TOKEN_ID).long()}
 
 
+def _tiny_llava_onevision():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    config = LlavaOnevisionConfig(
+        text_config=dict(_QWEN_TEXT, model_type="qwen2", rope_parameters={"rope_type": "default",
+                                                                          "rope_theta": 10000.0}),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=8),
+        image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=[[48, 48], [48, 96], [96, 48]])
+    config._attn_implementation = "sdpa"
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    _sharpen_attention(model)
+    return model
+
+
+def _onevision_video_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, frames: int = 4,
+                            seed: int = 0) -> dict:
+    """Per sample a ``frames``-frame video: each frame's patches pooled 2x2, then one
+    image_newline row after the last frame, as LLaVA-OneVision's video path packs them."""
+    vcfg = model.config.vision_config
+    side = -(-(vcfg.image_size // vcfg.patch_size) // 2)  # ceil: the 2x2 bilinear pooling
+    num_visual = frames * side * side + 1
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g), torch.full((num_visual,), VIDEO_TOKEN_ID),
+                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for _ in range(batch)]
+    input_ids = torch.stack(rows)
+    videos = torch.randn(batch, frames, 3, vcfg.image_size, vcfg.image_size, generator=g)
+    return {"input_ids": input_ids, "pixel_values_videos": videos, "attention_mask": torch.ones_like(input_ids)}
+
+
 def _sharpen_attention(model) -> None:
     """Random init gives near-uniform attention; a larger spread makes the saliency (and so the
     selection) clearly non-degenerate in tests."""
@@ -207,6 +239,12 @@ ZOO: Dict[str, ZooEntry] = {
         "tiny Qwen2.5-VL (M-RoPE positions, windowed ViT, 2x2 patch merger; Qwen2 4x64)",
         _tiny_qwen2_5_vl,
         _qwen_inputs,
+    ),
+    "llava-onevision": ZooEntry(
+        "llava-onevision",
+        "tiny LLaVA-OneVision with a 4-frame video (SigLIP 2x32, 2x2 pooled frames + image_newline; Qwen2 4x64)",
+        _tiny_llava_onevision,
+        _onevision_video_inputs,
     ),
 }
 

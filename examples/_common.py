@@ -13,6 +13,7 @@ def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-path", help="a local Hugging Face checkpoint; without it, a tiny random zoo model")
     parser.add_argument("--image", help="an image file (with --model-path)")
+    parser.add_argument("--frames", nargs="+", help="a video as its frames' image files, in order (with --model-path)")
     parser.add_argument("--question", default="What is in this image?")
     parser.add_argument("--keep-ratio", type=float, default=0.25)
     parser.add_argument("--layer", type=int, default=2)
@@ -21,30 +22,36 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load(args, zoo_name: str):
-    """(model, processor or None, inputs): the checkpoint at --model-path, or the zoo model."""
+def load(args, zoo_name: str, media: str = "image"):
+    """(model, processor or None, inputs): the checkpoint at --model-path, or the zoo model.
+    ``media``: "image" (one --image) or "video" (--frames, one image file per frame)."""
     if not args.model_path:
         model, inputs = zoo.build(zoo_name)
         return model, None, inputs
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if not args.image:
-        raise SystemExit("--image is required with --model-path")
+    given = args.image if media == "image" else args.frames
+    if not given:
+        raise SystemExit(f"--{'image' if media == 'image' else 'frames'} is required with --model-path")
     processor = AutoProcessor.from_pretrained(args.model_path, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(
         args.model_path, local_files_only=True, attn_implementation="sdpa",
         dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         device_map="auto" if torch.cuda.is_available() else None).eval()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+    messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": args.question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=Image.open(args.image).convert("RGB"), text=prompt, return_tensors="pt")
+    if media == "image":
+        inputs = processor(images=Image.open(args.image).convert("RGB"), text=prompt, return_tensors="pt")
+    else:
+        frames = [Image.open(f).convert("RGB") for f in args.frames]
+        inputs = processor(videos=[frames], text=prompt, return_tensors="pt")
     return model, processor, inputs.to(model.device)
 
 
-def run(description: str, zoo_name: str) -> None:
+def run(description: str, zoo_name: str, media: str = "image") -> None:
     args = parse_args(description)
-    model, processor, inputs = load(args, zoo_name)
+    model, processor, inputs = load(args, zoo_name, media)
     backend = make_era_backend(ERAConfig(keep_ratio=args.keep_ratio, layer=args.layer, compiler=args.compiler))
     model.compile(backend=backend)
     with torch.no_grad():

@@ -74,7 +74,10 @@ class EagerReference:
         self.model, self.config = model, config
         self.decoder = model.get_decoder()
         self.layers = self.decoder.layers
-        self.image_token_id = model.config.image_token_id
+        # the oracle knows the models: image and video placeholders are the visual tokens
+        self.visual_token_ids = torch.tensor([i for i in (model.config.image_token_id,
+                                                          getattr(model.config, "video_token_id", None))
+                                              if i is not None])
         self.drop_decode_bias = drop_decode_bias
         self.last: dict = {}
 
@@ -149,10 +152,13 @@ class EagerReference:
 
     # ------------------------------------------------------------------ running
 
+    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))
+
     @contextlib.contextmanager
     def active(self, input_ids: torch.Tensor):
         global _ACTIVE
-        self._visual_mask = input_ids == self.image_token_id
+        self._visual_mask = self.visual_positions(input_ids)
         self._capture = self.config.layer - 1 if self.config.layer > 0 else None
         self._seen, self._keep, self._bias = None, None, None
         text_config = self.model.config.get_text_config()
@@ -172,7 +178,7 @@ class EagerReference:
 
     @torch.no_grad()
     def __call__(self, **inputs) -> Any:
-        if not bool((inputs["input_ids"] == self.image_token_id).any()):
+        if not bool(self.visual_positions(inputs["input_ids"]).any()):
             return self.model(**inputs)
         with self.active(inputs["input_ids"]):
             return self.model(**inputs)
@@ -180,7 +186,7 @@ class EagerReference:
     @torch.no_grad()
     def generate(self, **kwargs) -> Any:
         """``model.generate`` with this pruning in prefill and the bias kept in every decode step."""
-        if not bool((kwargs["input_ids"] == self.image_token_id).any()):
+        if not bool(self.visual_positions(kwargs["input_ids"]).any()):
             return self.model.generate(**kwargs)
         with self.active(kwargs["input_ids"]):
             return self.model.generate(**kwargs)

@@ -11,7 +11,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("script", ["llava.py", "llava_next.py", "qwen2_5_vl.py"])
+@pytest.mark.parametrize("script", ["llava.py", "llava_next.py", "qwen2_5_vl.py", "llava_onevision.py"])
 def test_example_runs_on_its_zoo_model(script):
     done = subprocess.run([sys.executable, str(EXAMPLES / script), "--compiler", "eager", "--max-new-tokens", "4"],
                           capture_output=True, text=True, timeout=600)
