@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +32,37 @@ def compiled_forward(model, inputs, config: ERAConfig):
 
 def build(name="llava", **kwargs):
     return zoo.build(name, **kwargs)
+
+
+# ---------------------------------------------------------------------------- support matrix
+# When this session ran the whole matrix (tests/test_architectures.py::test_support_matrix),
+# the README's table must be what scripts/support_matrix.py renders from these outcomes.
+
+def _support_matrix_module():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "support_matrix.py"
+    spec = importlib.util.spec_from_file_location("era_support_matrix", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pytest_configure(config):
+    if os.environ.get("ERA_SUPPORT_MATRIX_WRITING"):  # the script is rewriting the README
+        return
+    module = _support_matrix_module()
+    config._era_matrix = (module, module.MatrixCollector())
+    config.pluginmanager.register(config._era_matrix[1], "era_support_matrix")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    module, collector = getattr(session.config, "_era_matrix", (None, None))
+    if collector is None or not collector.complete():
+        return
+    if module.readme_table() != module.render(collector.cells):
+        session.config.get_terminal_writer().line(
+            "\nREADME.md's support matrix differs from this run's outcomes: run "
+            "`.venv/bin/python scripts/support_matrix.py --write`", red=True)
+        session.exitstatus = 1
 
 
 __all__ = ["compiled_forward", "build", "last_report"]

@@ -28,6 +28,28 @@ def _merge_inputs():
     return torch.randn(1, 10, 8), mask, torch.randn(4, 8)
 
 
+class MergeByAssignment(torch.nn.Module):
+    """Image features written with ``embeds[mask] = features``: a merge, but not masked_scatter."""
+
+    def forward(self, embeds, mask, features):
+        embeds = embeds.clone()
+        embeds[mask] = features
+        return embeds * 2
+
+
+def test_merge_by_masked_assignment_is_named():
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[:, 2:6] = True
+    args = (torch.randn(1, 10, 8), mask, torch.randn(4, 8))
+    with pytest.raises(Exception, match=r"masked assignment \(embeds\[mask\] = features\), not masked_scatter"):
+        torch.compile(MergeByAssignment(), backend=make_era_backend(ERAConfig(compiler="eager", strict=True)))(*args)
+    torch._dynamo.reset()
+    backend = make_era_backend(ERAConfig(compiler="eager"))
+    with pytest.warns(RuntimeWarning, match="not masked_scatter"):
+        out = torch.compile(MergeByAssignment(), backend=backend)(*args)
+    assert torch.equal(out, MergeByAssignment()(*args)) and not backend.report.pruned
+
+
 def test_text_only_prompt_passes_through_and_says_so():
     model, _ = build("llava")
     ids = torch.randint(3, 200, (1, 12))
