@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+from era_compile.ops.attention import KERNELS as ATTENTION_KERNELS
 COMPILERS = ("inductor", "eager")
 WEIGHT_NORMS = ("mean", "none", "max")
 DEFAULT_KEEP_RATIO = 0.25

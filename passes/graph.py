@@ -295,13 +295,13 @@ def replace_with_biased_attention(graph: fx.Graph, call: fx.Node, bias: fx.Node,
         raise PassError(f"layer {layer}: attention with dropout (training?) cannot be rectified")
     from era_compile.ops.attention import resolve_kernel
 
-    q = sdpa_arg(call, "query")
+    q, k, mask = sdpa_arg(call, "query"), sdpa_arg(call, "key"), sdpa_arg(call, "attn_mask")
+    causal = bool(sdpa_arg(call, "is_causal", False))
+    kernel = resolve_kernel(kernel_name, tensor_meta(q), tensor_meta(k), tensor_meta(mask), causal)
     with graph.inserting_before(call):
         biased = insert_call(
             graph, torch.ops.era.biased_attention.default,
-            (q, sdpa_arg(call, "key"), sdpa_arg(call, "value"), bias, sdpa_arg(call, "attn_mask"),
-             bool(sdpa_arg(call, "is_causal", False)), sdpa_arg(call, "scale"),
-             resolve_kernel(kernel_name, tensor_meta(q))),
+            (q, k, sdpa_arg(call, "value"), bias, mask, causal, sdpa_arg(call, "scale"), kernel),
             stem=f"biased_attention_{layer}")
     biased.meta.update({key: call.meta[key] for key in ("nn_module_stack", "stack_trace") if key in call.meta})
     call.replace_all_uses_with(biased)

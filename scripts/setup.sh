@@ -13,7 +13,9 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet torch==2.13.0
 fi
-if ! "$VPY" -c "import era_compile, transformers, pytest, optree" >/dev/null 2>&1; then
+# triton (Linux only) lets the suite run our Triton kernel through its CPU interpreter
+if ! "$VPY" -c "import sys, era_compile, transformers, pytest, optree; sys.platform != 'linux' or __import__('triton')" \
+    >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet -e ".[test]"
 fi
 "$VPY" -c "import torch, transformers; print(f'era_compile env: torch {torch.__version__}, transformers {transformers.__version__}')"

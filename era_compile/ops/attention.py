@@ -10,19 +10,22 @@ After BTR merges visual tokens, anchor key ``j`` stands for ``b_j`` original tok
 sees it. ``biased_attention`` is a ``torch.library`` custom op with a fake kernel, so a compiled
 graph carries it as one opaque node (no graph break); its body picks a kernel:
 
-=========  ==========================================================  ======================
-kernel     how the bias enters                                         notes
-=========  ==========================================================  ======================
-``sdpa``   one additive float mask ``bias + causal + attn_mask``        the reference; runs
-           passed to ``F.scaled_dot_product_attention``                anywhere
-``flex``   ``score_mod = score + bias[b, kv]`` (+ float mask);          no padding; eager
-           causal / bool masks as a ``BlockMask``                      (unfused) inside the op
-``auto``   ``sdpa`` for now                                            issue 5 picks by
-                                                                       measurement
-=========  ==========================================================  ======================
-
-The FlashAttention kernels of DESIGN.md §5 use ``augment_for_bias`` (ALGORITHMS.md §5.5):
-one extra head-dim column carries ``phi`` exactly, at the *original* scale.
+==============  =====================================================  =========================
+kernel          how the bias enters                                    where it runs
+==============  =====================================================  =========================
+``sdpa``        the reference: the bias as SDPA's additive mask,       anywhere; any mask
+                beside SDPA's own causal flag where that is exact
+                (CPU), else one float mask ``bias + causal + mask``
+``flex``        FlexAttention ``score_mod = score + bias[b, kv]``      anywhere; eager inside
+                (+ float mask), hard masks as a ``BlockMask``          the op (unfused)
+``sdpa_flash``  head-dim augmentation (``flash.py``) into PyTorch's    CUDA fp16/bf16, CPU; no
+                own FlashAttention backend                             mask; see ``flash.py``
+``flash``       the same augmentation into ``flash_attn_func``         CUDA with flash-attn
+``triton``      our kernel reads the bias vector in its online         CUDA; CPU under
+                softmax (``triton_attention.py``)                      ``TRITON_INTERPRET=1``
+``auto``        the fastest kernel *measured* on this device type      see ``resolve_kernel``
+                for this regime that can run the call
+==============  =====================================================  =========================
 
 Conventions shared by every kernel:
 
@@ -39,7 +42,10 @@ Conventions shared by every kernel:
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -48,9 +54,11 @@ from torch import sym_not
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KERNELS", "augment_for_bias", "biased_attention", "biased_attention_op", "resolve_kernel"]
+__all__ = ["KERNELS", "biased_attention", "biased_attention_op", "default_scale", "kernel_unsupported",
+           "resolve_kernel"]
 
-KERNELS = ("auto", "sdpa", "flex")
+KERNELS = ("auto", "sdpa", "flex", "sdpa_flash", "flash", "triton")
+RANKING_FILE = Path(__file__).with_name("kernel_ranking.json")
 
 
 # --------------------------------------------------------------------------- validation
@@ -113,15 +121,46 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def resolve_kernel(kernel: str, q: Optional[Tensor] = None) -> str:
-    """The concrete kernel for a requested name: ``"auto"`` becomes ``"sdpa"``.
+def kernel_unsupported(kernel: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], causal: bool) -> Optional[str]:
+    """Why ``kernel`` cannot run this call (device, dtype, mask, causal alignment), or None.
+    Works on fake tensors without installing guards."""
+    if kernel in ("sdpa", "flex"):
+        return None
+    if kernel == "triton":
+        from . import triton_attention
 
-    ``q`` (a real or fake tensor, may be None) is where issue 5 will choose by device, dtype
-    and shape from measurements; today "auto" is always the reference kernel.
-    """
+        return triton_attention.unsupported(q)
+    from . import flash
+
+    Lq, Lk = q.size(2), k.size(2)
+    return flash.unsupported(kernel, q, attn_mask, causal, statically_known_true(sym_eq(Lq, Lk)),
+                             statically_known_true(sym_eq(Lq, 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def measured_ranking(device_type: str, regime: str) -> tuple:
+    """Kernels fastest first for a device type and ``prefill`` / ``decode``, as measured by
+    ``benchmarks/attention.py`` and recorded in ``kernel_ranking.json``; () when never measured."""
+    table = json.loads(RANKING_FILE.read_text()) if RANKING_FILE.exists() else {}
+    return tuple(table.get("devices", {}).get(device_type, {}).get(regime, {}).get("ranking", ()))
+
+
+def resolve_kernel(kernel: str, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+                   attn_mask: Optional[Tensor] = None, causal: bool = False) -> str:
+    """The concrete kernel for a requested name. ``"auto"``: the fastest kernel measured on this
+    device type for this regime (one query: decode; more: prefill) that can run the call; the
+    reference ``sdpa`` where nothing was measured. Never a guess."""
     if kernel not in KERNELS:
         raise ValueError(f"biased_attention: unknown kernel {kernel!r}; expected one of {KERNELS}")
-    return "sdpa" if kernel == "auto" else kernel
+    if kernel != "auto":
+        return kernel
+    if q is None or k is None:
+        return "sdpa"
+    regime = "decode" if statically_known_true(sym_eq(q.size(2), 1)) else "prefill"
+    for candidate in measured_ranking(q.device.type, regime):
+        if kernel_unsupported(candidate, q, k, attn_mask, causal) is None:
+            return candidate
+    return "sdpa"
 
 
 def _accum_dtype(q: Tensor) -> torch.dtype:
@@ -141,6 +180,18 @@ def _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
     Lq, Lk = q.size(2), k.size(2)
     acc = _accum_dtype(q)
     neg_inf = float("-inf")
+    gqa = q.size(1) != k.size(1)
+
+    if _bias_only_fits_sdpa(q, bias, attn_mask, causal, Lq, Lk):
+        # The bias alone, as a [B, 1, 1, Lk] mask beside SDPA's own causal flag: no [Lq, Lk] mask
+        # is built and the fused kernel still skips the blocks above the diagonal (measured:
+        # as fast as plain causal SDPA on CPU, benchmarks/results/attention-cpu.json).
+        mask = bias.to(acc)[:, None, None, :]
+        if mask.dtype != q.dtype and q.dtype not in (torch.float32, torch.float64):
+            mask = mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and Lq > 1, scale=scale,
+                                             enable_gqa=gqa)
+        return out.contiguous()
 
     # One additive mask, built in float32/float64; -inf marks "may not attend".
     mask: Optional[Tensor] = None
@@ -159,7 +210,6 @@ def _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
         cm = torch.zeros((Lq, Lk), dtype=acc, device=q.device).masked_fill(kv_pos > q_pos, neg_inf)
         mask = cm if mask is None else mask + cm
 
-    gqa = q.size(1) != k.size(1)
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
         return out.contiguous()
@@ -175,6 +225,17 @@ def _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
         mask = finite.masked_fill(torch.isneginf(mask), neg_inf).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.masked_fill(dead_rows, 0.0).contiguous()
+
+
+def _bias_only_fits_sdpa(q, bias, attn_mask, causal, Lq, Lk) -> bool:
+    """SDPA can take the bias as its mask and keep ``is_causal``: no model mask; causal only
+    where SDPA's top-left alignment equals ours (Lq == Lk, or one query) and on CPU (CUDA
+    SDPA refuses a mask with is_causal); and a bias with no -inf (no row can die)."""
+    if bias is None or attn_mask is not None:
+        return False
+    if causal and (q.device.type != "cpu" or not (Lq == Lk or Lq == 1)):
+        return False
+    return not bool(torch.isneginf(bias).any())
 
 
 # --------------------------------------------------------------------------- flex kernel
@@ -293,16 +354,35 @@ def biased_attention_op(
 ) -> Tensor:
     """softmax(q k^T * scale + bias + masks) v; see the module docstring. Returns [B, Hq, Lq, Dv]."""
     _check_inputs(q, k, v, bias, attn_mask, kernel)
+    _check_supported(kernel, q, k, attn_mask, causal)
     if scale is None:
         scale = default_scale(q.size(-1))
-    if resolve_kernel(kernel, q) == "sdpa":
+    kernel = resolve_kernel(kernel, q, k, attn_mask, causal)
+    if kernel == "sdpa":
         return _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale)
-    return _flex_kernel(q, k, v, bias, attn_mask, causal, scale)
+    if kernel == "flex":
+        return _flex_kernel(q, k, v, bias, attn_mask, causal, scale)
+    if kernel == "triton":
+        from .triton_attention import triton_attention
+
+        return triton_attention(q, k, v, bias, attn_mask, causal, scale)
+    from . import flash
+
+    run = flash.sdpa_flash_kernel if kernel == "sdpa_flash" else flash.flash_kernel
+    return run(q, k, v, bias, causal, scale)
+
+
+def _check_supported(kernel: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], causal: bool) -> None:
+    """An explicitly requested kernel that cannot run the call fails at trace time, with the reason."""
+    why = None if kernel == "auto" else kernel_unsupported(kernel, q, k, attn_mask, causal)
+    if why is not None:
+        raise ValueError(f"biased_attention kernel={kernel!r} {why}; use kernel='auto' or 'sdpa'")
 
 
 @biased_attention_op.register_fake
 def _biased_attention_fake(q, k, v, bias, attn_mask, causal, scale, kernel):
     _check_inputs(q, k, v, bias, attn_mask, kernel)
+    _check_supported(kernel, q, k, attn_mask, causal)
     B, Hq, Lq, _ = q.shape
     return q.new_empty((B, Hq, Lq, v.size(-1)))  # contiguous, like every real kernel
 
@@ -326,46 +406,3 @@ def biased_attention(
     ``1/sqrt(D)``. Returns ``[B, Hq, Lq, Dv]`` in q's dtype.
     """
     return torch.ops.era.biased_attention(q, k, v, bias, attn_mask, causal, scale, kernel)
-
-
-# --------------------------------------------------------------------------- head-dim augmentation
-
-
-def augment_for_bias(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float] = None, multiple: int = 8
-) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Fold a per-key bias into one extra head-dim column (ALGORITHMS.md §5.5).
-
-    ``Q~ = [Q, 1, 0..]``, ``K~ = [K, bias/scale, 0..]``, ``V~ = [V, 0..]``, widths padded to a
-    multiple of ``multiple`` (d=128 -> 136) so flash kernels accept them. Then
-    ``scale * Q~ K~^T = scale * Q K^T + bias`` exactly, and zero padding changes no dot product.
-
-    Call the kernel with the RETURNED scale (``1/sqrt(original d)`` unless given), never its
-    default ``1/sqrt(d + p)``, and slice the output back to ``[..., :Dv]``. Apply after RoPE.
-    The column is stored in K's dtype (bf16: <= 0.25 absolute on ``sqrt(d)*phi`` for phi <= log 2880).
-    GQA: the column goes on every KV head and the 1 on every query head. Padding keys belong in
-    the kernel's mask, not here: a finfo.min bias overflows to -inf once divided by the scale.
-    """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("augment_for_bias: q, k, v must be 4-D [B, H, L, D]")
-    if multiple < 1:
-        raise ValueError(f"augment_for_bias: multiple must be >= 1, got {multiple}")
-    d = q.size(-1)
-    B, Hkv, Lk, _ = k.shape
-    if scale is None:
-        scale = default_scale(d)
-    if scale == 0:
-        raise ValueError("augment_for_bias: scale must be non-zero")
-    width = -(-(d + 1) // multiple) * multiple
-    v_width = max(width, -(-v.size(-1) // multiple) * multiple)
-
-    q_aug = F.pad(q, (0, width - d))
-    q_aug[..., d] = 1.0
-    k_aug = F.pad(k, (0, width - d))
-    if bias is not None:
-        if bias.dim() != 2 or bias.size(1) != Lk or bias.size(0) not in (1, B):
-            raise ValueError(f"augment_for_bias: bias must be [B, Lk] or [1, Lk], got {tuple(bias.shape)}")
-        column = bias.to(_accum_dtype(q)) / scale  # scale * (1 * bias/scale) = bias
-        k_aug[..., d] = column[:, None, :].expand(B, Hkv, Lk).to(k.dtype)
-    v_aug = F.pad(v, (0, v_width - v.size(-1)))
-    return q_aug, k_aug, v_aug, scale
