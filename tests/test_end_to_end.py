@@ -7,7 +7,7 @@ import torch
 from conftest import build, compiled_forward
 from reference import EagerReference
 
-from era_compile import ERAConfig, zoo
+from era_compile import ERAConfig, make_era_backend, zoo
 
 TOL = 1e-4  # fp32, compiled vs eager reference (issue 2)
 
@@ -128,3 +128,30 @@ def test_batch_of_two_samples_prunes_each_its_own_way(with_mask):
     out, report = compiled_forward(model, inputs, config)
     assert out.logits.shape == expected.shape == (2, report.pruning[0].seq_len_after, expected.shape[-1])
     assert (out.logits - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kernel", ["flex", "triton", "sdpa_flash"])
+def test_every_cpu_kernel_serves_the_backend(kernel):
+    """The rewritten graph with each attention kernel that runs on CPU (triton through the
+    interpreter), prefill and decode, against the reference. No attention_mask: SDPA's causal
+    path, which the augmented kernel can take."""
+    from reference import EagerReference
+
+    model, inputs = build("llava")
+    inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    config = ERAConfig(layer=1, attention=kernel, compiler="eager", strict=True)
+    greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = EagerReference(model, config).generate(**inputs, **greedy)
+    backend = make_era_backend(config)
+    model.compile(backend=backend)
+    with torch.no_grad():
+        generated = model.generate(**inputs, **greedy)
+    assert torch.equal(generated.sequences, expected.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits)) <= TOL
+    assert backend.report.kernel == kernel and backend.report.decode_rewrites > 0
+
+
+def test_kernel_that_cannot_take_the_models_mask_is_refused_with_the_reason():
+    model, inputs = build("llava")  # with attention_mask: SDPA gets a bool mask
+    with pytest.raises(Exception, match="kernel='sdpa_flash' takes no attention mask"):
+        compiled_forward(model, inputs, ERAConfig(layer=1, attention="sdpa_flash", compiler="eager", strict=True))
