@@ -24,15 +24,24 @@ class SelectionInputs:
                  layer K-1 (post-RoPE); for K = 0 layer 0's queries on the unpruned input.
     ``saliency`` [B, H, T]   head-wise attention of the instruction queries over the
                  visual keys (ALGORITHMS.md section 1.3), computed on first use.
+    ``last_query_attention`` [B, H, T]  the same for the last prompt token alone (FastV),
+                 computed on first use.
     """
 
     hidden: Tensor
     queries: Tensor
     saliency_fn: Callable[[], Tensor]
+    last_query_fn: Optional[Callable[[], Tensor]] = None
 
     @functools.cached_property
     def saliency(self) -> Tensor:
         return self.saliency_fn()
+
+    @functools.cached_property
+    def last_query_attention(self) -> Tensor:
+        if self.last_query_fn is None:
+            raise ValueError("these selection inputs carry no last-query attention")
+        return self.last_query_fn()
 
 
 @dataclass
@@ -74,6 +83,12 @@ def available_strategies() -> tuple:
     return tuple(_STRATEGIES)
 
 
+def top_k_ascending(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores per row, in ascending order (what a Selection wants):
+    [B, T] -> [B, k] int64. The building block of every score-then-keep strategy."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
 def run_strategy(name: str, inputs: SelectionInputs, k: int, options: dict) -> Selection:
     """Run a strategy and check what it returned, so a bad plug-in fails loudly here."""
     sel = get_strategy(name)(inputs, k, options)
@@ -93,4 +108,6 @@ def run_strategy(name: str, inputs: SelectionInputs, k: int, options: dict) -> S
 
 
 # Built-in strategies register on import.
+from era_compile.algorithms import baselines as _baselines  # noqa: E402,F401
 from era_compile.algorithms import dep as _dep  # noqa: E402,F401
+from era_compile.algorithms import entropyprune as _entropyprune  # noqa: E402,F401

@@ -99,6 +99,7 @@ def instruction_saliency(
     is_causal: bool,
     scale: float,
     num_visual: int,
+    last_query_only: bool = False,
 ) -> Tensor:
     """Head-wise attention of the instruction queries over the visual keys: [B, Hq, T] float32 (section 1.3).
 
@@ -108,7 +109,8 @@ def instruction_saliency(
     Rows I are the non-padding positions after the last visual token (else the last
     non-padding position). ``a_h[j] = mean_{i∈I} softmax(q_i Kᵀ·scale + m_i)[s_j]`` with
     the full-row denominator, in float32 (float64 for float64 inputs); only the |I|
-    query rows are formed, in chunks.
+    query rows are formed, in chunks. ``last_query_only``: I is the last non-padding position
+    alone (FastV's score, ALGORITHMS.md §6.2).
     """
     _check_inputs(q, k, visual_mask, attn_mask, num_visual)
     b, hq, n, d = q.shape
@@ -124,7 +126,7 @@ def instruction_saliency(
         mask = _SampleMask(attn_mask, i, n, is_causal, dtype, q.device)
         after = positions[positions > visual[-1]]
         rows = after[~_padding(mask, after, chunk)]
-        if rows.numel() == 0:  # no instruction after the image: the last real token asks
+        if rows.numel() == 0 or last_query_only:  # the last real token asks
             real = positions[~_padding(mask, positions, chunk)]
             rows = real[-1:] if real.numel() else positions[-1:]
 

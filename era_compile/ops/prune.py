@@ -10,6 +10,7 @@ and their fake kernels give static shapes: ``k`` anchors of ``T`` visual tokens 
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Optional, Tuple
 
@@ -29,11 +30,13 @@ def selection_inputs(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys:
     visual_pos = visual_positions(visual_mask, num_visual)
     B, H, _, d = queries.shape
     visual_queries = queries.gather(2, visual_pos[:, None, :, None].expand(B, H, num_visual, d))
+    attention_over_visual = functools.partial(instruction_saliency, queries, keys, visual_mask, attn_mask=attn_mask,
+                                              is_causal=is_causal, scale=scale, num_visual=num_visual)
     return SelectionInputs(
         hidden=gather_rows(hidden, visual_pos),
         queries=visual_queries,
-        saliency_fn=lambda: instruction_saliency(queries, keys, visual_mask, attn_mask=attn_mask,
-                                                 is_causal=is_causal, scale=scale, num_visual=num_visual),
+        saliency_fn=attention_over_visual,
+        last_query_fn=functools.partial(attention_over_visual, last_query_only=True),
     )
 
 
