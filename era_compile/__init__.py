@@ -6,12 +6,12 @@
 
 from era_compile.algorithms import register_strategy
 from era_compile.backend import EraBackend, EraCompileError, era_backend, make_era_backend
-from era_compile.config import ERAConfig
+from era_compile.config import ERAConfig, keep_tokens_for_layer_average
 from era_compile.report import Report, last_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ERAConfig", "EraBackend", "EraCompileError", "Report",
-    "era_backend", "last_report", "make_era_backend", "register_strategy",
+    "era_backend", "keep_tokens_for_layer_average", "last_report", "make_era_backend", "register_strategy",
 ]

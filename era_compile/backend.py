@@ -36,10 +36,15 @@ class EraBackend:
     """A Dynamo backend bound to one ``ERAConfig``; its ``report`` covers every graph it compiled."""
 
     def __init__(self, config: Optional[ERAConfig] = None):
-        self.config = config if config is not None else ERAConfig()
-        if not isinstance(self.config, ERAConfig):
-            raise TypeError(f"make_era_backend expects an ERAConfig, got {type(self.config).__name__}")
-        self.report = Report(config=self.config.to_dict())
+        config = config if config is not None else ERAConfig()
+        if not isinstance(config, ERAConfig):
+            raise TypeError(f"make_era_backend expects an ERAConfig, got {type(config).__name__}")
+        self.report = Report(config=config.to_dict())
+        layer, note = config.resolve_layer()  # layer="auto": the profile's layer, or the default
+        if note:
+            self.report.notes.append(note)
+            logger.info(note)
+        self.config = config.replace(layer=layer, profile=None)
         self.runtime = Runtime(self.report, self.config.strict)
         # Dynamo and the inner compiler's caches see a distinct backend per config.
         self.__name__ = f"era_{self.config.cache_key()}"

@@ -7,12 +7,16 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple, Union
 
 from era_compile.ops.attention import KERNELS as ATTENTION_KERNELS
 COMPILERS = ("inductor", "eager")
 WEIGHT_NORMS = ("mean", "none", "max")
 DEFAULT_KEEP_RATIO = 0.25
+# layer="auto" with no calibration profile: EntropyPrune's shipped K for LLaVA-1.5/NeXT
+# (ALGORITHMS.md §2.2); the report says this default was used.
+AUTO_LAYER_DEFAULT = 2
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,15 @@ class ERAConfig:
 
     keep_ratio: Optional[float] = None
     keep_tokens: Optional[int] = None
-    layer: int = 2
+    layer: Union[int, str] = 2
+    profile: Optional[str] = None
     strategy: str = "era"
     recycle: bool = True
     rectify: bool = True
     dep_lambda: float = 1.0
     dep_beta: float = 0.5
     weight_norm: str = "mean"
+    trace_normalize: bool = False
     attention: str = "auto"
     compiler: str = "inductor"
     strict: bool = False
@@ -50,13 +56,17 @@ class ERAConfig:
             r = self.keep_ratio
             if not _is_number(r) or not (0.0 < r <= 1.0):
                 _fail("keep_ratio", f"must be a number in (0, 1], got {r!r}")
-        if not _is_int(self.layer) or self.layer < 0:
-            _fail("layer", f"must be an int >= 0, got {self.layer!r}")
+        if self.layer != "auto" and (not _is_int(self.layer) or self.layer < 0):
+            _fail("layer", f"must be an int >= 0 or 'auto', got {self.layer!r}")
+        if self.profile is not None:
+            if self.layer != "auto":
+                _fail("profile", "a calibration profile only applies with layer='auto'")
+            _read_profile(self.profile)
         from era_compile.algorithms import available_strategies
 
         if self.strategy not in available_strategies():
             _fail("strategy", f"unknown strategy {self.strategy!r}; known: {sorted(available_strategies())}")
-        for name in ("recycle", "rectify", "strict"):
+        for name in ("recycle", "rectify", "strict", "trace_normalize"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"must be a bool, got {getattr(self, name)!r}")
         if not _is_number(self.dep_lambda) or self.dep_lambda < 0 or not math.isfinite(self.dep_lambda):
@@ -77,7 +87,19 @@ class ERAConfig:
 
     def strategy_options(self) -> dict:
         """The knobs a selection strategy receives (JSON-able, so they can ride in an op's schema)."""
-        return {"lam": float(self.dep_lambda), "beta": float(self.dep_beta), "seed": int(self.seed)}
+        return {"lam": float(self.dep_lambda), "beta": float(self.dep_beta), "seed": int(self.seed),
+                "trace_normalize": bool(self.trace_normalize)}
+
+    def resolve_layer(self) -> Tuple[int, Optional[str]]:
+        """K as an int, and for ``layer="auto"`` a note on where it came from (for the report)."""
+        if self.layer != "auto":
+            return self.layer, None
+        if self.profile is None:
+            return AUTO_LAYER_DEFAULT, (f"layer='auto' without a calibration profile: K={AUTO_LAYER_DEFAULT}, the "
+                                        "documented default (run `era-compile calibrate` for this model's own)")
+        profile = _read_profile(self.profile)
+        return profile["layer"], (f"layer='auto': K={profile['layer']}, the Entropy Collapse Layer in profile "
+                                  f"{self.profile} ({profile.get('model', 'model not named')})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,6 +111,30 @@ class ERAConfig:
 
     def replace(self, **changes) -> "ERAConfig":
         return dataclasses.replace(self, **changes)
+
+
+def keep_tokens_for_layer_average(avg_tokens: float, num_visual: int, layer: int, num_layers: int) -> int:
+    """The "average visual tokens over layers" budget of FastV / PyramidDrop / EntropyPrune
+    (ALGORITHMS.md §2.2): layers < K hold all T tokens, layers >= K hold k, and the mean over
+    the L layers is ``avg``: ``k = floor((L·avg - K·T) / (L - K))``. For ``keep_tokens``."""
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer must be in [0, {num_layers}), got {layer}")
+    k = math.floor((num_layers * avg_tokens - layer * num_visual) / (num_layers - layer))
+    if k < 1:
+        raise ValueError(f"an average of {avg_tokens} tokens over {num_layers} layers cannot be met when the first "
+                         f"{layer} layers hold all {num_visual}: lower the layer or raise the average")
+    return min(k, num_visual)
+
+
+def _read_profile(path: str) -> dict:
+    """A calibration profile written by ``era-compile calibrate``, checked."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        _fail("profile", f"cannot read calibration profile {path!r}: {e}")
+    if not isinstance(profile, dict) or not _is_int(profile.get("layer")) or profile["layer"] < 0:
+        _fail("profile", f"{path!r} is not a calibration profile (no integer 'layer')")
+    return profile
 
 
 def _fail(field: str, why: str) -> None:
