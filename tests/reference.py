@@ -71,7 +71,8 @@ class EagerReference:
     """``EagerReference(model, config)(**inputs)`` runs ``model`` eagerly with the pruning of ``config``."""
 
     def __init__(self, model: torch.nn.Module, config: ERAConfig, *, drop_decode_bias: bool = False):
-        self.model, self.config = model, config
+        self.model = model
+        self.config = config.replace(layer=config.resolve_layer()[0], profile=None)  # layer="auto" resolved
         self.decoder = model.get_decoder()
         self.layers = self.decoder.layers
         # the oracle knows the models: image and video placeholders are the visual tokens

@@ -17,3 +17,10 @@ def test_example_runs_on_its_zoo_model(script):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pruned at layer 2" in done.stdout and "generated token ids" in done.stdout
+
+
+def test_custom_strategy_example_runs_compiled():
+    done = subprocess.run([sys.executable, str(EXAMPLES / "custom_strategy.py")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pruned at layer 2" in done.stdout and "over a cache" in done.stdout
