@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 if not torch.cuda.is_available():  # the Triton kernel runs on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -7,9 +7,9 @@ import gc
 import pytest
 import torch
 from conftest import build, compiled_forward
-from reference import EagerReference
 
 from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile.reference import EagerReference
 
 TOL = 1e-4
 ARCHITECTURES = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "llava-onevision"]

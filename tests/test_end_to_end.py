@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build, compiled_forward
-from reference import EagerReference
 
 from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile.reference import EagerReference
 
 TOL = 1e-4  # fp32, compiled vs eager reference (issue 2)
 
@@ -135,7 +135,7 @@ def test_every_cpu_kernel_serves_the_backend(kernel):
     """The rewritten graph with each attention kernel that runs on CPU (triton through the
     interpreter), prefill and decode, against the reference. No attention_mask: SDPA's causal
     path, which the augmented kernel can take."""
-    from reference import EagerReference
+    from era_compile.reference import EagerReference
 
     model, inputs = build("llava")
     inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 from conftest import build
-from reference import EagerReference
 
 from era_compile import ERAConfig, make_era_backend
+from era_compile.reference import EagerReference
 from era_compile.runtime import BrokenBiasChain
 
 NEW_TOKENS = 16

@@ -76,7 +76,7 @@ def test_pipeline_node_counts(layer):
 def test_single_graph_runs_and_prunes():
     """The single-graph capture (vision tower inside) also compiles and matches the reference."""
     from conftest import compiled_forward
-    from reference import EagerReference
+    from era_compile.reference import EagerReference
 
     model, inputs = build("llava")
     config = ERAConfig(layer=1, compiler="eager", strict=True)

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from conftest import build, compiled_forward
-from reference import EagerReference
 
 from era_compile import ERAConfig, keep_tokens_for_layer_average
 from era_compile.algorithms import Selection, SelectionInputs, run_strategy
@@ -18,6 +17,7 @@ from era_compile.algorithms.baselines import farthest_point_selection
 from era_compile.algorithms.entropyprune import (covariance_eigenvalues, entropy_collapse_layer, entropyprune_scores,
                                                  head_gram_eigenvalues)
 from era_compile.calibrate import calibrate, write_profile, zoo_samples
+from era_compile.reference import EagerReference
 
 STRATEGIES = ["era", "entropyprune", "fastv", "divprune", "random"]
 

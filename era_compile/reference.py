@@ -1,5 +1,8 @@
 """The eager reference: the same pruning on a Hugging Face VLM, with hooks instead of FX.
 
+The oracle every compiled result is compared with (tests), and what `era-compile fidelity`
+runs to look inside attention.
+
 Plain PyTorch, no compile. Forward pre-hooks on the decoder layers cut the sequence at
 layer K in prefill (the same algorithm functions the ops call: selection, BTR, sequence
 assembly) and gather every per-token argument of the later layers (cos/sin, mask,
