@@ -126,7 +126,7 @@ def test_era_strategy_through_registry():
         calls.append(1)
         return saliency
 
-    inputs = SelectionInputs(hidden=hidden, queries=torch.randn(b, h, t, 8), saliency_fn=saliency_fn)
+    inputs = SelectionInputs(hidden=hidden, queries_fn=lambda: torch.randn(b, h, t, 8), saliency_fn=saliency_fn)
     sel = run_strategy("era", inputs, k, {"lam": 1.0, "beta": 0.5, "seed": 0})
     assert isinstance(sel, Selection) and len(calls) == 1
     a = sel.anchors

@@ -22,6 +22,7 @@ class SelectionInputs:
     ``hidden``   [B, T, D]   visual hidden states entering the pruning layer K.
     ``queries``  [B, H, T, d] query states of the visual tokens in the attention of
                  layer K-1 (post-RoPE); for K = 0 layer 0's queries on the unpruned input.
+                 Gathered on first use.
     ``saliency`` [B, H, T]   head-wise attention of the instruction queries over the
                  visual keys (ALGORITHMS.md section 1.3), computed on first use.
     ``last_query_attention`` [B, H, T]  the same for the last prompt token alone (FastV),
@@ -29,9 +30,13 @@ class SelectionInputs:
     """
 
     hidden: Tensor
-    queries: Tensor
+    queries_fn: Callable[[], Tensor]
     saliency_fn: Callable[[], Tensor]
     last_query_fn: Optional[Callable[[], Tensor]] = None
+
+    @functools.cached_property
+    def queries(self) -> Tensor:
+        return self.queries_fn()
 
     @functools.cached_property
     def saliency(self) -> Tensor:

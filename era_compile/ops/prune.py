@@ -28,13 +28,11 @@ def selection_inputs(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys:
                      num_visual: int) -> SelectionInputs:
     """What a strategy sees, from the tensors at the pruning point (shared with the eager reference)."""
     visual_pos = visual_positions(visual_mask, num_visual)
-    B, H, _, d = queries.shape
-    visual_queries = queries.gather(2, visual_pos[:, None, :, None].expand(B, H, num_visual, d))
     attention_over_visual = functools.partial(instruction_saliency, queries, keys, visual_mask, attn_mask=attn_mask,
                                               is_causal=is_causal, scale=scale, num_visual=num_visual)
     return SelectionInputs(
         hidden=gather_rows(hidden, visual_pos),
-        queries=visual_queries,
+        queries_fn=lambda: gather_rows(queries.transpose(1, 2), visual_pos).transpose(1, 2),  # [B, H, T, d]
         saliency_fn=attention_over_visual,
         last_query_fn=functools.partial(attention_over_visual, last_query_only=True),
     )
