@@ -27,29 +27,45 @@ class ZooEntry:
     description: str
     make_model: Callable[[], torch.nn.Module]
     make_inputs: Callable[..., dict]
+    benchmark: bool = False  # a benchmark shape, not another architecture (not in the support matrix)
 
 
 def _tiny_llava(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                image_size: int = 48, patch: int = 8):
+                image_size: int = 48, patch: int = 8, intermediate: int = 0, sharpen: bool = True):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(
-        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        vocab_size=256, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         image_size=image_size, patch_size=patch, projection_dim=32,
-    )
+    )  # a small tower: the language model is what pruning speeds up
     config = LlavaConfig(
         text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
     config._attn_implementation = "sdpa"
     model = LlavaForConditionalGeneration(config).eval()
-    _sharpen_attention(model)
+    if sharpen:
+        _sharpen_attention(model)
     return model
+
+
+def _llava_bench():
+    """LLaVA-1.5's sequence shape on a CPU budget: 576 visual tokens (336 px, 14 px patches),
+    an 8-layer, 1024-wide Llama with 16 heads (MHA, as LLaVA-1.5), random weights."""
+    return _tiny_llava(hidden=1024, layers=8, heads=16, kv_heads=16, image_size=336, patch=14, intermediate=2816,
+                       sharpen=False)
+
+
+def _llava_bench_inputs(model, **kwargs) -> dict:
+    """About 60 text tokens around the image, as a LLaVA-1.5 chat prompt has (system + question)."""
+    kwargs.setdefault("prefix", 35)
+    kwargs.setdefault("suffix", 25)
+    return _llava_inputs(model, **kwargs)
 
 
 def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, images: int = 1,
@@ -222,6 +238,13 @@ ZOO: Dict[str, ZooEntry] = {
         _tiny_llava,
         _llava_inputs,
     ),
+    "llava-bench": ZooEntry(
+        "llava-bench",
+        "LLaVA-shaped CPU benchmark (CLIP 336/14: 576 visual tokens; Llama 8x1024, 16 heads; ~60 text tokens)",
+        _llava_bench,
+        _llava_bench_inputs,
+        benchmark=True,
+    ),
     "llava-next": ZooEntry(
         "llava-next",
         "tiny LLaVA-NeXT (anyres: base view + 4 crops, image_newline rows; Llama 4x64)",
@@ -251,6 +274,11 @@ ZOO: Dict[str, ZooEntry] = {
 
 def names() -> Tuple[str, ...]:
     return tuple(ZOO)
+
+
+def architectures() -> Tuple[str, ...]:
+    """One entry per supported architecture family (the support matrix's rows)."""
+    return tuple(name for name, entry in ZOO.items() if not entry.benchmark)
 
 
 def build(name: str = "llava", *, seed: int = 0, batch: int = 1, **input_kwargs):

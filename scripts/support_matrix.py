@@ -46,7 +46,7 @@ class MatrixCollector:
     def complete(self) -> bool:
         from era_compile import zoo
 
-        return all((m, mode) in self.cells for m in zoo.names() for mode in MODES)
+        return all((m, mode) in self.cells for m in zoo.architectures() for mode in MODES)
 
 
 def render(cells: Dict[Tuple[str, str], str]) -> str:
@@ -55,7 +55,7 @@ def render(cells: Dict[Tuple[str, str], str]) -> str:
 
     lines = ["| model (zoo name) | what it exercises | forward | generate | batch 2 | status |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for name in zoo.names():
+    for name in zoo.architectures():
         row = [cells.get((name, mode), "not run") for mode in MODES]
         status = "supported" if all(c == "passes" for c in row) else "**not supported**"
         lines.append(f"| `{name}` | {zoo.ZOO[name].description} | " + " | ".join(row) + f" | {status} |")

@@ -12,7 +12,7 @@ from era_compile import ERAConfig, make_era_backend, zoo
 from era_compile.reference import EagerReference
 
 TOL = 1e-4
-ARCHITECTURES = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "llava-onevision"]
+ARCHITECTURES = list(zoo.architectures())
 SPLIT_FORWARD = {"qwen2-vl", "qwen2.5-vl"}  # a plain forward merges in one graph, decodes in the next
 GREEDY = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
