@@ -94,7 +94,7 @@ class EraBackend:
             return self._fall_back(gm, example_inputs, index,
                                    f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
 
-        self.report.passes.append({r.name: dict(r.counts, skipped=r.skipped) for r in results})
+        self.report.passes.append({"graph": index, **{r.name: dict(r.counts, skipped=r.skipped) for r in results}})
         plan = plan_for(ctx, self.config, work)
         site = ctx.prune_site
         changed = any(r.changed for r in results if r.name != "span")

@@ -1,7 +1,12 @@
 """``era-compile``: command-line entry points.
 
     era-compile demo [--model llava] [--layer 2] [--keep-ratio 0.25] [--compiler inductor]
+    era-compile explain MODEL [--layer 2] [--keep-ratio 0.25] [--dump DIR]
+    era-compile bench MODEL [--layers 0 2] [--keep 64 128 192] [--runs 5] [--out DIR] [--fidelity]
+    era-compile fidelity MODEL [--layer 2] [--keep-ratio 0.25] [--out DIR]
     era-compile calibrate MODEL --out profile.json [--images DIR] [--samples 16]
+
+MODEL is a zoo name or a local Hugging Face checkpoint folder.
 """
 
 from __future__ import annotations
@@ -49,18 +54,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from era_compile import calibrate as cal
 
-    if args.model in zoo.names():
-        model, _ = zoo.build(args.model)
+    from era_compile.loading import load
+
+    model, processor, _ = load(args.model)
+    if processor is None:
         samples = cal.zoo_samples(model, args.model, args.samples)
         name = f"zoo:{args.model}"
     else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         if not args.images:
             raise ValueError("calibrate: --images DIR is required with a checkpoint path")
-        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(args.model, local_files_only=True,
-                                                            attn_implementation="sdpa").eval()
         samples = cal.image_folder_samples(processor, args.images, args.question, args.samples, model.device)
         name = args.model
     profile = cal.calibrate(model, samples, model_name=name)
@@ -69,6 +71,143 @@ def _calibrate(args: argparse.Namespace) -> int:
     print("  " + " ".join(f"{h:.3f}" for h in profile["entropy"]))
     print(f"Entropy Collapse Layer: K = {profile['layer']}  (written to {path})")
     return 0
+
+
+def _config(args: argparse.Namespace, **changes) -> ERAConfig:
+    layer = args.layer if args.layer == "auto" or not str(args.layer).isdigit() else int(args.layer)
+    options = dict(keep_ratio=args.keep_ratio, layer=layer, strategy=args.strategy, attention=args.attention,
+                   compiler=args.compiler)
+    return ERAConfig(**{**options, **changes})
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import os
+
+    from era_compile.loading import load
+
+    if args.dump:
+        os.environ["ERA_COMPILE_DUMP"] = args.dump
+    model, _, inputs = load(args.model, image=args.image)
+    backend = make_era_backend(_config(args))
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**inputs)
+    report = backend.report
+    print(f"{args.model}: {report.graphs} graph(s), {report.compile_seconds:.1f} s in the backend")
+    print(f"{'graph':>5}  what the passes found and did")
+    passes = {p["graph"]: p for p in report.passes}
+    sites = {p.graph: p for p in report.pruning}
+    for index in range(report.graphs):
+        entry = passes.get(index)
+        if index in sites:
+            site = sites[index]
+            span = entry["span"]
+            print(f"{index:>5}  image merge: {span['visual_tokens']} visual tokens per sample in {span['seq_len']} "
+                  f"positions{' (carried from an earlier graph)' if 'carried_by_input' in span else ''}")
+            print(f"{'':>5}  pruned at the input of layer {site.layer}: {site.visual_tokens} -> {site.kept} visual "
+                  f"tokens, sequence {site.seq_len_before} -> {site.seq_len_after}")
+            layers = entry["layers"]["decoder_layers"]
+            rewritten = set(entry.get("attention", {}).get("layers", []))
+            for layer in range(layers):
+                if layer < site.layer:
+                    what = f"full sequence ({site.seq_len_before}), SDPA unchanged"
+                elif layer in rewritten:
+                    what = f"{site.seq_len_after} tokens, era::biased_attention ({report.kernel})"
+                else:
+                    what = f"{site.seq_len_after} tokens, SDPA (rectify=False)"
+                print(f"{'':>5}    layer {layer:>2}: {what}")
+        elif entry and "handoff" in entry:
+            print(f"{index:>5}  image merge without a decoder layer: visual mask handed to the next graph")
+        elif entry and entry.get("decode", {}).get("attention_rewrites"):
+            print(f"{index:>5}  decode step: layers {entry['decode']['layers']} read the cached anchors' bias")
+        else:
+            reason = next((s.split(': ', 1)[1] for s in report.skipped if s.startswith(f"graph {index}:")), "unchanged")
+            print(f"{index:>5}  left alone: {reason}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if args.dump:
+        print(f"graphs before and after the passes: {args.dump}")
+    return 0 if report.pruned else 1
+
+
+def _fidelity_record(args, model, inputs) -> dict:
+    from era_compile.fidelity import fidelity
+
+    return fidelity(model, inputs, _config(args), new_tokens=args.new_tokens)
+
+
+def _print_fidelity(record: dict) -> None:
+    print(f"{'setting':<15} {'KL(next token)':>15} {'top-1 agreement':>16}  vision share of the last token, by layer")
+    for name, r in record["settings"].items():
+        shares = " ".join(f"{r['attention_mass'][l]['last']['vision']:.2f}" for l in sorted(r["attention_mass"], key=int))
+        print(f"{name:<15} {r['kl_next_token']:>15.4f} {r['top1_agreement']:>16.2f}  {shares}")
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from era_compile.fidelity import plot_attention_mass
+    from era_compile.loading import load
+
+    model, _, inputs = load(args.model, image=args.image)
+    record = dict(_fidelity_record(args, model, inputs), model=args.model, config=_config(args).to_dict())
+    _print_fidelity(record)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"fidelity-{Path(args.model).name}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_attention_mass(record, f"{stem}-attention.png")
+    print(f"wrote {stem}.json and {stem.name}-attention.png")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from era_compile import bench
+    from era_compile.loading import load
+
+    _, _, inputs = load(args.model, image=args.image)
+
+    def build():
+        return load(args.model, image=args.image)[0]
+
+    points = [bench.Point(layer, keep) for layer in args.layers for keep in args.keep]
+    with bench.progress_bar(len(points) * args.runs, f"bench {args.model}") as tick:
+        record = bench.run_bench(build, inputs, points, runs=args.runs, new_tokens=args.new_tokens,
+                                 base=_config(args), progress=tick)
+    record["model"] = args.model
+    print(f"{'K':>3} {'kept':>5} {'prefill ms (eager / compiled / pruned)':>40} {'speedup':>8} {'FLOPs bound':>11} "
+          f"{'decode ms/token (compiled / pruned)':>36} {'select+recycle':>15}")
+    for p in record["points"]:
+        t = p["times"]
+        print(f"{p['layer']:>3} {p['kept']:>5} {1e3 * t['eager']['prefill_s']:>14.1f} / {1e3 * t['compiled']['prefill_s']:>9.1f}"
+              f" / {1e3 * t['pruned']['prefill_s']:>9.1f} {p['measured_prefill_speedup']:>7.2f}x "
+              f"{p['theoretical_prefill_speedup']:>10.2f}x {1e3 * t['compiled']['decode_s_per_token']:>21.1f} / "
+              f"{1e3 * t['pruned']['decode_s_per_token']:>9.1f} {100 * p['selection_overhead']['fraction']:>14.1f}%")
+    if args.fidelity:
+        model, _, _ = load(args.model, image=args.image)
+        record["fidelity"] = _fidelity_record(args, model, inputs)
+        _print_fidelity(record["fidelity"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "cpu" if "CPU" in record["device"] else record["device"].lower().replace("nvidia ", "").replace(" ", "-")
+    stem = out / f"{Path(args.model).name}-{slug}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    files = bench.plot(record, str(stem))
+    print(f"wrote {stem}.json, " + ", ".join(Path(f).name for f in files))
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser, layer="2", keep_ratio=0.25, compiler="eager") -> None:
+    p.add_argument("model", help=f"a zoo name ({', '.join(zoo.names())}) or a local checkpoint folder")
+    p.add_argument("--image", help="an image file for a checkpoint (default: a plain gray image)")
+    p.add_argument("--layer", default=layer)
+    p.add_argument("--keep-ratio", type=float, default=keep_ratio)
+    p.add_argument("--strategy", default=ERAConfig.strategy)
+    p.add_argument("--attention", default=ERAConfig.attention)
+    p.add_argument("--compiler", default=compiler, choices=("inductor", "eager"))
 
 
 def main(argv=None) -> int:
@@ -90,11 +229,27 @@ def main(argv=None) -> int:
     cal.add_argument("--images", help="a folder of calibration images (with a checkpoint path)")
     cal.add_argument("--samples", type=int, default=16)
     cal.add_argument("--question", default="Describe this image in detail.")
+    explain = sub.add_parser("explain", help="compile, run one input, show what was found and rewritten")
+    _add_model_options(explain)
+    explain.add_argument("--dump", help="write every graph before and after the passes into this folder")
+    fid = sub.add_parser("fidelity", help="KL, top-1 agreement and attention mass per layer against the unpruned model")
+    _add_model_options(fid)
+    fid.add_argument("--new-tokens", type=int, default=16)
+    fid.add_argument("--out", default=".")
+    bench_p = sub.add_parser("bench", help="prefill/decode time, FLOPs and overhead: compiled unpruned vs pruned")
+    _add_model_options(bench_p, compiler="inductor")
+    bench_p.add_argument("--layers", type=int, nargs="+", default=[2])
+    bench_p.add_argument("--keep", type=int, nargs="+", default=[64], help="visual tokens kept (sweep)")
+    bench_p.add_argument("--runs", type=int, default=5)
+    bench_p.add_argument("--new-tokens", type=int, default=8)
+    bench_p.add_argument("--out", default="benchmarks/results")
+    bench_p.add_argument("--fidelity", action="store_true", help="also measure fidelity (see the fidelity command)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        return {"demo": _demo, "calibrate": _calibrate}[args.command](args)
-    except ValueError as e:  # a bad option value: say which, no traceback
+        return {"demo": _demo, "calibrate": _calibrate, "explain": _explain, "bench": _bench,
+                "fidelity": _fidelity}[args.command](args)
+    except ValueError as e:  # a bad option value or MODEL: say which, no traceback
         print(f"era-compile: {e}", file=sys.stderr)
         return 2
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     ref.observe(idx, query, key, attention_mask, scaling)
+    if ref.attention_observer is not None:
+        ref.report_attention(idx, query, key, attention_mask, scaling)
     if not ref.pruned_layer(idx):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -73,7 +75,8 @@ AttentionMaskInterface.register("era_reference", sdpa_mask)
 class EagerReference:
     """``EagerReference(model, config)(**inputs)`` runs ``model`` eagerly with the pruning of ``config``."""
 
-    def __init__(self, model: torch.nn.Module, config: ERAConfig, *, drop_decode_bias: bool = False):
+    def __init__(self, model: torch.nn.Module, config: ERAConfig, *, drop_decode_bias: bool = False,
+                 attention_observer: Optional[Callable] = None):
         self.model = model
         self.config = config.replace(layer=config.resolve_layer()[0], profile=None)  # layer="auto" resolved
         self.decoder = model.get_decoder()
@@ -83,6 +86,9 @@ class EagerReference:
                                                           getattr(model.config, "video_token_id", None))
                                               if i is not None])
         self.drop_decode_bias = drop_decode_bias
+        # observer(layer, query, key, attention_mask, bias or None, scale, key_positions [B, Lk]):
+        # what every attention call sees, keys labelled with their original positions
+        self.attention_observer = attention_observer
         self.last: dict = {}
 
     # ------------------------------------------------------------------ hooks' callbacks
@@ -90,6 +96,18 @@ class EagerReference:
     def observe(self, layer: int, query, key, attention_mask, scaling) -> None:
         if self._capture is not None and layer == self._capture:
             self._seen = (query, key, attention_mask, scaling)
+
+    def report_attention(self, layer: int, query, key, attention_mask, scaling) -> None:
+        k_len = key.shape[2]
+        if self.pruned_layer(layer):
+            positions, bias = self.cached_positions(k_len), self.bias_for(k_len)
+            if attention_mask is not None and attention_mask.shape[-1] != k_len:
+                attention_mask = _take(attention_mask, positions, 3)
+        else:
+            positions = torch.arange(k_len, device=key.device).expand(key.shape[0], k_len)
+            bias = None
+        scale = scaling if scaling is not None else default_scale(query.shape[-1])
+        self.attention_observer(layer, query, key, attention_mask, bias, scale, positions)
 
     def pruned_layer(self, layer: int) -> bool:
         return self._keep is not None and layer >= self.config.layer

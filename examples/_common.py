@@ -6,7 +6,8 @@ import argparse
 
 import torch
 
-from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile import ERAConfig, make_era_backend
+from era_compile.loading import load as era_load
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -25,28 +26,10 @@ def parse_args(description: str) -> argparse.Namespace:
 def load(args, zoo_name: str, media: str = "image"):
     """(model, processor or None, inputs): the checkpoint at --model-path, or the zoo model.
     ``media``: "image" (one --image) or "video" (--frames, one image file per frame)."""
-    if not args.model_path:
-        model, inputs = zoo.build(zoo_name)
-        return model, None, inputs
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    given = args.image if media == "image" else args.frames
-    if not given:
+    if args.model_path and not (args.image if media == "image" else args.frames):
         raise SystemExit(f"--{'image' if media == 'image' else 'frames'} is required with --model-path")
-    processor = AutoProcessor.from_pretrained(args.model_path, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model_path, local_files_only=True, attn_implementation="sdpa",
-        dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-        device_map="auto" if torch.cuda.is_available() else None).eval()
-    messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": args.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    if media == "image":
-        inputs = processor(images=Image.open(args.image).convert("RGB"), text=prompt, return_tensors="pt")
-    else:
-        frames = [Image.open(f).convert("RGB") for f in args.frames]
-        inputs = processor(videos=[frames], text=prompt, return_tensors="pt")
-    return model, processor, inputs.to(model.device)
+    return era_load(args.model_path or zoo_name, image=args.image, frames=args.frames if media == "video" else None,
+                    question=args.question)
 
 
 def run(description: str, zoo_name: str, media: str = "image") -> None:

@@ -27,7 +27,7 @@ def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not ctx.config.rectify:
         result.skipped = "rectify=False: attention of the pruned layers left as plain SDPA"
         return result
-    rewritten = 0
+    rewritten = []
     for layer in ctx.layers[site.layer:]:
         call = layer.attention
         key_len = tensor_meta(sdpa_arg(call, "key")).shape[-2]
@@ -39,7 +39,7 @@ def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         site.downstream.discard(call)
         site.downstream.add(biased)
         layer.attention = biased
-        rewritten += 1
-    result.changed = rewritten > 0
-    result.counts = {"attention_rewrites": rewritten}
+        rewritten.append(layer.index)
+    result.changed = bool(rewritten)
+    result.counts = {"attention_rewrites": len(rewritten), "layers": rewritten}
     return result

@@ -54,5 +54,5 @@ def rectify_cached_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult
         layer.attention = replace_with_biased_attention(graph, call, bias, ctx.config.attention, layer.index)
         ctx.kernel = layer.attention.args[7]
     result.changed = True
-    result.counts = {"attention_rewrites": len(todo)}
+    result.counts = {"attention_rewrites": len(todo), "layers": [layer.index for layer in todo]}
     return result

@@ -23,11 +23,12 @@ class PassError(RuntimeError):
 
 @dataclass
 class PassResult:
-    """What one pass did: ``counts`` go to the report; ``skipped`` says why it did nothing."""
+    """What one pass did: ``counts`` go to the report (numbers, or a list of layer indices);
+    ``skipped`` says why it did nothing."""
 
     name: str
     changed: bool = False
-    counts: Dict[str, int] = field(default_factory=dict)
+    counts: Dict[str, Any] = field(default_factory=dict)
     skipped: Optional[str] = None
 
 

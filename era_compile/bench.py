@@ -1,0 +1,247 @@
+"""What pruning buys, measured: ``era-compile bench MODEL``.
+
+For each (K, kept tokens) point of a sweep, three models with the same weights run interleaved
+in one process (a, b, c, a, b, c, ... after warm-up, medians of ``runs``):
+
+* ``eager``: the unpruned model, no compile;
+* ``compiled``: the unpruned model under ``torch.compile`` with the same inner compiler
+  (Inductor by default), the fair baseline;
+* ``pruned``: the model compiled with the era backend at that point.
+
+Prefill time is a ``generate`` of one token (time to first token); decode time per token is
+``(generate(n) - generate(1)) / (n - 1)``. Beside the times:
+
+* the language model's prefill FLOPs, unpruned and pruned, counted by
+  ``torch.utils.flop_counter`` on the eager reference of the same pruning (the vision tower is
+  left out: pruning does not touch it), and the theoretical speedup they allow;
+* the share of the pruned prefill spent in ``era::select`` and ``era::recycle`` (profiler);
+* KV-cache bytes after prefill (and peak CUDA memory on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from era_compile.backend import make_era_backend
+from era_compile.config import ERAConfig
+from era_compile.reference import EagerReference
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate(model, inputs: dict, new_tokens: int):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              return_dict_in_generate=True)
+
+
+def timed(fn: Callable, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved_times(models: Dict[str, torch.nn.Module], inputs: dict, *, runs: int, new_tokens: int,
+                      device: torch.device, progress: Optional[Callable[[], None]] = None) -> Dict[str, dict]:
+    """Median prefill seconds and decode seconds per token of each model, runs interleaved."""
+    for model in models.values():  # warm-up: compiles prefill and the decode graphs
+        _generate(model, inputs, 3)
+        _generate(model, inputs, new_tokens)
+    samples = {name: {"prefill": [], "generate": []} for name in models}
+    for _ in range(runs):
+        for name, model in models.items():
+            samples[name]["prefill"].append(timed(lambda: _generate(model, inputs, 1), device))
+            samples[name]["generate"].append(timed(lambda: _generate(model, inputs, new_tokens), device))
+        if progress:
+            progress()
+    out = {}
+    for name, s in samples.items():
+        prefill = statistics.median(s["prefill"])
+        decode = (statistics.median(s["generate"]) - prefill) / max(1, new_tokens - 1)
+        out[name] = {"prefill_s": prefill, "decode_s_per_token": decode}
+    return out
+
+
+# --------------------------------------------------------------------------- FLOPs, overhead, memory
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels but not PyTorch's CPU flash kernel, which
+    then counts as 0: give it the same formula (QK^T and PV, 2 * 2 * B * Hq * Lq * Lk * d)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, lq, d = query_shape
+        return 2 * b * h * lq * key_shape[2] * d + 2 * b * h * lq * key_shape[2] * value_shape[3]
+
+
+_register_cpu_sdpa_flops()
+
+
+def language_model_flops(model, inputs: dict, config: Optional[ERAConfig]) -> int:
+    """Prefill FLOPs of the decoder stack and LM head (vision tower excluded), eager, with the
+    pruning of ``config`` (None: unpruned)."""
+    counter = FlopCounterMode(display=False)
+    run = model if config is None else EagerReference(model, config)
+    with counter, torch.no_grad():
+        run(**inputs)
+    counts = counter.get_flop_counts()
+    decoder = _module_path(model, model.get_decoder())
+    head = _module_path(model, model.get_output_embeddings())
+    return int(sum(sum(v.values()) for k, v in counts.items() if k in (decoder, head)))
+
+
+def _module_path(model, module) -> str:
+    """The name FlopCounterMode gives a submodule: the root class name, then the dotted path."""
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{type(model).__name__}.{name}" if name else type(model).__name__
+    raise ValueError("module not found in the model")
+
+
+def selection_overhead(model, inputs: dict) -> dict:
+    """Seconds in era::select and era::recycle within one pruned compiled prefill, and their share."""
+    with torch.no_grad():
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _generate(model, inputs, 1)
+        wall = time.perf_counter() - start
+    ops = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in ("era::select", "era::recycle")}
+    return {"select_s": ops.get("era::select", 0.0), "recycle_s": ops.get("era::recycle", 0.0),
+            "profiled_prefill_s": wall, "fraction": sum(ops.values()) / wall if wall else 0.0}
+
+
+def kv_cache_bytes(model, inputs: dict) -> int:
+    cache = _generate(model, inputs, 1).past_key_values
+    return int(sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class Point:
+    layer: int
+    keep_tokens: int
+
+
+def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequence[Point], *, runs: int = 5,
+              new_tokens: int = 8, base: Optional[ERAConfig] = None, progress=None) -> dict:
+    """The bench record for a model factory (each call: the same weights) and one input."""
+    base = base or ERAConfig()
+    eager, compiled = build(), build()
+    compiled.compile(backend=base.compiler)  # the same inner compiler as the pruned model
+    device = next(eager.parameters()).device
+    flops_unpruned = language_model_flops(eager, inputs, None)
+    results: List[dict] = []
+    for point in points:
+        config = base.replace(layer=point.layer, keep_ratio=None, keep_tokens=point.keep_tokens)
+        pruned = build()
+        backend = make_era_backend(config)
+        pruned.compile(backend=backend)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = interleaved_times({"eager": eager, "compiled": compiled, "pruned": pruned}, inputs, runs=runs,
+                                  new_tokens=new_tokens, device=device, progress=progress)
+        if not backend.report.pruned:
+            raise RuntimeError(f"bench: the backend did not prune at {point}:\n{backend.report}")
+        site = backend.report.pruning[0]
+        flops_pruned = language_model_flops(eager, inputs, config)
+        results.append({
+            "layer": point.layer, "keep_tokens": point.keep_tokens, "visual_tokens": site.visual_tokens,
+            "kept": site.kept, "seq_len_before": site.seq_len_before, "seq_len_after": site.seq_len_after,
+            "times": times,
+            "measured_prefill_speedup": times["compiled"]["prefill_s"] / times["pruned"]["prefill_s"],
+            "measured_decode_speedup": times["compiled"]["decode_s_per_token"] / times["pruned"]["decode_s_per_token"],
+            "lm_prefill_flops": {"unpruned": flops_unpruned, "pruned": flops_pruned},
+            "theoretical_prefill_speedup": flops_unpruned / flops_pruned,
+            "selection_overhead": selection_overhead(pruned, inputs),
+            "kv_cache_bytes": {"compiled": kv_cache_bytes(compiled, inputs), "pruned": kv_cache_bytes(pruned, inputs)},
+            "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "kernel": backend.report.kernel,
+        })
+        results[-1]["prefill_speedup_vs_theory"] = (results[-1]["measured_prefill_speedup"]
+                                                    / results[-1]["theoretical_prefill_speedup"])
+        del pruned, backend
+        gc.collect()
+    return {"device": device_description(device), "runs": runs, "new_tokens": new_tokens,
+            "config": base.to_dict(), "prompt_tokens": int(inputs["input_ids"].shape[1]), "points": results}
+
+
+def plot(record: dict, stem) -> List[str]:
+    """Latency vs kept tokens, and measured vs theoretical prefill speedup; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = record["points"]
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for layer in sorted({p["layer"] for p in points}):
+        row = sorted((p for p in points if p["layer"] == layer), key=lambda p: p["kept"])
+        ax.plot([p["kept"] for p in row], [1e3 * p["times"]["pruned"]["prefill_s"] for p in row], marker="o",
+                label=f"pruned, K={layer}")
+    ax.axhline(1e3 * statistics.median(p["times"]["compiled"]["prefill_s"] for p in points), color="black",
+               linestyle="--", label="compiled, unpruned")
+    ax.set_xlabel("visual tokens kept")
+    ax.set_ylabel("prefill (ms)")
+    ax.set_title(record["device"], fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(f"{stem}-latency.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    theory = [p["theoretical_prefill_speedup"] for p in points]
+    ax.scatter(theory, [p["measured_prefill_speedup"] for p in points])
+    for p in points:
+        ax.annotate(f"K={p['layer']},k={p['kept']}", (p["theoretical_prefill_speedup"], p["measured_prefill_speedup"]),
+                    fontsize=7)
+    top = max(theory + [p["measured_prefill_speedup"] for p in points]) * 1.1
+    ax.plot([1, top], [1, top], color="gray", linestyle=":", label="measured = FLOPs bound")
+    ax.set_xlabel("theoretical prefill speedup (LM FLOPs)")
+    ax.set_ylabel("measured prefill speedup")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(f"{stem}-speedup.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    return files
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="run") as bar:
+        yield lambda: bar.update(1)

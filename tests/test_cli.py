@@ -1,0 +1,95 @@
+"""era-compile explain / bench / fidelity on the tiny zoo model; FLOP counting; bad MODEL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build
+
+from era_compile import ERAConfig
+from era_compile.bench import language_model_flops
+from era_compile.cli import main
+from era_compile.fidelity import GROUPS, QUERY_SETS
+
+
+def test_explain_prints_what_was_rewritten(capsys, tmp_path):
+    assert main(["explain", "llava", "--layer", "1", "--dump", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pruned at the input of layer 1: 36 -> 9 visual tokens" in out
+    assert "layer  0: full sequence (48), SDPA unchanged" in out
+    assert "layer  3: 21 tokens, era::biased_attention (sdpa)" in out
+    assert list(tmp_path.glob("*_after.py"))
+
+
+def test_bench_writes_its_record_and_plots(tmp_path, capsys):
+    code = main(["bench", "llava", "--compiler", "eager", "--layers", "1", "--keep", "9", "18", "--runs", "5",
+                 "--new-tokens", "3", "--out", str(tmp_path)])
+    assert code == 0
+    record = json.loads((tmp_path / "llava-cpu.json").read_text())
+    assert record["model"] == "llava" and record["runs"] == 5 and "CPU" in record["device"]
+    assert [p["kept"] for p in record["points"]] == [9, 18]
+    for p in record["points"]:
+        for key in ("measured_prefill_speedup", "theoretical_prefill_speedup", "prefill_speedup_vs_theory",
+                    "selection_overhead", "lm_prefill_flops", "kv_cache_bytes", "times"):
+            assert key in p
+        assert set(p["times"]) == {"eager", "compiled", "pruned"}
+        assert p["lm_prefill_flops"]["pruned"] < p["lm_prefill_flops"]["unpruned"]
+        assert 0 < p["selection_overhead"]["fraction"] < 1
+    assert (tmp_path / "llava-cpu-latency.png").stat().st_size > 0
+    assert (tmp_path / "llava-cpu-speedup.png").stat().st_size > 0
+
+
+def test_fidelity_shares_sum_to_one(tmp_path, capsys):
+    assert main(["fidelity", "llava", "--layer", "1", "--new-tokens", "4", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "fidelity-llava.json").read_text())
+    assert set(record["settings"]) == {"unpruned", "prune", "prune+recycle", "era"}
+    assert record["settings"]["unpruned"]["kl_next_token"] == pytest.approx(0.0, abs=1e-9)
+    assert record["settings"]["unpruned"]["top1_agreement"] == 1.0
+    for result in record["settings"].values():
+        assert len(result["attention_mass"]) == 4  # every decoder layer
+        for by_query in result["attention_mass"].values():
+            assert set(by_query) == set(QUERY_SETS)
+            for shares in by_query.values():
+                assert set(shares) == set(GROUPS) and sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
+    era, pruned = record["settings"]["era"], record["settings"]["prune"]
+    # LAR gives the anchors back the vision share pruning took (the collapse the ERA paper draws)
+    assert era["attention_mass"]["3"]["last"]["vision"] > pruned["attention_mass"]["3"]["last"]["vision"]
+    assert (tmp_path / "fidelity-llava-attention.png").exists()
+
+
+@pytest.mark.parametrize("command", ["explain", "bench", "fidelity"])
+def test_a_path_that_is_not_a_vlm_is_refused(command, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                      "num_attention_heads": 4}))
+    assert main([command, str(tmp_path)]) == 2
+    assert "is a LlamaConfig, not a vision-language model" in capsys.readouterr().err
+    assert main([command, str(tmp_path / "missing")]) == 2
+    assert "neither a zoo model" in capsys.readouterr().err
+
+
+def _analytic_lm_flops(model, n_per_layer, n_out):
+    """Matmul FLOPs of a Llama decoder (projections, MLP, QK^T and PV) and the LM head."""
+    c = model.config.text_config
+    D, I, Hq, Hkv, V = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size
+    d = D // Hq
+
+    def layer(n):
+        return 2 * n * D * (Hq + 2 * Hkv) * d + 2 * n * Hq * d * D + 3 * 2 * n * D * I + 4 * Hq * n * n * d
+
+    return sum(layer(n) for n in n_per_layer) + 2 * n_out * D * V
+
+
+def test_flop_count_matches_the_analytic_formula():
+    """Pruning with no selection work of its own (random anchors, no recycling): the counted
+    language-model FLOPs equal the per-layer formula; unpruned too."""
+    model, inputs = build("llava")
+    N, T, L = inputs["input_ids"].shape[1], 36, 4
+    assert language_model_flops(model, inputs, None) == pytest.approx(_analytic_lm_flops(model, [N] * L, N), rel=0.01)
+    config = ERAConfig(layer=2, keep_tokens=9, strategy="random", recycle=False)
+    n = N - T + 9
+    counted = language_model_flops(model, inputs, config)
+    assert counted == pytest.approx(_analytic_lm_flops(model, [N, N, n, n], n), rel=0.01)
+    # ERA's own selection and recycling add their matmuls on top (about 2% on this tiny model)
+    assert language_model_flops(model, inputs, config.replace(strategy="era", recycle=True)) > counted
