@@ -11,6 +11,8 @@ import torch
 
 if not torch.cuda.is_available():  # the Triton kernel runs on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores instead of oversubscribing them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from era_compile import ERAConfig, last_report, make_era_backend, zoo  # noqa: E402
 
