@@ -80,7 +80,7 @@ def test_head_gram_op_compiles_without_a_graph_break():
 
 
 def _inputs(hidden, last_query=None):
-    return SelectionInputs(hidden=hidden, queries=torch.zeros(hidden.shape[0], 1, hidden.shape[1], 4),
+    return SelectionInputs(hidden=hidden, queries_fn=lambda: torch.zeros(hidden.shape[0], 1, hidden.shape[1], 4),
                            saliency_fn=lambda: None, last_query_fn=lambda: last_query)
 
 
