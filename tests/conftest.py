@@ -36,6 +36,22 @@ def build(name="llava", **kwargs):
     return zoo.build(name, **kwargs)
 
 
+def generate_matches_reference(model, inputs, config: ERAConfig, *, max_new_tokens: int = 8, tol: float = 1e-4):
+    """Greedy generate with the model compiled by the era backend equals the eager reference's,
+    token for token and logit for logit (within ``tol``); returns the backend for its report."""
+    from era_compile.reference import EagerReference
+
+    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = EagerReference(model, config).generate(**inputs, **greedy)
+    backend = make_era_backend(config)
+    model.compile(backend=backend)
+    with torch.no_grad():
+        generated = model.generate(**inputs, **greedy)
+    assert torch.equal(generated.sequences, expected.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits)) <= tol
+    return backend
+
+
 # ---------------------------------------------------------------------------- support matrix
 # When this session ran the whole matrix (tests/test_architectures.py::test_support_matrix),
 # the README's table must be what scripts/support_matrix.py renders from these outcomes.
@@ -67,4 +83,4 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-__all__ = ["compiled_forward", "build", "last_report"]
+__all__ = ["compiled_forward", "build", "generate_matches_reference", "last_report"]

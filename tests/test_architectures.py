@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from conftest import build, compiled_forward
+from conftest import build, compiled_forward, generate_matches_reference
 
 from era_compile import ERAConfig, make_era_backend, zoo
 from era_compile.reference import EagerReference
@@ -14,7 +14,6 @@ from era_compile.reference import EagerReference
 TOL = 1e-4
 ARCHITECTURES = list(zoo.architectures())
 SPLIT_FORWARD = {"qwen2-vl", "qwen2.5-vl"}  # a plain forward merges in one graph, decodes in the next
-GREEDY = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 # The support matrix: scripts/support_matrix.py runs these and writes the README's table from
@@ -52,13 +51,7 @@ def check_forward(name, batch):
 def check_generate(name, batch):
     model, inputs = build(name, batch=batch)
     config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
-    expected = EagerReference(model, config).generate(**inputs, **GREEDY)
-    backend = make_era_backend(config)
-    model.compile(backend=backend)
-    with torch.no_grad():
-        generated = model.generate(**inputs, **GREEDY)
-    assert torch.equal(generated.sequences, expected.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits)) <= TOL
+    backend = generate_matches_reference(model, inputs, config, tol=TOL)
     (site,) = backend.report.pruning
     assert site.kept < site.visual_tokens and backend.report.decode_rewrites > 0
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, compiled_forward
+from conftest import build, compiled_forward, generate_matches_reference
 
-from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile import ERAConfig, zoo
 from era_compile.reference import EagerReference
 
 TOL = 1e-4  # fp32, compiled vs eager reference (issue 2)
@@ -135,19 +135,10 @@ def test_every_cpu_kernel_serves_the_backend(kernel):
     """The rewritten graph with each attention kernel that runs on CPU (triton through the
     interpreter), prefill and decode, against the reference. No attention_mask: SDPA's causal
     path, which the augmented kernel can take."""
-    from era_compile.reference import EagerReference
-
     model, inputs = build("llava")
     inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
     config = ERAConfig(layer=1, attention=kernel, compiler="eager", strict=True)
-    greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    expected = EagerReference(model, config).generate(**inputs, **greedy)
-    backend = make_era_backend(config)
-    model.compile(backend=backend)
-    with torch.no_grad():
-        generated = model.generate(**inputs, **greedy)
-    assert torch.equal(generated.sequences, expected.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits)) <= TOL
+    backend = generate_matches_reference(model, inputs, config, max_new_tokens=4)
     assert backend.report.kernel == kernel and backend.report.decode_rewrites > 0
 
 
