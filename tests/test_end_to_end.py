@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import build, compiled_forward, generate_matches_reference
@@ -130,16 +132,33 @@ def test_batch_of_two_samples_prunes_each_its_own_way(with_mask):
     assert (out.logits - expected).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("kernel", ["flex", "triton", "sdpa_flash"])
+@pytest.mark.parametrize("kernel", ["flex", "triton"])
 def test_every_cpu_kernel_serves_the_backend(kernel):
     """The rewritten graph with each attention kernel that runs on CPU (triton through the
-    interpreter), prefill and decode, against the reference. No attention_mask: SDPA's causal
-    path, which the augmented kernel can take."""
+    interpreter), prefill and decode, against the reference."""
     model, inputs = build("llava")
-    inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
     config = ERAConfig(layer=1, attention=kernel, compiler="eager", strict=True)
     backend = generate_matches_reference(model, inputs, config, max_new_tokens=4)
     assert backend.report.kernel == kernel and backend.report.decode_rewrites > 0
+
+
+def test_augmented_flash_kernel_serves_a_maskless_prefill():
+    """sdpa_flash takes no model mask. Without attention_mask, transformers 5.23 calls SDPA's
+    causal path (no mask): the kernel runs and matches the reference. 5.17 builds a mask even
+    then: the backend must say why it did not prune, and run the model unpruned."""
+    model, inputs = build("llava")
+    inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    config = ERAConfig(layer=1, attention="sdpa_flash", compiler="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, report = compiled_forward(model, inputs, config)
+    if report.pruned:
+        expected = _reference(model, inputs, config).logits
+        assert (out.logits - expected).abs().max().item() <= TOL and report.kernel == "sdpa_flash"
+    else:
+        assert any("kernel='sdpa_flash' takes no attention mask" in s for s in report.skipped)
+        with torch.no_grad():
+            assert torch.allclose(out.logits, model(**inputs).logits, atol=1e-5)
 
 
 def test_kernel_that_cannot_take_the_models_mask_is_refused_with_the_reason():
