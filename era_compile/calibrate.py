@@ -94,7 +94,8 @@ def image_folder_samples(processor, folder: str, question: str, count: int, devi
 
 
 def write_profile(profile: dict, out: str) -> Path:
-    """The JSON profile, and a PNG of entropy per layer beside it (when matplotlib is installed)."""
+    """The JSON profile, and a PNG of entropy per layer beside it (when matplotlib is installed:
+    an optional extra; the profile alone is what ``layer="auto"`` reads)."""
     path = Path(out)
     path.write_text(json.dumps(profile, indent=2) + "\n")
     try:

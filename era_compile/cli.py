@@ -70,6 +70,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"{name}: visual matrix entropy per layer over {profile['samples']} samples:")
     print("  " + " ".join(f"{h:.3f}" for h in profile["entropy"]))
     print(f"Entropy Collapse Layer: K = {profile['layer']}  (written to {path})")
+    png = path.with_suffix(".png")
+    print(f"plot: {png}" if png.exists() else "plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
     return 0
 
 
@@ -156,8 +158,8 @@ def _fidelity(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"fidelity-{Path(args.model).name}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    plot_attention_mass(record, f"{stem}-attention.png")
-    print(f"wrote {stem}.json and {stem.name}-attention.png")
+    print(f"wrote {stem}.json")
+    _plot(plot_attention_mass, record, f"{stem}-attention.png")
     return 0
 
 
@@ -195,9 +197,20 @@ def _bench(args: argparse.Namespace) -> int:
     slug = "cpu" if "CPU" in record["device"] else record["device"].lower().replace("nvidia ", "").replace(" ", "-")
     stem = out / f"{Path(args.model).name}-{slug}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    files = bench.plot(record, str(stem))
-    print(f"wrote {stem}.json, " + ", ".join(Path(f).name for f in files))
+    print(f"wrote {stem}.json")
+    _plot(bench.plot, record, str(stem))
     return 0
+
+
+def _plot(draw, *args) -> None:
+    """Draw the PNG plots, or say why not: matplotlib is an optional extra."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        return
+    written = draw(*args)
+    print("wrote " + ", ".join(written if isinstance(written, list) else [args[-1]]))
 
 
 def _add_model_options(p: argparse.ArgumentParser, layer="2", keep_ratio=0.25, compiler="eager") -> None:
