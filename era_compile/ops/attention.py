@@ -186,11 +186,8 @@ def _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
         # The bias alone, as a [B, 1, 1, Lk] mask beside SDPA's own causal flag: no [Lq, Lk] mask
         # is built and the fused kernel still skips the blocks above the diagonal (measured:
         # as fast as plain causal SDPA on CPU, benchmarks/results/attention-cpu.json).
-        mask = bias.to(acc)[:, None, None, :]
-        if mask.dtype != q.dtype and q.dtype not in (torch.float32, torch.float64):
-            mask = mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and Lq > 1, scale=scale,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_in_q_dtype(bias.to(acc)[:, None, None, :], q),
+                                             is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
         return out.contiguous()
 
     # One additive mask, built in float32/float64; -inf marks "may not attend".
@@ -218,22 +215,28 @@ def _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
     # 0 row and zero its output afterwards (same result as SDPA's bool-mask path and flex).
     dead_rows = torch.isneginf(mask).all(dim=-1, keepdim=True)  # [B|1, H|1, Lq|1, 1]
     mask = mask.masked_fill(dead_rows, 0.0)
-    if mask.dtype != q.dtype and q.dtype not in (torch.float32, torch.float64):
-        # bf16/fp16: SDPA's CUDA kernels want the mask in q's dtype. Clamp finite values
-        # (finfo(fp32).min would round to -inf) and keep true -inf as -inf.
-        finite = mask.clamp(min=torch.finfo(q.dtype).min)
-        mask = finite.masked_fill(torch.isneginf(mask), neg_inf).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_in_q_dtype(mask, q), scale=scale, enable_gqa=gqa)
     return out.masked_fill(dead_rows, 0.0).contiguous()
 
 
+def _in_q_dtype(mask: Tensor, q: Tensor) -> Tensor:
+    """An additive float32 mask as SDPA takes it: bf16/fp16 kernels want it in q's dtype. Finite
+    values are clamped (finfo(fp32).min would round to -inf) and a true -inf stays -inf."""
+    if mask.dtype == q.dtype or q.dtype in (torch.float32, torch.float64):
+        return mask
+    finite = mask.clamp(min=torch.finfo(q.dtype).min)
+    return finite.masked_fill(torch.isneginf(mask), float("-inf")).to(q.dtype)
+
+
 def _bias_only_fits_sdpa(q, bias, attn_mask, causal, Lq, Lk) -> bool:
-    """SDPA can take the bias as its mask and keep ``is_causal``: no model mask; causal only
-    where SDPA's top-left alignment equals ours (Lq == Lk, or one query) and on CPU (CUDA
-    SDPA refuses a mask with is_causal); and a bias with no -inf (no row can die)."""
-    if bias is None or attn_mask is not None:
+    """SDPA can take the bias as its mask and keep ``is_causal``: on CPU only (CUDA SDPA refuses
+    a mask with is_causal, and without causality the general path builds the same [B,1,1,Lk]
+    mask anyway, while the -inf check below would cost a device sync per call there); no model
+    mask; causal only where SDPA's top-left alignment equals ours (Lq == Lk, or one query);
+    and a bias with no -inf (no row can die)."""
+    if bias is None or attn_mask is not None or q.device.type != "cpu":
         return False
-    if causal and (q.device.type != "cpu" or not (Lq == Lk or Lq == 1)):
+    if causal and not (Lq == Lk or Lq == 1):
         return False
     return not bool(torch.isneginf(bias).any())
 

@@ -15,6 +15,7 @@ request fails with that reason.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Optional
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import default_scale
+from .attention import _accum_dtype, default_scale
 
 __all__ = ["augment_for_bias", "flash_kernel", "sdpa_flash_kernel", "unsupported"]
 
@@ -30,7 +31,8 @@ HALF = (torch.float16, torch.bfloat16)
 MAX_AUGMENTED_HEAD_DIM = 256  # FlashAttention-2's largest head dim
 
 
-def _flash_attn_installed() -> bool:
+@functools.lru_cache(maxsize=None)
+def _flash_attn_installed() -> bool:  # asked on every call of the op: look on disk once
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -113,7 +115,7 @@ def augment_for_bias(
     if bias is not None:
         if bias.dim() != 2 or bias.size(1) != Lk or bias.size(0) not in (1, B):
             raise ValueError(f"augment_for_bias: bias must be [B, Lk] or [1, Lk], got {tuple(bias.shape)}")
-        column = bias.to(torch.float64 if q.dtype == torch.float64 else torch.float32) / scale  # scale * (1 * bias/scale) = bias
+        column = bias.to(_accum_dtype(q)) / scale  # scale * (1 * bias/scale) = bias
         k_aug[..., d] = column[:, None, :].expand(B, Hkv, Lk).to(k.dtype)
     v_aug = F.pad(v, (0, v_width - v.size(-1)))
     return q_aug, k_aug, v_aug, scale

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .attention import _mask_4d
+
 try:
     import triton
     import triton.language as tl
@@ -125,7 +127,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], at
     bias32 = None if bias is None else bias.to(torch.float32).expand(B, Lk)
     mask = None
     if attn_mask is not None:
-        mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, Hq, Lq, Lk)
+        mask = _mask_4d(attn_mask).expand(B, Hq, Lq, Lk)
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.float32)
     dummy = out  # an unused pointer argument when a tensor is absent
     bias_arg, mask_arg = (bias32 if bias32 is not None else dummy), (mask if mask is not None else dummy)
