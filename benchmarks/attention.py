@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from era_compile.bench import device_description, device_slug
 from era_compile.ops.attention import KERNELS, RANKING_FILE, biased_attention, kernel_unsupported
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,12 +39,6 @@ SHAPES = {  # name: (Lq, Lk, regime)
     "llava-next-2880": (2880, 2880, "prefill"),
     "decode-1x4096": (1, 4096, "decode"),
 }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def timer(device: torch.device):
@@ -157,8 +151,8 @@ def main(argv=None) -> None:
         results[shape] = bench_shape(Lq, Lk, kernels, args.runs, args.warmup, dtype, device)
         print(shape, {k: f"{r:.2f}x" for k, r in results[shape]["ratio_vs_plain_sdpa"].items()}, flush=True)
 
-    name = device_name(device)
-    slug = "cpu" if device.type == "cpu" else name.lower().replace("nvidia ", "").replace(" ", "-")
+    name = device_description(device)
+    slug = device_slug(device.type, name)
     record = {
         "device": name, "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "heads": HEADS, "head_dim": HEAD_DIM, "batch": 1, "runs": args.runs,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from era_compile.algorithms.entropyprune import covariance_eigenvalues, head_gram_eigenvalues
+from era_compile.bench import device_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"llava-7b": (576, 32, 128), "qwen2.5-vl-7b": (576, 28, 128)}  # tokens, heads, head dim
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
                          "speedup": direct / dual, "max_eigenvalue_difference": error}
         print(f"{name}: dual {1e3 * dual:.1f} ms, direct {1e3 * direct:.1f} ms, {direct / dual:.1f}x "
               f"(eigenvalues agree to {error:.1e})")
-    record = {"device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+    record = {"device": device_description(torch.device("cpu")),
               "torch": torch.__version__, "dtype": "float64", "runs": args.runs,
               "date": datetime.date.today().isoformat(), "shapes": results}
     RESULTS.mkdir(exist_ok=True)

@@ -37,9 +37,15 @@ from era_compile.reference import EagerReference
 
 
 def device_description(device: torch.device) -> str:
+    """What a recorded result ran on: the GPU's name, or the CPU and its thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def device_slug(device_type: str, description: str) -> str:
+    """The device part of a results file name: ``cpu``, or e.g. ``h100-80gb-hbm3``."""
+    return "cpu" if device_type == "cpu" else description.lower().replace("nvidia ", "").replace(" ", "-")
 
 
 # --------------------------------------------------------------------------- timing
@@ -192,7 +198,8 @@ def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequen
                                                     / results[-1]["theoretical_prefill_speedup"])
         del pruned, backend
         gc.collect()
-    return {"device": device_description(device), "runs": runs, "new_tokens": new_tokens,
+    return {"device": device_description(device), "device_type": device.type, "torch": torch.__version__,
+            "runs": runs, "new_tokens": new_tokens,
             "config": base.to_dict(), "prompt_tokens": int(inputs["input_ids"].shape[1]), "points": results}
 
 

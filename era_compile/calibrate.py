@@ -20,17 +20,9 @@ from typing import Iterable, List, Optional
 import torch
 
 from era_compile.algorithms.entropyprune import entropy_collapse_layer, visual_matrix_entropy
+from era_compile.reference import visual_token_ids
 
 RULE = "K = argmin over 1 <= l <= L/2 of H_l - H_(l-1), H_l the mean normalised matrix entropy of the visual rows"
-
-
-def visual_token_ids(model) -> List[int]:
-    """The placeholder ids of image and video features, from the model's config."""
-    ids = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
-    ids = [i for i in ids if i is not None]
-    if not ids:
-        raise ValueError("calibrate: the model config names no image_token_id or video_token_id")
-    return ids
 
 
 @torch.no_grad()

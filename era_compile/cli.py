@@ -21,10 +21,13 @@ import torch
 from era_compile import ERAConfig, make_era_backend, zoo
 
 
+def _layer(text: str):
+    """--layer: K as an int, or "auto" (anything else goes to ERAConfig, which names the field)."""
+    return int(text) if text.isdigit() else text
+
+
 def _demo(args: argparse.Namespace) -> int:
-    layer = args.layer if args.layer == "auto" or not args.layer.isdigit() else int(args.layer)
-    config = ERAConfig(keep_ratio=args.keep_ratio, layer=layer, profile=args.profile, strategy=args.strategy,
-                       compiler=args.compiler, attention=args.attention, strict=args.strict)
+    config = _config(args, profile=args.profile, strict=args.strict)
     model, inputs = zoo.build(args.model)
     print(f"model: {zoo.ZOO[args.model].description} (random init)")
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens, {zoo.num_visual_tokens(model)} of them visual")
@@ -76,8 +79,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace, **changes) -> ERAConfig:
-    layer = args.layer if args.layer == "auto" or not str(args.layer).isdigit() else int(args.layer)
-    options = dict(keep_ratio=args.keep_ratio, layer=layer, strategy=args.strategy, attention=args.attention,
+    options = dict(keep_ratio=args.keep_ratio, layer=args.layer, strategy=args.strategy, attention=args.attention,
                    compiler=args.compiler)
     return ERAConfig(**{**options, **changes})
 
@@ -194,8 +196,7 @@ def _bench(args: argparse.Namespace) -> int:
         _print_fidelity(record["fidelity"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if "CPU" in record["device"] else record["device"].lower().replace("nvidia ", "").replace(" ", "-")
-    stem = out / f"{Path(args.model).name}-{slug}"
+    stem = out / f"{Path(args.model).name}-{bench.device_slug(record['device_type'], record['device'])}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {stem}.json")
     _plot(bench.plot, record, str(stem))
@@ -213,10 +214,10 @@ def _plot(draw, *args) -> None:
     print("wrote " + ", ".join(written if isinstance(written, list) else [args[-1]]))
 
 
-def _add_model_options(p: argparse.ArgumentParser, layer="2", keep_ratio=0.25, compiler="eager") -> None:
+def _add_model_options(p: argparse.ArgumentParser, keep_ratio=0.25, compiler="eager") -> None:
     p.add_argument("model", help=f"a zoo name ({', '.join(zoo.names())}) or a local checkpoint folder")
     p.add_argument("--image", help="an image file for a checkpoint (default: a plain gray image)")
-    p.add_argument("--layer", default=layer)
+    p.add_argument("--layer", type=_layer, default=ERAConfig.layer, help="K, or 'auto'")
     p.add_argument("--keep-ratio", type=float, default=keep_ratio)
     p.add_argument("--strategy", default=ERAConfig.strategy)
     p.add_argument("--attention", default=ERAConfig.attention)
@@ -229,7 +230,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compile a tiny random-init VLM with the backend and print the report")
     demo.add_argument("--model", default="llava", choices=zoo.names())
-    demo.add_argument("--layer", default=str(ERAConfig.layer), help="K, or 'auto' (with --profile, or the default)")
+    demo.add_argument("--layer", type=_layer, default=ERAConfig.layer,
+                      help="K, or 'auto' (with --profile, or the default)")
     demo.add_argument("--profile", help="a calibration profile from `era-compile calibrate` (with --layer auto)")
     demo.add_argument("--keep-ratio", type=float, default=0.25)
     demo.add_argument("--strategy", default=ERAConfig.strategy)

@@ -86,9 +86,9 @@ def fidelity(model, inputs: dict, base: ERAConfig, *, new_tokens: int = 16) -> d
     p_ref = F.log_softmax(unpruned.logits[:, -1].float(), dim=-1)
     generated = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     continuation = generated[:, inputs["input_ids"].shape[1]:]
-    forced = dict(inputs, input_ids=generated,
-                  attention_mask=torch.ones_like(generated) if "attention_mask" in inputs else None)
-    forced = {k: v for k, v in forced.items() if v is not None}
+    forced = dict(inputs, input_ids=generated)  # the prompt and the unpruned model's continuation
+    if "attention_mask" in inputs:
+        forced["attention_mask"] = torch.ones_like(generated)
 
     results = {}
     for name, changes in SETTINGS.items():

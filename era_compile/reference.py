@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,16 @@ AttentionInterface.register("era_reference", _reference_attention)
 AttentionMaskInterface.register("era_reference", sdpa_mask)
 
 
+def visual_token_ids(model) -> List[int]:
+    """The placeholder ids of image and video features, from the model's config. The eager side
+    (this oracle, calibration) reads them; the compiled passes find the merge instead."""
+    ids = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
+    ids = [i for i in ids if i is not None]
+    if not ids:
+        raise ValueError("the model config names no image_token_id or video_token_id")
+    return ids
+
+
 class EagerReference:
     """``EagerReference(model, config)(**inputs)`` runs ``model`` eagerly with the pruning of ``config``."""
 
@@ -81,10 +91,7 @@ class EagerReference:
         self.config = config.replace(layer=config.resolve_layer()[0], profile=None)  # layer="auto" resolved
         self.decoder = model.get_decoder()
         self.layers = self.decoder.layers
-        # the oracle knows the models: image and video placeholders are the visual tokens
-        self.visual_token_ids = torch.tensor([i for i in (model.config.image_token_id,
-                                                          getattr(model.config, "video_token_id", None))
-                                              if i is not None])
+        self.visual_token_ids = torch.tensor(visual_token_ids(model))
         self.drop_decode_bias = drop_decode_bias
         # observer(layer, query, key, attention_mask, bias or None, scale, key_positions [B, Lk]):
         # what every attention call sees, keys labelled with their original positions

@@ -27,10 +27,15 @@ from era_compile.algorithms import Selection, SelectionInputs, register_strategy
 EIG_FLOOR = 1e-10
 
 
+def _centred(m: Tensor) -> Tensor:
+    """[..., H, d] in float64, centred across heads (§3.2 step 1)."""
+    r = m.to(torch.float64)
+    return r - r.mean(dim=-2, keepdim=True)
+
+
 def head_gram(m: Tensor) -> Tensor:
     """[..., H, d] -> the centred head Gram [..., H, H] in float64 (§3.2 steps 1-2)."""
-    r = m.to(torch.float64)
-    r = r - r.mean(dim=-2, keepdim=True)
+    r = _centred(m)
     return r @ r.transpose(-1, -2) / m.shape[-2]
 
 
@@ -41,9 +46,13 @@ def head_gram_eigenvalues(m: Tensor) -> Tensor:
 
 def covariance_eigenvalues(m: Tensor) -> Tensor:
     """The direct route the dual Gram replaces: eigenvalues of ``R_tᵀ R_t / H`` [..., d]."""
-    r = m.to(torch.float64)
-    r = r - r.mean(dim=-2, keepdim=True)
+    r = _centred(m)
     return torch.linalg.eigvalsh(r.transpose(-1, -2) @ r / m.shape[-2])
+
+
+def _entropy(rho: Tensor, size: int) -> Tensor:
+    """``-Σ ρ ln ρ / ln size`` over the last dim (0 when size is 1: nothing to spread over)."""
+    return -(rho * rho.log()).sum(dim=-1) / math.log(size) if size > 1 else rho.new_zeros(rho.shape[:-1])
 
 
 def matrix_entropy_scores(eigenvalues: Tensor, trace_normalize: bool = False) -> Tensor:
@@ -51,8 +60,7 @@ def matrix_entropy_scores(eigenvalues: Tensor, trace_normalize: bool = False) ->
     rho = eigenvalues.clamp_min(EIG_FLOOR)
     if trace_normalize:
         rho = rho / rho.sum(dim=-1, keepdim=True)
-    heads = eigenvalues.shape[-1]
-    return -(rho * rho.log()).sum(dim=-1) / math.log(heads) if heads > 1 else rho.new_zeros(rho.shape[:-1])
+    return _entropy(rho, eigenvalues.shape[-1])
 
 
 def entropyprune_scores(queries: Tensor, trace_normalize: bool = False) -> Tensor:
@@ -85,8 +93,7 @@ def visual_matrix_entropy(z: Tensor) -> float:
     zn = torch.nn.functional.normalize(z.to(torch.float64), dim=-1)
     T = zn.shape[0]
     gram = zn @ zn.T if T <= zn.shape[1] else zn.T @ zn
-    lam = torch.linalg.eigvalsh(gram / T).clamp_min(EIG_FLOOR)
-    return float(-(lam * lam.log()).sum() / math.log(T))
+    return float(_entropy(torch.linalg.eigvalsh(gram / T).clamp_min(EIG_FLOOR), T))
 
 
 def entropy_collapse_layer(entropy_per_layer) -> int:
