@@ -10,7 +10,7 @@ import torch
 from era_compile.algorithms import Selection, SelectionInputs, run_strategy
 from era_compile.algorithms.btr import assign_clusters, cluster_counts, recycle
 from era_compile.algorithms.dep import dep_select, dual_view_similarity, head_distribution, head_entropy
-from era_compile.algorithms.dpp import greedy_map, greedy_map_sequence
+from era_compile.algorithms.dpp import _batched_greedy, greedy_map, greedy_map_sequence
 from era_compile.algorithms.saliency import instruction_saliency
 
 f64 = torch.float64
@@ -76,6 +76,17 @@ def test_greedy_map_float32_and_edge_budgets():
     assert low_rank.unique().numel() == 10
     with pytest.raises(ValueError):
         greedy_map(kernel, 31)
+
+
+def test_host_loop_and_batched_torch_loop_pick_alike():
+    """CPU runs the host (NumPy) loop, other devices the batched torch loop: same recurrence, same picks."""
+    features = torch.randn(3, 60, 20, generator=gen(23), dtype=f64)
+    kernel = features @ features.transpose(1, 2)
+    rows = lambda j: kernel.gather(1, j.unsqueeze(-1).expand(-1, 1, 60)).squeeze(1)  # noqa: E731
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    assert torch.equal(_batched_greedy(gains, rows, 15), greedy_map_sequence(kernel, 15))
+    assert torch.equal(_batched_greedy(gains.float(), lambda j: rows(j).float(), 15),
+                       greedy_map_sequence(kernel.float(), 15))
 
 
 # --------------------------------------------------------------------------- DEP (section 5.2, test 4)

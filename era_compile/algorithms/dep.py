@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from era_compile.algorithms import Selection, SelectionInputs, register_strategy
@@ -16,6 +15,8 @@ DEFAULT_LAMBDA = 1.0
 DEFAULT_BETA = 0.5
 # ln max(y, 1e-12): 0 * ln 0 counts as 0 (section 5.6).
 LOG_FLOOR = 1e-12
+# Row norms below this count as this (F.normalize's eps): a zero row stays zero.
+NORM_FLOOR = 1e-12
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -54,26 +55,41 @@ def _normalised_entropy(y: Tensor) -> Tensor:
     return entropy.clamp(0.0, 1.0)  # round-off only; keeps 1 - ê a valid confidence
 
 
-def dual_view_similarity(x: Tensor, y: Tensor, beta: float) -> Tensor:
-    """``S = (1-β) X̂X̂ᵀ + β ŶŶᵀ`` from X [B, T, D] and Y [B, T, H] -> [B, T, T] (section 5.2 step 3).
+def dual_view_features(x: Tensor, y: Tensor, beta: float, quality: Optional[Tensor] = None) -> Tensor:
+    """``F = [√(1-β) x̂ ; √β ŷ]`` [B, T, D + H] from X [B, T, D] and Y [B, T, H]: the dual-view
+    similarity is its Gram, ``S = F Fᵀ`` (section 5.2 step 3). ``quality`` [B, T] scales row i by
+    ``q_i``, making the Gram ``diag(q) S diag(q)``.
 
-    Rows are L2-normalised in float32 (float64 for float64 inputs), so S is the cosine
-    Gram of ``[√(1-β) x̂ ; √β ŷ]``: PSD with unit diagonal.
+    Rows are L2-normalised in float32 (float64 for float64 inputs), so S is PSD with unit diagonal.
+    One scaled multiply per view, written into one buffer (no normalised copies, no concatenation).
     """
     if x.dim() != 3 or y.dim() != 3 or x.shape[:2] != y.shape[:2]:
         raise ValueError(f"dual_view_similarity: need X [B, T, D], Y [B, T, H], got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     dtype = _compute_dtype(x, y)
-    xn = F.normalize(x.to(dtype), dim=-1)
-    yn = F.normalize(y.to(dtype), dim=-1)
-    return (1.0 - beta) * (xn @ xn.transpose(1, 2)) + beta * (yn @ yn.transpose(1, 2))
+    d = x.shape[-1]
+    out = torch.empty(*x.shape[:2], d + y.shape[-1], dtype=dtype, device=x.device)
+    for view, weight, columns in ((x, 1.0 - beta, out[..., :d]), (y, beta, out[..., d:])):
+        view = view.to(dtype)
+        scale = math.sqrt(weight) / torch.linalg.vector_norm(view, dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
+        if quality is not None:
+            scale = scale * quality.to(dtype).unsqueeze(-1)
+        torch.mul(view, scale, out=columns)
+    return out
+
+
+def dual_view_similarity(x: Tensor, y: Tensor, beta: float) -> Tensor:
+    """``S = (1-β) X̂X̂ᵀ + β ŶŶᵀ`` [B, T, T] (section 5.2 step 3)."""
+    features = dual_view_features(x, y, beta)
+    return features @ features.transpose(1, 2)
 
 
 def dep_select(x: Tensor, saliency: Tensor, k: int, lam: float, beta: float) -> Tuple[Tensor, Tensor]:
     """DEP anchors [B, k] (int64, ascending) and head entropy ê [B, T] (sections 5.2 step 4, 5.6).
 
     Greedy MAP on ``diag(q) S diag(q)`` with quality ``q = exp(-λ ê)``, i.e. each step
-    maximises the log-det diversity gain minus ``2λ ê``.
+    maximises the log-det diversity gain minus ``2λ ê``. That kernel is the Gram of the
+    rows ``q_i F_i``: one matrix product, no T x T elementwise passes.
     """
     if x.dim() != 3 or saliency.dim() != 3 or saliency.shape[0] != x.shape[0] \
             or saliency.shape[2] != x.shape[1]:
@@ -81,10 +97,8 @@ def dep_select(x: Tensor, saliency: Tensor, k: int, lam: float, beta: float) -> 
                          f"{tuple(x.shape)} and {tuple(saliency.shape)}")
     y = head_distribution(saliency)
     entropy = _normalised_entropy(y)
-    similarity = dual_view_similarity(x, y, beta)
-    quality = torch.exp(-lam * entropy.to(similarity.dtype))
-    kernel = quality.unsqueeze(-1) * similarity * quality.unsqueeze(-2)
-    return greedy_map(kernel, k), entropy
+    weighted = dual_view_features(x, y, beta, quality=torch.exp(-lam * entropy))
+    return greedy_map(weighted @ weighted.transpose(1, 2), k), entropy
 
 
 def era_strategy(inputs: SelectionInputs, k: int, options: dict) -> Selection:
