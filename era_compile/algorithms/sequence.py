@@ -47,7 +47,9 @@ def assemble(hidden: Tensor, visual_mask: Tensor, visual_pos: Tensor, anchors: T
     n_kept = N - visual_pos.shape[1] + k
     # contiguous: a slice of the [B, N] argsort would not match the op's fake (static-stride) output
     keep_index = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_kept].contiguous()
-    written = hidden.scatter(1, anchor_pos.unsqueeze(-1).expand(B, k, D), anchor_states.to(hidden.dtype))
-    bias = torch.zeros(B, N, dtype=torch.float32, device=hidden.device)
-    bias = bias.scatter(1, anchor_pos, anchor_log_bias.to(torch.float32))
-    return keep_index, gather_rows(written, keep_index), bias.gather(1, keep_index)
+    # the anchors' rows in the kept sequence: both index lists ascend, so a sorted search finds them
+    anchor_rows = torch.searchsorted(keep_index, anchor_pos)
+    kept = gather_rows(hidden, keep_index)  # a fresh tensor: safe to write the recycled states into
+    kept[torch.arange(B, device=hidden.device).unsqueeze(1), anchor_rows] = anchor_states.to(hidden.dtype)
+    bias = torch.zeros(B, n_kept, dtype=torch.float32, device=hidden.device)
+    return keep_index, kept, bias.scatter(1, anchor_rows, anchor_log_bias.to(torch.float32))
