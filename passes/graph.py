@@ -261,7 +261,13 @@ def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
         mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
         fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
                  for x in example_inputs]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    # Constants read by get_attr are real tensors (Dynamo makes module buffers constants when
+    # Inductor freezing is on): the mode must accept them while it propagates.
+    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    finally:
+        mode.allow_non_fake_inputs = allowed
     for node in gm.graph.nodes:  # Dynamo's own key, kept consistent for later readers
         if "val" in node.meta and "example_value" in node.meta:
             node.meta["example_value"] = node.meta["val"]

@@ -144,3 +144,20 @@ def test_strict_error_type_is_exported():
         chain.append(type(e))
         e = e.__cause__ or e.__context__
     assert EraCompileError in chain
+
+
+def test_inductor_freezing_constants_do_not_stop_the_rewrite():
+    """With Inductor freezing on, Dynamo hands module buffers over as real-tensor constants
+    (get_attr); the passes' shape checks must take them (they once refused the graph)."""
+    import torch._inductor.config as inductor_config
+
+    from era_compile.reference import EagerReference
+
+    model, inputs = build("llava")
+    config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
+    with inductor_config.patch(freezing=True):
+        out, report = compiled_forward(model, inputs, config)
+    assert report.pruned
+    with torch.no_grad():
+        expected = EagerReference(model, config)(**inputs)
+    assert (out.logits - expected.logits).abs().max().item() <= 1e-4
