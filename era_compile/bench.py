@@ -15,7 +15,10 @@ Prefill time is a ``generate`` of one token (time to first token); decode time p
   ``torch.utils.flop_counter`` on the eager reference of the same pruning (the vision tower is
   left out: pruning does not touch it), and the theoretical speedup they allow;
 * the share of the pruned prefill spent in ``era::select`` and ``era::recycle`` (profiler);
-* KV-cache bytes after prefill (and peak CUDA memory on a GPU).
+* KV-cache bytes after prefill (and peak CUDA memory on a GPU);
+* the throughput of the decoder's largest linear layer at the sequence lengths before and
+  after pruning: the FLOPs bound assumes one rate for both, and on CPU BLAS a short
+  sequence often runs slower per FLOP (the main reason measured falls short of the bound).
 """
 
 from __future__ import annotations
@@ -145,6 +148,20 @@ def selection_overhead(model, inputs: dict) -> dict:
             "profiled_prefill_s": wall, "fraction": sum(ops.values()) / wall if wall else 0.0}
 
 
+def linear_throughput(model, rows: int, *, repeats: int = 10) -> float:
+    """GFLOP/s of the decoder's largest linear layer (its own weight) on ``rows`` tokens, best of
+    ``repeats``: ``F.linear``, the matmul Inductor emits for it."""
+    linears = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    weight = max(linears, key=lambda m: m.weight.numel()).weight.detach()
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    device = weight.device
+    with torch.no_grad():
+        for _ in range(2):
+            torch.nn.functional.linear(x, weight)
+        best = min(timed(lambda: torch.nn.functional.linear(x, weight), device) for _ in range(repeats))
+    return 2 * rows * weight.numel() / best / 1e9
+
+
 def kv_cache_bytes(model, inputs: dict) -> int:
     cache = _generate(model, inputs, 1).past_key_values
     return int(sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
@@ -193,6 +210,8 @@ def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequen
             "kv_cache_bytes": {"compiled": kv_cache_bytes(compiled, inputs), "pruned": kv_cache_bytes(pruned, inputs)},
             "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "kernel": backend.report.kernel,
+            "linear_gflops": {"before": linear_throughput(eager, site.seq_len_before),
+                              "after": linear_throughput(eager, site.seq_len_after)},
         })
         results[-1]["prefill_speedup_vs_theory"] = (results[-1]["measured_prefill_speedup"]
                                                     / results[-1]["theoretical_prefill_speedup"])

@@ -36,6 +36,7 @@ def test_bench_writes_its_record_and_plots(tmp_path, capsys):
         assert set(p["times"]) == {"eager", "compiled", "pruned"}
         assert p["lm_prefill_flops"]["pruned"] < p["lm_prefill_flops"]["unpruned"]
         assert 0 < p["selection_overhead"]["fraction"] < 1
+        assert p["linear_gflops"]["before"] > 0 and p["linear_gflops"]["after"] > 0
     assert (tmp_path / "llava-cpu-latency.png").stat().st_size > 0
     assert (tmp_path / "llava-cpu-speedup.png").stat().st_size > 0
 
