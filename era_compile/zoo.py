@@ -61,6 +61,31 @@ def _llava_bench():
                        sharpen=False)
 
 
+def _llava_7b_shape():
+    """LLaVA-1.5-7B's exact shapes: CLIP ViT-L/14-336 (24 x 1024) and a 32-layer, 4096-wide Llama
+    (32 heads, MLP 11008, vocabulary 32064), random weights created on the GPU in bf16."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if not torch.cuda.is_available():
+        raise ValueError("zoo model 'llava-7b-shape' needs a CUDA device (7B parameters, created on the GPU in bf16)")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # created in bf16: a float32 copy would be 28 GB
+    try:
+        with torch.device("cuda"):
+            return LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
 def _llava_bench_inputs(model, **kwargs) -> dict:
     """About 60 text tokens around the image, as a LLaVA-1.5 chat prompt has (system + question)."""
     kwargs.setdefault("prefix", 35)
@@ -245,6 +270,13 @@ ZOO: Dict[str, ZooEntry] = {
         _llava_bench_inputs,
         benchmark=True,
     ),
+    "llava-7b-shape": ZooEntry(
+        "llava-7b-shape",
+        "LLaVA-1.5-7B's exact shapes, random bf16 weights on a CUDA GPU (CLIP ViT-L/14-336; Llama 32x4096)",
+        _llava_7b_shape,
+        _llava_bench_inputs,
+        benchmark=True,
+    ),
     "llava-next": ZooEntry(
         "llava-next",
         "tiny LLaVA-NeXT (anyres: base view + 4 crops, image_newline rows; Llama 4x64)",
@@ -288,4 +320,6 @@ def build(name: str = "llava", *, seed: int = 0, batch: int = 1, **input_kwargs)
     entry = ZOO[name]
     torch.manual_seed(seed)
     model = entry.make_model()
-    return model, entry.make_inputs(model, batch=batch, seed=seed, **input_kwargs)
+    device = next(model.parameters()).device
+    inputs = entry.make_inputs(model, batch=batch, seed=seed, **input_kwargs)
+    return model, {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}

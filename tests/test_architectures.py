@@ -154,3 +154,10 @@ def test_eager_attention_model_is_refused_with_the_reason():
     model.set_attn_implementation("eager")
     with pytest.raises(Exception, match="load the model with attn_implementation='sdpa'"):
         compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gets")
+def test_llava_7b_shape_says_it_needs_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        zoo.build("llava-7b-shape")
+    assert "llava-7b-shape" not in zoo.architectures()  # a benchmark shape, not a matrix row
