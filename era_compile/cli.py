@@ -5,6 +5,7 @@
     era-compile bench MODEL [--layers 0 2] [--keep 64 128 192] [--runs 5] [--out DIR] [--fidelity]
     era-compile fidelity MODEL [--layer 2] [--keep-ratio 0.25] [--out DIR]
     era-compile calibrate MODEL --out profile.json [--images DIR] [--samples 16]
+    era-compile eval shapes-vqa [--questions 1000] [--layer 2] [--out DIR]
 
 MODEL is a zoo name or a local Hugging Face checkpoint folder.
 """
@@ -203,6 +204,32 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from era_compile import bench
+    from era_compile.shapes_vqa import evaluate
+    from era_compile.shapes_vqa.model import load_model
+
+    model, tokenizer = load_model(args.weights) if args.weights else load_model()
+    total = 1 + len(args.strategies) * len(args.settings) * len(args.ratios)
+    with bench.progress_bar(total, "eval shapes-vqa") as tick:
+        record = evaluate.run_eval(model, tokenizer, questions=args.questions, layer=args.layer,
+                                   strategies=args.strategies, settings=args.settings, ratios=args.ratios,
+                                   compiler=args.compiler, progress=tick)
+    record["benchmark"] = args.benchmark
+    print(f"accuracy (%) on {record['questions']} shapes-vqa test questions, pruning at layer {record['layer']}:")
+    print(evaluate.table(record))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"eval-{args.benchmark}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {stem}.json")
+    _plot(evaluate.plot, record, f"{stem}.png")
+    return 0
+
+
 def _plot(draw, *args) -> None:
     """Draw the PNG plots, or say why not: matplotlib is an optional extra."""
     import importlib.util
@@ -259,11 +286,24 @@ def main(argv=None) -> int:
     bench_p.add_argument("--new-tokens", type=int, default=8)
     bench_p.add_argument("--out", default="benchmarks/results")
     bench_p.add_argument("--fidelity", action="store_true", help="also measure fidelity (see the fidelity command)")
+    from era_compile.shapes_vqa import evaluate
+
+    ev = sub.add_parser("eval", help="accuracy vs kept tokens per strategy on a trained model (shapes-vqa)")
+    ev.add_argument("benchmark", choices=("shapes-vqa",))
+    ev.add_argument("--questions", type=int, default=1000, help="the first N test questions")
+    ev.add_argument("--layer", type=int, default=2, help="K: the layer pruning happens at")
+    ev.add_argument("--strategies", nargs="+", default=list(evaluate.STRATEGIES))
+    ev.add_argument("--settings", nargs="+", default=list(evaluate.SETTINGS), choices=list(evaluate.SETTINGS))
+    ev.add_argument("--ratios", type=float, nargs="+", default=list(evaluate.KEEP_RATIOS), help="keep ratios")
+    ev.add_argument("--compiler", default="eager", choices=("inductor", "eager"),
+                    help="the inner compiler after the era passes (eager: 60 configurations compile in minutes)")
+    ev.add_argument("--weights", help="a trained model folder (default: the one shipped in the package)")
+    ev.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return {"demo": _demo, "calibrate": _calibrate, "explain": _explain, "bench": _bench,
-                "fidelity": _fidelity}[args.command](args)
+                "fidelity": _fidelity, "eval": _eval}[args.command](args)
     except ValueError as e:  # a bad option value or MODEL: say which, no traceback
         print(f"era-compile: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,127 @@
+"""The shapes-VQA model: LLaVA's architecture at a size a CPU trains in minutes, and its inputs.
+
+``LlavaForConditionalGeneration`` with a CLIP vision tower (96 px, 8 px patches: 144 visual
+tokens, 3 layers of width 96), the two-layer GELU projector, and a Llama of 4 layers, width
+128, 4 heads. The prompt is LLaVA's order: the image first, then the question; the model
+answers with one word.
+
+The trained weights live beside this file (``weights/``) and load with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from era_compile.shapes_vqa import task
+from era_compile.shapes_vqa.tokenizer import WordTokenizer
+
+WEIGHTS = Path(__file__).parent / "weights"
+PATCH = 8
+NUM_VISUAL = (task.IMAGE_SIZE // PATCH) ** 2
+# Every prompt is padded to this length: one shape for every batch, so one compiled graph.
+PROMPT_TOKENS = 1 + NUM_VISUAL + task.MAX_QUESTION_WORDS
+# CLIP's normalisation constants are for natural images; these centre the task's pixels.
+PIXEL_MEAN, PIXEL_STD = 128.0, 64.0
+
+
+def model_config(tokenizer: WordTokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+        tie_word_embeddings=True,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+        image_size=task.IMAGE_SIZE, patch_size=PATCH, projection_dim=96,
+    )
+    config = LlavaConfig(
+        text_config=text, vision_config=vision, image_token_id=tokenizer.image_id,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_model(tokenizer: WordTokenizer, seed: int = 0):
+    """A fresh, randomly initialised model (what training starts from)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(model_config(tokenizer))
+
+
+def load_model(path=WEIGHTS):
+    """The trained model (eval mode, fp32, SDPA) and its tokenizer."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no trained shapes-VQA model at {path} (train one: python -m "
+                                "era_compile.shapes_vqa.train)")
+    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                                          dtype=torch.float32).eval()
+    return model, WordTokenizer.load(path / "vocab.json")
+
+
+def pixel_values(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] images -> float [B, 3, H, W], centred."""
+    stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return (stacked - PIXEL_MEAN) / PIXEL_STD
+
+
+def batch_inputs(samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> Dict[str, torch.Tensor]:
+    """``<bos> <image> x 144 question`` per sample, left-padded (generation's padding side) to
+    ``PROMPT_TOKENS``."""
+    rows: List[List[int]] = [[tokenizer.bos_id] + [tokenizer.image_id] * NUM_VISUAL + tokenizer.encode(s.question)
+                             for s in samples]
+    width = PROMPT_TOKENS
+    input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "pixel_values": pixel_values([s.image for s in samples])}
+
+
+def answer_ids(samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer.ids[s.answer] for s in samples])
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, as ``generate`` counts them for a left-padded prompt."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def answer_logits(forward: Callable, samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> torch.Tensor:
+    """Next-word logits [B, vocab] after each question, from ``forward`` (a model, compiled or not)."""
+    inputs = batch_inputs(samples, tokenizer)
+    out = forward(**inputs, position_ids=position_ids(inputs["attention_mask"]), logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def score(forward: Callable, questions: Sequence[task.Sample], tokenizer: WordTokenizer,
+          batch: int = 100) -> Dict[str, float]:
+    """Accuracy overall (``"all"``) and per question kind. Every batch holds ``batch`` questions
+    (the last is topped up with repeats that are not counted): one input shape, one compiled graph."""
+    right: Dict[str, int] = {}
+    total: Dict[str, int] = {}
+    batch = min(batch, len(questions))
+    for start in range(0, len(questions), batch):
+        chunk = list(questions[start:start + batch])
+        padded = chunk + [chunk[-1]] * (batch - len(chunk))
+        hits = (answer_logits(forward, padded, tokenizer).argmax(-1) == answer_ids(padded, tokenizer))[:len(chunk)]
+        for s, hit in zip(chunk, hits.tolist()):
+            right[s.kind] = right.get(s.kind, 0) + hit
+            total[s.kind] = total.get(s.kind, 0) + 1
+    scores = {kind: right[kind] / total[kind] for kind in sorted(total)}
+    scores["all"] = sum(right.values()) / len(questions)
+    return scores
