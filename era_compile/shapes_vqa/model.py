@@ -28,14 +28,19 @@ PROMPT_TOKENS = 1 + NUM_VISUAL + task.MAX_QUESTION_WORDS
 PIXEL_MEAN, PIXEL_STD = 128.0, 64.0
 
 
-def model_config(tokenizer: WordTokenizer):
+# Weight init std of the language model and projector: HF's 0.02 suits widths near 1000; at width
+# 128 it leaves attention uniform for thousands of steps. About 1/sqrt(128) breaks that early.
+INIT_STD = 0.06
+
+
+def model_config(tokenizer: WordTokenizer, init_std: float = INIT_STD):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=init_std,
     )
     vision = CLIPVisionConfig(
         hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
@@ -44,17 +49,45 @@ def model_config(tokenizer: WordTokenizer):
     config = LlavaConfig(
         text_config=text, vision_config=vision, image_token_id=tokenizer.image_id,
         vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        initializer_range=init_std,
     )
     config._attn_implementation = "sdpa"
     return config
 
 
-def build_model(tokenizer: WordTokenizer, seed: int = 0):
-    """A fresh, randomly initialised model (what training starts from)."""
+def build_model(tokenizer: WordTokenizer, seed: int = 0, init_std: float = INIT_STD):
+    """A fresh, randomly initialised model (what training starts from).
+
+    The vision tower's learned position embeddings start from 2-D sine-cosine values (as MAE
+    initialises ViT) at the scale of the patch embeddings: the questions ask *where*, and
+    CLIP's default init (std 0.02, about a fourteenth of a patch's content) leaves a patch's row and
+    column nearly invisible to the language model for thousands of steps.
+    """
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(model_config(tokenizer))
+    model = LlavaForConditionalGeneration(model_config(tokenizer, init_std))
+    embeddings = model.model.vision_tower.embeddings
+    with torch.no_grad():
+        patches = embeddings.position_embedding.weight[1:]  # row 0 is the class token's
+        patches.copy_(_sincos_2d(task.IMAGE_SIZE // PATCH, patches.shape[1]) * POSITION_SCALE)
+    return model
+
+
+# std of a patch's content embedding at init: CLIP's 0.02 x sqrt(3 x 8 x 8 inputs) x pixel scale ~1
+POSITION_SCALE = 0.3
+
+
+def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] 2-D sine-cosine position codes, row-major: half the channels code the row,
+    half the column, each as sines and cosines of geometrically spaced frequencies."""
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    codes = [f(axis.reshape(-1, 1) * freqs) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
+    out = torch.cat(codes, dim=1)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
 
 
 def load_model(path=WEIGHTS):

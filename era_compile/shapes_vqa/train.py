@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from era_compile.shapes_vqa import task
-from era_compile.shapes_vqa.model import NUM_VISUAL, build_model, pixel_values, position_ids, score
+from era_compile.shapes_vqa.model import INIT_STD, NUM_VISUAL, build_model, pixel_values, position_ids, score
 from era_compile.shapes_vqa.tokenizer import WordTokenizer
 
 
@@ -80,7 +80,7 @@ def training_batch(samples, tokenizer: WordTokenizer, extra: int, rng: np.random
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     tokenizer = WordTokenizer.for_task()
-    model = build_model(tokenizer, seed=args.seed)
+    model = build_model(tokenizer, seed=args.seed, init_std=args.init_std)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
@@ -131,7 +131,7 @@ def train(args: argparse.Namespace) -> dict:
     record = {
         "command": "python -m era_compile.shapes_vqa.train " + " ".join(sys.argv[1:]),
         "seed": args.seed, "steps": step + 1, "batch": args.batch, "extra_questions": args.extra_questions,
-        "lr": args.lr, "train_seconds": seconds,
+        "lr": args.lr, "init_std": args.init_std, "train_seconds": seconds,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -146,8 +146,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--extra-questions", type=int, default=3, help="more questions per training image")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--extra-questions", type=int, default=8, help="more questions per training image")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--init-std", type=float, default=INIT_STD, help="weight init std of the language model")
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
