@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Floor on the pivot d_j^2 before the square root: round-off can make it slightly
-# negative once the kernel's numerical rank is exhausted (section 2.4, [prop]).
+# Floor on the pivot d_j^2: at or below it the kernel's numerical rank is exhausted (round-off
+# can even make it negative, section 2.4 [prop]); dividing by it would blow the factor rows up
+# until they overflow, so the remaining picks go by quality L_ii instead.
 PIVOT_FLOOR = 1e-10
 
 
@@ -57,16 +58,22 @@ def greedy_map(kernel: Tensor, k: int) -> Tensor:
 
 def _host_greedy(kernel: np.ndarray, k: int) -> list:
     """Section 2.4 for one kernel [N, N] on the host: the picks in order."""
-    gains = np.diagonal(kernel).copy()
+    quality = np.diagonal(kernel).copy()
+    gains = quality.copy()
+    picked = np.zeros(gains.shape[0], dtype=bool)
     factor = np.zeros((k, gains.shape[0]), dtype=gains.dtype)  # row t holds e_i of step t
     chosen = []
     for t in range(k):
         j = int(gains.argmax())
+        if gains[j] > PIVOT_FLOOR:
+            e = kernel[j] - np.einsum("t,tn->n", factor[:t, j], factor[:t])  # L[j, :] - <c_j, c_i>
+            e /= math.sqrt(float(gains[j]))
+            factor[t] = e
+            gains -= e * e
+        else:  # numerical rank exhausted: no gain is measurable, take the best remaining quality
+            j = int(np.where(picked, -np.inf, quality).argmax())
         chosen.append(j)
-        e = kernel[j] - np.einsum("t,tn->n", factor[:t, j], factor[:t])  # L[j, :] - <c_j, c_i>
-        e /= math.sqrt(max(float(gains[j]), PIVOT_FLOOR))
-        factor[t] = e
-        gains -= e * e
+        picked[j] = True
         gains[j] = -math.inf  # never pick j again
     return chosen
 
@@ -76,16 +83,22 @@ def _batched_greedy(gains: Tensor, rows: Callable[[Tensor], Tensor], k: int) -> 
     num, n = gains.shape
     if k == 0 or num == 0:
         return torch.empty(num, k, dtype=torch.int64, device=gains.device)
+    quality = gains.clone()
+    picked = torch.zeros(num, n, dtype=torch.bool, device=gains.device)
     factor = gains.new_zeros(num, k, n)  # row t holds e_i of step t: the c_i are its columns
     chosen = []
     for t in range(k):
-        j = gains.argmax(dim=-1, keepdim=True)  # [num, 1]
+        best, j = gains.max(dim=-1, keepdim=True)  # [num, 1]
+        # numerical rank exhausted: no gain is measurable, take the best remaining quality
+        exhausted = ~(best > PIVOT_FLOOR)
+        j = torch.where(exhausted, quality.masked_fill(picked, -math.inf).argmax(dim=-1, keepdim=True), j)
         chosen.append(j)
         row = rows(j)
         if t:
             c_j = factor[:, :t].gather(2, j.unsqueeze(1).expand(num, t, 1))  # [num, t, 1]
             row = row - torch.bmm(c_j.transpose(1, 2), factor[:, :t]).squeeze(1)
-        e = row / gains.gather(1, j).clamp_min(PIVOT_FLOOR).sqrt()
+        e = (row / gains.gather(1, j).clamp_min(PIVOT_FLOOR).sqrt()).masked_fill(exhausted, 0.0)
         factor[:, t] = e
         gains = gains.addcmul(e, e, value=-1.0).scatter(1, j, -math.inf)
+        picked = picked.scatter(1, j, True)
     return torch.cat(chosen, dim=1)
