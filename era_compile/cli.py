@@ -210,9 +210,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     from era_compile import bench
     from era_compile.shapes_vqa import evaluate
-    from era_compile.shapes_vqa.model import load_model
+    from era_compile.shapes_vqa.model import WEIGHTS, load_model
 
-    model, tokenizer = load_model(args.weights) if args.weights else load_model()
+    model, tokenizer = load_model(args.weights or WEIGHTS)
     total = 1 + len(args.strategies) * len(args.settings) * len(args.ratios)
     with bench.progress_bar(total, "eval shapes-vqa") as tick:
         record = evaluate.run_eval(model, tokenizer, questions=args.questions, layer=args.layer,

@@ -13,7 +13,6 @@ configuration that would run unpruned fails loudly instead of scoring as the unp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -27,16 +26,6 @@ STRATEGIES = ("era", "entropyprune", "fastv", "divprune", "random")
 SETTINGS = {"prune": (False, False), "recycle": (True, False), "era": (True, True)}
 TITLES = {"prune": "pruning only", "recycle": "+ recycling (BTR)", "era": "+ rectification (BTR + LAR)"}
 KEEP_RATIOS = (0.5, 0.25, 0.11, 0.05)
-
-
-@dataclass(frozen=True)
-class Method:
-    strategy: str
-    setting: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.strategy}/{self.setting}"
 
 
 def kept_tokens(ratio: float) -> int:

@@ -109,19 +109,27 @@ def pixel_values(images: Sequence[np.ndarray]) -> torch.Tensor:
     return (stacked - PIXEL_MEAN) / PIXEL_STD
 
 
-def batch_inputs(samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> Dict[str, torch.Tensor]:
-    """``<bos> <image> x 144 question`` per sample, left-padded (generation's padding side) to
-    ``PROMPT_TOKENS``."""
-    rows: List[List[int]] = [[tokenizer.bos_id] + [tokenizer.image_id] * NUM_VISUAL + tokenizer.encode(s.question)
-                             for s in samples]
-    width = PROMPT_TOKENS
-    input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+def prompt_ids(question: str, tokenizer: WordTokenizer) -> List[int]:
+    """``<bos> <image> x 144 question``: LLaVA's order, the image first."""
+    return [tokenizer.bos_id] + [tokenizer.image_id] * NUM_VISUAL + tokenizer.encode(question)
+
+
+def left_padded(rows: Sequence[List[int]], width: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` [len(rows), width], each row padded on the left
+    (generation's padding side)."""
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, width - len(row):] = torch.tensor(row)
         attention_mask[i, width - len(row):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "pixel_values": pixel_values([s.image for s in samples])}
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def batch_inputs(samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> Dict[str, torch.Tensor]:
+    """Each sample's prompt, left-padded to ``PROMPT_TOKENS``, and its image."""
+    inputs = left_padded([prompt_ids(s.question, tokenizer) for s in samples], PROMPT_TOKENS, tokenizer.pad_id)
+    inputs["pixel_values"] = pixel_values([s.image for s in samples])
+    return inputs
 
 
 def answer_ids(samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> torch.Tensor:

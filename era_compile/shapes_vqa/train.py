@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from era_compile.shapes_vqa import task
-from era_compile.shapes_vqa.model import INIT_STD, NUM_VISUAL, build_model, pixel_values, position_ids, score
+from era_compile.shapes_vqa.model import (INIT_STD, build_model, left_padded, pixel_values, position_ids, prompt_ids,
+                                          score)
 from era_compile.shapes_vqa.tokenizer import WordTokenizer
 
 
@@ -54,26 +55,21 @@ def training_batch(samples, tokenizer: WordTokenizer, extra: int, rng: np.random
         for _ in range(extra):
             pairs = found[kinds[rng.integers(len(kinds))]]
             asked.append(pairs[rng.integers(len(pairs))])
-        ids = [tokenizer.bos_id] + [tokenizer.image_id] * NUM_VISUAL
+        ids = prompt_ids(asked[0][0], tokenizer)
         answers = []
-        for question, answer in asked:
-            ids += tokenizer.encode(question)
+        for i, (question, answer) in enumerate(asked):
+            if i:
+                ids += tokenizer.encode(question)
             answers.append((len(ids) - 1, tokenizer.ids[answer]))
             ids.append(tokenizer.ids[answer])
         rows.append(ids)
         targets.append(answers)
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    where, labels = [], []
-    for i, (row, answers) in enumerate(zip(rows, targets)):
-        pad = width - len(row)
-        input_ids[i, pad:] = torch.tensor(row)
-        attention_mask[i, pad:] = 1
-        where += [(i, pad + position) for position, _ in answers]
-        labels += [answer for _, answer in answers]
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "pixel_values": pixel_values([s.image for s in samples])}
+    inputs = left_padded(rows, width, tokenizer.pad_id)
+    inputs["pixel_values"] = pixel_values([s.image for s in samples])
+    where = [(i, width - len(row) + position) for i, (row, answers) in enumerate(zip(rows, targets))
+             for position, _ in answers]
+    labels = [answer for answers in targets for _, answer in answers]
     return inputs, torch.tensor(where), torch.tensor(labels)
 
 
