@@ -140,17 +140,17 @@ def train(args: argparse.Namespace) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "weights"))
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3400)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--extra-questions", type=int, default=8, help="more questions per training image")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--init-std", type=float, default=INIT_STD, help="weight init std of the language model")
-    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--val-samples", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--val-samples", type=int, default=300)
     p.add_argument("--test-samples", type=int, default=2000)
-    p.add_argument("--max-minutes", type=float, default=55.0, help="stop after the evaluation past this time")
+    p.add_argument("--max-minutes", type=float, default=56.0, help="stop after the evaluation past this time")
     return p
 
 
