@@ -64,7 +64,7 @@ def dual_view_features(x: Tensor, y: Tensor, beta: float, quality: Optional[Tens
     One scaled multiply per view, written into one buffer (no normalised copies, no concatenation).
     """
     if x.dim() != 3 or y.dim() != 3 or x.shape[:2] != y.shape[:2]:
-        raise ValueError(f"dual_view_similarity: need X [B, T, D], Y [B, T, H], got "
+        raise ValueError(f"dual_view_features: need X [B, T, D], Y [B, T, H], got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     dtype = _compute_dtype(x, y)
     d = x.shape[-1]
