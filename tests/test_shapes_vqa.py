@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from era_compile.shapes_vqa import task
 from era_compile.shapes_vqa.tokenizer import WordTokenizer
@@ -85,6 +86,63 @@ def test_tokenizer_covers_every_question_and_answer():
         WordTokenizer(["a", "b"])
 
 
+# --------------------------------------------------------------------------- training
+
+
+def test_dense_training_labels_agree_with_the_pixels():
+    from era_compile.shapes_vqa.model import PATCH
+    from era_compile.shapes_vqa.train import patch_targets
+
+    samples = task.samples("train", 0, 60)
+    centre, cover = patch_targets(samples)
+    grid = task.IMAGE_SIZE // PATCH
+    for s, centres, covers in zip(samples, centre, cover):
+        assert (centres > 0).sum() == len(s.shapes)
+        for patch in range(grid * grid):
+            row, col = divmod(patch, grid)
+            pixels = s.image[row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH]
+            most = max(task.COLOURS, key=lambda c: _colour_pixels(pixels, c).sum())
+            covered = _colour_pixels(pixels, most).sum() >= PATCH * PATCH // 8
+            assert (covers[patch] > 0) == covered, (patch, s.shapes)
+            for label in {int(covers[patch]), int(centres[patch])} - {0}:
+                colour, shape = divmod(label - 1, len(task.SHAPES))
+                assert list(task.COLOURS)[colour] == most
+                # the shape, from the whole object's pixels in its cell
+                cell = (row // (task.CELL // PATCH)) * task.GRID + col // (task.CELL // PATCH)
+                r, c = divmod(cell, task.GRID)
+                region = s.image[r * task.CELL:(r + 1) * task.CELL, c * task.CELL:(c + 1) * task.CELL]
+                assert task.SHAPES[shape] == _shape_from_pixels(_colour_pixels(region, most))
+
+
+def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A run stopped by --max-minutes and resumed runs only the steps left, and ends with the
+    weights of one that ran through."""
+    from safetensors.torch import load_file
+
+    from era_compile.shapes_vqa import train as training
+    from era_compile.shapes_vqa.train import parser, train
+
+    tiny = ["--batch", "2", "--vision-batch", "2", "--vision-steps", "2", "--steps", "4", "--warmup", "2",
+            "--eval-every", "2", "--val-samples", "4", "--test-samples", "4", "--extra-questions", "1"]
+    train(parser().parse_args(tiny + ["--out", str(tmp_path / "through")]))
+    stopped = train(parser().parse_args(tiny + ["--out", str(tmp_path / "resumed"), "--max-minutes", "0"]))
+    assert stopped["steps"] == 2 and (tmp_path / "resumed" / "checkpoint.pt").is_file()
+    original, batches = training.training_batch, []
+
+    def counted(*args):
+        batches.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(training, "training_batch", counted)
+    resumed = train(parser().parse_args(tiny + ["--out", str(tmp_path / "resumed"), "--resume"]))
+    assert len(batches) == 2 and resumed["steps"] == 4 and not (tmp_path / "resumed" / "checkpoint.pt").exists()
+    through = load_file(tmp_path / "through" / "model.safetensors")
+    after = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert through.keys() == after.keys()
+    for name in through:
+        assert torch.equal(through[name], after[name]), name
+
+
 # --------------------------------------------------------------------------- the committed model and eval
 
 
@@ -105,7 +163,7 @@ def test_committed_model_keeps_its_recorded_accuracy(trained):
     record = json.loads((WEIGHTS / "training.json").read_text())
     measured = accuracy(model, tokenizer, "test", SLICE)["all"]
     assert abs(measured - record[f"test_first_{SLICE}"]) <= 0.01
-    assert measured > 0.4  # well above chance (0.2 to 0.5 per kind): the weights are trained ones
+    assert record["test"]["all"] >= 0.9 and record["test_samples"] >= 1000  # the issue's bar, unpruned
 
 
 def test_eval_runs_through_the_backend_and_matches_the_eager_reference(trained, tmp_path, capsys):
