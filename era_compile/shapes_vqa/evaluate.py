@@ -13,6 +13,7 @@ configuration that would run unpruned fails loudly instead of scoring as the unp
 
 from __future__ import annotations
 
+import time
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -41,6 +42,7 @@ def run_eval(model, tokenizer, *, questions: int = 1000, layer: int = 2, strateg
             raise ValueError(f"setting must be one of {list(SETTINGS)}, got {name!r}")
     if questions < 1:
         raise ValueError(f"questions must be >= 1, got {questions}")
+    started = time.time()
     data = task.samples("test", 0, questions)
     unpruned = score(model, data, tokenizer, batch)
     if progress:
@@ -61,8 +63,11 @@ def run_eval(model, tokenizer, *, questions: int = 1000, layer: int = 2, strateg
                 if progress:
                     progress()
     torch._dynamo.reset()
+    import transformers
+
     return {"questions": questions, "layer": layer, "visual_tokens": NUM_VISUAL, "compiler": compiler,
-            "unpruned": unpruned, "results": results}
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "seconds": round(time.time() - started, 1), "unpruned": unpruned, "results": results}
 
 
 def table(record: dict) -> str:
