@@ -223,7 +223,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(evaluate.table(record))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"eval-{args.benchmark}"
+    stem = out / f"eval-{args.benchmark}-k{args.layer}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {stem}.json")
     _plot(evaluate.plot, record, f"{stem}.png")

@@ -177,10 +177,10 @@ def test_eval_runs_through_the_backend_and_matches_the_eager_reference(trained, 
     code = main(["eval", "shapes-vqa", "--questions", "40", "--strategies", "era", "fastv", "--settings", "prune",
                  "era", "--ratios", "0.25", "--out", str(tmp_path)])
     assert code == 0
-    record = json.loads((tmp_path / "eval-shapes-vqa.json").read_text())
+    record = json.loads((tmp_path / "eval-shapes-vqa-k2.json").read_text())
     assert [(r["strategy"], r["setting"], r["kept"]) for r in record["results"]] == [
         ("era", "prune", 36), ("era", "era", 36), ("fastv", "prune", 36), ("fastv", "era", 36)]
-    assert (tmp_path / "eval-shapes-vqa.png").stat().st_size > 0
+    assert (tmp_path / "eval-shapes-vqa-k2.png").stat().st_size > 0
     assert "| era / era |" in capsys.readouterr().out
     # the compiled accuracy is the eager reference's, same algorithm, same questions
     model, tokenizer = trained

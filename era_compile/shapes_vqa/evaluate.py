@@ -110,6 +110,8 @@ def plot(record: dict, path: str) -> List[str]:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"accuracy (%), {record['questions']} test questions")
     axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"shapes-VQA: pruning at layer {record['layer']}, unpruned {100 * record['unpruned']['all']:.1f}%",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
