@@ -30,24 +30,31 @@ class ZooEntry:
     benchmark: bool = False  # a benchmark shape, not another architecture (not in the support matrix)
 
 
+def llava_config(text: dict, vision: dict, image_token_id: int = IMAGE_TOKEN_ID, vision_feature_layer: int = -2,
+                 **extra):
+    """A ``LlavaConfig`` as LLaVA-1.5 has it (Llama text model, CLIP tower, GELU projector, SDPA
+    attention), from the fields of the two towers."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    config = LlavaConfig(text_config=LlamaConfig(**text), vision_config=CLIPVisionConfig(**vision),
+                         image_token_id=image_token_id, vision_feature_layer=vision_feature_layer,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu", **extra)
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def _tiny_llava(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                 image_size: int = 48, patch: int = 8, intermediate: int = 0, sharpen: bool = True):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    text = LlamaConfig(
-        vocab_size=256, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    config = llava_config(
+        text=dict(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        # a small tower: the language model is what pruning speeds up
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=image_size, patch_size=patch, projection_dim=32),
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=patch, projection_dim=32,
-    )  # a small tower: the language model is what pruning speeds up
-    config = LlavaConfig(
-        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-    )
-    config._attn_implementation = "sdpa"
     model = LlavaForConditionalGeneration(config).eval()
     if sharpen:
         _sharpen_attention(model)
@@ -64,19 +71,17 @@ def _llava_bench():
 def _llava_7b_shape():
     """LLaVA-1.5-7B's exact shapes: CLIP ViT-L/14-336 (24 x 1024) and a 32-layer, 4096-wide Llama
     (32 heads, MLP 11008, vocabulary 32064), random weights created on the GPU in bf16."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     if not torch.cuda.is_available():
         raise ValueError("zoo model 'llava-7b-shape' needs a CUDA device (7B parameters, created on the GPU in bf16)")
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu")
-    config._attn_implementation = "sdpa"
+    config = llava_config(
+        text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768),
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # created in bf16: a float32 copy would be 28 GB
     try:

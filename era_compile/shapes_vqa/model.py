@@ -34,25 +34,17 @@ INIT_STD = 0.06
 
 
 def model_config(tokenizer: WordTokenizer, init_std: float = INIT_STD):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from era_compile.zoo import llava_config
 
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-        tie_word_embeddings=True, initializer_range=init_std,
+    return llava_config(
+        text=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                  bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                  tie_word_embeddings=True, initializer_range=init_std),
+        vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                    image_size=task.IMAGE_SIZE, patch_size=PATCH, projection_dim=96),
+        image_token_id=tokenizer.image_id, vision_feature_layer=-1, initializer_range=init_std,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-        image_size=task.IMAGE_SIZE, patch_size=PATCH, projection_dim=96,
-    )
-    config = LlavaConfig(
-        text_config=text, vision_config=vision, image_token_id=tokenizer.image_id,
-        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        initializer_range=init_std,
-    )
-    config._attn_implementation = "sdpa"
-    return config
 
 
 def build_model(tokenizer: WordTokenizer, seed: int = 0, init_std: float = INIT_STD):
