@@ -90,12 +90,11 @@ def test_tokenizer_covers_every_question_and_answer():
 
 
 def test_dense_training_labels_agree_with_the_pixels():
-    from era_compile.shapes_vqa.model import PATCH
+    from era_compile.shapes_vqa.model import PATCH, PATCH_GRID as grid
     from era_compile.shapes_vqa.train import patch_targets
 
     samples = task.samples("train", 0, 60)
     centre, cover = patch_targets(samples)
-    grid = task.IMAGE_SIZE // PATCH
     for s, centres, covers in zip(samples, centre, cover):
         assert (centres > 0).sum() == len(s.shapes)
         for patch in range(grid * grid):

@@ -21,7 +21,8 @@ from era_compile.shapes_vqa.tokenizer import WordTokenizer
 
 WEIGHTS = Path(__file__).parent / "weights"
 PATCH = 8
-NUM_VISUAL = (task.IMAGE_SIZE // PATCH) ** 2
+PATCH_GRID = task.IMAGE_SIZE // PATCH  # patches per side
+NUM_VISUAL = PATCH_GRID ** 2
 # Every prompt is padded to this length: one shape for every batch, so one compiled graph.
 PROMPT_TOKENS = 1 + NUM_VISUAL + task.MAX_QUESTION_WORDS
 # CLIP's normalisation constants are for natural images; these centre the task's pixels.
@@ -31,6 +32,9 @@ PIXEL_MEAN, PIXEL_STD = 128.0, 64.0
 # Weight init std of the language model and projector: HF's 0.02 suits widths near 1000; at width
 # 128 it leaves attention uniform for thousands of steps. About 1/sqrt(128) breaks that early.
 INIT_STD = 0.06
+# Scale of the vision tower's initial sine-cosine position codes: the std of a patch's content
+# embedding at init (CLIP's 0.02 x sqrt(3 x 8 x 8 inputs) x pixel scale ~1).
+POSITION_SCALE = 0.3
 
 
 def model_config(tokenizer: WordTokenizer, init_std: float = INIT_STD):
@@ -62,12 +66,8 @@ def build_model(tokenizer: WordTokenizer, seed: int = 0, init_std: float = INIT_
     embeddings = model.model.vision_tower.embeddings
     with torch.no_grad():
         patches = embeddings.position_embedding.weight[1:]  # row 0 is the class token's
-        patches.copy_(_sincos_2d(task.IMAGE_SIZE // PATCH, patches.shape[1]) * POSITION_SCALE)
+        patches.copy_(_sincos_2d(PATCH_GRID, patches.shape[1]) * POSITION_SCALE)
     return model
-
-
-# std of a patch's content embedding at init: CLIP's 0.02 x sqrt(3 x 8 x 8 inputs) x pixel scale ~1
-POSITION_SCALE = 0.3
 
 
 def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
