@@ -59,8 +59,7 @@ def greedy_map(kernel: Tensor, k: int) -> Tensor:
 def _host_greedy(kernel: np.ndarray, k: int) -> list:
     """Section 2.4 for one kernel [N, N] on the host: the picks in order."""
     quality = np.diagonal(kernel).copy()
-    gains = quality.copy()
-    picked = np.zeros(gains.shape[0], dtype=bool)
+    gains = quality.copy()  # a picked item's gain is -inf: the mark of what is taken
     factor = np.zeros((k, gains.shape[0]), dtype=gains.dtype)  # row t holds e_i of step t
     chosen = []
     for t in range(k):
@@ -71,9 +70,8 @@ def _host_greedy(kernel: np.ndarray, k: int) -> list:
             factor[t] = e
             gains -= e * e
         else:  # numerical rank exhausted: no gain is measurable, take the best remaining quality
-            j = int(np.where(picked, -np.inf, quality).argmax())
+            j = int(np.where(gains == -math.inf, -math.inf, quality).argmax())
         chosen.append(j)
-        picked[j] = True
         gains[j] = -math.inf  # never pick j again
     return chosen
 
@@ -83,15 +81,15 @@ def _batched_greedy(gains: Tensor, rows: Callable[[Tensor], Tensor], k: int) -> 
     num, n = gains.shape
     if k == 0 or num == 0:
         return torch.empty(num, k, dtype=torch.int64, device=gains.device)
-    quality = gains.clone()
-    picked = torch.zeros(num, n, dtype=torch.bool, device=gains.device)
+    quality = gains.clone()  # a picked item's gain is -inf: the mark of what is taken
     factor = gains.new_zeros(num, k, n)  # row t holds e_i of step t: the c_i are its columns
     chosen = []
     for t in range(k):
         best, j = gains.max(dim=-1, keepdim=True)  # [num, 1]
         # numerical rank exhausted: no gain is measurable, take the best remaining quality
         exhausted = ~(best > PIVOT_FLOOR)
-        j = torch.where(exhausted, quality.masked_fill(picked, -math.inf).argmax(dim=-1, keepdim=True), j)
+        by_quality = quality.masked_fill(gains == -math.inf, -math.inf).argmax(dim=-1, keepdim=True)
+        j = torch.where(exhausted, by_quality, j)
         chosen.append(j)
         row = rows(j)
         if t:
@@ -100,5 +98,4 @@ def _batched_greedy(gains: Tensor, rows: Callable[[Tensor], Tensor], k: int) -> 
         e = (row / gains.gather(1, j).clamp_min(PIVOT_FLOOR).sqrt()).masked_fill(exhausted, 0.0)
         factor[:, t] = e
         gains = gains.addcmul(e, e, value=-1.0).scatter(1, j, -math.inf)
-        picked = picked.scatter(1, j, True)
     return torch.cat(chosen, dim=1)
