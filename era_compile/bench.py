@@ -35,6 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from era_compile.backend import make_era_backend
+from era_compile.compat import output_cache
 from era_compile.config import ERAConfig
 from era_compile.reference import EagerReference
 
@@ -163,7 +164,7 @@ def linear_throughput(model, rows: int, *, repeats: int = 10) -> float:
 
 
 def kv_cache_bytes(model, inputs: dict) -> int:
-    cache = _generate(model, inputs, 1).past_key_values
+    cache = output_cache(_generate(model, inputs, 1))
     return int(sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
 
 

@@ -29,6 +29,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from era_compile.algorithms import run_strategy
 from era_compile.algorithms.btr import recycle as btr_recycle
 from era_compile.algorithms.sequence import assemble, gather_rows, visual_positions
+from era_compile.compat import cache_kwarg
 from era_compile.config import ERAConfig
 from era_compile.ops.attention import default_scale
 from era_compile.ops.prune import selection_inputs
@@ -141,7 +142,8 @@ class EagerReference:
         if K == 0:  # layer 0's queries and keys on the unpruned input, cache untouched
             self._capture = 0
             module.self_attn(hidden_states=module.input_layernorm(hidden), attention_mask=kwargs.get("attention_mask"),
-                             position_embeddings=kwargs["position_embeddings"], past_key_values=None)
+                             position_embeddings=kwargs["position_embeddings"],
+                             **{cache_kwarg(module.self_attn.forward): None})
         query, key, attn_mask, scaling = self._seen
         self._capture = None
         T = int(self._visual_mask[0].sum())

@@ -9,6 +9,7 @@ import torch
 from conftest import build, compiled_forward, generate_matches_reference
 
 from era_compile import ERAConfig, zoo
+from era_compile.compat import output_cache
 from era_compile.reference import EagerReference
 
 TOL = 1e-4  # fp32, compiled vs eager reference (issue 2)
@@ -54,7 +55,7 @@ def test_kv_cache_of_pruned_layers_holds_kept_length():
     out, report = compiled_forward(model, inputs, config)
     N = inputs["input_ids"].shape[1]
     n_after = report.pruning[0].seq_len_after
-    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] for layer in output_cache(out).layers]
     assert lengths == [n_after] * 4
     assert n_after < N
 
@@ -66,7 +67,7 @@ def test_kv_cache_with_a_mask_is_aligned_to_original_positions():
     config = ERAConfig(keep_ratio=0.25, layer=2, compiler="eager", strict=True)
     out, report = compiled_forward(model, inputs, config)
     N, n_after = report.pruning[0].seq_len_before, report.pruning[0].seq_len_after
-    for layer in out.past_key_values.layers[2:]:
+    for layer in output_cache(out).layers[2:]:
         zero_rows = (layer.keys == 0).all(-1).all(1)  # [B, N]
         assert layer.keys.shape[-2] == N and int(zero_rows.sum()) == N - n_after
 
