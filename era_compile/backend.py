@@ -15,17 +15,19 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
 import era_compile.ops  # noqa: F401  (registers torch.ops.era.*)
 from era_compile.config import ERAConfig
-from era_compile.passes.graph import CarriedVisual, PassContext, PassError, is_masked_scatter
-from era_compile.passes.pipeline import run_pipeline
+from era_compile.passes.graph_pass import PassError
+from era_compile.passes.kinds import GraphKind
+from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
+from era_compile.passes.records import CacheBiasRead, CarriedVisual, PruneSite, RectifiedAttention
 from era_compile.report import PruningEntry, Report, logger, set_last
-from era_compile.runtime import Handoff, Runtime, plan_for
+from era_compile.runtime import CarriedVariants, Runtime, plan_for
 
 
 class EraCompileError(RuntimeError):
@@ -59,90 +61,103 @@ class EraBackend:
         set_last(self.report)
         _dump(gm, index, "before", self.config)
         example_inputs = list(example_inputs)
-        receivers = [] if any(is_masked_scatter(n) for n in gm.graph.nodes) else _receivers(example_inputs)
+        start = time.perf_counter()
+        try:
+            prepared = prepare(gm, self.config, index, example_inputs)
+        except Exception as e:  # normalising or classifying failed: a bug of ours, never the user's model
+            return self._fall_back(gm, example_inputs, index, f"pruning did not happen: internal error "
+                                   f"{type(e).__name__}: {e}", e)
+        finally:
+            self.report.compile_seconds += time.perf_counter() - start
+        receivers = _receivers(example_inputs) if prepared.kind.may_receive_embeddings else []
         if not receivers:
-            return self._compile(gm, example_inputs, index)
+            return self._compile(gm, prepared, example_inputs)
 
         # Embeddings merged in an earlier graph may arrive here: one variant per carried mask's T
-        def build(args: List[Any], carried: Optional[Tuple[int, Handoff]]) -> Callable:
-            if carried is None:
-                return self._compile(gm, args, index)
-            i, handoff = carried
-            return self._compile(gm, args, index, CarriedVisual(i, handoff.mask, handoff.num_visual))
+        def build(args: List[Any], carried: Optional[CarriedVisual]) -> Callable:
+            return self._compile(gm, prepared, args, carried)
 
-        return self.runtime.dispatch(receivers, build, example_inputs)
+        return CarriedVariants(self.runtime, index, receivers, build, example_inputs)
 
     # ------------------------------------------------------------------ internals
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: List[Any], index: int,
+    def _compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
                  carried: Optional[CarriedVisual] = None) -> Callable:
         start = time.perf_counter()
         try:
-            return self._rewrite_and_compile(gm, example_inputs, index, carried)
+            return self._rewrite_and_compile(gm, prepared, example_inputs, carried)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
 
-    def _rewrite_and_compile(self, gm: fx.GraphModule, example_inputs: List[Any], index: int,
+    def _rewrite_and_compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
                              carried: Optional[CarriedVisual]) -> Callable:
-        work = _copy(gm)
-        ctx = PassContext(self.config, list(example_inputs), graph_index=index, carried=carried)
+        index = prepared.graph_index
+        label = f"graph{index}" if carried is None else f"graph{index}_T{carried.num_visual}"
         try:
-            results = run_pipeline(work, ctx)
+            result = run_passes(prepared, self.config, example_inputs, carried, dump_name=label)
         except PassError as e:
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e)
         except Exception as e:  # a bug of ours must not take the user's model down with it
             return self._fall_back(gm, example_inputs, index,
                                    f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
 
-        self.report.passes.append({"graph": index, **{r.name: dict(r.counts, skipped=r.skipped) for r in results}})
-        plan = plan_for(ctx, self.config, work)
-        site = ctx.prune_site
-        changed = any(r.changed for r in results if r.name != "span")
-        if not changed:
-            reason = next((r.skipped for r in results if r.skipped), "nothing to prune")
-            self._skip(index, reason)
+        entry = {"graph": index, "kind": result.kind.value, **result.counts()}
+        if carried is not None:
+            entry["carried_visual_tokens"] = carried.num_visual
+        self.report.passes.append(entry)
+        plan = plan_for(result.kind, result.records, self.config, result.gm, example_inputs,
+                        result.added_inputs, index)
+        if not result.changed:
+            self._skip(index, _unchanged_reason(result))
             return self.runtime.wrap(self._inner(gm, example_inputs), plan)
 
-        _dump(work, index, "after", self.config)
+        _dump(result.gm, index, "after", self.config)
         try:
-            compiled = self._inner(work, ctx.example_inputs)
+            compiled = self._inner(result.gm, result.example_inputs)
         except Exception as e:  # the inner compiler rejected the rewritten graph
             return self._fall_back(gm, example_inputs, index,
                                    f"the rewritten graph failed to compile ({type(e).__name__}: {e}); "
                                    "pruning did not happen", e)
-        counts = {r.name: r.counts for r in results}
-        if ctx.kernel:
-            self.report.kernel = ctx.kernel
-        if ctx.handoff_output is not None:
+        self._account(result, index)
+        return self.runtime.wrap(compiled, plan)
+
+    def _account(self, result: PipelineResult, index: int) -> None:
+        """Report what a rewritten graph does, by its kind."""
+        rectified = result.record(RectifiedAttention) or result.record(CacheBiasRead)
+        if rectified is not None and rectified.kernel:
+            self.report.kernel = rectified.kernel
+        if result.kind is GraphKind.HANDOFF:
             self.report.handoffs += 1
-            logger.info("graph %d: merges %d visual tokens per sample but runs no decoder layer: their mask is "
-                        "handed on with the merged embeddings", index, ctx.span.num_visual)
-            return self.runtime.wrap(compiled, plan)
-        if site is None:
-            rewrites = counts.get("decode", {}).get("attention_rewrites", 0)
+            logger.info("graph %d: merges visual tokens but runs no decoder layer: their mask is handed on with "
+                        "the merged embeddings", index)
+        elif result.kind is GraphKind.DECODE:
+            rewrites = len(rectified.calls) if rectified is not None else 0
             self.report.decode_rewrites += rewrites
             logger.info("graph %d: %d attention calls over a cache read the anchors' bias", index, rewrites)
-            return self.runtime.wrap(compiled, plan)
-        rewrites = counts.get("attention", {}).get("attention_rewrites", 0)
-        self.report.pruning.append(PruningEntry(index, site.layer, site.visual_tokens, site.kept,
-                                                site.seq_len_before, site.seq_len_after))
-        self.report.attention_rewrites += rewrites
-        logger.info("graph %d: pruned at layer %d, %d -> %d visual tokens, sequence %d -> %d, "
-                    "%d attention calls rectified (%s)", index, site.layer, site.visual_tokens, site.kept,
-                    site.seq_len_before, site.seq_len_after, rewrites, ctx.kernel or "no bias")
-        return self.runtime.wrap(compiled, plan)
+        else:
+            site = result.record(PruneSite)
+            rewrites = len(rectified.calls) if rectified is not None else 0
+            self.report.pruning.append(PruningEntry(index, site.layer, site.visual_tokens, site.kept,
+                                                    site.seq_len_before, site.seq_len_after))
+            self.report.attention_rewrites += rewrites
+            logger.info("graph %d: pruned at layer %d, %d -> %d visual tokens, sequence %d -> %d, "
+                        "%d attention calls rectified (%s)", index, site.layer, site.visual_tokens, site.kept,
+                        site.seq_len_before, site.seq_len_after, rewrites,
+                        rectified.kernel if rectified is not None and rectified.kernel else "no bias")
 
     def _skip(self, index: int, reason: str) -> None:
         self.report.skipped.append(f"graph {index}: {reason}")
         logger.info("graph %d: left unchanged: %s", index, reason)
 
     def _fall_back(self, gm, example_inputs, index: int, reason: str, error: Exception) -> Callable:
+        """The graph as Dynamo gave it, loudly; the runtime still watches its cached keys."""
         if self.config.strict:
             raise EraCompileError(f"era_compile, graph {index}: {reason}") from error
         self.report.skipped.append(f"graph {index}: {reason}")
         warnings.warn(f"era_compile, graph {index}: {reason}; running it unpruned", RuntimeWarning, stacklevel=3)
         logger.warning("graph %d: %s; running it unpruned", index, reason)
-        return self._inner(gm, example_inputs)
+        plan = plan_for(GraphKind.TEXT, {}, self.config, gm, example_inputs, (), index)
+        return self.runtime.wrap(self._inner(gm, example_inputs), plan)
 
     def _inner(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         if self.config.compiler == "eager":
@@ -150,6 +165,12 @@ class EraBackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
+
+
+def _unchanged_reason(result: PipelineResult) -> str:
+    if result.kind is GraphKind.TEXT:
+        return "no masked_scatter merge of image features (no visual tokens in this graph)"
+    return result.stopped or next((r.skipped for _, r in result.results if r.skipped), "nothing to prune")
 
 
 # A generate() workload recompiles the one shared forward frame many times (prefill, the first
@@ -184,14 +205,6 @@ def _receivers(example_inputs: List[Any]) -> List[int]:
     return [i for i, x in enumerate(example_inputs)
             if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
             and x.dim() == 3 and x.is_floating_point()]
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy to rewrite, so the original stays intact for the fallback."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return fx.GraphModule(gm, graph)
 
 
 def _dump(gm: fx.GraphModule, index: int, stage: str, config: ERAConfig) -> None:

@@ -28,10 +28,15 @@ class Report:
     ``attention_rewrites``: SDPA calls of pruned prefills turned into biased attention.
     ``decode_rewrites``: attention calls over a cache that read its bias (decode steps).
     ``broken_bias_chain``: decode calls that received a cache this backend did not write.
+    ``unrectified_cache``: calls of a graph that received cached anchors with a bias but whose
+    attention was not rewritten (they attended without it).
     ``handoffs``: graphs that merged image features but ran no decoder, so handed their visual
     mask on to the graph that does (Dynamo split a forward between them).
+    ``variants``: per graph that received merged embeddings, the visual-token count T of each
+    variant compiled for it (None: the unpruned variant for calls that carried no mask).
     ``kernel``: the attention kernel used. ``skipped``: why a graph was left as it was.
-    ``passes``: per graph, what each pass counted.
+    ``passes``: per graph (and variant), its kind and, per pass, what it counted and its wall
+    time in ms (``ms``: the pass and the checks after it).
     """
 
     config: dict
@@ -40,7 +45,9 @@ class Report:
     attention_rewrites: int = 0
     decode_rewrites: int = 0
     broken_bias_chain: int = 0
+    unrectified_cache: int = 0
     handoffs: int = 0
+    variants: Dict[int, List[Optional[int]]] = field(default_factory=dict)
     kernel: Optional[str] = None
     skipped: List[str] = field(default_factory=list)
     passes: List[Dict[str, dict]] = field(default_factory=list)
@@ -50,6 +57,14 @@ class Report:
     @property
     def pruned(self) -> bool:
         return bool(self.pruning)
+
+    def pass_ms(self) -> Dict[int, float]:
+        """Wall time of the passes per graph (all its variants together), in ms."""
+        totals: Dict[int, float] = {}
+        for entry in self.passes:
+            ms = sum(v.get("ms", 0.0) for v in entry.values() if isinstance(v, dict))
+            totals[entry["graph"]] = totals.get(entry["graph"], 0.0) + ms
+        return totals
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,9 +79,22 @@ class Report:
         if self.handoffs:
             lines.append(f"  {self.handoffs} graph(s) merged the image without a decoder layer and handed the "
                          "visual mask on to the next graph")
+        for graph, counts in self.variants.items():
+            if counts == [None]:  # only ever called without merged embeddings: nothing to say
+                continue
+            shown = ", ".join("unpruned" if t is None else f"T={t}" for t in counts)
+            lines.append(f"  graph {graph}: {len(counts)} variant(s) for the merged embeddings it receives ({shown})")
         if self.broken_bias_chain:
             lines.append(f"  WARNING: {self.broken_bias_chain} decode call(s) ran without the anchors' bias "
                          "(cache not written by this backend)")
+        if self.unrectified_cache:
+            lines.append(f"  WARNING: {self.unrectified_cache} call(s) attended over cached anchors without their "
+                         "bias (attention not rewritten)")
+        timed = self.pass_ms()
+        if timed:
+            busiest = sorted(timed.items(), key=lambda kv: -kv[1])[:3]
+            lines.append("  pass time: " + ", ".join(f"graph {g} {ms:.1f} ms" for g, ms in busiest)
+                         + f" (all graphs {sum(timed.values()):.1f} ms; per pass: era-compile explain)")
         for s in self.skipped:
             lines.append(f"  skipped: {s}")
         for n in self.notes:

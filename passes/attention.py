@@ -2,44 +2,44 @@
 
 Before::
 
-    out = torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, is_causal=False)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.0, is_causal=False, scale=0.25, ...)
 
 After::
 
-    out = torch.ops.era.biased_attention(q, k, v, log_bias, m, False, 0.25, "sdpa")
+    out = torch.ops.era.biased_attention(q=q, k=k, v=v, bias=log_bias, attn_mask=m, causal=False,
+                                         scale=0.25, kernel="sdpa")
 
 ``log_bias`` [B, n'] is ``log b`` for each kept anchor key and 0 for text. The keys of
 these layers are exactly the kept tokens (a prefill with an empty cache), which the pass
-checks; decode-time rectification through the KV cache is a separate rewrite.
+checks; decode-time rectification through the KV cache is ``decode``.
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from .graph import (PassContext, PassError, PassResult, hint, replace_with_biased_attention, same_size, sdpa_arg,
-                    tensor_meta)
+from .fx_utils import attention_args, call_arguments, hint, same_size, tensor_meta
+from .graph_pass import PassContext, PassError, PassResult, graph_pass
+from .records import DecoderLayers, PruneSite, RectifiedAttention
+from .rewrite import replace_with_biased_attention
 
 
+@graph_pass("attention", requires=(DecoderLayers, PruneSite), provides=RectifiedAttention)
 def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    result = PassResult("attention")
-    site = ctx.prune_site
+    site, layers = ctx.get(PruneSite), ctx.get(DecoderLayers)
     if not ctx.config.rectify:
-        result.skipped = "rectify=False: attention of the pruned layers left as plain SDPA"
-        return result
-    rewritten = []
-    for layer in ctx.layers[site.layer:]:
+        return PassResult(record=RectifiedAttention(),
+                          skipped="rectify=False: attention of the pruned layers left as plain SDPA")
+    calls, kernel = [], None
+    for layer in layers.layers[site.layer:]:
         call = layer.attention
-        key_len = tensor_meta(sdpa_arg(call, "key")).shape[-2]
+        key_len = tensor_meta(attention_args(call)["key"]).shape[-2]
         if not same_size(key_len, site.kept_len):
             raise PassError(f"layer {layer.index}: its keys hold {hint(key_len)} positions, not the "
                             f"{site.seq_len_after} kept tokens (a non-empty KV cache in prefill is not supported yet)")
         biased = replace_with_biased_attention(gm.graph, call, site.log_bias, ctx.config.attention, layer.index)
-        ctx.kernel = biased.args[7]
-        site.downstream.discard(call)
-        site.downstream.add(biased)
-        layer.attention = biased
-        rewritten.append(layer.index)
-    result.changed = bool(rewritten)
-    result.counts = {"attention_rewrites": len(rewritten), "layers": rewritten}
-    return result
+        kernel = call_arguments(biased)["kernel"]
+        calls.append((layer.index, biased))
+    record = RectifiedAttention(tuple(calls), kernel)
+    return PassResult(record=record, changed=bool(calls),
+                      counts={"attention_rewrites": len(calls), "layers": record.layers})

@@ -1,13 +1,20 @@
 """kvcache: find each decoder layer's KV-cache write and the keys it attends to.
 
-Hugging Face's dynamic cache appends the new keys with ``torch.cat([past, new], dim=-2)``
+Hugging Face's dynamic cache appends the new keys with ``torch.cat([past, new], dim=2)``
 while Dynamo traces, and returns the result as a graph output (Dynamo stores it back into
 the cache object). This pass follows each attention call's key and value arguments back
-through views (GQA's ``repeat_kv`` expands and reshapes) to that ``cat``, and records:
+through whatever keeps their sequence dimension (GQA's ``repeat_kv`` expands and reshapes,
+casts) to that ``cat`` (``fx_utils.sequence_source``: no op list, no hop limit), and records:
 
 * the graph outputs that become the layer's cache (so the runtime can attach the LAR bias
   to the cached keys), and
 * the past keys: a graph input in a decode step, an empty tensor in a fresh prefill.
+
+A static cache (``generate(cache_implementation="static")``) is written in place instead
+(``keys.index_copy_(2, positions, new)`` into a preallocated graph input). Its slots are the
+original positions, so the pruned layers' keys cannot be stored compactly there, and nothing
+would carry their bias: a prefill that would prune over such a cache is refused with that
+reason. In other graphs the layers are listed (``written_in_place``) and left alone.
 
 The graph is not changed. Layers are numbered by their module index (``...layers.3`` is
 layer 3), so prefill and decode graphs agree even when a model splits its layers.
@@ -15,61 +22,67 @@ layer 3), so prefill and decode graphs agree even when a model splits its layers
 
 from __future__ import annotations
 
-import operator
-from typing import Optional
+from typing import List, Optional, Tuple
 
-import torch
 import torch.fx as fx
 
-from .graph import CachedLayer, PassContext, PassResult, is_attention, layer_index, tensor_meta
+from .fx_utils import (attention_args, graph_outputs, is_attention, is_cat, is_in_place, layer_index,
+                       sequence_source, tensor_meta)
+from .graph_pass import PassContext, PassError, PassResult, graph_pass
+from .records import CachedLayer, KVCache
 
-_PASS_THROUGH_METHODS = {"expand", "reshape", "view", "contiguous", "unsqueeze", "to"}
-_PASS_THROUGH_FUNCTIONS = {torch.reshape, torch.Tensor.expand, operator.getitem}
 
-
+@graph_pass("kvcache", provides=KVCache)
 def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    result = PassResult("kvcache")
-    outputs = list(gm.graph.output_node().args[0])
-    layers = []
+    outputs = graph_outputs(gm)
+    layers: List[CachedLayer] = []
+    in_place: List[int] = []
     for node in gm.graph.nodes:
         if not is_attention(node):
             continue
         index = layer_index(node)
-        keys, values = _cache_write(node.args[1]), _cache_write(node.args[2])
-        if index is None or keys is None or values is None:
-            continue  # not a cached decoder attention (e.g. the vision tower)
-        if keys not in outputs or values not in outputs:
+        if index is None:
+            continue  # not a decoder attention (e.g. the vision tower)
+        args = attention_args(node)
+        keys, values = sequence_source(args["key"]), sequence_source(args["value"])
+        if _written_in_place(keys) and _written_in_place(values):
+            in_place.append(index)
             continue
-        past = keys.args[0][0]
-        layers.append(CachedLayer(index, node, keys, values, outputs.index(keys), outputs.index(values),
+        if not (_is_cache_write(keys) and _is_cache_write(values)) or keys not in outputs or values not in outputs:
+            continue
+        past = sequence_source(keys.args[0][0])
+        layers.append(CachedLayer(index, keys, values, outputs.index(keys), outputs.index(values),
                                   past if isinstance(past, fx.Node) and past.op == "placeholder" else None))
-    ctx.cache_layers = layers
-    result.counts = {"cached_layers": len(layers),
-                     "with_past": sum(layer.past_keys is not None for layer in layers)}
-    if not layers:
-        result.skipped = "no KV-cache writes (use_cache=False, or not a decoder graph)"
-    return result
+    pruned = [i for i in in_place if i >= ctx.config.layer]
+    if ctx.kind.has_image and pruned:
+        raise PassError(f"layers {pruned} write their KV cache in place (index_copy_ into a preallocated cache: "
+                        "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
+                        "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
+                        "use the default dynamic cache")
+    record = KVCache(tuple(layers), tuple(in_place))
+    counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers)}
+    if in_place:
+        counts["written_in_place"] = list(in_place)
+    skipped = None if layers else "no KV-cache writes (use_cache=False, or not a decoder graph)"
+    return PassResult(record=record, counts=counts, skipped=skipped)
 
 
-def _cache_write(node) -> Optional[fx.Node]:
-    """The ``cat([past, new], dim=-2)`` that ``node`` is a view of, if any."""
-    for _ in range(8):
-        if not isinstance(node, fx.Node):
-            return None
-        if node.op == "call_function" and node.target is torch.cat and _is_sequence_cat(node):
-            return node
-        if node.op == "call_method" and node.target in _PASS_THROUGH_METHODS:
-            node = node.args[0]
-        elif node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS:
-            node = node.args[0]
-        else:
-            return None
-    return None
+def _is_cache_write(node) -> bool:
+    """``cat([past, new], dim=2)`` of 4-D tensors."""
+    if not (isinstance(node, fx.Node) and is_cat(node)):
+        return False
+    parts, out = node.args[0], tensor_meta(node)
+    return len(parts) == 2 and out is not None and out.dim() == 4 and node.kwargs["dim"] == 2
 
 
-def _is_sequence_cat(node: fx.Node) -> bool:
-    parts = node.args[0]
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    out = tensor_meta(node)
-    return (isinstance(parts, (list, tuple)) and len(parts) == 2 and out is not None and out.dim() == 4
-            and dim in (-2, 2))
+def _written_in_place(node) -> bool:
+    """A graph input that the graph itself updates in place (a static cache's keys)."""
+    return (isinstance(node, fx.Node) and node.op == "placeholder"
+            and any(is_in_place(u) and u.args and u.args[0] is node for u in node.users))
+
+
+def cache_write_of(call: fx.Node) -> Tuple[Optional[fx.Node], Optional[fx.Node]]:
+    """The (keys, values) cache writes an attention call reads, or None for either."""
+    args = attention_args(call)
+    keys, values = sequence_source(args["key"]), sequence_source(args["value"])
+    return (keys if _is_cache_write(keys) else None, values if _is_cache_write(values) else None)

@@ -7,9 +7,7 @@ features), so it is excluded without looking at any module name.
 
 For each layer the pass records its nodes and the residual stream entering it: the one
 value from outside the layer with the shape of the merged embeddings ``[B, N, D]``. Then
-it checks that the configured pruning layer K exists. The graph is not changed. A merge
-with no decoder after it in this graph (Dynamo split them) finds no layers: the pipeline
-then hands the visual mask on instead.
+it checks that the configured pruning layer K exists. The graph is not changed.
 """
 
 from __future__ import annotations
@@ -18,25 +16,21 @@ from typing import Dict, List
 
 import torch.fx as fx
 
-from .graph import (DecoderLayer, PassContext, PassError, PassResult, hints, is_sdpa, layer_module_path,
-                    reachable_from, same_shape, tensor_meta)
+from .fx_utils import hints, is_sdpa, layer_module_path, reachable_from, same_shape, tensor_meta
+from .graph_pass import PassContext, PassError, PassResult, graph_pass
+from .records import DecoderLayer, DecoderLayers, VisualSpan
 
 
+@graph_pass("layers", requires=(VisualSpan,), provides=DecoderLayers)
 def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    result = PassResult("layers")
-    span = ctx.span
+    span = ctx.get(VisualSpan)
     after_merge = reachable_from([span.merge])
     attention_calls = [n for n in gm.graph.nodes if is_sdpa(n) and n in after_merge]
     if not attention_calls:
         if any(layer_module_path(n) for n in after_merge):
             raise PassError("decoder layers follow the image merge but none calls scaled_dot_product_attention: "
                             "load the model with attn_implementation='sdpa' (eager attention is not supported)")
-        if ctx.carried is not None:
-            raise PassError(f"{span.merge.name} carries visual tokens into this graph but no decoder layer uses it")
-        # Dynamo split the merge from the decoder (a plain Qwen2-VL forward): ``handoff`` passes
-        # the visual mask on to the decoder's graph
-        result.skipped = "no decoder layer after the image merge in this graph: its visual mask is handed on"
-        return result
+        raise PassError(f"{span.merge.name} carries visual tokens into this graph but no decoder layer uses it")
 
     paths: List[str] = []
     for call in attention_calls:
@@ -62,14 +56,13 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if len(hidden) != 1:
             raise PassError(f"decoder layer {path}: expected one incoming residual stream of shape "
                             f"{list(hints(residual_shape))}, found {len(hidden)}")
-        layers.append(DecoderLayer(index, path, call, nodes, hidden[0]))
-    ctx.layers = layers
+        layers.append(DecoderLayer(index, path, call, frozenset(nodes), hidden[0]))
 
     k = ctx.config.layer
     if k >= len(layers):
         raise PassError(f"ERAConfig.layer={k} but the language model has {len(layers)} decoder layers")
-    result.counts = {"decoder_layers": len(layers), "prune_layer": k}
-    return result
+    return PassResult(record=DecoderLayers(tuple(layers)),
+                      counts={"decoder_layers": len(layers), "prune_layer": k})
 
 
 def _is_residual(node: fx.Node, shape: tuple) -> bool:

@@ -35,22 +35,25 @@ import torch.fx as fx
 
 from era_compile.ops.attention import default_scale
 
-from .graph import (PassContext, PassError, PassResult, PruneSite, ancestors_of, getitem, hint, hints,
-                    insert_call, is_static, reachable_from, same_size, sdpa_arg, tensor_meta)
+from .fx_utils import (ancestors_of, attention_args, hint, hints, is_static, is_weight, placeholders,
+                       reachable_from, same_size, tensor_meta)
+from .graph_pass import PassContext, PassError, PassResult, graph_pass
+from .records import DecoderLayers, PruneSite, VisualSpan
+from .rewrite import getitem, insert_call
 from .seqshape import SeqLen, plan_sequence_rewrite
 
 
+@graph_pass("prune", requires=(VisualSpan, DecoderLayers), provides=PruneSite)
 def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    result = PassResult("prune")
-    cfg, span = ctx.config, ctx.span
+    cfg, span, layers = ctx.config, ctx.get(VisualSpan), ctx.get(DecoderLayers)
     K = cfg.layer
-    layer = ctx.layers[K]
+    layer = layers[K]
     cut = layer.hidden_in
     T, N = span.num_visual, span.seq_len
     keep = cfg.kept(T)
     n_after = N - T + keep  # a SymInt when the graph is dynamic in N
     graph = gm.graph
-    original_mask = sdpa_arg(layer.attention, "attn_mask")
+    original_mask = attention_args(layer.attention)["attn_mask"]
 
     # size queries of the cut stay upstream: in a dynamic graph HF builds positions and masks
     # from the original length, and those are gathered, not recomputed at the pruned length
@@ -58,30 +61,29 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     downstream.discard(next(n for n in graph.nodes if n.op == "output"))
     first = _schedule_upstream_first(graph, downstream)
 
-    source = ctx.layers[K - 1].attention if K > 0 else layer.attention
-    q, k = sdpa_arg(source, "query"), sdpa_arg(source, "key")
-    attn_mask = sdpa_arg(source, "attn_mask")
-    is_causal = bool(sdpa_arg(source, "is_causal", False))
-    scale = sdpa_arg(source, "scale")
+    source = attention_args(layers[K - 1].attention if K > 0 else layer.attention)
+    q, k, attn_mask = source["query"], source["key"], source["attn_mask"]
+    is_causal, scale = bool(source["is_causal"]), source["scale"]
     if scale is None:
         scale = default_scale(tensor_meta(q).shape[-1])
 
     with graph.inserting_before(first):
         if K == 0:  # layer 0's q/k on the unpruned input: copy their computation
             q, k = _copy_unpruned(graph, [q, k], downstream)
-        sel = insert_call(graph, torch.ops.era.select.default,
-                          (cut, span.visual_mask, q, k, attn_mask, is_causal, float(scale), T, keep,
-                           cfg.strategy, json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
+        sel = insert_call(graph, torch.ops.era.select.default, (), dict(
+            hidden=cut, visual_mask=span.visual_mask, queries=q, keys=k, attn_mask=attn_mask, is_causal=is_causal,
+            scale=float(scale), num_visual=T, keep=keep, strategy=cfg.strategy,
+            options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
         anchors, confidence = getitem(graph, sel, 0, "anchors"), getitem(graph, sel, 1, "confidence")
-        rec = insert_call(graph, torch.ops.era.recycle.default,
-                          (cut, span.visual_mask, anchors, confidence, T, cfg.recycle, cfg.weight_norm),
-                          stem="recycle")
+        rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(
+            hidden=cut, visual_mask=span.visual_mask, anchors=anchors, confidence=confidence, num_visual=T,
+            merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
         keep_index = getitem(graph, rec, 0, "keep_index")
         hidden_kept = getitem(graph, rec, 1, "hidden_kept")
         log_bias = getitem(graph, rec, 2, "log_bias")
 
     order = [n for n in graph.nodes if n in downstream]
-    frozen = _parameter_placeholders(gm, ctx)
+    frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs) if is_weight(n, x)}
     replacement_shape = (hint(span.batch), hint(n_after), hint(tensor_meta(cut).shape[-1]))
     plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(N), frozen=frozen)
 
@@ -115,12 +117,11 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 literals += 1
             node.args, node.kwargs = new_args, new_kwargs
 
-    ctx.prune_site = PruneSite(K, keep_index, log_bias, downstream, T, keep, hint(N), hint(n_after),
-                               n_after, original_mask)
-    result.changed = True
-    result.counts = {"gathered_tensors": len(gathered), "rewritten_shapes": literals,
-                     "downstream_nodes": len(order)}
-    return result
+    site = PruneSite(K, keep_index, hidden_kept, log_bias, frozenset(downstream), T, keep, hint(N), hint(n_after), n_after,
+                     original_mask)
+    return PassResult(record=site, changed=True, counts={"gathered_tensors": len(gathered),
+                                                         "rewritten_shapes": literals,
+                                                         "downstream_nodes": len(order)})
 
 
 def _schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.Node:
@@ -166,16 +167,3 @@ def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index:
                 index = insert_call(graph, torch.unsqueeze, (index, i), stem="index")
         out = insert_call(graph, torch.take_along_dim, (out, index, d), stem=f"{source.name}_kept")
     return out
-
-
-def _parameter_placeholders(gm: fx.GraphModule, ctx: PassContext) -> Set[fx.Node]:
-    """Placeholders bound to parameters or buffers: weights never carry a sequence dimension."""
-    frozen = set()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, ctx.example_inputs):
-        grapharg = node.meta.get("grapharg")
-        source = getattr(getattr(grapharg, "source", None), "name", None)
-        source = source() if callable(source) else (source or "")
-        if isinstance(value, torch.nn.Parameter) or "_parameters" in source or "_buffers" in source:
-            frozen.add(node)
-    return frozen

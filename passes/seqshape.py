@@ -33,7 +33,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .graph import PassError, fake_value, hint, hints
+from .fx_utils import fake_value, hint, hints, is_shape_op
+from .graph_pass import PassError
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,6 @@ class SeqPlan:
     shape_args: Dict[fx.Node, Tuple[tuple, dict]] = field(default_factory=dict)
     # (consumer, upstream input) -> dims of the input to gather with the kept positions
     gathers: Dict[Tuple[fx.Node, fx.Node], Tuple[int, ...]] = field(default_factory=dict)
-
-
-_VIEW_METHODS = {"view", "reshape"}
-_VIEW_FUNCTIONS = {torch.reshape}
-_EXPAND_METHODS = {"expand"}
 
 
 def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replacement_shape: Tuple[int, ...],
@@ -89,7 +85,7 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
             if node.op == "output":
                 continue
             args, kwargs = node.args, node.kwargs
-            if _is_shape_op(node):
+            if is_shape_op(node):
                 args, kwargs = _rewrite_shape_args(node, values, P, seq_len)
                 plan.shape_args[node] = (args, kwargs)
             crossing = [a for a in node.all_input_nodes if a not in member and a is not cut]
@@ -215,47 +211,20 @@ def _describe(node: fx.Node) -> str:
 
 # --------------------------------------------------------------------------- shape literals
 
-def _is_shape_op(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS or node.target in _EXPAND_METHODS
-    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
-
-
-def _sizes_of(node: fx.Node) -> Tuple[list, bool]:
-    """The size list of view/reshape/expand, and whether it was passed as varargs."""
-    rest = node.args[1:]
-    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-        return list(rest[0]), False
-    if "size" in node.kwargs or "shape" in node.kwargs:
-        return list(node.kwargs.get("size", node.kwargs.get("shape"))), False
-    return list(rest), True
-
-
-def _rebuild(node: fx.Node, sizes: list, varargs: bool) -> Tuple[tuple, dict]:
-    kwargs = dict(node.kwargs)
-    for key in ("size", "shape"):
-        if key in kwargs:
-            kwargs[key] = tuple(sizes)
-            return node.args, kwargs
-    if varargs:
-        return (node.args[0], *sizes), kwargs
-    return (node.args[0], tuple(sizes)), kwargs
-
-
 def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tuple, dict]:
     src = node.args[0]
     original_in = hints(fake_value(src).shape)
     original_out = hints(fake_value(node).shape)
     new_in = values[src].shape if src in values else original_in
     seq_in = {d for d, n in enumerate(new_in) if _is_seq(n, P)}
-    sizes, varargs = _sizes_of(node)
+    sizes = list(node.args[1])  # normalize leaves one size tuple
     if not seq_in:
         return node.args, node.kwargs
-    if node.op == "call_method" and node.target in _EXPAND_METHODS:
+    if node.target == "expand":
         offset = len(sizes) - len(original_in)
         for d in seq_in:
             sizes[d + offset] = -1  # keep the input's (pruned) length
-        return _rebuild(node, sizes, varargs)
+        return (src, tuple(sizes)), {}
     for in_dims, out_dims in _view_groups(original_in, original_out):
         if not seq_in.intersection(in_dims):
             continue
@@ -269,7 +238,7 @@ def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tu
         if total % seq_len:
             raise PassError(f"{node.name}: size {total} is not a multiple of the sequence length {seq_len}")
         sizes[d] = SeqLen(total // seq_len)
-    return _rebuild(node, sizes, varargs)
+    return (src, tuple(sizes)), {}
 
 
 def _view_groups(shape_in: Sequence[int], shape_out: Sequence[int]) -> List[Tuple[List[int], List[int]]]:

@@ -1,10 +1,11 @@
 """span: find where image features enter the sequence.
 
 Hugging Face VLMs splice the projected image features into the text embeddings with
-``inputs_embeds.masked_scatter(mask, features)``, the mask being ``input_ids == <image id>``
-(computed here or in an earlier graph). This pass finds that merge, reads the number of
-visual tokens per sample from the features' shape (in a dynamic graph from the example,
-pinned by a guard: it fixes every pruned shape), and inserts a ``[B, N]`` visual mask.
+``inputs_embeds.masked_scatter(mask, features)`` (``normalize`` folds the other spellings,
+index assignment included), the mask being ``input_ids == <image id>`` (computed here or in an
+earlier graph). This pass finds that merge, reads the number of visual tokens per sample from
+the features' shape (in a dynamic graph from the example, pinned by a guard: it fixes every
+pruned shape), and inserts a ``[B, N]`` visual mask.
 
 Before::
 
@@ -17,36 +18,36 @@ After::
 
 When Dynamo splits the merge from the decoder (a plain Qwen2-VL forward), the merge's graph
 hands its mask on with the merged embeddings (``handoff``), and the runtime passes it to the
-decoder's graph. There the span is the embeddings input, and the mask a new input::
+decoder's graph (kind ``carried``). There the span is the embeddings input, and the mask a new
+input (a ``VisualMaskInput`` the runtime supplies)::
 
     def forward(self, l_stack0_, l_inputs_embeds_, ..., era_visual_mask):   # bool [B,N]
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import operator
 
 import torch
 import torch.fx as fx
 
-from .graph import (PassContext, PassError, PassResult, VisualSpan, hint, hints, insert_call, is_masked_scatter,
-                    is_static, tensor_meta)
+from .fx_utils import hint, hints, is_masked_scatter, is_static, placeholders, tensor_meta
+from .graph_pass import PassContext, PassError, PassResult, graph_pass
+from .kinds import is_unfolded_assignment
+from .records import VisualMaskInput, VisualSpan
+from .rewrite import append_input, insert_call
 
 
+@graph_pass("span", provides=VisualSpan)
 def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    result = PassResult("span")
+    if ctx.carried is not None:
+        return _span_from_carried_mask(gm, ctx)
     merges = [n for n in gm.graph.nodes if is_masked_scatter(n)]
-    if not merges and ctx.carried is not None:
-        return _span_from_carried_mask(gm, ctx, result)
-    if not merges and any(_is_masked_assignment(n) for n in gm.graph.nodes):
+    if not merges and any(is_unfolded_assignment(n) for n in gm.graph.nodes):
         raise PassError("image features are merged by a masked assignment (embeds[mask] = features), not "
-                        "masked_scatter: this merge form is not supported")
-    if not merges:
-        result.skipped = "no masked_scatter merge of image features (no visual tokens in this graph)"
-        return result
-    if len(merges) > 1:
+                        "masked_scatter, into a graph input (a write the caller sees): this merge form is not "
+                        "supported")
+    if len(merges) != 1:
         raise PassError(f"found {len(merges)} masked_scatter merges; one per graph is supported")
     merge = merges[0]
     embeds, mask, features = (tensor_meta(a) for a in merge.args[:3])
@@ -58,8 +59,7 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # and pinned with one guard: another image size recompiles instead of mis-pruning.
     total_visual = math.prod(hints(features.shape)) // hint(hidden)
     if total_visual == 0:
-        result.skipped = "image features are empty (no visual tokens in this graph)"
-        return result
+        return PassResult(skipped="image features are empty (no visual tokens in this graph)")
     per_sample, rem = divmod(total_visual, hint(batch))
     if rem:
         raise PassError(f"{total_visual} visual tokens do not split evenly over a batch of {hint(batch)}; "
@@ -78,38 +78,21 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             visual_mask = mask_node
         else:
             raise PassError(f"image mask of rank {mask.dim()} (expected [B, N] or [B, N, 1])")
-    ctx.span = VisualSpan(merge, visual_mask, batch, seq_len, per_sample)
-    result.changed = True
-    result.counts = {"visual_tokens": per_sample, "seq_len": hint(seq_len)}
-    return result
+    span = VisualSpan(merge, visual_mask, batch, seq_len, per_sample)
+    return PassResult(record=span, changed=True, counts={"visual_tokens": per_sample, "seq_len": hint(seq_len)})
 
 
-def _span_from_carried_mask(gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> PassResult:
+def _span_from_carried_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     carried = ctx.carried
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    embeds = placeholders[carried.input_index]
+    embeds = placeholders(gm)[carried.input_index]
     value = tensor_meta(embeds)
     if value is None or value.dim() != 3 or tuple(carried.mask.shape) != hints(value.shape[:2]):
         raise PassError(f"input {embeds.name} carries a visual mask of shape {list(carried.mask.shape)}, "
                         "which does not match its [B, N] dimensions")
     batch, seq_len, _ = value.shape
-    with gm.graph.inserting_after(placeholders[-1]):
-        visual_mask = gm.graph.placeholder("era_visual_mask")
-    # its fake value shares the embeddings' (possibly symbolic) B and N
-    with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
-        visual_mask.meta["example_value"] = value.new_empty(value.shape[:2], dtype=torch.bool)
-    ctx.example_inputs.append(carried.mask)
-    ctx.span = VisualSpan(embeds, visual_mask, batch, seq_len, carried.num_visual)
-    result.changed = True
-    result.counts = {"visual_tokens": carried.num_visual, "seq_len": hint(seq_len),
-                     "carried_by_input": carried.input_index}
-    return result
-
-
-def _is_masked_assignment(node: fx.Node) -> bool:
-    """``x[mask] = y`` on [B, N, D] float embeddings with a bool mask: a merge in another form."""
-    if not (node.op == "call_function" and node.target is operator.setitem):
-        return False
-    target, index = tensor_meta(node.args[0]), tensor_meta(node.args[1])
-    return (target is not None and index is not None and target.dim() == 3 and target.is_floating_point()
-            and index.dtype == torch.bool)
+    visual_mask = append_input(gm, "era_visual_mask", value, value.shape[:2], torch.bool)  # B, N as the embeddings'
+    added = VisualMaskInput(visual_mask.name, visual_mask.meta["val"], source_input=carried.input_index)
+    span = VisualSpan(embeds, visual_mask, batch, seq_len, carried.num_visual, carried_by_input=carried.input_index)
+    return PassResult(record=span, changed=True, added_inputs=(added,),
+                      counts={"visual_tokens": carried.num_visual, "seq_len": hint(seq_len),
+                              "carried_by_input": carried.input_index})

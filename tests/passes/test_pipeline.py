@@ -1,4 +1,5 @@
-"""Pass level: what the pipeline does to a Dynamo graph, node by node."""
+"""The whole prefill pipeline on LLaVA captured as one graph (vision tower, merge and decoder
+together: the hardest case for filtering), node by node."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import torch
 from conftest import build
 
 from era_compile import ERAConfig
-from era_compile.backend import _copy
-from era_compile.passes.graph import PassContext, is_masked_scatter, is_sdpa, module_stack_paths, tensor_meta
-from era_compile.passes.pipeline import run_pipeline
-from era_compile.passes.seqshape import _view_groups
+from era_compile.passes.fx_utils import is_masked_scatter, is_sdpa, module_stack_paths, reachable_from, tensor_meta
+from era_compile.passes.kinds import GraphKind
+from era_compile.passes.manager import prepare, run_passes
+from era_compile.passes.records import DecoderLayers, PruneSite, RectifiedAttention, VisualSpan
 
 
 def _capture_single_graph(model, inputs):
@@ -44,9 +45,11 @@ def test_pipeline_node_counts(layer):
     vision = [n.name for n in sdpa if _is_vision(n)]
     assert len(vision) == model.config.vision_config.num_hidden_layers and len(sdpa) == len(vision) + n_layers
 
-    work = _copy(gm)
-    ctx = PassContext(ERAConfig(layer=layer, keep_ratio=0.25), example_inputs)
-    results = {r.name: r for r in run_pipeline(work, ctx)}
+    config = ERAConfig(layer=layer, keep_ratio=0.25)
+    prepared = prepare(gm, config, 0, example_inputs)
+    assert prepared.kind is GraphKind.PREFILL
+    pipeline = run_passes(prepared, config, example_inputs)
+    work, results = pipeline.gm, dict(pipeline.results)
 
     after = [n for n in work.graph.nodes if is_sdpa(n)]
     vision_after = [n.name for n in after if _is_vision(n)]
@@ -61,12 +64,14 @@ def test_pipeline_node_counts(layer):
     assert results["layers"].counts["decoder_layers"] == n_layers
 
     # every node carries fake metadata, and no stale length is left after the cut
-    N = ctx.span.seq_len
+    N = pipeline.record(VisualSpan).seq_len
     for node in work.graph.nodes:
         if node.name.startswith("era_") or isinstance(node.meta.get("example_value"), torch.Tensor):
             assert isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)), node.name
-    downstream = ctx.prune_site.downstream  # every node that depends on the cut
-    assert {layer_.attention for layer_ in ctx.layers[layer:]} <= downstream
+    site = pipeline.record(PruneSite)
+    downstream = reachable_from([site.hidden_kept], through_sizes=False)  # every node that depends on the cut
+    rectified = [call for _, call in pipeline.record(RectifiedAttention).calls]
+    assert len(pipeline.record(DecoderLayers)) == n_layers and set(rectified) <= downstream
     for node in downstream:
         t = tensor_meta(node)
         if node.graph is work.graph and t is not None:
@@ -85,9 +90,3 @@ def test_single_graph_runs_and_prunes():
         out, report = compiled_forward(model, inputs, config)
     assert report.pruned and report.graphs == 1
     assert (out.logits - expected).abs().max().item() <= 1e-4
-
-
-def test_view_groups():
-    assert _view_groups((1, 43, 64), (1, 43, 4, 16)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
-    assert _view_groups((1, 4, 43, 16), (1, 4, 688)) == [([0], [0]), ([1], [1]), ([2, 3], [2])]
-    assert _view_groups((1, 43, 64), (43, 64)) == [([0, 1], [0]), ([2], [1])]

@@ -1,0 +1,102 @@
+"""What a pass is: a named function ``(gm, ctx) -> PassResult`` that declares the records it
+requires and the one it provides.
+
+    @graph_pass("span", provides=VisualSpan)
+    def find_visual_span(gm, ctx):
+        ...
+        return PassResult(record=VisualSpan(...), changed=True, counts={...})
+
+A pass reads the records of earlier passes from ``ctx`` (read-only, by type) and returns its
+own frozen record; it never changes another pass's record or the context. The manager checks
+before each pass that what it requires was provided, and after it that it returned what it
+declared. A pass that appends a graph input returns the input's description (an
+``AddedInput`` record) in ``added_inputs``: the manager extends the example inputs, the runtime
+supplies the value on every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar
+
+import torch.fx as fx
+
+from era_compile.config import ERAConfig
+
+from .kinds import GraphKind
+from .records import AddedInput, CarriedVisual
+
+R = TypeVar("R")
+
+
+class PassError(RuntimeError):
+    """A pass found a structure it cannot rewrite safely; the graph is left for the fallback."""
+
+
+class MissingRecord(PassError):
+    """A pass ran without a record it requires (the pipeline is misdeclared, or a provider skipped)."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did. ``counts`` go to the report (numbers, or lists of layer indices);
+    ``skipped`` says why it did nothing; ``record`` is its output for later passes."""
+
+    record: Any = None
+    changed: bool = False
+    counts: Mapping[str, Any] = field(default_factory=dict)
+    skipped: Optional[str] = None
+    added_inputs: Tuple[AddedInput, ...] = ()
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may read: the config, the graph's kind and index, the example inputs as the
+    manager holds them, and the records of the passes before it (by type)."""
+
+    config: ERAConfig
+    kind: GraphKind
+    graph_index: int = 0
+    example_inputs: Tuple[Any, ...] = ()
+    carried: Optional[CarriedVisual] = None
+    records: Mapping[type, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def get(self, record_type: Type[R]) -> R:
+        """The record of that type an earlier pass provided; raises ``MissingRecord``."""
+        if record_type not in self.records:
+            raise MissingRecord(f"no {record_type.__name__} record: no earlier pass provided one")
+        return self.records[record_type]
+
+    def find(self, record_type: Type[R]) -> Optional[R]:
+        return self.records.get(record_type)
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    """A pass with its contract. ``requires``: record types that must exist before it runs;
+    ``provides``: the record type it returns (None for a pass that only checks or rewrites);
+    ``keeps_meta``: the manager need not propagate fake tensors after it (lint and recompile only)."""
+
+    name: str
+    run: Callable[[fx.GraphModule, PassContext], PassResult]
+    requires: Tuple[type, ...] = ()
+    provides: Optional[type] = None
+    keeps_meta: bool = False  # a respelling: every node it creates carries its fake value already
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return self.run(gm, ctx)
+
+
+def graph_pass(name: str, *, requires: Tuple[type, ...] = (), provides: Optional[type] = None,
+               keeps_meta: bool = False):
+    """Declare a function as a pass (see the module docstring)."""
+
+    def wrap(fn: Callable[[fx.GraphModule, PassContext], PassResult]) -> GraphPass:
+        return GraphPass(name, fn, tuple(requires), provides, keeps_meta)
+
+    return wrap
+
+
+def frozen(mapping: Dict[type, Any]) -> Mapping[type, Any]:
+    return MappingProxyType(dict(mapping))

@@ -1,0 +1,268 @@
+"""The pass manager: per graph kind an ordered list of passes, run with their contracts checked.
+
+    prepared = prepare(gm, config, graph_index)        # a copy, normalised, classified
+    result = run_passes(prepared, config, example_inputs)  # the kind's passes on it
+
+``prepare`` copies the graph Dynamo handed over (the original stays intact for the fallback),
+runs ``normalize`` on the copy and asks ``kinds.classify`` what it is. ``run_passes`` then runs
+``PIPELINES[kind]``. Around every pass:
+
+* its declared ``requires`` are checked before it runs (``MissingRecord`` names what is
+  missing), and its record is checked against what it ``provides``;
+* wall time (``PassTiming``: the pass, and the upkeep after it), into the report;
+* provenance: every node the pass inserted carries ``meta["era_pass"]`` (its name);
+* when it changed the graph: one lint, one recompile, one fake-tensor propagation; a rewrite
+  whose shapes no longer check fails here with the pass named, not inside the inner compiler
+  (``normalize`` only respells calls and copies their fake values: lint and recompile);
+* with ``ERA_COMPILE_DUMP=dir``: the graph before and after it, numbered
+  (``<config>_graph<i>/<step>_<pass>_{before,after}.py``).
+
+A pass that declares a record but returns none (it found nothing to do) ends the pipeline:
+what follows needs that record. Dead nodes go in a fixed tail (``dce``), after the last pass,
+since a pass may insert a node only a later one uses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from era_compile.config import ERAConfig
+
+from .attention import rectify_attention
+from .decode import rectify_cached_attention
+from .graph_pass import GraphPass, MissingRecord, PassContext, PassError, PassResult, frozen
+from .handoff import hand_off_visual_mask
+from .kinds import GraphKind, classify
+from .kvcache import find_kv_cache
+from .layers import find_decoder_layers
+from .normalize import normalize
+from .prune import prune_visual_tokens
+from .publish import publish_pruning
+from .records import AddedInput, CarriedVisual
+from .span import find_visual_span
+
+_PRUNING = (find_visual_span, find_decoder_layers, find_kv_cache, prune_visual_tokens, rectify_attention,
+            publish_pruning)
+
+PIPELINES: Dict[GraphKind, Tuple[GraphPass, ...]] = {
+    GraphKind.PREFILL: _PRUNING,
+    GraphKind.CARRIED: _PRUNING,
+    GraphKind.HANDOFF: (find_visual_span, hand_off_visual_mask),
+    GraphKind.DECODE: (find_kv_cache, rectify_cached_attention),
+    GraphKind.TEXT: (find_kv_cache,),
+}
+
+
+def check_pipeline(passes: Sequence[GraphPass]) -> None:
+    """Every requirement is provided by an earlier pass (a misdeclared pipeline fails on import)."""
+    provided: set = set()
+    for p in passes:
+        missing = [t.__name__ for t in p.requires if t not in provided]
+        if missing:
+            raise TypeError(f"pass {p.name!r} requires {missing}, which no earlier pass provides")
+        if p.provides is not None:
+            provided.add(p.provides)
+
+
+for _passes in PIPELINES.values():
+    check_pipeline(_passes)
+
+
+@dataclass(frozen=True)
+class PassTiming:
+    name: str
+    ms: float           # the pass itself
+    upkeep_ms: float    # lint, recompile and fake propagation after it (0 when it changed nothing)
+
+
+@dataclass
+class Prepared:
+    """A normalised copy of a Dynamo graph and its kind."""
+
+    gm: fx.GraphModule
+    kind: GraphKind
+    graph_index: int
+    normalize: PassResult
+    timing: PassTiming
+
+
+@dataclass
+class PipelineResult:
+    kind: GraphKind
+    gm: fx.GraphModule
+    results: List[Tuple[str, PassResult]] = field(default_factory=list)
+    timings: List[PassTiming] = field(default_factory=list)
+    records: Dict[type, Any] = field(default_factory=dict)
+    added_inputs: List[AddedInput] = field(default_factory=list)
+    example_inputs: List[Any] = field(default_factory=list)
+    stopped: Optional[str] = None  # why the pipeline ended before its last pass
+
+    @property
+    def changed(self) -> bool:
+        return any(r.changed for name, r in self.results if name not in ("normalize", "span"))
+
+    def record(self, record_type):
+        return self.records.get(record_type)
+
+    def counts(self) -> Dict[str, dict]:
+        """Per pass what it counted, why it skipped, and its wall time: what the report keeps."""
+        results = dict(self.results)
+        out = {}
+        for t in self.timings:
+            r = results.get(t.name)
+            entry = dict(r.counts, skipped=r.skipped) if r is not None else {}
+            out[t.name] = dict(entry, ms=round(t.ms + t.upkeep_ms, 3))
+        return out
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy to rewrite, so the original stays intact for the fallback."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inputs: Sequence[Any] = (),
+            dump_name: Optional[str] = None) -> Prepared:
+    work = copy_graph(gm)
+    ctx = PassContext(config, GraphKind.TEXT, graph_index, tuple(example_inputs))
+    result, timing = _run_one(normalize, work, ctx, example_inputs, _Dumper(config, dump_name or f"graph{graph_index}"), 0)
+    return Prepared(work, classify(work, example_inputs=example_inputs), graph_index, result, timing)
+
+
+def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[Any],
+               carried: Optional[CarriedVisual] = None, dump_name: Optional[str] = None) -> PipelineResult:
+    """The kind's passes on a copy of the prepared graph (``carried``: a mask an input brought)."""
+    gm = copy_graph(prepared.gm) if carried is not None else prepared.gm
+    kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
+    result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing],
+                            example_inputs=list(example_inputs))
+    dumper = _Dumper(config, dump_name or f"graph{prepared.graph_index}")
+    for step, p in enumerate(PIPELINES[kind], start=1):
+        ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried,
+                          frozen(result.records))
+        missing = [t.__name__ for t in p.requires if t not in result.records]
+        if missing:
+            raise MissingRecord(f"pass {p.name!r} needs {missing}, which no earlier pass provided")
+        outcome, timing = _run_one(p, gm, ctx, result.example_inputs, dumper, step)
+        result.results.append((p.name, outcome))
+        result.timings.append(timing)
+        for added in outcome.added_inputs:
+            result.added_inputs.append(added)
+            result.example_inputs.append(added.example)
+        if p.provides is not None:
+            if outcome.record is None:
+                result.stopped = outcome.skipped or f"pass {p.name!r} provided no {p.provides.__name__}"
+                break
+            if not isinstance(outcome.record, p.provides):
+                raise TypeError(f"pass {p.name!r} returned {type(outcome.record).__name__}, "
+                                f"declared {p.provides.__name__}")
+            result.records[p.provides] = outcome.record
+    start = time.perf_counter()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.lint()
+    gm.recompile()
+    result.timings.append(PassTiming("dce", 1e3 * (time.perf_counter() - start), 0.0))
+    if result.changed:
+        dumper.write(gm, len(PIPELINES[kind]) + 1, "dce", "after")
+    return result
+
+
+def _run_one(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, example_inputs: List[Any],
+             dumper: "_Dumper", step: int) -> Tuple[PassResult, PassTiming]:
+    before = set(gm.graph.nodes)
+    text_before = dumper.render(gm)
+    start = time.perf_counter()
+    outcome = p(gm, ctx)
+    ms = 1e3 * (time.perf_counter() - start)
+    upkeep = 0.0
+    if outcome.changed:
+        for node in gm.graph.nodes:
+            if node not in before:
+                node.meta["era_pass"] = p.name
+        start = time.perf_counter()
+        gm.graph.lint()
+        gm.recompile()
+        try:
+            if not p.keeps_meta:
+                propagate_fake(gm, list(example_inputs) + [a.example for a in outcome.added_inputs])
+        except Exception as e:
+            raise PassError(f"after pass {p.name!r} the graph no longer type-checks: "
+                            f"{type(e).__name__}: {e}") from e
+        upkeep = 1e3 * (time.perf_counter() - start)
+        if text_before is not None:
+            dumper.write_text(text_before, step, p.name, "before")
+            dumper.write(gm, step, p.name, "after")
+    return outcome, PassTiming(p.name, ms, upkeep)
+
+
+class _Dumper:
+    """Numbered before/after graphs of each pass that changed something, under ERA_COMPILE_DUMP."""
+
+    def __init__(self, config: ERAConfig, name: str):
+        folder = os.environ.get("ERA_COMPILE_DUMP")
+        self.folder = Path(folder) / f"{config.cache_key()}_{name}" if folder else None
+
+    def render(self, gm: fx.GraphModule) -> Optional[str]:
+        if self.folder is None:
+            return None
+        code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
+        inserted: Dict[str, List[str]] = {}
+        for node in gm.graph.nodes:
+            if "era_pass" in node.meta:
+                inserted.setdefault(node.meta["era_pass"], []).append(node.name)
+        header = "".join(f"# inserted by {p}: {', '.join(names)}\n" for p, names in inserted.items())
+        return header + code
+
+    def write(self, gm: fx.GraphModule, step: int, name: str, stage: str) -> None:
+        text = self.render(gm)
+        if text is not None:
+            self.write_text(text, step, name, stage)
+
+    def write_text(self, text: str, step: int, name: str, stage: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{step:02d}_{name}_{stage}.py").write_text(text)
+
+
+def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Refresh ``meta['val']`` of every node; raises if the shapes do not check.
+
+    Runs in Dynamo's own fake mode when the placeholders carry its fake values (so its
+    ShapeEnv owns any data-dependent scalar, like HF's ``.item()`` checks), else in a new one.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [n.meta.get("example_value") for n in placeholders]
+    mode = next((f.fake_mode for f in fakes if isinstance(f, FakeTensor)), None)
+    if mode is None or len(fakes) != len(example_inputs):
+        mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+                 for x in example_inputs]
+    # Constants read by get_attr are real tensors (Dynamo makes module buffers constants when
+    # Inductor freezing is on): the mode must accept them while it propagates.
+    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    finally:
+        mode.allow_non_fake_inputs = allowed
+    for node in gm.graph.nodes:  # Dynamo's own key, kept consistent for later readers
+        if "val" in node.meta and "example_value" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+def _is_impure(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    return node.is_impure()
+
+

@@ -1,0 +1,202 @@
+"""The frozen records passes hand each other, and the contracts between a graph and the runtime.
+
+Each pass returns one record type (``GraphPass.provides``); later passes read it by type and
+never change it. Nodes inside a record are the nodes of the graph being rewritten; a pass
+that replaces a node another record names returns the replacement in its own record.
+
+Two kinds of contract cross from a compiled graph to ``era_compile.runtime``:
+
+* trailing outputs (``PrefillOutputs``, ``HandoffOutputs``): what a graph returns after the
+  model's own outputs. The pass that appends them builds the dataclass from nodes and appends
+  ``values()``; the runtime strips them with ``take`` into the same dataclass of tensors.
+* added inputs (``VisualMaskInput``, ``PastBiasInput``): placeholders a pass appended; the
+  runtime supplies their values on every call, in the order they were added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, FrozenSet, Generic, List, Optional, Tuple, TypeVar
+
+import torch
+import torch.fx as fx
+
+V = TypeVar("V")  # fx.Node inside a pass, torch.Tensor in the runtime
+
+
+# --------------------------------------------------------------------------- from the runtime
+
+@dataclass(frozen=True)
+class CarriedVisual:
+    """Visual positions that reached this graph with its input embeddings: the merge ran in an
+    earlier graph, which handed its mask on (``handoff``, ``era_compile.runtime``)."""
+
+    input_index: int        # the placeholder holding the merged embeddings [B, N, D]
+    mask: torch.Tensor      # the example's bool [B, N] visual mask (a real tensor)
+    num_visual: int         # T per sample, fixed by the graph that merged
+
+
+# --------------------------------------------------------------------------- added inputs
+
+@dataclass(frozen=True)
+class AddedInput:
+    """A placeholder a pass appended; ``example`` is its fake value (the graph's own sizes)."""
+
+    name: str
+    example: Any = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class VisualMaskInput(AddedInput):
+    """The bool [B, N] visual mask carried by the merged embeddings at input ``source_input``."""
+
+    source_input: int = -1
+
+
+@dataclass(frozen=True)
+class PastBiasInput(AddedInput):
+    """The float32 [B, L] LAR bias of the cached keys at input ``past_keys_input`` (layer ``layer``)."""
+
+    layer: int = -1
+    past_keys_input: int = -1
+
+
+# --------------------------------------------------------------------------- trailing outputs
+
+class TrailingOutputs(Generic[V]):
+    """Outputs a graph returns after the model's own, one dataclass field each, in field order;
+    a trailing optional field may be absent (None)."""
+
+    def values(self) -> Tuple[V, ...]:
+        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
+
+    @classmethod
+    def take(cls, outputs: List[Any], count: int):
+        """Strip the last ``count`` outputs (in place) into an instance of this contract."""
+        tail = outputs[len(outputs) - count:]
+        del outputs[len(outputs) - count:]
+        return cls(*tail)
+
+
+@dataclass(frozen=True)
+class PrefillOutputs(TrailingOutputs[V]):
+    """What a pruned prefill tells the runtime (appended by ``publish``)."""
+
+    keep_index: V                   # int64 [B, n'] original positions kept, ascending
+    log_bias: V                     # float32 [B, n'] LAR bias per kept key (0 off the anchors)
+    key_visible: Optional[V] = None  # bool [B, N]: what the last query may see (present with a mask)
+
+
+@dataclass(frozen=True)
+class HandoffOutputs(TrailingOutputs[V]):
+    """What a merge-only graph hands on (appended by ``handoff``)."""
+
+    visual_mask: V                  # bool [B, N] of the merged embeddings it returns
+
+
+# --------------------------------------------------------------------------- pass records
+
+@dataclass(frozen=True)
+class VisualSpan:
+    """Where the image features enter the sequence (``span``)."""
+
+    merge: fx.Node          # the merged embeddings: the masked_scatter, or the input that carries them
+    visual_mask: fx.Node    # bool [B, N], True at visual positions
+    batch: Any              # B (int, or SymInt in a dynamic graph)
+    seq_len: Any            # N (int, or SymInt)
+    num_visual: int         # T, visual tokens per sample: always static (see ``span``)
+    carried_by_input: Optional[int] = None  # the input the merged embeddings arrived on
+
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    """One decoder layer of the language model."""
+
+    index: int              # position among the language model's layers, 0-based
+    module_path: str        # e.g. "L['self'].language_model.layers.3"
+    attention: fx.Node      # its scaled_dot_product_attention call (as found; ``attention`` replaces it)
+    nodes: FrozenSet[fx.Node]  # every node traced inside the layer's module
+    hidden_in: fx.Node      # the residual stream entering the layer, [B, N, D]
+
+
+@dataclass(frozen=True)
+class DecoderLayers:
+    """The language model's decoder layers after the image merge (``layers``)."""
+
+    layers: Tuple[DecoderLayer, ...]
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+@dataclass(frozen=True)
+class CachedLayer:
+    """A decoder layer's KV-cache write."""
+
+    index: int                      # module index: "...layers.3" is layer 3
+    keys: fx.Node                   # cat([past, new], dim=2): the cached keys after this call
+    values: fx.Node
+    keys_output: int                # position of ``keys`` among the graph outputs
+    values_output: int
+    past_keys: Optional[fx.Node]    # the graph input holding the past keys (decode), else None
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Every KV-cache write of the graph (``kvcache``)."""
+
+    layers: Tuple[CachedLayer, ...]
+    written_in_place: Tuple[int, ...] = ()  # layers whose cache is a graph input updated in place
+
+    def layer(self, index: int) -> Optional[CachedLayer]:
+        return next((c for c in self.layers if c.index == index), None)
+
+
+@dataclass(frozen=True)
+class PruneSite:
+    """What ``prune`` inserted, for the passes after it."""
+
+    layer: int
+    keep_index: fx.Node     # int64 [B, n'] original positions kept, ascending
+    hidden_kept: fx.Node    # [B, n', D] the residual stream entering layer K, pruned
+    log_bias: fx.Node       # float32 [B, n'] LAR bias per kept key (0 off the anchors)
+    downstream: FrozenSet[fx.Node]  # the nodes that ran on the cut when it was made
+    visual_tokens: int
+    kept: int
+    seq_len_before: int     # N of the example (a hint when the graph is dynamic)
+    seq_len_after: int      # n' of the example
+    kept_len: Any           # n' as the graph knows it: an int, or a SymInt in a dynamic graph
+    attention_mask: Optional[fx.Node]  # layer K's mask over the original positions, if any
+
+
+@dataclass(frozen=True)
+class RectifiedAttention:
+    """Attention calls turned into ``era::biased_attention`` (``attention`` in prefill, ``decode``
+    over a cache): per layer index the new node, and the kernel chosen."""
+
+    calls: Tuple[Tuple[int, fx.Node], ...] = ()
+    kernel: Optional[str] = None
+
+    @property
+    def layers(self) -> List[int]:
+        return [index for index, _ in self.calls]
+
+
+@dataclass(frozen=True)
+class CacheBiasRead(RectifiedAttention):
+    """``decode``: the rectified layers and the bias inputs it added for them."""
+
+    inputs: Tuple[PastBiasInput, ...] = ()
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """``handoff``: the output holding the merged embeddings, and what trails the outputs."""
+
+    embeddings_output: int
+    outputs: HandoffOutputs
+    num_visual: int
