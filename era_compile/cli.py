@@ -1,6 +1,6 @@
 """``era-compile``: command-line entry points.
 
-    era-compile demo [--model llava] [--layer 2] [--keep-ratio 0.25] [--compiler inductor]
+    era-compile [--graph-breaks] demo [--model llava] [--layer 2] [--keep-ratio 0.25] [--compiler inductor]
     era-compile explain MODEL [--layer 2] [--keep-ratio 0.25] [--dump DIR]
     era-compile bench MODEL [--layers 0 2] [--keep 64 128 192] [--runs 5] [--out DIR] [--fidelity]
     era-compile fidelity MODEL [--layer 2] [--keep-ratio 0.25] [--out DIR]
@@ -13,13 +13,51 @@ MODEL is a zoo name or a local Hugging Face checkpoint folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
 
 import torch
 
 from era_compile import ERAConfig, make_era_backend, zoo
+
+
+class _HeldBack(logging.Filter):
+    """Dynamo's warnings during a command (the graph breaks at transformers' own checks, which a
+    user cannot act on), held back so the report comes first; shown after it on request."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list = []
+        self.handlers = [h for name in ("torch", "torch._dynamo") for h in logging.getLogger(name).handlers]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("torch._dynamo") and record.levelno <= logging.WARNING:
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self):
+        for h in self.handlers:
+            h.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handlers:
+            h.removeFilter(self)
+
+    def show(self, everything: bool) -> None:
+        if not self.records:
+            return
+        if not everything:
+            print(f"({len(self.records)} Dynamo warning(s) held back, graph breaks at transformers' own checks among "
+                  "them: --graph-breaks shows them)", file=sys.stderr)
+            return
+        print(f"\nDynamo warnings during this command ({len(self.records)}):", file=sys.stderr)
+        for record in self.records:
+            print(self.handlers[0].format(record) if self.handlers else record.getMessage(), file=sys.stderr)
 
 
 def _layer(text: str):
@@ -86,8 +124,6 @@ def _config(args: argparse.Namespace, **changes) -> ERAConfig:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import os
-
     from era_compile.loading import load
 
     if args.dump:
@@ -103,35 +139,43 @@ def _explain(args: argparse.Namespace) -> int:
     sites = {p.graph: p for p in report.pruning}
     for index in range(report.graphs):
         entry = passes.get(index)
-        if index in sites:
-            site = sites[index]
-            span = entry["span"]
-            print(f"{index:>5}  image merge: {span['visual_tokens']} visual tokens per sample in {span['seq_len']} "
-                  f"positions{' (carried from an earlier graph)' if 'carried_by_input' in span else ''}")
-            print(f"{'':>5}  pruned at the input of layer {site.layer}: {site.visual_tokens} -> {site.kept} visual "
-                  f"tokens, sequence {site.seq_len_before} -> {site.seq_len_after}")
-            layers = entry["layers"]["decoder_layers"]
-            rewritten = set(entry.get("attention", {}).get("layers", []))
-            for layer in range(layers):
-                if layer < site.layer:
-                    what = f"full sequence ({site.seq_len_before}), SDPA unchanged"
-                elif layer in rewritten:
-                    what = f"{site.seq_len_after} tokens, era::biased_attention ({report.kernel})"
-                else:
-                    what = f"{site.seq_len_after} tokens, SDPA (rectify=False)"
-                print(f"{'':>5}    layer {layer:>2}: {what}")
-        elif entry and "handoff" in entry:
-            print(f"{index:>5}  image merge without a decoder layer: visual mask handed to the next graph")
-        elif entry and entry.get("decode", {}).get("attention_rewrites"):
-            print(f"{index:>5}  decode step: layers {entry['decode']['layers']} read the cached anchors' bias")
-        else:
-            reason = next((s.split(': ', 1)[1] for s in report.skipped if s.startswith(f"graph {index}:")), "unchanged")
-            print(f"{index:>5}  left alone: {reason}")
+        _explain_graph(index, entry, sites.get(index), report)
+        if entry:
+            times = ", ".join(f"{name} {value['ms']:.1f}" for name, value in entry.items()
+                              if isinstance(value, dict) and "ms" in value)
+            print(f"{'':>5}  {entry['kind']} graph; passes (ms): {times}")
     for note in report.notes:
         print(f"note: {note}")
     if args.dump:
         print(f"graphs before and after the passes: {args.dump}")
     return 0 if report.pruned else 1
+
+
+def _explain_graph(index: int, entry, site, report) -> None:
+    """What the passes found in one graph and did to it, a few lines."""
+    if site is not None:
+        span = entry["span"]
+        print(f"{index:>5}  image merge: {span['visual_tokens']} visual tokens per sample in {span['seq_len']} "
+              f"positions{' (carried from an earlier graph)' if 'carried_by_input' in span else ''}")
+        print(f"{'':>5}  pruned at the input of layer {site.layer}: {site.visual_tokens} -> {site.kept} visual "
+              f"tokens, sequence {site.seq_len_before} -> {site.seq_len_after}")
+        layers = entry["layers"]["decoder_layers"]
+        rewritten = set(entry.get("attention", {}).get("layers", []))
+        for layer in range(layers):
+            if layer < site.layer:
+                what = f"full sequence ({site.seq_len_before}), SDPA unchanged"
+            elif layer in rewritten:
+                what = f"{site.seq_len_after} tokens, era::biased_attention ({report.kernel})"
+            else:
+                what = f"{site.seq_len_after} tokens, SDPA (rectify=False)"
+            print(f"{'':>5}    layer {layer:>2}: {what}")
+    elif entry and "handoff" in entry:
+        print(f"{index:>5}  image merge without a decoder layer: visual mask handed to the next graph")
+    elif entry and entry.get("decode", {}).get("attention_rewrites"):
+        print(f"{index:>5}  decode step: layers {entry['decode']['layers']} read the cached anchors' bias")
+    else:
+        reason = next((s.split(': ', 1)[1] for s in report.skipped if s.startswith(f"graph {index}:")), "unchanged")
+        print(f"{index:>5}  left alone: {reason}")
 
 
 def _fidelity_record(args, model, inputs) -> dict:
@@ -254,6 +298,8 @@ def _add_model_options(p: argparse.ArgumentParser, keep_ratio=0.25, compiler="ea
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="era-compile", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass did")
+    parser.add_argument("--graph-breaks", action="store_true",
+                        help="show Dynamo's warnings (graph breaks) after the output; TORCH_LOGS shows them as usual")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compile a tiny random-init VLM with the backend and print the report")
     demo.add_argument("--model", default="llava", choices=zoo.names())
@@ -301,12 +347,18 @@ def main(argv=None) -> int:
     ev.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    command = {"demo": _demo, "calibrate": _calibrate, "explain": _explain, "bench": _bench,
+               "fidelity": _fidelity, "eval": _eval}[args.command]
+    held = _HeldBack() if not os.environ.get("TORCH_LOGS") else contextlib.nullcontext()
     try:
-        return {"demo": _demo, "calibrate": _calibrate, "explain": _explain, "bench": _bench,
-                "fidelity": _fidelity, "eval": _eval}[args.command](args)
+        with held:
+            return command(args)
     except ValueError as e:  # a bad option value or MODEL: say which, no traceback
         print(f"era-compile: {e}", file=sys.stderr)
         return 2
+    finally:
+        if isinstance(held, _HeldBack):
+            held.show(args.graph_breaks)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,34 @@ def test_explain_prints_what_was_rewritten(capsys, tmp_path):
     assert list(tmp_path.glob("*_after.py"))
 
 
+def test_explain_gives_each_graphs_kind_and_pass_times(capsys):
+    assert main(["explain", "llava", "--layer", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill graph; passes (ms): normalize" in out and "prune " in out and "dce " in out
+    assert "text graph; passes (ms)" in out
+
+
+def test_dynamo_warnings_are_held_back_until_asked_for(capsys):
+    """transformers' own graph breaks are warnings a user cannot act on: during a command they are
+    held back from Dynamo's log handler (the report comes first) and shown after it on request;
+    Dynamo's errors go through."""
+    import logging
+
+    from era_compile.cli import _HeldBack
+
+    dynamo = logging.getLogger("torch._dynamo.variables.tensor")
+    with _HeldBack() as held:
+        assert held.handlers, "Dynamo's log handler was not found: nothing would be held back"
+        dynamo.warning("Graph break from `Tensor.item()`")
+        dynamo.error("a real Dynamo error")
+    assert [r.getMessage() for r in held.records] == ["Graph break from `Tensor.item()`"]
+    assert all(held not in h.filters for h in held.handlers)  # the handlers are as they were
+    held.show(everything=False)
+    assert "1 Dynamo warning(s) held back" in capsys.readouterr().err
+    held.show(everything=True)
+    assert "Graph break from `Tensor.item()`" in capsys.readouterr().err
+
+
 def test_bench_writes_its_record_and_plots(tmp_path, capsys):
     code = main(["bench", "llava", "--compiler", "eager", "--layers", "1", "--keep", "9", "18", "--runs", "5",
                  "--new-tokens", "3", "--out", str(tmp_path)])
