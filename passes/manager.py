@@ -142,8 +142,11 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
 
 
 def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[Any],
-               carried: Optional[CarriedVisual] = None, dump_name: Optional[str] = None) -> PipelineResult:
-    """The kind's passes on a copy of the prepared graph (``carried``: a mask an input brought)."""
+               carried: Optional[CarriedVisual] = None, dump_name: Optional[str] = None,
+               until: Optional[str] = None) -> PipelineResult:
+    """The kind's passes on the prepared graph (a copy when ``carried``, a mask an input brought,
+    makes it a variant); ``until``: stop after the pass of that name, before the dead-code tail
+    (tests, debugging)."""
     gm = copy_graph(prepared.gm) if carried is not None else prepared.gm
     kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
     result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing],
@@ -169,6 +172,8 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
                 raise TypeError(f"pass {p.name!r} returned {type(outcome.record).__name__}, "
                                 f"declared {p.provides.__name__}")
             result.records[p.provides] = outcome.record
+        if p.name == until:  # cut short: the graph as that pass left it, no tail
+            return result
     start = time.perf_counter()
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()

@@ -1,0 +1,34 @@
+"""attention: the SDPA calls of layers >= K become era::biased_attention with the LAR bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import LAYERS, PassRecorder, ToyVLM, prompt
+
+from era_compile import ERAConfig
+from era_compile.passes.fx_utils import call_arguments
+from era_compile.passes.records import PruneSite, RectifiedAttention
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_layers_from_k_on_are_rectified(layer):
+    torch.manual_seed(0)
+    rec = PassRecorder(ToyVLM().eval(), *prompt(), config=ERAConfig(layer=layer, keep_tokens=3), until="attention")
+    rectified = rec.record(RectifiedAttention)
+    assert rectified.layers == list(range(layer, LAYERS)) and rectified.kernel == "sdpa"
+    assert rec.added("era.biased_attention") == LAYERS - layer
+    assert rec.added("scaled_dot_product_attention") == -(LAYERS - layer)
+    site = rec.record(PruneSite)
+    for _, call in rectified.calls:
+        args = call_arguments(call)
+        assert args["bias"] is site.log_bias and args["kernel"] == "sdpa"
+        assert args["causal"] is True and args["attn_mask"] is None  # the toy attends causally
+
+
+def test_rectify_off_leaves_sdpa():
+    torch.manual_seed(0)
+    rec = PassRecorder(ToyVLM().eval(), *prompt(), config=ERAConfig(layer=1, keep_tokens=3, rectify=False),
+                       until="attention")
+    assert rec.record(RectifiedAttention).calls == () and rec.added("era.biased_attention") == 0
+    assert "rectify=False" in rec.pass_result("attention").skipped

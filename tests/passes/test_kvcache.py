@@ -1,0 +1,81 @@
+"""kvcache: the cache writes (cat onto the past) and the past-key inputs; a static cache named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import HEADS, LAYERS, PassRecorder, ToyVLM, past_cache, prompt
+
+from era_compile import ERAConfig
+from era_compile.passes.graph_pass import PassError
+from era_compile.passes.kinds import GraphKind
+from era_compile.passes.records import KVCache
+
+
+def test_decode_step_cache_writes_and_past_inputs():
+    torch.manual_seed(0)
+    ids, _ = prompt()
+    rec = PassRecorder(ToyVLM().eval(), ids[:, :1], None, past_cache(), until="kvcache")
+    cache = rec.record(KVCache)
+    assert rec.kind is GraphKind.DECODE
+    assert [c.index for c in cache.layers] == list(range(LAYERS))
+    inputs = [n for n in rec.result.gm.graph.nodes if n.op == "placeholder"]
+    outputs = list(rec.result.gm.graph.output_node().args[0])
+    for c in cache.layers:
+        assert c.past_keys in inputs and c.keys.target is torch.cat and c.keys.args[0][0] is c.past_keys
+        assert outputs[c.keys_output] is c.keys and outputs[c.values_output] is c.values
+    assert rec.after == rec.before  # analysis only
+
+
+class _GQALayer(torch.nn.Module):
+    """4 query heads over 2 KV heads, with Hugging Face's repeat_kv between the cache and SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)
+
+    def forward(self, x, past):
+        heads = lambda t, n: t.view(1, x.shape[1], n, 8).transpose(1, 2)  # noqa: E731
+        k = torch.cat([past[0], heads(self.k(x), 2)], dim=-2)
+        v = torch.cat([past[1], heads(self.v(x), 2)], dim=-2)
+        rep = lambda t: t[:, :, None].expand(1, 2, 2, t.shape[2], 8).reshape(1, 4, t.shape[2], 8)  # noqa: E731
+        return torch.nn.functional.scaled_dot_product_attention(heads(self.q(x), 4), rep(k), rep(v)), k, v
+
+
+class _GQA(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_GQALayer()])
+
+    def forward(self, x, past):
+        return self.layers[0](x, past)
+
+
+def test_gqa_repeat_is_followed_back_to_the_cache_write():
+    """repeat_kv (index, expand, reshape) between the cat and SDPA: the walk keeps the sequence size."""
+    past = (torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8))
+    rec = PassRecorder(_GQA().eval(), torch.randn(1, 1, 32), past, until="kvcache")
+    (layer,) = rec.record(KVCache).layers
+    assert layer.index == 0 and layer.keys.target is torch.cat and layer.past_keys is not None
+
+
+def test_fresh_prefill_writes_have_no_past():
+    torch.manual_seed(0)
+    ids, features = prompt()
+    empty = [(torch.zeros(1, HEADS, 0, 8), torch.zeros(1, HEADS, 0, 8)) for _ in range(LAYERS)]
+    rec = PassRecorder(ToyVLM().eval(), ids, features, empty, until="kvcache")
+    cache = rec.record(KVCache)
+    # an empty past is still a graph input here; the layers are found either way
+    assert len(cache.layers) == LAYERS
+
+
+def test_a_static_cache_in_a_prefill_that_would_prune_is_refused_by_name():
+    torch.manual_seed(0)
+    ids, features = prompt()
+    static = [(torch.zeros(1, HEADS, 32, 8), torch.zeros(1, HEADS, 32, 8)) for _ in range(LAYERS)]
+    with pytest.raises(PassError, match=r"cache_implementation='static'"):
+        PassRecorder(ToyVLM().eval(), ids, features, None, None, static, until="kvcache")
+    # the same cache in a decode step is only listed (nothing there was pruned)
+    rec = PassRecorder(ToyVLM().eval(), ids[:, :1], None, None, None, static, config=ERAConfig(layer=1),
+                       until="kvcache")
+    assert rec.record(KVCache).written_in_place == tuple(range(LAYERS)) and not rec.record(KVCache).layers

@@ -1,0 +1,49 @@
+"""layers: decoder layers by structure (indexed modules with attention after the merge)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from toys import LAYERS, PassRecorder, ToyVLM, capture, prompt
+
+from era_compile import ERAConfig
+from era_compile.passes.graph_pass import PassError
+from era_compile.passes.manager import prepare, run_passes
+from era_compile.passes.records import DecoderLayers, VisualSpan
+
+
+def test_every_layer_with_its_attention_and_residual_stream():
+    torch.manual_seed(0)
+    rec = PassRecorder(ToyVLM().eval(), *prompt(), until="layers")
+    layers = rec.record(DecoderLayers)
+    assert len(layers) == LAYERS and [layer.index for layer in layers.layers] == list(range(LAYERS))
+    assert [layer.module_path.rsplit(".", 1)[1] for layer in layers.layers] == ["0", "1", "2"]
+    assert layers[0].hidden_in is rec.record(VisualSpan).merge  # layer 0 reads the merged embeddings
+    assert all(layer.attention in layer.nodes for layer in layers.layers)
+    assert rec.after == rec.before | {"any": 1}  # found, not changed (span's mask is the one new node)
+
+
+def test_a_layer_the_model_does_not_have_is_named():
+    torch.manual_seed(0)
+    with pytest.raises(PassError, match="ERAConfig.layer=5 but the language model has 3 decoder layers"):
+        PassRecorder(ToyVLM().eval(), *prompt(), config=ERAConfig(layer=5), until="layers")
+
+
+def test_eager_attention_is_refused_with_what_to_do():
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+
+    def eager_sdpa(q, k, v, attn_mask=None, is_causal=False):
+        w = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        return w.softmax(-1) @ v
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = eager_sdpa
+    try:
+        gm, example_inputs = capture(model, *prompt())
+    finally:
+        F.scaled_dot_product_attention = original
+    config = ERAConfig(layer=1)
+    with pytest.raises(PassError, match="attn_implementation='sdpa'"):
+        run_passes(prepare(gm, config, 0, example_inputs), config, example_inputs, until="layers")

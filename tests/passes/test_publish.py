@@ -1,0 +1,37 @@
+"""publish: the prefill's PrefillOutputs trail the model's outputs, and the runtime takes them back."""
+
+from __future__ import annotations
+
+import torch
+from toys import PassRecorder, ToyVLM, prompt
+
+from era_compile import ERAConfig
+from era_compile.passes.records import PrefillOutputs, PruneSite
+
+
+def _outputs(gm):
+    return list(gm.graph.output_node().args[0])
+
+
+def test_without_a_mask_two_outputs_are_appended():
+    torch.manual_seed(0)
+    rec = PassRecorder(ToyVLM().eval(), *prompt(), until="publish")
+    published, site = rec.record(PrefillOutputs), rec.record(PruneSite)
+    assert published.values() == (site.keep_index, site.log_bias) and published.key_visible is None
+    assert _outputs(rec.result.gm)[-2:] == [site.keep_index, site.log_bias]
+    assert len(_outputs(rec.result.gm)) == len(_outputs(rec.gm)) + 2
+
+
+def test_with_a_mask_the_last_querys_visibility_is_appended_and_the_runtime_reads_it_back():
+    torch.manual_seed(0)
+    ids, features = prompt()
+    N = ids.shape[1]
+    mask = torch.ones(1, 1, N, N, dtype=torch.bool).tril()
+    rec = PassRecorder(ToyVLM().eval(), ids, features, None, mask)
+    outputs = list(rec.result.gm(*rec.example_inputs))
+    count = len(rec.record(PrefillOutputs).values())
+    assert count == 3
+    published = PrefillOutputs.take(outputs, count)  # what the runtime does
+    assert published.keep_index.dtype == torch.int64 and published.log_bias.dtype == torch.float32
+    assert published.key_visible.shape == (1, N) and bool(published.key_visible.all())
+    assert len(outputs) == len(_outputs(rec.gm))

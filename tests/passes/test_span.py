@@ -1,0 +1,60 @@
+"""span: the image merge, the number of visual tokens per sample, and a [B, N] visual mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import IMAGE, PassRecorder, ToyVLM, capture, prompt
+
+from era_compile import ERAConfig
+from era_compile.passes.fx_utils import tensor_meta
+from era_compile.passes.graph_pass import PassError
+from era_compile.passes.manager import prepare, run_passes
+from era_compile.passes.records import CarriedVisual, VisualMaskInput, VisualSpan
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_finds_the_merge_and_inserts_one_visual_mask(batch):
+    torch.manual_seed(0)
+    ids, features = prompt(batch=batch, visual=8)
+    rec = PassRecorder(ToyVLM().eval(), ids, features, until="span")
+    span = rec.record(VisualSpan)
+    assert (span.num_visual, span.seq_len, span.batch) == (8, ids.shape[1], batch)
+    assert span.merge.target == "masked_scatter"
+    assert rec.added("any") == 1  # the [B, N, 1] mask reduced to [B, N]
+    assert tuple(tensor_meta(span.visual_mask).shape) == tuple(ids.shape)
+    assert rec.pass_result("span").counts == {"visual_tokens": 8, "seq_len": ids.shape[1]}
+
+
+def test_samples_with_different_visual_counts_are_refused_by_name():
+    torch.manual_seed(0)
+    ids, features = prompt(batch=2, visual=8)
+    ids[1, 3] = 5  # sample 1 now has 7 image tokens: 15 features do not split over 2 samples
+    gm, example_inputs = capture(ToyVLM().eval(), ids, features[:15])
+    prepared = prepare(gm, ERAConfig(layer=1), 0, example_inputs)
+    with pytest.raises(PassError, match="do not split evenly over a batch of 2"):
+        run_passes(prepared, ERAConfig(layer=1), example_inputs, until="span")
+
+
+def test_no_features_means_nothing_to_prune():
+    ids = torch.randint(1, IMAGE, (1, 6))
+    rec = PassRecorder(ToyVLM().eval(), ids, torch.randn(0, 32))
+    assert rec.result.stopped == "image features are empty (no visual tokens in this graph)"
+    assert not rec.result.changed
+
+
+def test_a_carried_mask_becomes_an_input_the_runtime_supplies():
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+    ids, features = prompt(visual=8)
+    embeds = model.embed(ids).masked_scatter((ids == IMAGE)[..., None], features).detach()
+    gm, example_inputs = capture(lambda e: (model.layers[1](model.layers[0](e, torch.ones(1))[0], torch.ones(1))[0],),
+                                 embeds)
+    config = ERAConfig(layer=1, keep_tokens=3)
+    carried = CarriedVisual(0, ids == IMAGE, 8)
+    result = run_passes(prepare(gm, config, 0, example_inputs), config, example_inputs, carried, until="span")
+    (added,) = result.added_inputs
+    assert isinstance(added, VisualMaskInput) and added.source_input == 0 and added.name == "era_visual_mask"
+    assert result.record(VisualSpan).carried_by_input == 0
+    assert [n.name for n in result.gm.graph.nodes if n.op == "placeholder"][-1] == "era_visual_mask"
+    assert len(result.example_inputs) == len(example_inputs) + 1

@@ -1,0 +1,158 @@
+"""Small graphs for the pass tests: a toy VLM with the structure the passes look for (an image
+merge, indexed decoder layers with SDPA, per-position tensors shared by the layers, a KV
+cache), captured by Dynamo in well under a second; and a ``TestBackend``-style recorder.
+
+The toy builds its sequence the way Hugging Face models do (embeddings, ``masked_scatter`` of
+the projected image features at the image tokens, cos tables from positions, ``view`` into
+heads, ``cat`` onto a past cache) without being any model; the tests never import a model
+class of the project's zoo.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from era_compile import ERAConfig
+from era_compile.passes.manager import PipelineResult, prepare, run_passes
+
+IMAGE = 63  # the image placeholder token
+DIM, HEADS, LAYERS, VOCAB = 32, 4, 3, 64
+
+
+class ToyLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+        self.mlp = nn.Linear(DIM, DIM)
+
+    def forward(self, h, cos, mask=None, past=None, static=None, positions=None):
+        B, N, _ = h.shape
+        x = self.norm(h)
+        q = self.q(x).view(B, N, HEADS, -1).transpose(1, 2) * cos
+        k = self.k(x).view(B, N, HEADS, -1).transpose(1, 2) * cos
+        v = self.v(x).view(B, N, HEADS, -1).transpose(1, 2)
+        if static is not None:  # a preallocated cache written in place (StaticCache's way)
+            static[0].index_copy_(2, positions, k)
+            static[1].index_copy_(2, positions, v)
+            k, v = static
+        elif past is not None:
+            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+        causal = mask is None and past is None and static is None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        h = h + self.o(out.transpose(1, 2).reshape(B, N, DIM))
+        return h + self.mlp(h), (k, v)
+
+
+class ToyVLM(nn.Module):
+    """``forward(input_ids, image_features=None, past=None, mask=None)`` -> (logits, cache)."""
+
+    def __init__(self, merge: str = "method", layers: int = LAYERS):
+        super().__init__()
+        self.merge = merge
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.project = nn.Linear(DIM, DIM)
+        self.layers = nn.ModuleList(ToyLayer() for _ in range(layers))
+        self.head = nn.Linear(DIM, VOCAB)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(DIM // HEADS) / (DIM // HEADS)))
+
+    def forward(self, input_ids, image_features=None, past=None, mask=None, static=None):
+        embeds = self.embed(input_ids)
+        if image_features is not None:
+            features = self.project(image_features)
+            image = input_ids == IMAGE
+            if self.merge == "method":
+                embeds = embeds.masked_scatter(image.unsqueeze(-1), features)
+            elif self.merge == "function":
+                embeds = torch.masked_scatter(embeds, image[..., None], features)
+            elif self.merge == "setitem":
+                embeds = embeds.clone()
+                embeds[image] = features
+            else:
+                raise ValueError(self.merge)
+        offset = past[0][0].shape[-2] if past is not None else 0
+        positions = torch.arange(offset, offset + input_ids.shape[1])
+        cos = torch.cos(positions[:, None] * self.inv_freq[None, :])[None, None]  # [1, 1, N, d]: every layer
+        h, cache = embeds, []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer(h, cos, mask=mask, past=None if past is None else past[i],
+                          static=None if static is None else static[i], positions=positions)
+            cache.append(kv)
+        return self.head(h), cache
+
+
+def prompt(batch: int = 1, prefix: int = 3, visual: int = 8, suffix: int = 5, seed: int = 0):
+    """input_ids [B, N] with ``visual`` image tokens per sample, and their features [B*T, D]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(1, IMAGE, (batch, prefix), generator=g), torch.full((batch, visual), IMAGE),
+                     torch.randint(1, IMAGE, (batch, suffix), generator=g)], 1)
+    return ids, torch.randn(batch * visual, DIM, generator=g)
+
+
+def past_cache(batch: int = 1, length: int = 10, layers: int = LAYERS, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, HEADS, length, DIM // HEADS, generator=g),
+             torch.randn(batch, HEADS, length, DIM // HEADS, generator=g)) for _ in range(layers)]
+
+
+def capture(fn, *args, **kwargs) -> Tuple[fx.GraphModule, List[Any]]:
+    """The one graph Dynamo makes of ``fn(*args, **kwargs)`` (static shapes) and its example inputs."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)(*args, **kwargs)
+    assert len(graphs) == 1, f"expected one graph, Dynamo made {len(graphs)}"
+    return graphs[0]
+
+
+def op_counts(gm: fx.GraphModule) -> Counter:
+    """How often each call target occurs: ``era.select``, ``scaled_dot_product_attention``,
+    ``method:view``, ``cat`` ... (the before/after counts every pass test asserts)."""
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_method":
+            counts[f"method:{node.target}"] += 1
+        elif node.op == "call_function":
+            target = node.target
+            name = getattr(target, "__name__", str(target))
+            if isinstance(target, torch._ops.OpOverload):
+                name = f"{target.namespace}.{target._opname}"
+            counts[name] += 1
+    return counts
+
+
+class PassRecorder:
+    """Capture a graph, run the manager on it up to a named pass, and keep the op counts
+    before and after (as vLLM's ``tests/compile/backend.py`` does for its passes)."""
+
+    def __init__(self, fn, *args, config: Optional[ERAConfig] = None, until: Optional[str] = None, **kwargs):
+        self.config = config or ERAConfig(layer=1, keep_tokens=3)
+        self.gm, self.example_inputs = capture(fn, *args, **kwargs)
+        self.before = op_counts(self.gm)
+        self.prepared = prepare(self.gm, self.config, 0, self.example_inputs)
+        self.result: PipelineResult = run_passes(self.prepared, self.config, self.example_inputs, until=until)
+        self.after = op_counts(self.result.gm)
+
+    @property
+    def kind(self):
+        return self.prepared.kind
+
+    def record(self, record_type):
+        return self.result.record(record_type)
+
+    def pass_result(self, name: str):
+        return dict(self.result.results)[name]
+
+    def added(self, target: str) -> int:
+        return self.after[target] - self.before[target]
