@@ -11,10 +11,11 @@ casts) to that ``cat`` (``fx_utils.sequence_source``: no op list, no hop limit),
 * the past keys: a graph input in a decode step, an empty tensor in a fresh prefill.
 
 A static cache (``generate(cache_implementation="static")``) is written in place instead
-(``keys.index_copy_(2, positions, new)`` into a preallocated graph input). Its slots are the
-original positions, so the pruned layers' keys cannot be stored compactly there, and nothing
-would carry their bias: a prefill that would prune over such a cache is refused with that
-reason. In other graphs the layers are listed (``written_in_place``) and left alone.
+(``keys.index_copy_(2, positions, new)`` into a preallocated tensor, inside the layer).
+Its slots are the original positions, so the pruned layers' keys cannot be stored compactly
+there, and nothing would carry their bias: a prefill that would prune over such a cache is
+refused with that reason. In other graphs the layers are listed (``written_in_place``) and
+left alone.
 
 The graph is not changed. Layers are numbered by their module index (``...layers.3`` is
 layer 3), so prefill and decode graphs agree even when a model splits its layers.
@@ -22,6 +23,7 @@ layer 3), so prefill and decode graphs agree even when a model splits its layers
 
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Tuple
 
 import torch.fx as fx
@@ -36,18 +38,15 @@ from .records import CachedLayer, KVCache
 def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     outputs = graph_outputs(gm)
     layers: List[CachedLayer] = []
-    in_place: List[int] = []
+    in_place = sorted({layer_index(n) for n in gm.graph.nodes if _writes_in_place(n)} - {None})
     for node in gm.graph.nodes:
         if not is_attention(node):
             continue
         index = layer_index(node)
-        if index is None:
-            continue  # not a decoder attention (e.g. the vision tower)
+        if index is None or index in in_place:
+            continue  # not a decoder attention (e.g. the vision tower), or over a static cache
         args = attention_args(node)
         keys, values = sequence_source(args["key"]), sequence_source(args["value"])
-        if _written_in_place(keys) and _written_in_place(values):
-            in_place.append(index)
-            continue
         if not (_is_cache_write(keys) and _is_cache_write(values)) or keys not in outputs or values not in outputs:
             continue
         past = sequence_source(keys.args[0][0])
@@ -75,10 +74,13 @@ def _is_cache_write(node) -> bool:
     return len(parts) == 2 and out is not None and out.dim() == 4 and node.kwargs["dim"] == 2
 
 
-def _written_in_place(node) -> bool:
-    """A graph input that the graph itself updates in place (a static cache's keys)."""
-    return (isinstance(node, fx.Node) and node.op == "placeholder"
-            and any(is_in_place(u) and u.args and u.args[0] is node for u in node.users))
+def _writes_in_place(node: fx.Node) -> bool:
+    """``cache.index_copy_(2, positions, new)`` / ``cache[..., positions, :] = new`` into a 4-D float
+    tensor: a static cache's write (a graph input, or in a prefill the buffer the graph just
+    allocated for it), which the layer's attention then reads a slice of."""
+    writes = is_in_place(node) or (node.op == "call_function" and node.target is operator.setitem)
+    value = tensor_meta(node.args[0]) if writes and node.args else None
+    return value is not None and value.dim() == 4 and value.is_floating_point()
 
 
 def cache_write_of(call: fx.Node) -> Tuple[Optional[fx.Node], Optional[fx.Node]]:

@@ -185,3 +185,82 @@ def test_prompts_of_other_lengths_and_batch_sizes_stay_pruned(layer):
     assert {p.seq_len_before for p in report.pruning} >= {48, 51}  # the static and a dynamic prefill
     assert not any("did not happen" in s for s in report.skipped) and report.broken_bias_chain == 0
     assert torch._dynamo.config.recompile_limit >= 64
+
+
+def test_static_cache_is_refused_by_name_and_runs_unpruned():
+    """A static cache is written in place at the original positions: a pruning prefill over it is
+    refused (strict: an error naming it), otherwise the model runs unpruned and says so."""
+    model, inputs = build("llava")
+    greedy = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(**inputs, **greedy)
+    model.compile(backend=make_era_backend(ERAConfig(layer=2, compiler="eager", strict=True)))
+    with torch.no_grad(), pytest.raises(Exception, match=r"cache_implementation='static'"):
+        model.generate(**inputs, **greedy)
+    torch._dynamo.reset()
+    backend = make_era_backend(ERAConfig(layer=2, compiler="eager"))
+    model.compile(backend=backend)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"cache_implementation='static'"):
+        out = model.generate(**inputs, **greedy)
+    assert torch.equal(out, expected) and not backend.report.pruned
+    assert any("cache_implementation='static'" in s for s in backend.report.skipped)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_decode_attention_left_unrewritten_over_cached_anchors_is_never_silent(monkeypatch, strict):
+    """A decode graph whose cache reads were not recognised (here: a kvcache analysis that finds
+    nothing) would attend over the pruned cache without the anchors' bias. The runtime sees
+    cached keys with a recorded, non-zero bias reaching it: strict raises, otherwise a warning
+    and a report line."""
+    from era_compile.passes import manager
+    from era_compile.passes.graph_pass import PassResult, graph_pass
+    from era_compile.passes.kinds import GraphKind
+    from era_compile.passes.records import KVCache
+    from era_compile.runtime import UnrectifiedCache
+
+    @graph_pass("kvcache", provides=KVCache)
+    def finds_nothing(gm, ctx):
+        return PassResult(record=KVCache(()), skipped="no KV-cache writes (an unrecognised spelling)")
+
+    monkeypatch.setitem(manager.PIPELINES, GraphKind.DECODE, (finds_nothing,))
+    model, inputs = build("llava")
+    backend = make_era_backend(ERAConfig(layer=2, compiler="eager", strict=strict))
+    model.compile(backend=backend)
+    if strict:
+        with torch.no_grad(), pytest.raises(UnrectifiedCache, match="attends without the bias"):
+            model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        return
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="attends without the bias"):
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert backend.report.pruned and backend.report.unrectified_cache > 0
+    assert "attended over cached anchors without their bias" in str(backend.report)
+
+
+def test_blocked_cache_slots_without_padding():
+    """With an attention mask and K >= 1 the pruned layers' cache is laid out at the original
+    positions: the dropped tokens' slots hold zero rows that only the bias blocks. That happens
+    without any padding (transformers 5.17 keeps an all-ones mask in generate(); here a decode
+    step is called by hand with one): the next token's logits must still equal the reference's,
+    whose cache is compact."""
+    from era_compile.compat import cache_kwarg, output_cache
+
+    model, inputs = build("llava")
+    config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
+    N = inputs["input_ids"].shape[1]
+    step = {"input_ids": torch.tensor([[7]]), "attention_mask": torch.ones(1, N + 1, dtype=torch.long)}
+    key = cache_kwarg(model.forward)
+    reference = EagerReference(model, config)
+    with torch.no_grad(), reference.active(inputs["input_ids"]):
+        first = model(**inputs)
+        expected = model(**step, **{key: output_cache(first)}).logits
+    backend = make_era_backend(config)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        first = compiled(**inputs)
+        cache = output_cache(first)
+        blocked = [int((layer.keys == 0).all(-1).all(1).sum()) for layer in cache.layers]
+        out = compiled(**step, **{key: cache}).logits
+    site = backend.report.pruning[0]
+    assert blocked == [0, 0] + [N - site.seq_len_after] * 2  # zero slots exist, only in the pruned layers
+    assert backend.report.decode_rewrites > 0
+    assert (out[:, -1] - expected[:, -1]).abs().max().item() <= TOL
