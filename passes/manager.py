@@ -11,8 +11,9 @@ runs ``normalize`` on the copy and asks ``kinds.classify`` what it is. ``run_pas
   missing), and its record is checked against what it ``provides``;
 * wall time (``PassTiming``: the pass, and the upkeep after it), into the report;
 * provenance: every node the pass inserted carries ``meta["era_pass"]`` (its name);
-* when it changed the graph: one lint, one recompile, one fake-tensor propagation; a rewrite
-  whose shapes no longer check fails here with the pass named, not inside the inner compiler
+* when it changed the graph: one lint, one recompile, one fake-tensor update (``update_fake``:
+  every node the pass inserted or re-wired, and what their new values reach); a rewrite whose
+  shapes no longer check fails here with the pass named, not inside the inner compiler
   (``normalize`` only respells calls and copies their fake values: lint and recompile);
 * with ``ERA_COMPILE_DUMP=dir``: the graph before and after it, numbered
   (``<config>_graph<i>/<step>_<pass>_{before,after}.py``).
@@ -39,6 +40,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from era_compile.config import ERAConfig
 
 from .attention import rectify_attention
+from .fx_utils import same_shape, same_size
 from .decode import rectify_cached_attention
 from .graph_pass import GraphPass, MissingRecord, PassContext, PassError, PassResult, frozen
 from .handoff import hand_off_visual_mask
@@ -186,22 +188,26 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
 
 def _run_one(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, example_inputs: List[Any],
              dumper: "_Dumper", step: int) -> Tuple[PassResult, PassTiming]:
-    before = set(gm.graph.nodes)
+    before = {node: (node.args, node.kwargs) for node in gm.graph.nodes}
     text_before = dumper.render(gm)
     start = time.perf_counter()
     outcome = p(gm, ctx)
     ms = 1e3 * (time.perf_counter() - start)
     upkeep = 0.0
     if outcome.changed:
+        touched = set()  # inserted, or given other arguments (FX stores new argument tuples)
         for node in gm.graph.nodes:
             if node not in before:
                 node.meta["era_pass"] = p.name
+                touched.add(node)
+            elif before[node][0] is not node.args or before[node][1] is not node.kwargs:
+                touched.add(node)
         start = time.perf_counter()
         gm.graph.lint()
         gm.recompile()
         try:
             if not p.keeps_meta:
-                propagate_fake(gm, list(example_inputs) + [a.example for a in outcome.added_inputs])
+                update_fake(gm, list(example_inputs) + [a.example for a in outcome.added_inputs], touched)
         except Exception as e:
             raise PassError(f"after pass {p.name!r} the graph no longer type-checks: "
                             f"{type(e).__name__}: {e}") from e
@@ -263,6 +269,62 @@ def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     for node in gm.graph.nodes:  # Dynamo's own key, kept consistent for later readers
         if "val" in node.meta and "example_value" in node.meta:
             node.meta["example_value"] = node.meta["val"]
+
+
+def update_fake(gm: fx.GraphModule, example_inputs: Sequence[Any], touched: set) -> None:
+    """Fake values after a pass: recomputed for the nodes it inserted or re-wired, and for every
+    node downstream whose inputs' fake values then changed; the rest keep theirs. Every node whose
+    shapes could have stopped checking is run again, so a broken rewrite still fails here, at a
+    fraction of a full propagation's cost when a pass touches a few nodes (span, attention,
+    publish). Without Dynamo's fake values on the placeholders: a full propagation."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [n.meta.get("val", n.meta.get("example_value")) for n in inputs]
+    mode = next((f.fake_mode for f in fakes if isinstance(f, FakeTensor)), None)
+    if mode is None or len(fakes) != len(example_inputs) or any(f is None for f in fakes):
+        propagate_fake(gm, example_inputs)
+        return
+    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+    try:
+        with mode:
+            _IncrementalFakeProp(gm, touched).run(*fakes)
+    finally:
+        mode.allow_non_fake_inputs = allowed
+
+
+class _IncrementalFakeProp(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, touched: set):
+        super().__init__(gm)
+        self.touched, self.moved = touched, set()
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op == "output":
+            return super().run_node(node)
+        if node.op == "placeholder":
+            node.meta["val"] = super().run_node(node)
+            return node.meta["val"]
+        old = node.meta.get("val", node.meta.get("example_value"))  # Dynamo's graphs carry the latter
+        if old is not None and node not in self.touched and not any(a in self.moved for a in node.all_input_nodes):
+            node.meta["val"] = old  # every node carries ``val`` after a pass, as after a full propagation
+            return old
+        value = super().run_node(node)
+        if not _same_meta(value, old):
+            self.moved.add(node)
+        node.meta["val"] = value
+        if "example_value" in node.meta:  # Dynamo's own key, kept consistent for later readers
+            node.meta["example_value"] = value
+        return value
+
+
+def _same_meta(a: Any, b: Any) -> bool:
+    """Same type, dtype and (statically known) shape and strides, nested; no guard installed."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a.dtype == b.dtype and a.device == b.device and same_shape(a, b.shape)
+                and a.dim() == b.dim() and all(same_size(x, y) for x, y in zip(a.stride(), b.stride())))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, torch.SymInt)) and isinstance(b, (int, torch.SymInt)):
+        return same_size(a, b)
+    return type(a) is type(b) and a is b
 
 
 def _is_impure(node: fx.Node) -> bool:

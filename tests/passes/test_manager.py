@@ -106,3 +106,19 @@ def test_numbered_dumps_of_each_pass_that_changed_the_graph(tmp_path, monkeypatc
     after_prune = (folder / "04_prune_after.py").read_text()
     assert after_prune.startswith("# inserted by") and "# inserted by prune: " in after_prune
     assert "era.select" in after_prune
+
+
+def test_incremental_fake_update_agrees_with_a_full_propagation():
+    """After every pass only the nodes it touched (and what their new values reach) are re-run on
+    fake tensors; the result must be what propagating the whole graph afresh gives."""
+    torch.manual_seed(0)
+    rec = PassRecorder(ToyVLM().eval(), *prompt(), config=ERAConfig(layer=1, keep_tokens=3))
+    gm = rec.result.gm
+
+    def shapes():
+        return {n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes
+                if isinstance(n.meta.get("val"), torch.Tensor)}
+
+    incremental = shapes()
+    manager.propagate_fake(gm, rec.result.example_inputs)
+    assert shapes() == incremental and len(incremental) > 50
