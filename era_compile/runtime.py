@@ -125,15 +125,17 @@ def plan_for(kind: GraphKind, records: Dict[type, Any], config, gm, example_inpu
              added_inputs: Sequence[AddedInput], graph: int) -> GraphPlan:
     """The runtime plan of a graph, from what its passes recorded (no records: a fallback)."""
     plan = GraphPlan(graph=graph, kind=kind, rectify=config.rectify, align_with_mask=config.layer >= 1,
-                     added_inputs=tuple(added_inputs), handoff=records.get(Handoff))
+                     added_inputs=tuple(added_inputs))
+    if kind is GraphKind.HANDOFF:
+        plan.handoff = records.get(Handoff)
+    elif kind.has_image and PrefillOutputs in records:
+        plan.prefill_outputs = len(records[PrefillOutputs].values())
     inputs = placeholders(gm)
     cache = records.get(KVCache)
     for c in cache.layers if cache is not None else ():
         if c.index >= config.layer:
             plan.keys_outputs[c.index] = c.keys_output
             plan.values_outputs[c.index] = c.values_output
-    published = records.get(PrefillOutputs)
-    plan.prefill_outputs = len(published.values()) if published is not None else 0
     read = {a.past_keys_input for a in added_inputs if isinstance(a, PastBiasInput)}
     examples = list(example_inputs)[:len(inputs)]
     plan.watched_inputs = tuple(i for i, (node, x) in enumerate(zip(inputs, examples))
@@ -179,9 +181,9 @@ class Runtime:
             entry = self.store.lookup(args[i])
             if entry is None or not entry.nonzero:
                 continue
-            why = (f"graph {plan.graph} receives cached keys (input {i}) whose recycled anchors carry a LAR bias, "
-                   "but its attention over them was not rewritten (its rewrite failed or was not recognised): "
-                   "this step attends without the bias")
+            why = (f"graph {plan.graph} ({plan.kind.value}) receives cached keys (input {i}) whose recycled "
+                   "anchors carry a LAR bias, but its attention over them was not rewritten (its rewrite "
+                   "failed or was not recognised): this step attends without the bias")
             if self.strict:
                 raise UnrectifiedCache(why)
             self._warn_once(("unrectified", plan.graph), why)

@@ -76,24 +76,27 @@ class PassContext:
 class GraphPass:
     """A pass with its contract. ``requires``: record types that must exist before it runs;
     ``provides``: the record type it returns (None for a pass that only checks or rewrites);
-    ``keeps_meta``: the manager need not propagate fake tensors after it (lint and recompile only)."""
+    ``keeps_meta``: the manager need not propagate fake tensors after it (lint and recompile only);
+    ``rewrites``: whether its changes make the graph a rewritten one (False for ``normalize``, which
+    respells, and ``span``, which only adds the visual mask later passes use)."""
 
     name: str
     run: Callable[[fx.GraphModule, PassContext], PassResult]
     requires: Tuple[type, ...] = ()
     provides: Optional[type] = None
     keeps_meta: bool = False  # a respelling: every node it creates carries its fake value already
+    rewrites: bool = True     # False: its changes alone (a respelling, an analysis node) leave nothing to compile
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return self.run(gm, ctx)
 
 
 def graph_pass(name: str, *, requires: Tuple[type, ...] = (), provides: Optional[type] = None,
-               keeps_meta: bool = False):
+               keeps_meta: bool = False, rewrites: bool = True):
     """Declare a function as a pass (see the module docstring)."""
 
     def wrap(fn: Callable[[fx.GraphModule, PassContext], PassResult]) -> GraphPass:
-        return GraphPass(name, fn, tuple(requires), provides, keeps_meta)
+        return GraphPass(name, fn, tuple(requires), provides, keeps_meta, rewrites)
 
     return wrap
 

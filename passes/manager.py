@@ -108,10 +108,12 @@ class PipelineResult:
     added_inputs: List[AddedInput] = field(default_factory=list)
     example_inputs: List[Any] = field(default_factory=list)
     stopped: Optional[str] = None  # why the pipeline ended before its last pass
+    rewrote: bool = False          # a pass that rewrites changed the graph
 
     @property
     def changed(self) -> bool:
-        return any(r.changed for name, r in self.results if name not in ("normalize", "span"))
+        """Whether the graph is worth compiling as rewritten (not only respelled or analysed)."""
+        return self.rewrote
 
     def record(self, record_type):
         return self.records.get(record_type)
@@ -137,9 +139,11 @@ def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
 def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inputs: Sequence[Any] = (),
             dump_name: Optional[str] = None) -> Prepared:
+    """A copy of a Dynamo graph, normalised (step 0, timed and dumped like any pass), and its kind."""
     work = copy_graph(gm)
     ctx = PassContext(config, GraphKind.TEXT, graph_index, tuple(example_inputs))
-    result, timing = _run_one(normalize, work, ctx, example_inputs, _Dumper(config, dump_name or f"graph{graph_index}"), 0)
+    dumper = _Dumper(config, dump_name or f"graph{graph_index}")
+    result, timing = _run_one(normalize, work, ctx, example_inputs, dumper, 0)
     return Prepared(work, classify(work, example_inputs=example_inputs), graph_index, result, timing)
 
 
@@ -163,6 +167,7 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
         outcome, timing = _run_one(p, gm, ctx, result.example_inputs, dumper, step)
         result.results.append((p.name, outcome))
         result.timings.append(timing)
+        result.rewrote = result.rewrote or (outcome.changed and p.rewrites)
         for added in outcome.added_inputs:
             result.added_inputs.append(added)
             result.example_inputs.append(added.example)

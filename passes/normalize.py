@@ -62,7 +62,7 @@ _INDEX_PUT = {torch.ops.aten.index_put_.default, torch.Tensor.index_put_}  # in 
 _SDPA_KEYWORDS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-@graph_pass("normalize", keeps_meta=True)
+@graph_pass("normalize", keeps_meta=True, rewrites=False)
 def normalize(gm: fx.GraphModule, ctx) -> PassResult:
     graph = gm.graph
     folded: Dict[str, int] = {"views": 0, "merges": 0, "attention": 0, "cat": 0}

@@ -38,7 +38,7 @@ from .records import VisualMaskInput, VisualSpan
 from .rewrite import append_input, insert_call
 
 
-@graph_pass("span", provides=VisualSpan)
+@graph_pass("span", provides=VisualSpan, rewrites=False)
 def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.carried is not None:
         return _span_from_carried_mask(gm, ctx)

@@ -15,9 +15,12 @@ from era_compile.passes.records import DecoderLayers, PruneSite, VisualSpan
 from era_compile.passes.rewrite import insert_call
 
 
-def _text_graph():
+def _run_text_graph_through(monkeypatch, *passes):
+    """The toy's text-only graph through a pipeline of just ``passes``."""
+    monkeypatch.setitem(manager.PIPELINES, GraphKind.TEXT, passes)
     torch.manual_seed(0)
-    return capture(ToyVLM().eval(), prompt()[0])
+    gm, example_inputs = capture(ToyVLM().eval(), prompt()[0])
+    return manager.run_passes(manager.prepare(gm, ERAConfig(), 0, example_inputs), ERAConfig(), example_inputs)
 
 
 def test_a_misdeclared_pipeline_is_refused_naming_the_missing_record():
@@ -26,11 +29,8 @@ def test_a_misdeclared_pipeline_is_refused_naming_the_missing_record():
 
 
 def test_a_missing_record_at_run_time_is_named(monkeypatch):
-    monkeypatch.setitem(manager.PIPELINES, GraphKind.TEXT, (find_decoder_layers,))
-    gm, example_inputs = _text_graph()
-    prepared = manager.prepare(gm, ERAConfig(), 0, example_inputs)
     with pytest.raises(MissingRecord, match=r"pass 'layers' needs \['VisualSpan'\]"):
-        manager.run_passes(prepared, ERAConfig(), example_inputs)
+        _run_text_graph_through(monkeypatch, find_decoder_layers)
 
 
 def test_a_pass_must_return_what_it_declares(monkeypatch):
@@ -38,10 +38,8 @@ def test_a_pass_must_return_what_it_declares(monkeypatch):
     def liar(gm, ctx):
         return PassResult(record=VisualSpan(None, None, 1, 1, 1))
 
-    monkeypatch.setitem(manager.PIPELINES, GraphKind.TEXT, (liar,))
-    gm, example_inputs = _text_graph()
     with pytest.raises(TypeError, match="pass 'liar' returned VisualSpan, declared DecoderLayers"):
-        manager.run_passes(manager.prepare(gm, ERAConfig(), 0, example_inputs), ERAConfig(), example_inputs)
+        _run_text_graph_through(monkeypatch, liar)
 
 
 def test_a_rewrite_whose_shapes_do_not_check_fails_naming_the_pass(monkeypatch):
@@ -54,10 +52,8 @@ def test_a_rewrite_whose_shapes_do_not_check_fails_naming_the_pass(monkeypatch):
         out.args = ((bad, *out.args[0][1:]),)
         return PassResult(changed=True)
 
-    monkeypatch.setitem(manager.PIPELINES, GraphKind.TEXT, (breaks_shapes,))
-    gm, example_inputs = _text_graph()
     with pytest.raises(PassError, match="after pass 'breaks_shapes' the graph no longer type-checks"):
-        manager.run_passes(manager.prepare(gm, ERAConfig(), 0, example_inputs), ERAConfig(), example_inputs)
+        _run_text_graph_through(monkeypatch, breaks_shapes)
 
 
 def test_dead_nodes_go_in_the_tail(monkeypatch):
@@ -68,9 +64,7 @@ def test_dead_nodes_go_in_the_tail(monkeypatch):
             insert_call(gm.graph, torch.neg, (first,), stem="dead")
         return PassResult(changed=True)
 
-    monkeypatch.setitem(manager.PIPELINES, GraphKind.TEXT, (leaves_a_dead_node,))
-    gm, example_inputs = _text_graph()
-    result = manager.run_passes(manager.prepare(gm, ERAConfig(), 0, example_inputs), ERAConfig(), example_inputs)
+    result = _run_text_graph_through(monkeypatch, leaves_a_dead_node)
     assert not any(n.name.startswith("era_dead") for n in result.gm.graph.nodes)
     assert [t.name for t in result.timings] == ["normalize", "leaves_a_dead_node", "dce"]
 
