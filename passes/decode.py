@@ -53,7 +53,7 @@ def rectify_cached_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult
                                  torch.float32)
         added.append(PastBiasInput(past_bias.name, past_bias.meta["val"], layer=layer.index,
                                    past_keys_input=inputs.index(layer.past_keys)))
-        new_keys = layer.keys.args[0][1]
+        new_keys = call_arguments(layer.keys)["tensors"][1]  # cat([past, new], dim=2)
         with graph.inserting_before(call):
             # zeros shaped like the new keys' [B, L_new] slice: no size (static or symbolic) is
             # written into the graph, and cat (unlike F.pad) keeps the cache length symbolic

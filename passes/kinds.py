@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .fx_utils import (attention_args, is_attention, is_cat, is_masked_scatter, is_weight, layer_module_path, placeholders,
+from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_masked_scatter, is_weight, layer_module_path, placeholders,
                        reachable_from, sequence_source, tensor_meta)
 
 
@@ -83,7 +83,7 @@ def attends_over_past_cache(gm: fx.GraphModule, example_inputs=()) -> bool:
         if not is_attention(node):
             continue
         source = sequence_source(attention_args(node)["key"])
-        parts = source.args[0] if isinstance(source, fx.Node) and is_cat(source) else [source]
+        parts = call_arguments(source)["tensors"] if isinstance(source, fx.Node) and is_cat(source) else [source]
         if any(sequence_source(p) in cache_inputs for p in parts if isinstance(p, fx.Node)):
             return True
     return False

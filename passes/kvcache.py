@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 
 import torch.fx as fx
 
-from .fx_utils import (attention_args, graph_outputs, is_attention, is_cat, is_in_place, layer_index,
+from .fx_utils import (attention_args, call_arguments, graph_outputs, is_attention, is_cat, is_in_place, layer_index,
                        sequence_source, tensor_meta)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import CachedLayer, KVCache
@@ -49,7 +49,7 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         keys, values = sequence_source(args["key"]), sequence_source(args["value"])
         if not (_is_cache_write(keys) and _is_cache_write(values)) or keys not in outputs or values not in outputs:
             continue
-        past = sequence_source(keys.args[0][0])
+        past = sequence_source(call_arguments(keys)["tensors"][0])
         layers.append(CachedLayer(index, keys, values, outputs.index(keys), outputs.index(values),
                                   past if isinstance(past, fx.Node) and past.op == "placeholder" else None))
     pruned = [i for i in in_place if i >= ctx.config.layer]
@@ -70,8 +70,8 @@ def _is_cache_write(node) -> bool:
     """``cat([past, new], dim=2)`` of 4-D tensors."""
     if not (isinstance(node, fx.Node) and is_cat(node)):
         return False
-    parts, out = node.args[0], tensor_meta(node)
-    return len(parts) == 2 and out is not None and out.dim() == 4 and node.kwargs["dim"] == 2
+    args, out = call_arguments(node), tensor_meta(node)
+    return len(args["tensors"]) == 2 and out is not None and out.dim() == 4 and args["dim"] == 2
 
 
 def _writes_in_place(node: fx.Node) -> bool:
