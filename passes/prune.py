@@ -45,42 +45,22 @@ from .seqshape import SeqLen, plan_sequence_rewrite
 
 @graph_pass("prune", requires=(VisualSpan, DecoderLayers), provides=PruneSite)
 def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    cfg, span, layers = ctx.config, ctx.get(VisualSpan), ctx.get(DecoderLayers)
-    K = cfg.layer
-    layer = layers[K]
-    cut = layer.hidden_in
+    span, layers = ctx.get(VisualSpan), ctx.get(DecoderLayers)
+    K = ctx.config.layer
+    cut = layers[K].hidden_in
     T, N = span.num_visual, span.seq_len
-    keep = cfg.kept(T)
+    keep = ctx.config.kept(T)
     n_after = N - T + keep  # a SymInt when the graph is dynamic in N
     graph = gm.graph
-    original_mask = attention_args(layer.attention)["attn_mask"]
+    original_mask = attention_args(layers[K].attention)["attn_mask"]  # over the N positions: read before the gathers
 
     # size queries of the cut stay upstream: in a dynamic graph HF builds positions and masks
     # from the original length, and those are gathered, not recomputed at the pruned length
     downstream = reachable_from([cut], through_sizes=False)
-    downstream.discard(next(n for n in graph.nodes if n.op == "output"))
+    downstream.discard(graph.output_node())
     first = _schedule_upstream_first(graph, downstream)
-
-    source = attention_args(layers[K - 1].attention if K > 0 else layer.attention)
-    q, k, attn_mask = source["query"], source["key"], source["attn_mask"]
-    is_causal, scale = bool(source["is_causal"]), source["scale"]
-    if scale is None:
-        scale = default_scale(tensor_meta(q).shape[-1])
-
     with graph.inserting_before(first):
-        if K == 0:  # layer 0's q/k on the unpruned input: copy their computation
-            q, k = _copy_unpruned(graph, [q, k], downstream)
-        sel = insert_call(graph, torch.ops.era.select.default, (), dict(
-            hidden=cut, visual_mask=span.visual_mask, queries=q, keys=k, attn_mask=attn_mask, is_causal=is_causal,
-            scale=float(scale), num_visual=T, keep=keep, strategy=cfg.strategy,
-            options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
-        anchors, confidence = getitem(graph, sel, 0, "anchors"), getitem(graph, sel, 1, "confidence")
-        rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(
-            hidden=cut, visual_mask=span.visual_mask, anchors=anchors, confidence=confidence, num_visual=T,
-            merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
-        keep_index = getitem(graph, rec, 0, "keep_index")
-        hidden_kept = getitem(graph, rec, 1, "hidden_kept")
-        log_bias = getitem(graph, rec, 2, "log_bias")
+        keep_index, hidden_kept, log_bias = _insert_selection(graph, ctx, span, layers, keep, downstream)
 
     order = [n for n in graph.nodes if n in downstream]
     frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs) if is_weight(n, x)}
@@ -88,40 +68,71 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(N), frozen=frozen)
 
     cut.replace_all_uses_with(hidden_kept, delete_user_cb=lambda user: user in downstream)
-    gathered: Dict[Tuple[fx.Node, Tuple[int, ...]], fx.Node] = {}
     with graph.inserting_before(first):
-        for (consumer, source_node), dims in plan.gathers.items():
-            key = (source_node, dims)
-            if key not in gathered:
-                gathered[key] = _gather(graph, source_node, dims, keep_index, span.batch)
-            consumer.replace_input_with(source_node, gathered[key])
-    with graph.inserting_before(first):
-        # the pruned length in shape arguments: a literal in a static graph, a size node otherwise
-        kept_len = n_after if is_static(n_after) else insert_call(
-            graph, torch.ops.aten.sym_size.int, (hidden_kept, 1), stem="kept_len")
-        scaled: Dict[int, object] = {1: kept_len}
+        gathered = _gather_crossing_tensors(graph, plan, keep_index, span.batch)
+        literals = _rewrite_lengths(graph, plan, n_after, hidden_kept)
 
-        def resolve(a):
-            if not isinstance(a, SeqLen):
-                return a
-            if a.factor not in scaled:
-                scaled[a.factor] = a.factor * kept_len if is_static(n_after) else insert_call(
-                    graph, operator.mul, (kept_len, a.factor), stem="kept_len_scaled")
-            return scaled[a.factor]
-
-        literals = 0
-        for node, (args, kwargs) in plan.shape_args.items():
-            new_args = fx.node.map_aggregate(args, resolve)
-            new_kwargs = fx.node.map_aggregate(kwargs, resolve)
-            if new_args != node.args or new_kwargs != node.kwargs:
-                literals += 1
-            node.args, node.kwargs = new_args, new_kwargs
-
-    site = PruneSite(K, keep_index, hidden_kept, log_bias, frozenset(downstream), T, keep, hint(N), hint(n_after), n_after,
-                     original_mask)
-    return PassResult(record=site, changed=True, counts={"gathered_tensors": len(gathered),
-                                                         "rewritten_shapes": literals,
+    site = PruneSite(K, keep_index, hidden_kept, log_bias, frozenset(downstream), T, keep, hint(N), hint(n_after),
+                     n_after, original_mask)
+    return PassResult(record=site, changed=True, counts={"gathered_tensors": gathered, "rewritten_shapes": literals,
                                                          "downstream_nodes": len(order)})
+
+
+def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers, keep: int,
+                      downstream: Set[fx.Node]) -> Tuple[fx.Node, fx.Node, fx.Node]:
+    """era::select on the saliency source (layer K-1's attention call; for K = 0 a copy of layer
+    0's q/k computation on the unpruned input), then era::recycle: keep_index, hidden_kept, log_bias."""
+    cfg, K = ctx.config, ctx.config.layer
+    cut = layers[K].hidden_in
+    source = attention_args(layers[K - 1].attention if K > 0 else layers[K].attention)
+    q, k = source["query"], source["key"]
+    if K == 0:
+        q, k = _copy_unpruned(graph, [q, k], downstream)
+    scale = source["scale"] if source["scale"] is not None else default_scale(tensor_meta(q).shape[-1])
+    sel = insert_call(graph, torch.ops.era.select.default, (), dict(
+        hidden=cut, visual_mask=span.visual_mask, queries=q, keys=k, attn_mask=source["attn_mask"],
+        is_causal=bool(source["is_causal"]), scale=float(scale), num_visual=span.num_visual, keep=keep,
+        strategy=cfg.strategy, options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
+    anchors, confidence = getitem(graph, sel, 0, "anchors"), getitem(graph, sel, 1, "confidence")
+    rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(
+        hidden=cut, visual_mask=span.visual_mask, anchors=anchors, confidence=confidence,
+        num_visual=span.num_visual, merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
+    return (getitem(graph, rec, 0, "keep_index"), getitem(graph, rec, 1, "hidden_kept"),
+            getitem(graph, rec, 2, "log_bias"))
+
+
+def _gather_crossing_tensors(graph: fx.Graph, plan, keep_index: fx.Node, batch) -> int:
+    """Each tensor made before the cut and read after it, at the kept positions (once per dims)."""
+    gathered: Dict[Tuple[fx.Node, Tuple[int, ...]], fx.Node] = {}
+    for (consumer, source_node), dims in plan.gathers.items():
+        key = (source_node, dims)
+        if key not in gathered:
+            gathered[key] = _gather(graph, source_node, dims, keep_index, batch)
+        consumer.replace_input_with(source_node, gathered[key])
+    return len(gathered)
+
+
+def _rewrite_lengths(graph: fx.Graph, plan, n_after, hidden_kept: fx.Node) -> int:
+    """The pruned length in shape arguments: a literal in a static graph, a size node otherwise."""
+    static = is_static(n_after)
+    kept_len = n_after if static else insert_call(graph, torch.ops.aten.sym_size.int, (hidden_kept, 1),
+                                                  stem="kept_len")
+    scaled: Dict[int, object] = {1: kept_len}
+
+    def resolve(a):
+        if not isinstance(a, SeqLen):
+            return a
+        if a.factor not in scaled:
+            scaled[a.factor] = a.factor * kept_len if static else insert_call(
+                graph, operator.mul, (kept_len, a.factor), stem="kept_len_scaled")
+        return scaled[a.factor]
+
+    literals = 0
+    for node, (args, kwargs) in plan.shape_args.items():
+        new_args, new_kwargs = fx.node.map_aggregate(args, resolve), fx.node.map_aggregate(kwargs, resolve)
+        literals += new_args != node.args or new_kwargs != node.kwargs
+        node.args, node.kwargs = new_args, new_kwargs
+    return literals
 
 
 def _schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.Node:
