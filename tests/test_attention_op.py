@@ -360,3 +360,14 @@ def test_bad_bias_and_mask_shapes_raise():
         biased_attention(q, k, v, torch.rand(2, 4))
     with pytest.raises(ValueError, match="does not broadcast"):
         biased_attention(q, k, v, attn_mask=torch.ones(3, 1, 3, 5, dtype=torch.bool))
+
+
+def test_inputs_that_require_grad_take_the_same_path():
+    """A bias computed from weights requires grad; SDPA then picks its math kernel, which refuses a
+    mask beside is_causal. The op is inference-only: it gives the no-grad result."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 10, 8, generator=g)
+    bias = torch.rand(1, 10, generator=g)
+    expected = biased_attention(q, q, q, bias, causal=True, kernel="sdpa")
+    out = biased_attention(q.clone().requires_grad_(), q, q, bias.clone().requires_grad_(), causal=True, kernel="sdpa")
+    assert torch.allclose(out, expected)

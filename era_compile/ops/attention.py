@@ -186,7 +186,10 @@ def _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
         # The bias alone, as a [B, 1, 1, Lk] mask beside SDPA's own causal flag: no [Lq, Lk] mask
         # is built and the fused kernel still skips the blocks above the diagonal (measured:
         # as fast as plain causal SDPA on CPU, benchmarks/results/attention-cpu.json).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_in_q_dtype(bias.to(acc)[:, None, None, :], q),
+        # (detached: inputs that require grad send SDPA to its math kernel, which refuses a mask
+        # beside is_causal; this op has no backward anyway)
+        out = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(),
+                                             attn_mask=_in_q_dtype(bias.detach().to(acc)[:, None, None, :], q),
                                              is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
         return out.contiguous()
 
