@@ -25,7 +25,7 @@ from era_compile.config import ERAConfig
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
-from era_compile.passes.records import CacheBiasRead, CarriedVisual, PruneSite, RectifiedAttention
+from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
 from era_compile.report import PruningEntry, Report, logger, set_last
 from era_compile.runtime import CarriedVariants, Runtime, plan_for
 
@@ -47,7 +47,7 @@ class EraBackend:
             self.report.notes.append(note)
             logger.info(note)
         self.config = config.replace(layer=layer, profile=None)
-        self.runtime = Runtime(self.report, self.config.strict)
+        self.runtime = Runtime(self.report)
         # Dynamo and the inner compiler's caches see a distinct backend per config.
         self.__name__ = f"era_{self.config.cache_key()}"
 
@@ -105,10 +105,10 @@ class EraBackend:
         if carried is not None:
             entry["carried_visual_tokens"] = carried.num_visual
         self.report.passes.append(entry)
-        plan = plan_for(result.kind, result.records, self.config, result.gm, example_inputs,
-                        result.added_inputs, index)
+        plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs)
         if not result.changed:
-            self._skip(index, _unchanged_reason(result))
+            if not self._reads_pruned_caches(result, index):
+                self._skip(index, _unchanged_reason(result))
             return self.runtime.wrap(self._inner(gm, example_inputs), plan)
 
         _dump(result.gm, index, "after", self.config)
@@ -121,19 +121,25 @@ class EraBackend:
         self._account(result, index)
         return self.runtime.wrap(compiled, plan)
 
+    def _reads_pruned_caches(self, result: PipelineResult, index: int) -> bool:
+        """A decode step over pruned caches needs no rewrite: their CompactKV adds the bias."""
+        cache = result.record(KVCache)
+        layers = [c.index for c in cache.layers if c.compact] if cache is not None else []
+        if result.kind is not GraphKind.DECODE or not layers:
+            return False
+        self.report.decode_rewrites += len(layers)
+        logger.info("graph %d: layers %s attend over pruned caches, which add the anchors' bias", index, layers)
+        return True
+
     def _account(self, result: PipelineResult, index: int) -> None:
         """Report what a rewritten graph does, by its kind."""
-        rectified = result.record(RectifiedAttention) or result.record(CacheBiasRead)
+        rectified = result.record(RectifiedAttention)
         if rectified is not None and rectified.kernel:
             self.report.kernel = rectified.kernel
         if result.kind is GraphKind.HANDOFF:
             self.report.handoffs += 1
             logger.info("graph %d: merges visual tokens but runs no decoder layer: their mask is handed on with "
                         "the merged embeddings", index)
-        elif result.kind is GraphKind.DECODE:
-            rewrites = len(rectified.calls) if rectified is not None else 0
-            self.report.decode_rewrites += rewrites
-            logger.info("graph %d: %d attention calls over a cache read the anchors' bias", index, rewrites)
         else:
             site = result.record(PruneSite)
             rewrites = len(rectified.calls) if rectified is not None else 0
@@ -150,14 +156,13 @@ class EraBackend:
         logger.info("graph %d: left unchanged: %s", index, reason)
 
     def _fall_back(self, gm, example_inputs, index: int, reason: str, error: Exception) -> Callable:
-        """The graph as Dynamo gave it, loudly; the runtime still watches its cached keys."""
+        """The graph as Dynamo gave it, loudly."""
         if self.config.strict:
             raise EraCompileError(f"era_compile, graph {index}: {reason}") from error
         self.report.skipped.append(f"graph {index}: {reason}")
         warnings.warn(f"era_compile, graph {index}: {reason}; running it unpruned", RuntimeWarning, stacklevel=3)
         logger.warning("graph %d: %s; running it unpruned", index, reason)
-        plan = plan_for(GraphKind.TEXT, {}, self.config, gm, example_inputs, (), index)
-        return self.runtime.wrap(self._inner(gm, example_inputs), plan)
+        return self._inner(gm, example_inputs)
 
     def _inner(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         if self.config.compiler == "eager":
@@ -175,9 +180,9 @@ def _unchanged_reason(result: PipelineResult) -> str:
 
 # A generate() workload recompiles the one shared forward frame many times (prefill, the first
 # two decode steps, then each new prompt length or batch size). Past Dynamo's default limit
-# (8) the forward silently runs eagerly: a decode step would then attend over the pruned cache
-# without the anchors' bias and no backend code would run to notice. So the backend raises
-# the limit when it is first used, and says so in the report and the log.
+# (8) the forward silently runs eagerly: a new prefill would go unpruned and no backend code
+# would run to notice. So the backend raises the limit when it is first used, and says so in
+# the report and the log.
 RECOMPILE_LIMIT = 64
 
 
@@ -189,7 +194,7 @@ def _raise_recompile_limit(report: Report) -> None:
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
         report.notes.append(note)
         logger.info("%s (a generate() workload recompiles its forward often; past the limit Dynamo "
-                    "would run it eagerly and the decode bias would be lost)", note)
+                    "would run it eagerly, unpruned)", note)
 
 
 def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:

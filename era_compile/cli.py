@@ -171,8 +171,9 @@ def _explain_graph(index: int, entry, site, report) -> None:
             print(f"{'':>5}    layer {layer:>2}: {what}")
     elif entry and "handoff" in entry:
         print(f"{index:>5}  image merge without a decoder layer: visual mask handed to the next graph")
-    elif entry and entry.get("decode", {}).get("attention_rewrites"):
-        print(f"{index:>5}  decode step: layers {entry['decode']['layers']} read the cached anchors' bias")
+    elif entry and entry.get("kvcache", {}).get("compact") and entry.get("kind") == "decode":
+        print(f"{index:>5}  decode step: layers {entry['kvcache']['compact']} attend over pruned caches, "
+              "which add the anchors' bias")
     else:
         reason = next((s.split(': ', 1)[1] for s in report.skipped if s.startswith(f"graph {index}:")), "unchanged")
         print(f"{index:>5}  left alone: {reason}")

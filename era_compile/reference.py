@@ -146,6 +146,8 @@ class EagerReference:
                              **{cache_kwarg(module.self_attn.forward): None})
         query, key, attn_mask, scaling = self._seen
         self._capture = None
+        if hidden.shape[0] != self._visual_mask.shape[0]:  # beam search expanded every prompt into its beams
+            self._visual_mask = self._visual_mask.repeat_interleave(hidden.shape[0] // self._visual_mask.shape[0], 0)
         T = int(self._visual_mask[0].sum())
         k = cfg.kept(T)
         is_causal = attn_mask is None and query.shape[2] > 1

@@ -26,10 +26,8 @@ class Report:
 
     ``graphs``: how many graphs the backend saw. ``pruning``: one entry per pruning site.
     ``attention_rewrites``: SDPA calls of pruned prefills turned into biased attention.
-    ``decode_rewrites``: attention calls over a cache that read its bias (decode steps).
-    ``broken_bias_chain``: decode calls that received a cache this backend did not write.
-    ``unrectified_cache``: calls of a graph that received cached anchors with a bias but whose
-    attention was not rewritten (they attended without it).
+    ``decode_rewrites``: attention calls of decode graphs over a pruned layer's cache (a
+    ``CompactKV``, whose own attention adds the anchors' bias).
     ``handoffs``: graphs that merged image features but ran no decoder, so handed their visual
     mask on to the graph that does (Dynamo split a forward between them).
     ``variants``: per graph that received merged embeddings, the visual-token count T of each
@@ -44,8 +42,6 @@ class Report:
     pruning: List[PruningEntry] = field(default_factory=list)
     attention_rewrites: int = 0
     decode_rewrites: int = 0
-    broken_bias_chain: int = 0
-    unrectified_cache: int = 0
     handoffs: int = 0
     variants: Dict[int, List[Optional[int]]] = field(default_factory=dict)
     kernel: Optional[str] = None
@@ -84,12 +80,6 @@ class Report:
                 continue
             shown = ", ".join("unpruned" if t is None else f"T={t}" for t in counts)
             lines.append(f"  graph {graph}: {len(counts)} variant(s) for the merged embeddings it receives ({shown})")
-        if self.broken_bias_chain:
-            lines.append(f"  WARNING: {self.broken_bias_chain} decode call(s) ran without the anchors' bias "
-                         "(cache not written by this backend)")
-        if self.unrectified_cache:
-            lines.append(f"  WARNING: {self.unrectified_cache} call(s) attended over cached anchors without their "
-                         "bias (attention not rewritten)")
         timed = self.pass_ms()
         if timed:
             busiest = sorted(timed.items(), key=lambda kv: -kv[1])[:3]

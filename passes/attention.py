@@ -11,7 +11,8 @@ After::
 
 ``log_bias`` [B, n'] is ``log b`` for each kept anchor key and 0 for text. The keys of
 these layers are exactly the kept tokens (a prefill with an empty cache), which the pass
-checks; decode-time rectification through the KV cache is ``decode``.
+checks; in decode the pruned layers' caches (``era_compile.compact_kv.CompactKV``) add the bias
+in their own attention.
 """
 
 from __future__ import annotations

@@ -12,12 +12,10 @@ handoff    an image merge and no decoder layer after it (Dynamo       span hando
            split the forward): its mask is handed on
 carried    decoder layers on merged embeddings an earlier graph       span layers kvcache prune
            handed on (decided per call by the runtime: ``carried``)   attention publish
-decode     attention over a past KV cache, no image merge             kvcache decode
-text       none of these: a text-only prompt, a vision tower, a head  kvcache
+decode     attention over a past KV cache, no image merge             kvcache (which layers attend
+                                                                      over a pruned CompactKV cache)
+text       none of these: a text-only prompt, a vision tower, a head  none
 =========  =========================================================  ==============================
-
-``text`` still gets ``kvcache``: a text-only prefill's cached keys are recorded with bias 0,
-so the decode steps after it know their bias (and a missing one means a broken chain).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ the cache object). This pass follows each attention call's key and value argumen
 through whatever keeps their sequence dimension (GQA's ``repeat_kv`` expands and reshapes,
 casts) to that ``cat`` (``fx_utils.sequence_source``: no op list, no hop limit), and records:
 
-* the graph outputs that become the layer's cache (so the runtime can attach the LAR bias
-  to the cached keys), and
-* the past keys: a graph input in a decode step, an empty tensor in a fresh prefill.
+* the graph outputs that become the layer's cache (a pruned prefill's runtime turns those of
+  layers >= K into ``CompactKV``, which carry the LAR bias), and
+* the past keys: a graph input in a decode step (a ``CompactKV`` in a pruned layer, whose own
+  attention adds the bias: ``compact``), an empty tensor in a fresh prefill.
 
 A static cache (``generate(cache_implementation="static")``) is written in place instead
 (``keys.index_copy_(2, positions, new)`` into a preallocated tensor, inside the layer).
@@ -27,6 +28,8 @@ import operator
 from typing import List, Optional, Tuple
 
 import torch.fx as fx
+
+from era_compile.compact_kv import CompactKV
 
 from .fx_utils import (attention_args, call_arguments, graph_outputs, is_attention, is_cat, is_in_place, layer_index,
                        sequence_source, tensor_meta)
@@ -50,8 +53,9 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not (_is_cache_write(keys) and _is_cache_write(values)) or keys not in outputs or values not in outputs:
             continue
         past = sequence_source(call_arguments(keys)["tensors"][0])
-        layers.append(CachedLayer(index, keys, values, outputs.index(keys), outputs.index(values),
-                                  past if isinstance(past, fx.Node) and past.op == "placeholder" else None))
+        past = past if isinstance(past, fx.Node) and past.op == "placeholder" else None
+        layers.append(CachedLayer(index, keys, values, outputs.index(keys), outputs.index(values), past,
+                                  compact=past is not None and isinstance(tensor_meta(past), CompactKV)))
     pruned = [i for i in in_place if i >= ctx.config.layer]
     if ctx.kind.has_image and pruned:
         raise PassError(f"layers {pruned} write their KV cache in place (index_copy_ into a preallocated cache: "
@@ -59,7 +63,8 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
                         "use the default dynamic cache")
     record = KVCache(tuple(layers), tuple(in_place))
-    counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers)}
+    counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers),
+              "compact": [layer.index for layer in layers if layer.compact]}
     if in_place:
         counts["written_in_place"] = list(in_place)
     skipped = None if layers else "no KV-cache writes (use_cache=False, or not a decoder graph)"
@@ -81,10 +86,3 @@ def _writes_in_place(node: fx.Node) -> bool:
     writes = is_in_place(node) or (node.op == "call_function" and node.target is operator.setitem)
     value = tensor_meta(node.args[0]) if writes and node.args else None
     return value is not None and value.dim() == 4 and value.is_floating_point()
-
-
-def cache_write_of(call: fx.Node) -> Tuple[Optional[fx.Node], Optional[fx.Node]]:
-    """The (keys, values) cache writes an attention call reads, or None for either."""
-    args = attention_args(call)
-    keys, values = sequence_source(args["key"]), sequence_source(args["value"])
-    return (keys if _is_cache_write(keys) else None, values if _is_cache_write(values) else None)

@@ -41,7 +41,6 @@ from era_compile.config import ERAConfig
 
 from .attention import rectify_attention
 from .fx_utils import same_shape, same_size
-from .decode import rectify_cached_attention
 from .graph_pass import GraphPass, MissingRecord, PassContext, PassError, PassResult, frozen
 from .handoff import hand_off_visual_mask
 from .kinds import GraphKind, classify
@@ -60,8 +59,8 @@ PIPELINES: Dict[GraphKind, Tuple[GraphPass, ...]] = {
     GraphKind.PREFILL: _PRUNING,
     GraphKind.CARRIED: _PRUNING,
     GraphKind.HANDOFF: (find_visual_span, hand_off_visual_mask),
-    GraphKind.DECODE: (find_kv_cache, rectify_cached_attention),
-    GraphKind.TEXT: (find_kv_cache,),
+    GraphKind.DECODE: (find_kv_cache,),
+    GraphKind.TEXT: (),
 }
 
 

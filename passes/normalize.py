@@ -22,7 +22,7 @@ cat                ``torch.concat``/``concatenate``, ``aten.cat``,        ``torc
 =================  ====================================================  =====================================
 
 Why each: ``seqshape`` rewrites the size tuples of views; ``span`` and the classifier find the
-merge; ``prune``, ``attention`` and ``decode`` read SDPA's arguments by name; ``kvcache`` finds
+merge; ``prune`` and ``attention`` read SDPA's arguments by name; ``kvcache`` finds
 cache writes as ``cat(dim=2)``. An assignment into a graph *input* is left as it is (folding it
 would drop a write the caller sees); ``span`` then names it. Not folded yet: a merge by
 ``torch.where`` over full-length features (the visual-token count is then not in any shape).

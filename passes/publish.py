@@ -1,16 +1,17 @@
 """publish: hand what the pruned prefill decided to the runtime, as trailing graph outputs.
 
 The cache of layers >= K holds only the kept tokens; a later decode step needs, for each
-cached key, its LAR bias. The outputs are the fields of ``records.PrefillOutputs``, in order:
-this pass builds it from nodes, the runtime strips the same fields from the outputs.
+cached key, its original position and its LAR bias. The outputs are the fields of
+``records.PrefillOutputs``, in order: this pass builds it from nodes, the runtime strips the
+same fields from the outputs and gives the pruned layers' caches them (``CompactKV``).
 
 After::
 
     return (..., keys_2, values_2, ..., era_keep_index, era_log_bias, era_last_query_mask)
 
-``key_visible`` [B, N] (present when the attention has a mask) says which of the original
-positions the last query may see; a False there is a padding key, and a padded batch needs
-its cache laid out at the original positions (see ``runtime``), N long.
+``key_visible`` [B, N] says which of the original positions the last query may see (False: a
+padding key); without a mask every one. Its length is the original N, the logical length the
+runtime gives the pruned layers' caches (``era_compile.compact_kv``).
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ import torch.fx as fx
 
 from .fx_utils import tensor_meta
 from .graph_pass import PassContext, PassResult, graph_pass
-from .records import PrefillOutputs, PruneSite
+from .records import PrefillOutputs, PruneSite, VisualSpan
 from .rewrite import insert_call
 
 
-@graph_pass("publish", requires=(PruneSite,), provides=PrefillOutputs)
+@graph_pass("publish", requires=(VisualSpan, PruneSite), provides=PrefillOutputs)
 def publish_pruning(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     site = ctx.get(PruneSite)
     graph = gm.graph
     output = graph.output_node()
-    mask, key_visible = site.attention_mask, None
+    mask, span = site.attention_mask, ctx.get(VisualSpan)
     with graph.inserting_before(output):
-        if mask is not None:
+        if mask is None:  # every key visible: ones shaped like the [B, N] visual mask (its N may be symbolic)
+            key_visible = insert_call(graph, torch.ones_like, (span.visual_mask,), stem="key_visible")
+        else:
             key_visible = insert_call(graph, operator.getitem, (mask, (slice(None), 0, -1, slice(None))),
                                       stem="last_query_mask")
             dtype = tensor_meta(mask).dtype

@@ -9,8 +9,8 @@ Two kinds of contract cross from a compiled graph to ``era_compile.runtime``:
 * trailing outputs (``PrefillOutputs``, ``HandoffOutputs``): what a graph returns after the
   model's own outputs. The pass that appends them builds the dataclass from nodes and appends
   ``values()``; the runtime strips them with ``take`` into the same dataclass of tensors.
-* added inputs (``VisualMaskInput``, ``PastBiasInput``): placeholders a pass appended; the
-  runtime supplies their values on every call, in the order they were added.
+* added inputs (``VisualMaskInput``): placeholders a pass appended; the runtime supplies their
+  values on every call, in the order they were added.
 """
 
 from __future__ import annotations
@@ -54,14 +54,6 @@ class VisualMaskInput(AddedInput):
     source_input: int = -1
 
 
-@dataclass(frozen=True)
-class PastBiasInput(AddedInput):
-    """The float32 [B, L] LAR bias of the cached keys at input ``past_keys_input`` (layer ``layer``)."""
-
-    layer: int = -1
-    past_keys_input: int = -1
-
-
 # --------------------------------------------------------------------------- trailing outputs
 
 class TrailingOutputs(Generic[V]):
@@ -85,7 +77,7 @@ class PrefillOutputs(TrailingOutputs[V]):
 
     keep_index: V                   # int64 [B, n'] original positions kept, ascending
     log_bias: V                     # float32 [B, n'] LAR bias per kept key (0 off the anchors)
-    key_visible: Optional[V] = None  # bool [B, N]: what the last query may see (present with a mask)
+    key_visible: V                  # bool [B, N]: which original positions the last query may see
 
 
 @dataclass(frozen=True)
@@ -143,6 +135,7 @@ class CachedLayer:
     keys_output: int                # position of ``keys`` among the graph outputs
     values_output: int
     past_keys: Optional[fx.Node]    # the graph input holding the past keys (decode), else None
+    compact: bool = False           # the past keys are a CompactKV (a pruned layer's cache)
 
 
 @dataclass(frozen=True)
@@ -175,8 +168,8 @@ class PruneSite:
 
 @dataclass(frozen=True)
 class RectifiedAttention:
-    """Attention calls turned into ``era::biased_attention`` (``attention`` in prefill, ``decode``
-    over a cache): per layer index the new node, and the kernel chosen."""
+    """Attention calls of a pruned prefill turned into ``era::biased_attention`` (``attention``):
+    per layer index the new node, and the kernel chosen."""
 
     calls: Tuple[Tuple[int, fx.Node], ...] = ()
     kernel: Optional[str] = None
@@ -184,13 +177,6 @@ class RectifiedAttention:
     @property
     def layers(self) -> List[int]:
         return [index for index, _ in self.calls]
-
-
-@dataclass(frozen=True)
-class CacheBiasRead(RectifiedAttention):
-    """``decode``: the rectified layers and the bias inputs it added for them."""
-
-    inputs: Tuple[PastBiasInput, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 from conftest import build, compiled_forward, generate_matches_reference
 
 from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile.compact_kv import stored_rows
 from era_compile.compat import output_cache
 from era_compile.reference import EagerReference
 
@@ -42,11 +43,12 @@ def check_forward(name, batch):
     (site,) = report.pruning
     assert site.kept < site.visual_tokens and site.seq_len_after < site.seq_len_before
     assert report.handoffs == (1 if name in SPLIT_FORWARD else 0)
-    # with a mask and K >= 1 the pruned layers' cache is aligned to the original positions: the
-    # dropped tokens are zero rows (see era_compile.runtime), the kept ones hold n' keys
-    for layer in output_cache(out).layers[config.layer:]:
-        zero_rows = (layer.keys == 0).all(-1).all(1)
-        assert zero_rows.sum(-1).tolist() == [site.seq_len_before - site.seq_len_after] * batch
+    # the pruned layers' cache stores the n' kept rows (a CompactKV as long as the original N:
+    # what HF's one decode mask expects); the layers before K hold all N
+    cache = output_cache(out).layers
+    assert [stored_rows(layer.keys) for layer in cache] == \
+        [site.seq_len_before] * config.layer + [site.seq_len_after] * (len(cache) - config.layer)
+    assert all(layer.keys.shape[-2] == site.seq_len_before for layer in cache)
 
 
 def check_generate(name, batch):

@@ -9,6 +9,7 @@ import torch
 from conftest import build, compiled_forward, generate_matches_reference
 
 from era_compile import ERAConfig, zoo
+from era_compile.compact_kv import CompactKV, stored_rows
 from era_compile.compat import output_cache
 from era_compile.reference import EagerReference
 
@@ -48,28 +49,32 @@ def test_inductor_matches_reference(layer):
 
 
 def test_kv_cache_of_pruned_layers_holds_kept_length():
-    """K = 0 without padding: every layer ran on the kept tokens and caches exactly them (a compact
-    cache, whatever mask HF builds: all layers have the same length, so HF's decode mask fits)."""
+    """K = 0: every layer ran on the kept tokens and caches exactly them."""
     model, inputs = build("llava")
     config = ERAConfig(keep_ratio=0.25, layer=0, compiler="eager", strict=True)
     out, report = compiled_forward(model, inputs, config)
     N = inputs["input_ids"].shape[1]
     n_after = report.pruning[0].seq_len_after
-    lengths = [layer.keys.shape[-2] for layer in output_cache(out).layers]
+    lengths = [stored_rows(layer.keys) for layer in output_cache(out).layers]
     assert lengths == [n_after] * 4
     assert n_after < N
 
 
-def test_kv_cache_with_a_mask_is_aligned_to_original_positions():
-    """With an attention mask (and K >= 1) HF will size its decode mask from layer 0, so the
-    pruned layers store their kept rows at the original positions: N rows, N - n' of them zero."""
+def test_kv_cache_with_a_mask_stores_only_the_kept_rows():
+    """With an attention mask and K >= 1, HF will size its one decode mask from layer 0 (N keys):
+    the pruned layers' caches are as long as that (CompactKV), and store only their n' kept rows,
+    each at its original position."""
     model, inputs = build("llava")
     config = ERAConfig(keep_ratio=0.25, layer=2, compiler="eager", strict=True)
+    reference = EagerReference(model, config)
+    reference(**inputs)
     out, report = compiled_forward(model, inputs, config)
     N, n_after = report.pruning[0].seq_len_before, report.pruning[0].seq_len_after
     for layer in output_cache(out).layers[2:]:
-        zero_rows = (layer.keys == 0).all(-1).all(1)  # [B, N]
-        assert layer.keys.shape[-2] == N and int(zero_rows.sum()) == N - n_after
+        assert isinstance(layer.keys, CompactKV) and layer.keys.shape[-2] == N
+        assert stored_rows(layer.keys) == stored_rows(layer.values) == n_after < N
+        assert torch.equal(layer.keys.positions, reference.last["keep_index"])
+    assert [stored_rows(layer.keys) for layer in output_cache(out).layers[:2]] == [N, N]
 
 
 def test_prompt_length_equal_to_hidden_size():

@@ -13,13 +13,16 @@ def _outputs(gm):
     return list(gm.graph.output_node().args[0])
 
 
-def test_without_a_mask_two_outputs_are_appended():
+def test_without_a_mask_every_key_is_visible():
     torch.manual_seed(0)
-    rec = PassRecorder(ToyVLM().eval(), *prompt(), until="publish")
+    ids, features = prompt()
+    rec = PassRecorder(ToyVLM().eval(), ids, features)
     published, site = rec.record(PrefillOutputs), rec.record(PruneSite)
-    assert published.values() == (site.keep_index, site.log_bias) and published.key_visible is None
-    assert _outputs(rec.result.gm)[-2:] == [site.keep_index, site.log_bias]
-    assert len(_outputs(rec.result.gm)) == len(_outputs(rec.gm)) + 2
+    assert published.values()[:2] == (site.keep_index, site.log_bias)
+    assert len(_outputs(rec.result.gm)) == len(_outputs(rec.gm)) + 3
+    outputs = list(rec.result.gm(*rec.example_inputs))
+    key_visible = PrefillOutputs.take(outputs, 3).key_visible
+    assert key_visible.shape == ids.shape and bool(key_visible.all())  # N long: the caches' logical length
 
 
 def test_with_a_mask_the_last_querys_visibility_is_appended_and_the_runtime_reads_it_back():

@@ -1,0 +1,108 @@
+"""CompactKV: what Hugging Face does to a cache tensor, done to the stored rows, and attention over
+it equal to attention over the original positions (written out densely here); compiled by Dynamo
+and Inductor; anything else fails naming the op."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from era_compile.compact_kv import CompactKV, compact, stored_bytes, stored_rows
+
+B, H, D, N = 2, 4, 8, 12
+
+
+def _cache(seed=0, kept=(0, 1, 4, 7, 10, 11)):
+    """Keys at the kept positions of N, with a bias on two of them (anchors)."""
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(B, H, N, D, generator=g)
+    keep = torch.tensor([list(kept)] * B)
+    bias = torch.zeros(B, len(kept))
+    bias[:, 2], bias[1, 3] = math.log(3.0), math.log(2.0)
+    rows = dense.gather(2, keep[:, None, :, None].expand(B, H, len(kept), D))
+    return dense, keep, bias, compact(rows, keep, bias, N)
+
+
+def _dense_attention(q, dense_k, dense_v, keep, bias, mask, extra_k=None, extra_v=None):
+    """softmax over the kept original positions (and the appended keys) with the bias added."""
+    scores = q @ dense_k.transpose(-1, -2) / math.sqrt(D)  # [B, H, Lq, N]
+    full_bias = torch.full((B, N), float("-inf"))
+    full_bias.scatter_(1, keep, bias)
+    scores = scores + full_bias[:, None, None, :]
+    values = dense_v
+    if extra_k is not None:
+        scores = torch.cat([scores, q @ extra_k.transpose(-1, -2) / math.sqrt(D)], -1)
+        values = torch.cat([dense_v, extra_v], 2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ values
+
+
+def test_logical_shape_and_what_is_stored():
+    _, keep, _, k = _cache()
+    assert k.shape == (B, H, N, D) and stored_rows(k) == 6
+    assert stored_bytes(k) == B * H * 6 * D * 4 + B * 6 * 8 + B * 6 * 4
+    assert stored_rows(torch.zeros(B, H, 5, D)) == 5
+    assert "6 rows stored" in repr(k)
+
+
+def test_append_then_attend_equals_attention_over_the_original_positions():
+    dense_k, keep, bias, k = _cache(0)
+    dense_v, _, _, v = _cache(1)
+    new_k, new_v = torch.randn(B, H, 1, D), torch.randn(B, H, 1, D)
+    k2, v2 = torch.cat([k, new_k], dim=-2), torch.cat([v, new_v], dim=-2)
+    assert k2.shape[-2] == N + 1 and stored_rows(k2) == 7
+    assert k2.positions[:, -1].tolist() == [N, N]  # the generated token sits at the next original position
+    q = torch.randn(B, H, 1, D)
+    mask = torch.ones(B, 1, 1, N + 1, dtype=torch.bool)
+    mask[1, ..., :2] = False  # sample 1 left-padded by two: its first two keys are padding
+    out = F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+    expected = _dense_attention(q, dense_k, dense_v, keep, bias, mask, new_k, new_v)
+    assert torch.allclose(out, expected, atol=1e-5)
+    without_bias = F.scaled_dot_product_attention(q, compact(k2.rows, k2.positions, torch.zeros_like(k2.bias), N + 1),
+                                                  v2, attn_mask=mask)
+    assert (without_bias - out).abs().max() > 1e-3  # the bias is what moved the output
+
+
+def test_repeat_kv_index_select_and_casts_act_on_the_rows():
+    _, keep, bias, k = _cache()
+    repeated = k[:, :, None, :, :].expand(B, H, 2, N, D).reshape(B, 2 * H, N, D)  # HF's repeat_kv
+    assert isinstance(repeated, CompactKV) and repeated.shape == (B, 2 * H, N, D) and stored_rows(repeated) == 6
+    assert torch.equal(repeated.rows[:, 1], k.rows[:, 0]) and torch.equal(repeated.rows[:, 2], k.rows[:, 1])
+    order = torch.tensor([1, 0])
+    swapped = k.index_select(0, order)  # beam search's reorder
+    assert torch.equal(swapped.rows, k.rows[order]) and torch.equal(swapped.bias, k.bias[order])
+    half = k.to(torch.float16)
+    assert half.dtype == torch.float16 and half.rows.dtype == torch.float16 and half.bias.dtype == torch.float32
+    assert torch.equal(k.clone().rows, k.rows) and torch.equal(k.detach().positions, keep)
+
+
+@pytest.mark.parametrize("op", [lambda k: k == 0, lambda k: k.sum(), lambda k: k[:, :, :3], lambda k: k @ k.transpose(-1, -2)])
+def test_anything_else_fails_naming_the_op(op):
+    with pytest.raises(NotImplementedError, match="CompactKV"):
+        op(_cache()[3])
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_decode_step_over_it(backend):
+    """Dynamo traces a decode step (append, GQA repeat, SDPA with a mask) with CompactKV inputs, and
+    AOTAutograd / Inductor compile its inner tensors; the result equals eager."""
+    _, _, _, k = _cache(0)
+    _, _, _, v = _cache(1)
+    q, new = torch.randn(B, 2 * H, 1, D), torch.randn(B, H, 1, D)
+    mask = torch.ones(B, 1, 1, N + 1, dtype=torch.bool)
+    mask[0, ..., 0] = False
+
+    def step(q, k, v, new, mask):
+        k, v = torch.cat([k, new], dim=-2), torch.cat([v, new], dim=-2)
+        rep = lambda t: t[:, :, None, :, :].expand(B, H, 2, t.shape[2], D).reshape(B, 2 * H, t.shape[2], D)  # noqa: E731
+        return F.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask), k
+
+    expected, _ = step(q, k, v, new, mask)
+    torch._dynamo.reset()
+    out, k2 = torch.compile(step, backend=backend, fullgraph=True)(q, k, v, new, mask)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert isinstance(k2, CompactKV) and stored_rows(k2) == 7
