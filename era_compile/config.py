@@ -80,10 +80,15 @@ class ERAConfig:
             _fail("seed", f"must be an int, got {self.seed!r}")
 
     def kept(self, num_visual: int) -> int:
-        """Visual tokens kept out of ``num_visual``: static, a function of the count alone."""
-        if self.keep_tokens is not None:
-            return max(1, min(self.keep_tokens, num_visual))
-        return max(1, min(num_visual, round(self.keep_ratio * num_visual)))
+        """Visual tokens kept out of a sample's ``num_visual``: a function of the count alone."""
+        from era_compile.algorithms import kept_count
+
+        return kept_count(num_visual, self.keep_ratio, self.keep_tokens)
+
+    def pruned(self, counts) -> int:
+        """How many positions the least-pruned sample of a batch loses: the pruned sequence is
+        ``N - pruned(counts)`` long, each sample left-padded to it."""
+        return min(int(t) - self.kept(int(t)) for t in counts)
 
     def strategy_options(self) -> dict:
         """The knobs a selection strategy receives (JSON-able, so they can ride in an op's schema)."""

@@ -23,16 +23,20 @@ def _prefill(B=2, N=12, T=6, D=16, H=4, Hkv=2, d=8, seed=0):
             torch.randn(B, Hkv, N, d, generator=g))
 
 
+OPTIONS = json.dumps({"lam": 1.0, "beta": 0.5, "seed": 0, "trace_normalize": False})
+
+
 def _select_args():
     hidden, mask, q, k = _prefill()
-    return (hidden, mask, q, k, None, True, 0.35, 6, 3, "era", json.dumps({"lam": 1.0, "beta": 0.5, "seed": 0,
-                                                                            "trace_normalize": False}))
+    return (hidden, mask, q, k, None, True, 0.35, 0.5, None, "era", OPTIONS)
 
 
 def _recycle_args():
     hidden, mask, _, _ = _prefill()
-    anchors = torch.tensor([[0, 2, 5], [1, 3, 4]])
-    return hidden, mask, anchors, torch.rand(2, 6, generator=torch.Generator().manual_seed(1)), 6, True, "mean"
+    anchor_mask = torch.zeros_like(mask)
+    anchor_mask[0, [3, 5, 8]] = anchor_mask[1, [4, 6, 7]] = True  # 3 of the 6 visual positions 3..8
+    confidence = torch.rand(2, 12, generator=torch.Generator().manual_seed(1))
+    return hidden, mask, anchor_mask, confidence, 12 - 6 + 3, True, "mean"
 
 
 def _attention_args():
@@ -65,6 +69,6 @@ def test_select_and_recycle_are_functions_of_their_inputs():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     hidden, mask, q, k = _prefill(seed=3)
     c = torch.ops.era.select(hidden, mask, q, k, *_select_args()[4:])
-    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(a[0], c[0]) and int(a[0].sum()) == int(c[0].sum()) == 2 * 3  # 3 anchors a sample
     r1, r2 = torch.ops.era.recycle(*_recycle_args()), torch.ops.era.recycle(*_recycle_args())
     assert all(torch.equal(x, y) for x, y in zip(r1, r2))

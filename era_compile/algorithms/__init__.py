@@ -88,6 +88,16 @@ def available_strategies() -> tuple:
     return tuple(_STRATEGIES)
 
 
+def kept_count(num_visual: int, keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None) -> int:
+    """How many of a sample's ``num_visual`` tokens are kept: ``min(keep_tokens, T)``, else
+    ``max(1, round(keep_ratio * T))``; a sample without visual tokens keeps none."""
+    if num_visual <= 0:
+        return 0
+    if keep_tokens is not None:
+        return max(1, min(keep_tokens, num_visual))
+    return max(1, min(num_visual, round(keep_ratio * num_visual)))
+
+
 def top_k_ascending(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores per row, in ascending order (what a Selection wants):
     [B, T] -> [B, k] int64. The building block of every score-then-keep strategy."""

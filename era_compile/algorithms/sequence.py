@@ -1,7 +1,9 @@
 """Sequence surgery: from the chosen anchors to the pruned sequence (ALGORITHMS.md section 2.3).
 
 Shapes stay static: ``T`` visual tokens per sample and ``k`` anchors give ``n' = N - T + k``
-kept positions per sample, found with a stable sort instead of ``nonzero``.
+kept positions per sample, found with a stable sort instead of ``nonzero``. In a ragged batch
+(samples with different T) each sample's kept sequence is left-padded to the longest one with
+slots that hold no token: position 0, zero state, a ``BLOCKED`` bias (no query attends to them).
 """
 
 from __future__ import annotations
@@ -10,6 +12,29 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+
+
+BLOCKED = torch.finfo(torch.float32).min  # LAR bias of a kept-sequence slot that holds no token
+
+
+def equal_count_groups(visual_mask: Tensor):
+    """The batch's rows grouped by their number of visual tokens: [(T, rows int64 [b])], so samples
+    of equal count are handled as one batch (a uniform batch is one group)."""
+    counts = visual_mask.sum(-1)
+    return [(int(t), torch.nonzero(counts == t).flatten()) for t in torch.unique(counts).tolist()]
+
+
+def left_pad(keep_index: Tensor, kept: Tensor, log_bias: Tensor, length: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Kept sequences [b, n'] / [b, n', D] / [b, n'] left-padded to ``length`` with empty slots."""
+    b, n = keep_index.shape
+    pad = length - n
+    if pad < 0:
+        raise ValueError(f"a kept sequence of {n} positions does not fit the pruned length {length}")
+    if pad == 0:
+        return keep_index, kept, log_bias
+    return (torch.cat([keep_index.new_zeros(b, pad), keep_index], 1),
+            torch.cat([kept.new_zeros(b, pad, kept.shape[-1]), kept], 1),
+            torch.cat([log_bias.new_full((b, pad), BLOCKED), log_bias], 1))
 
 
 def visual_positions(visual_mask: Tensor, num_visual: int) -> Tensor:

@@ -1,11 +1,14 @@
 """era::select and era::recycle: the pruning ops the ``prune`` pass inserts at layer K.
 
 They are opaque to Inductor (the selection is a sequential greedy loop, not worth fusing),
-and their fake kernels give static shapes: ``k`` anchors of ``T`` visual tokens and
-``n' = N - T + k`` kept positions, all known when the graph is compiled.
+and their fake kernels give static shapes: the anchors as a ``[B, N]`` mask, and ``kept_len``
+kept positions (the graph's own, ``N - p``: a literal, or a size expression in a dynamic graph).
+Each sample has its own number of visual tokens ``T_b`` and budget ``k_b`` (the config's rule);
+samples of equal ``T`` are selected as one batch, and in a ragged batch each sample's kept
+sequence is left-padded to ``kept_len`` with empty slots (``sequence.left_pad``).
 
-    anchors, confidence = era::select(hidden, visual_mask, queries, keys, attn_mask, ...)
-    keep_index, hidden_kept, log_bias = era::recycle(hidden, visual_mask, anchors, confidence, ...)
+    anchor_mask, confidence = era::select(hidden, visual_mask, queries, keys, attn_mask, ...)
+    keep_index, hidden_kept, log_bias = era::recycle(hidden, visual_mask, anchor_mask, confidence, kept_len, ...)
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from era_compile.algorithms import SelectionInputs, run_strategy
+from era_compile.algorithms import SelectionInputs, kept_count, run_strategy
 from era_compile.algorithms.btr import recycle as btr_recycle
 from era_compile.algorithms.saliency import instruction_saliency
-from era_compile.algorithms.sequence import assemble, gather_rows, visual_positions
+from era_compile.algorithms.sequence import assemble, equal_count_groups, gather_rows, left_pad, visual_positions
 
 
 def selection_inputs(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor,
@@ -38,41 +41,84 @@ def selection_inputs(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys:
     )
 
 
+def _rows(x: Optional[Tensor], rows: Tensor, batch: int) -> Optional[Tensor]:
+    """The given batch rows of a per-sample tensor (a mask broadcast over the batch stays as it is)."""
+    return x if x is None or x.shape[0] != batch else x.index_select(0, rows)
+
+
+def select_anchors(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor, attn_mask: Optional[Tensor],
+                   is_causal: bool, scale: float, keep_ratio: Optional[float], keep_tokens: Optional[int],
+                   strategy: str, options: dict) -> Tuple[Tensor, Tensor]:
+    """The strategy on every group of samples with equal T: anchor mask [B, N] bool (True at the
+    anchors' positions), confidence [B, N] float32 (at visual positions; 1 elsewhere)."""
+    B, N, _ = hidden.shape
+    anchor_mask = torch.zeros(B, N, dtype=torch.bool, device=hidden.device)
+    confidence = torch.ones(B, N, dtype=torch.float32, device=hidden.device)
+    for T, rows in equal_count_groups(visual_mask):
+        if T == 0:
+            continue
+        mask = visual_mask.index_select(0, rows)
+        inputs = selection_inputs(hidden.index_select(0, rows), mask, queries.index_select(0, rows),
+                                  keys.index_select(0, rows), _rows(attn_mask, rows, B), is_causal, scale, T)
+        sel = run_strategy(strategy, inputs, kept_count(T, keep_ratio, keep_tokens), options)
+        positions = visual_positions(mask, T)
+        anchor_mask[rows] = torch.zeros_like(mask).scatter(1, positions.gather(1, sel.anchors), True)
+        if sel.confidence is not None:
+            confidence[rows] = confidence[rows].scatter(1, positions, sel.confidence.to(torch.float32))
+    return anchor_mask, confidence
+
+
+def recycle_kept(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, kept_len: int,
+                 merge: bool, weight_norm: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """BTR and sequence assembly per group of samples with equal T, each kept sequence left-padded
+    to ``kept_len``: keep_index [B, kept_len], hidden_kept [B, kept_len, D], log_bias [B, kept_len]."""
+    B, N, D = hidden.shape
+    keep_index = torch.zeros(B, kept_len, dtype=torch.int64, device=hidden.device)
+    hidden_kept = hidden.new_zeros(B, kept_len, D)
+    log_bias = torch.zeros(B, kept_len, dtype=torch.float32, device=hidden.device)
+    for T, rows in equal_count_groups(visual_mask):
+        states = hidden.index_select(0, rows)
+        if T == 0:  # no image: the whole sample is kept
+            kept = (torch.arange(N, device=hidden.device).expand(rows.numel(), N), states,
+                    torch.zeros(rows.numel(), N, dtype=torch.float32, device=hidden.device))
+        else:
+            mask = visual_mask.index_select(0, rows)
+            positions = visual_positions(mask, T)
+            is_anchor = anchor_mask.index_select(0, rows).gather(1, positions)
+            anchors = torch.argsort((~is_anchor).to(torch.int8), dim=-1, stable=True)[:, :int(is_anchor[0].sum())]
+            recycled, bias = btr_recycle(gather_rows(states, positions), anchors,
+                                         confidence.index_select(0, rows).gather(1, positions),
+                                         merge=merge, weight_norm=weight_norm)
+            kept = assemble(states, mask, positions, anchors, recycled, bias)
+        keep_index[rows], hidden_kept[rows], log_bias[rows] = left_pad(*kept, kept_len)
+    return keep_index, hidden_kept, log_bias
+
+
 @torch.library.custom_op("era::select", mutates_args=())
 def select(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor,
-           attn_mask: Optional[Tensor], is_causal: bool, scale: float, num_visual: int,
-           keep: int, strategy: str, options: str) -> Tuple[Tensor, Tensor]:
-    """Anchors [B, keep] (indices into the T visual tokens, ascending) and confidence [B, T]."""
-    inputs = selection_inputs(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale, num_visual)
-    sel = run_strategy(strategy, inputs, keep, json.loads(options))
-    confidence = sel.confidence
-    if confidence is None:  # every recycled token counts 1
-        confidence = torch.ones(hidden.shape[0], num_visual, device=hidden.device)
-    return sel.anchors.contiguous(), confidence.to(torch.float32).contiguous()
+           attn_mask: Optional[Tensor], is_causal: bool, scale: float, keep_ratio: Optional[float],
+           keep_tokens: Optional[int], strategy: str, options: str) -> Tuple[Tensor, Tensor]:
+    """Anchor mask [B, N] and confidence [B, N] (see ``select_anchors``)."""
+    anchor_mask, confidence = select_anchors(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale,
+                                             keep_ratio, keep_tokens, strategy, json.loads(options))
+    return anchor_mask, confidence
 
 
 @select.register_fake
-def _(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale, num_visual, keep, strategy, options):
-    B = hidden.shape[0]
-    return (hidden.new_empty((B, keep), dtype=torch.int64),
-            hidden.new_empty((B, num_visual), dtype=torch.float32))
+def _(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale, keep_ratio, keep_tokens, strategy, options):
+    return visual_mask.new_empty(visual_mask.shape), hidden.new_empty(visual_mask.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("era::recycle", mutates_args=())
-def recycle(hidden: Tensor, visual_mask: Tensor, anchors: Tensor, confidence: Tensor, num_visual: int,
+def recycle(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, kept_len: int,
             merge: bool, weight_norm: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """BTR, then sequence assembly: keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n']."""
-    visual_pos = visual_positions(visual_mask, num_visual)
-    states, log_bias = btr_recycle(gather_rows(hidden, visual_pos), anchors, confidence,
-                                   merge=merge, weight_norm=weight_norm)
-    return assemble(hidden, visual_mask, visual_pos, anchors, states, log_bias)
+    """BTR, then sequence assembly: keep_index [B, kept_len], hidden_kept [B, kept_len, D], log_bias [B, kept_len]."""
+    return recycle_kept(hidden, visual_mask, anchor_mask, confidence, kept_len, merge, weight_norm)
 
 
 @recycle.register_fake
-def _(hidden, visual_mask, anchors, confidence, num_visual, merge, weight_norm):
-    B, N, D = hidden.shape
-    n_kept = N - num_visual + anchors.shape[1]
-    return (hidden.new_empty((B, n_kept), dtype=torch.int64),
-            hidden.new_empty((B, n_kept, D)),
-            hidden.new_empty((B, n_kept), dtype=torch.float32))
-
+def _(hidden, visual_mask, anchor_mask, confidence, kept_len, merge, weight_norm):
+    B, _, D = hidden.shape
+    return (hidden.new_empty((B, kept_len), dtype=torch.int64),
+            hidden.new_empty((B, kept_len, D)),
+            hidden.new_empty((B, kept_len), dtype=torch.float32))
