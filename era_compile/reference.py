@@ -5,8 +5,8 @@ runs to look inside attention.
 
 Plain PyTorch, no compile. Forward pre-hooks on the decoder layers cut the sequence at
 layer K in prefill (the same algorithm functions the ops call: selection, BTR, sequence
-assembly) and gather every per-token argument of the later layers (cos/sin, mask,
-position ids). A registered attention function reads layer K-1's queries and keys for the
+assembly, per sample: a ragged batch is left-padded to its longest kept sequence) and gather
+every per-token argument of the later layers (cos/sin, mask, position ids). A registered attention function reads layer K-1's queries and keys for the
 saliency and adds the LAR bias in layers >= K. In decode steps the pruned layers' caches
 hold the kept tokens plus the generated ones: their bias is the prefill bias extended by 0,
 and Hugging Face's mask (over original positions) is gathered onto those keys. The cache
@@ -26,13 +26,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from era_compile.algorithms import run_strategy
-from era_compile.algorithms.btr import recycle as btr_recycle
-from era_compile.algorithms.sequence import assemble, gather_rows, visual_positions
 from era_compile.compat import cache_kwarg
 from era_compile.config import ERAConfig
 from era_compile.ops.attention import default_scale
-from era_compile.ops.prune import selection_inputs
+from era_compile.ops.prune import recycle_kept, select_anchors
 
 _ACTIVE: Optional["EagerReference"] = None
 
@@ -148,18 +145,17 @@ class EagerReference:
         self._capture = None
         if hidden.shape[0] != self._visual_mask.shape[0]:  # beam search expanded every prompt into its beams
             self._visual_mask = self._visual_mask.repeat_interleave(hidden.shape[0] // self._visual_mask.shape[0], 0)
-        T = int(self._visual_mask[0].sum())
-        k = cfg.kept(T)
         is_causal = attn_mask is None and query.shape[2] > 1
         scale = scaling if scaling is not None else default_scale(query.shape[-1])
-        inputs = selection_inputs(hidden, self._visual_mask, query, key, attn_mask, is_causal, scale, T)
-        selection = run_strategy(cfg.strategy, inputs, k, json.loads(json.dumps(cfg.strategy_options())))
-        visual_pos = visual_positions(self._visual_mask, T)
-        states, log_bias = btr_recycle(gather_rows(hidden, visual_pos), selection.anchors,
-                                       selection.confidence, merge=cfg.recycle, weight_norm=cfg.weight_norm)
-        keep, hidden_kept, bias = assemble(hidden, self._visual_mask, visual_pos, selection.anchors, states, log_bias)
+        anchor_mask, confidence = select_anchors(hidden, self._visual_mask, query, key, attn_mask, is_causal, scale,
+                                                 cfg.keep_ratio, cfg.keep_tokens, cfg.strategy,
+                                                 json.loads(json.dumps(cfg.strategy_options())))
+        kept_len = hidden.shape[1] - cfg.pruned(self._visual_mask.sum(-1).tolist())
+        keep, hidden_kept, bias = recycle_kept(hidden, self._visual_mask, anchor_mask, confidence, kept_len,
+                                               cfg.recycle, cfg.weight_norm)
         self._keep, self._bias, self._seq_len = keep, bias, hidden.shape[1]
-        self.last = {"keep_index": keep, "log_bias": bias, "anchors": selection.anchors}
+        anchors = [torch.nonzero(a[v]).flatten() for a, v in zip(anchor_mask, self._visual_mask)]  # per sample
+        self.last = {"keep_index": keep, "log_bias": bias, "anchors": anchors, "anchor_mask": anchor_mask}
         args = (hidden_kept,) + tuple(args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = hidden_kept
@@ -201,8 +197,9 @@ class EagerReference:
                     for layer in self.layers[self.config.layer + 1:]]
         text_config._attn_implementation = "era_reference"
         _ACTIVE = self
-        try:
-            yield self
+        try:  # eager even when the model was compiled: the oracle must not run the backend it checks
+            with torch.compiler.set_stance("force_eager"):
+                yield self
         finally:
             _ACTIVE = None
             text_config._attn_implementation = previous
@@ -212,7 +209,8 @@ class EagerReference:
     @torch.no_grad()
     def __call__(self, **inputs) -> Any:
         if not bool(self.visual_positions(inputs["input_ids"]).any()):
-            return self.model(**inputs)
+            with torch.compiler.set_stance("force_eager"):
+                return self.model(**inputs)
         with self.active(inputs["input_ids"]):
             return self.model(**inputs)
 
@@ -220,7 +218,8 @@ class EagerReference:
     def generate(self, **kwargs) -> Any:
         """``model.generate`` with this pruning in prefill and the bias kept in every decode step."""
         if not bool(self.visual_positions(kwargs["input_ids"]).any()):
-            return self.model.generate(**kwargs)
+            with torch.compiler.set_stance("force_eager"):
+                return self.model.generate(**kwargs)
         with self.active(kwargs["input_ids"]):
             return self.model.generate(**kwargs)
 
