@@ -25,9 +25,10 @@ from era_compile.config import ERAConfig
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
-from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
+from era_compile.passes.records import CarriedVisual, KVCache, Layout, PruneSite, RectifiedAttention
 from era_compile.report import PruningEntry, Report, logger, set_last
-from era_compile.runtime import CarriedVariants, Runtime, plan_for
+from era_compile.passes.span import visual_mask_program
+from era_compile.runtime import Runtime, Variants, layout_of, plan_for
 
 
 class EraCompileError(RuntimeError):
@@ -69,32 +70,61 @@ class EraBackend:
                                    f"{type(e).__name__}: {e}", e)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
-        receivers = _receivers(example_inputs) if prepared.kind.may_receive_embeddings else []
-        if not receivers:
+        key_of = self._variant_key(prepared, example_inputs)
+        if key_of is None:
             return self._compile(gm, prepared, example_inputs)
 
-        # Embeddings merged in an earlier graph may arrive here: one variant per carried mask's T
-        def build(args: List[Any], carried: Optional[CarriedVisual]) -> Callable:
-            return self._compile(gm, prepared, args, carried)
+        def build(args: List[Any], carried: Optional[CarriedVisual], layout: Optional[Layout]) -> Callable:
+            return self._compile(gm, prepared, args, carried, layout)
 
-        return CarriedVariants(self.runtime, index, receivers, build, example_inputs)
+        return Variants(self.runtime, index, key_of, build, example_inputs)
+
+    def _variant_key(self, prepared: Prepared, example_inputs: List[Any]):
+        """How a graph's calls pick their compiled variant, or None for a graph that has one: a
+        prefill by the layout its batch's visual tokens make (counted by the mask's own
+        computation, copied out of the graph); a graph that may receive merged embeddings by which
+        input carries them and their layout."""
+        config = self.config
+        if prepared.kind is GraphKind.PREFILL:
+            program = visual_mask_program(prepared.gm)
+            if program is None:
+                return None  # counted in the graph only: the batch must be uniform (the op says so if not)
+
+            def prefill_key(args):
+                layout = layout_of(program(*args).sum(-1).tolist(), config)
+                return layout.pruned, None, layout
+
+            return prefill_key
+        receivers = _receivers(example_inputs) if prepared.kind.may_receive_embeddings else []
+        if not receivers:
+            return None
+
+        def carried_key(args):
+            found = self.runtime.carried(args, receivers)
+            if found is None:
+                return None, None, None
+            index, handoff = found
+            layout = layout_of(handoff.mask.sum(-1).tolist(), config)
+            return (index, layout.pruned), CarriedVisual(index, handoff.mask), layout
+
+        return carried_key
 
     # ------------------------------------------------------------------ internals
 
     def _compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                 carried: Optional[CarriedVisual] = None) -> Callable:
+                 carried: Optional[CarriedVisual] = None, layout: Optional[Layout] = None) -> Callable:
         start = time.perf_counter()
         try:
-            return self._rewrite_and_compile(gm, prepared, example_inputs, carried)
+            return self._rewrite_and_compile(gm, prepared, example_inputs, carried, layout)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
 
     def _rewrite_and_compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                             carried: Optional[CarriedVisual]) -> Callable:
+                             carried: Optional[CarriedVisual], layout: Optional[Layout]) -> Callable:
         index = prepared.graph_index
-        label = f"graph{index}" if carried is None else f"graph{index}_T{carried.num_visual}"
+        label = f"graph{index}" if layout is None else f"graph{index}_pruned{layout.pruned}"
         try:
-            result = run_passes(prepared, self.config, example_inputs, carried, dump_name=label)
+            result = run_passes(prepared, self.config, example_inputs, carried, layout=layout, dump_name=label)
         except PassError as e:
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e)
         except Exception as e:  # a bug of ours must not take the user's model down with it
@@ -102,8 +132,8 @@ class EraBackend:
                                    f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
 
         entry = {"graph": index, "kind": result.kind.value, **result.counts()}
-        if carried is not None:
-            entry["carried_visual_tokens"] = carried.num_visual
+        if layout is not None:
+            entry["visual_tokens_per_sample"] = list(layout.counts)
         self.report.passes.append(entry)
         plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs)
         if not result.changed:
@@ -144,7 +174,8 @@ class EraBackend:
             site = result.record(PruneSite)
             rewrites = len(rectified.calls) if rectified is not None else 0
             self.report.pruning.append(PruningEntry(index, site.layer, site.visual_tokens, site.kept,
-                                                    site.seq_len_before, site.seq_len_after))
+                                                    site.seq_len_before, site.seq_len_after,
+                                                    [list(s) for s in site.samples]))
             self.report.attention_rewrites += rewrites
             logger.info("graph %d: pruned at layer %d, %d -> %d visual tokens, sequence %d -> %d, "
                         "%d attention calls rectified (%s)", index, site.layer, site.visual_tokens, site.kept,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger("era_compile")
 
@@ -18,6 +18,7 @@ class PruningEntry:
     kept: int
     seq_len_before: int
     seq_len_after: int
+    samples: List[List[int]] = field(default_factory=list)  # a ragged batch: [T_b, k_b] per sample
 
 
 @dataclass
@@ -30,8 +31,10 @@ class Report:
     ``CompactKV``, whose own attention adds the anchors' bias).
     ``handoffs``: graphs that merged image features but ran no decoder, so handed their visual
     mask on to the graph that does (Dynamo split a forward between them).
-    ``variants``: per graph that received merged embeddings, the visual-token count T of each
-    variant compiled for it (None: the unpruned variant for calls that carried no mask).
+    ``variants``: per graph compiled more than once for the visual tokens it receives (a prefill
+    per batch layout, a graph that receives merged embeddings per layout they carry), the
+    visual-token count of each variant: T for a uniform batch, every T_b for a ragged one, None
+    for the unpruned variant of calls that carried no mask.
     ``kernel``: the attention kernel used. ``skipped``: why a graph was left as it was.
     ``passes``: per graph (and variant), its kind and, per pass, what it counted and its wall
     time in ms (``ms``: the pass and the checks after it).
@@ -43,7 +46,7 @@ class Report:
     attention_rewrites: int = 0
     decode_rewrites: int = 0
     handoffs: int = 0
-    variants: Dict[int, List[Optional[int]]] = field(default_factory=dict)
+    variants: Dict[int, List[Any]] = field(default_factory=dict)
     kernel: Optional[str] = None
     skipped: List[str] = field(default_factory=list)
     passes: List[Dict[str, dict]] = field(default_factory=list)
@@ -68,18 +71,20 @@ class Report:
     def __str__(self) -> str:
         lines = [f"era_compile report: {self.graphs} graph(s) compiled in {self.compile_seconds:.1f} s"]
         for p in self.pruning:
-            lines.append(f"  graph {p.graph}: pruned at layer {p.layer}: {p.visual_tokens} visual tokens -> "
-                         f"{p.kept} kept; sequence {p.seq_len_before} -> {p.seq_len_after}")
+            tokens = (f"{p.visual_tokens} visual tokens -> {p.kept} kept" if not p.samples else
+                      "visual tokens -> kept per sample " + ", ".join(f"{t}->{k}" for t, k in p.samples))
+            lines.append(f"  graph {p.graph}: pruned at layer {p.layer}: {tokens}; sequence {p.seq_len_before} -> "
+                         f"{p.seq_len_after}")
         lines.append(f"  attention rewrites: {self.attention_rewrites} in prefill, {self.decode_rewrites} over a "
                      f"cache (kernel: {self.kernel or '-'})")
         if self.handoffs:
             lines.append(f"  {self.handoffs} graph(s) merged the image without a decoder layer and handed the "
                          "visual mask on to the next graph")
         for graph, counts in self.variants.items():
-            if counts == [None]:  # only ever called without merged embeddings: nothing to say
+            if len(counts) == 1 and not isinstance(counts[0], tuple):  # one uniform layout: nothing to say
                 continue
             shown = ", ".join("unpruned" if t is None else f"T={t}" for t in counts)
-            lines.append(f"  graph {graph}: {len(counts)} variant(s) for the merged embeddings it receives ({shown})")
+            lines.append(f"  graph {graph}: {len(counts)} variant(s) for the visual tokens it receives ({shown})")
         timed = self.pass_ms()
         if timed:
             busiest = sorted(timed.items(), key=lambda kv: -kv[1])[:3]

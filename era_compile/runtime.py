@@ -4,10 +4,16 @@
   that receives the merged embeddings (a plain Qwen2-VL forward, see ``passes/handoff.py``):
   kept in a per-backend store keyed weakly by the embeddings tensor's identity, so an entry
   dies with its tensor and two requests or two models never share one. A graph that receives
-  merged embeddings is compiled per visual-token count T (its pruned shapes depend on T):
-  ``CarriedVariants`` runs, or compiles on first sight, the variant for the T its inputs carry;
-  no carried mask means the unpruned variant. A handed-on mask that no graph picks up is
-  reported when its tensor dies: pruning did not happen.
+  merged embeddings is compiled per layout of the visual tokens it receives (its pruned
+  shapes depend on it): ``Variants`` runs, or compiles on first sight, the variant for the
+  layout its inputs carry; no carried mask means the unpruned variant. A handed-on mask that no
+  graph picks up is reported when its tensor dies: pruning did not happen.
+* The layout of a prefill's batch. How many visual tokens each sample holds is data; before
+  each call of a prefill graph the runtime counts them (``passes/span.visual_mask_program``, the
+  mask's own computation) and runs the variant compiled for that ``Layout``: every sample's kept
+  sequence left-padded to ``N - pruned``, ``pruned`` what the least-pruned sample loses. A uniform
+  batch of one image size is one layout; a ragged batch (other image sizes, other numbers of
+  images, a sample without one) another, compiled once.
 * The pruned layers' KV cache. A pruned prefill returns, for layers >= K, the keys and values
   of the kept tokens; the runtime hands them back as ``CompactKV`` tensors
   (``era_compile.compact_kv``): as long as Hugging Face expects (the original positions, so its
@@ -30,8 +36,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from era_compile.compact_kv import compact
 from era_compile.passes.kinds import GraphKind
-from era_compile.passes.records import (AddedInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, PrefillOutputs,
-                                        VisualMaskInput)
+from era_compile.passes.records import (AddedInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, Layout,
+                                        PrefillOutputs, VisualMaskInput)
 from era_compile.report import Report, logger
 
 
@@ -40,7 +46,6 @@ class HandedOnMask:
     """A merged-embeddings tensor's visual mask, waiting for the graph that runs the decoder."""
 
     mask: Tensor            # bool [B, N]
-    num_visual: int         # T per sample, static in the graph that merged
     graph: int              # that graph's index, for messages
     claimed: bool = False
 
@@ -101,7 +106,7 @@ class Runtime:
         if plan.handoff is not None:
             handed = HandoffOutputs.take(outputs, len(plan.handoff.outputs.values()))
             self._hand_off(outputs[plan.handoff.embeddings_output],
-                           HandedOnMask(handed.visual_mask, plan.handoff.num_visual, plan.graph))
+                           HandedOnMask(handed.visual_mask, plan.graph))
         elif plan.prefill_outputs:
             self._compact_caches(outputs, plan, PrefillOutputs.take(outputs, plan.prefill_outputs))
         return tuple(outputs)
@@ -123,7 +128,8 @@ class Runtime:
     def _check_claimed(self, handoff: HandedOnMask) -> None:
         if handoff.claimed:
             return
-        why = (f"graph {handoff.graph} merged {handoff.num_visual} visual tokens per sample and handed them on, "
+        why = (f"graph {handoff.graph} merged {handoff.mask.sum(-1).tolist()} visual tokens per sample and handed "
+               "them on, "
                "but no compiled graph received the merged embeddings (changed outside a graph?): "
                "pruning did not happen")
         self.report.skipped.append(why)
@@ -152,25 +158,41 @@ class RuntimeWrapper:
         return self.runtime.record(list(self.compiled(*args, *extra)), self.plan)
 
 
-class CarriedVariants:
-    """A graph that merged embeddings from an earlier graph may reach: one compiled variant per
-    (input, T) it receives, built by ``build(args, carried)`` on first sight; a call that carries
-    no mask runs the plain variant. ``variants`` maps (input, T) or None to the compiled callable."""
+class Variants:
+    """A graph compiled once per layout its calls bring: ``key_of(args)`` gives the key, the visual
+    mask an input carries (``CarriedVisual``, or None) and the batch's ``Layout`` (or None), and
+    ``build(args, carried, layout)`` compiles the variant on first sight. Prefill graphs vary by
+    the layout their visual tokens make (one variant per pruned length), graphs that may receive
+    merged embeddings by which input carries them and their layout (none: the unpruned variant).
+    ``variants`` maps each key to its compiled callable."""
 
-    def __init__(self, runtime: Runtime, graph: int, receivers: Sequence[int],
-                 build: Callable[[List[Any], Optional[CarriedVisual]], Callable], example_inputs: Sequence[Any]):
-        self.runtime, self.graph, self.receivers, self.build = runtime, graph, tuple(receivers), build
-        self.variants: Dict[Optional[Tuple[int, int]], Callable] = {}
+    def __init__(self, runtime: Runtime, graph: int,
+                 key_of: Callable[[Sequence[Any]], Tuple[Any, Optional[CarriedVisual], Optional[Layout]]],
+                 build: Callable[[List[Any], Optional[CarriedVisual], Optional[Layout]], Callable],
+                 example_inputs: Sequence[Any]):
+        self.runtime, self.graph, self.key_of, self.build = runtime, graph, key_of, build
+        self.variants: Dict[Any, Callable] = {}
         self.variant_for(example_inputs)
 
     def variant_for(self, args: Sequence[Any]) -> Callable:
-        found = self.runtime.carried(args, self.receivers)
-        key = (found[0], found[1].num_visual) if found else None
+        key, carried, layout = self.key_of(args)
         if key not in self.variants:
-            carried = CarriedVisual(found[0], found[1].mask, found[1].num_visual) if found else None
-            self.variants[key] = self.build(list(args), carried)
-            self.runtime.report.variants.setdefault(self.graph, []).append(key[1] if key else None)
+            self.variants[key] = self.build(list(args), carried, layout)
+            self.runtime.report.variants.setdefault(self.graph, []).append(_describe(layout))
         return self.variants[key]
 
     def __call__(self, *args):
         return self.variant_for(args)(*args)
+
+
+def _describe(layout: Optional[Layout]):
+    """What the report lists for a variant: T (a uniform batch), every T_b (ragged), None (unpruned)."""
+    if layout is None:
+        return None
+    return layout.counts if layout.ragged else layout.counts[0]
+
+
+def layout_of(counts: Sequence[int], config) -> Layout:
+    """The layout a batch with these visual-token counts per sample is pruned to."""
+    counts = tuple(int(c) for c in counts)
+    return Layout(config.pruned(counts), counts)

@@ -34,6 +34,6 @@ def hand_off_visual_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         "positions cannot be handed on to the graph that runs the decoder")
     trailing = HandoffOutputs(span.visual_mask)
     gm.graph.output_node().args = (tuple(outputs) + trailing.values(),)
-    record = Handoff(carriers[0], trailing, span.num_visual)
+    record = Handoff(carriers[0], trailing)
     return PassResult(record=record, changed=True, counts={"handoff_output": carriers[0],
                                                            "visual_tokens": span.num_visual})

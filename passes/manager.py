@@ -49,7 +49,7 @@ from .layers import find_decoder_layers
 from .normalize import normalize
 from .prune import prune_visual_tokens
 from .publish import publish_pruning
-from .records import AddedInput, CarriedVisual
+from .records import AddedInput, CarriedVisual, Layout
 from .span import find_visual_span
 
 _PRUNING = (find_visual_span, find_decoder_layers, find_kv_cache, prune_visual_tokens, rectify_attention,
@@ -148,17 +148,17 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
 
 def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[Any],
                carried: Optional[CarriedVisual] = None, dump_name: Optional[str] = None,
-               until: Optional[str] = None) -> PipelineResult:
-    """The kind's passes on the prepared graph (a copy when ``carried``, a mask an input brought,
-    makes it a variant); ``until``: stop after the pass of that name, before the dead-code tail
-    (tests, debugging)."""
-    gm = copy_graph(prepared.gm) if carried is not None else prepared.gm
+               until: Optional[str] = None, layout: Optional[Layout] = None) -> PipelineResult:
+    """The kind's passes on a copy of the prepared graph (one variant of it: ``carried``, a mask
+    an input brought; ``layout``, how the batch's visual tokens are laid out); ``until``: stop
+    after the pass of that name, before the dead-code tail (tests, debugging)."""
+    gm = copy_graph(prepared.gm)
     kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
     result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing],
                             example_inputs=list(example_inputs))
     dumper = _Dumper(config, dump_name or f"graph{prepared.graph_index}")
     for step, p in enumerate(PIPELINES[kind], start=1):
-        ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried,
+        ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried, layout,
                           frozen(result.records))
         missing = [t.__name__ for t in p.requires if t not in result.records]
         if missing:

@@ -50,7 +50,10 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cut = layers[K].hidden_in
     T, N = span.num_visual, span.seq_len
     keep = ctx.config.kept(T)
-    n_after = N - T + keep  # a SymInt when the graph is dynamic in N
+    # every sample is laid out to N - p, p what the least-pruned one loses (all the same p in a
+    # uniform batch): a SymInt when the graph is dynamic in N
+    pruned = ctx.layout.pruned if ctx.layout is not None else T - keep
+    n_after = N - pruned
     graph = gm.graph
     original_mask = attention_args(layers[K].attention)["attn_mask"]  # over the N positions: read before the gathers
 
@@ -60,7 +63,10 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     downstream.discard(graph.output_node())
     first = _schedule_upstream_first(graph, downstream)
     with graph.inserting_before(first):
-        keep_index, hidden_kept, log_bias = _insert_selection(graph, ctx, span, layers, keep, downstream)
+        kept_len = n_after if is_static(n_after) else insert_call(
+            graph, operator.sub, (insert_call(graph, torch.ops.aten.sym_size.int, (cut, 1), stem="seq_len"), pruned),
+            stem="kept_len")
+        keep_index, hidden_kept, log_bias = _insert_selection(graph, ctx, span, layers, kept_len, downstream)
 
     order = [n for n in graph.nodes if n in downstream]
     frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs) if is_weight(n, x)}
@@ -72,13 +78,15 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gathered = _gather_crossing_tensors(graph, plan, keep_index, span.batch)
         literals = _rewrite_lengths(graph, plan, n_after, hidden_kept)
 
+    samples = tuple((t, ctx.config.kept(t)) for t in span.counts) if ctx.layout is not None and ctx.layout.ragged \
+        else ()
     site = PruneSite(K, keep_index, hidden_kept, log_bias, frozenset(downstream), T, keep, hint(N), hint(n_after),
-                     n_after, original_mask)
+                     n_after, original_mask, samples)
     return PassResult(record=site, changed=True, counts={"gathered_tensors": gathered, "rewritten_shapes": literals,
                                                          "downstream_nodes": len(order)})
 
 
-def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers, keep: int,
+def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers, kept_len,
                       downstream: Set[fx.Node]) -> Tuple[fx.Node, fx.Node, fx.Node]:
     """era::select on the saliency source (layer K-1's attention call; for K = 0 a copy of layer
     0's q/k computation on the unpruned input), then era::recycle: keep_index, hidden_kept, log_bias."""
@@ -91,12 +99,13 @@ def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layer
     scale = source["scale"] if source["scale"] is not None else default_scale(tensor_meta(q).shape[-1])
     sel = insert_call(graph, torch.ops.era.select.default, (), dict(
         hidden=cut, visual_mask=span.visual_mask, queries=q, keys=k, attn_mask=source["attn_mask"],
-        is_causal=bool(source["is_causal"]), scale=float(scale), num_visual=span.num_visual, keep=keep,
-        strategy=cfg.strategy, options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
-    anchors, confidence = getitem(graph, sel, 0, "anchors"), getitem(graph, sel, 1, "confidence")
+        is_causal=bool(source["is_causal"]), scale=float(scale), keep_ratio=cfg.keep_ratio,
+        keep_tokens=cfg.keep_tokens, strategy=cfg.strategy,
+        options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
+    anchors, confidence = getitem(graph, sel, 0, "anchor_mask"), getitem(graph, sel, 1, "confidence")
     rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(
-        hidden=cut, visual_mask=span.visual_mask, anchors=anchors, confidence=confidence,
-        num_visual=span.num_visual, merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
+        hidden=cut, visual_mask=span.visual_mask, anchor_mask=anchors, confidence=confidence,
+        kept_len=kept_len, merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
     return (getitem(graph, rec, 0, "keep_index"), getitem(graph, rec, 1, "hidden_kept"),
             getitem(graph, rec, 2, "log_bias"))
 

@@ -34,7 +34,20 @@ class CarriedVisual:
 
     input_index: int        # the placeholder holding the merged embeddings [B, N, D]
     mask: torch.Tensor      # the example's bool [B, N] visual mask (a real tensor)
-    num_visual: int         # T per sample, fixed by the graph that merged
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a prefill's batch is pruned, from its visual-token counts (the runtime reads them before
+    each call and compiles one variant per ``pruned``): every sample's kept sequence is laid out to
+    ``N - pruned``, where ``pruned`` is what the least-pruned sample loses."""
+
+    pruned: int                     # min over samples of T_b - k_b
+    counts: Tuple[int, ...]         # T_b of the call the variant was compiled for
+
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.counts)) > 1
 
 
 # --------------------------------------------------------------------------- added inputs
@@ -97,8 +110,9 @@ class VisualSpan:
     visual_mask: fx.Node    # bool [B, N], True at visual positions
     batch: Any              # B (int, or SymInt in a dynamic graph)
     seq_len: Any            # N (int, or SymInt)
-    num_visual: int         # T, visual tokens per sample: always static (see ``span``)
+    num_visual: int         # T: visual tokens per sample (the largest sample's in a ragged batch)
     carried_by_input: Optional[int] = None  # the input the merged embeddings arrived on
+    counts: Tuple[int, ...] = ()  # T_b per sample of the example, when known (a ragged batch)
 
 
 @dataclass(frozen=True)
@@ -164,6 +178,7 @@ class PruneSite:
     seq_len_after: int      # n' of the example
     kept_len: Any           # n' as the graph knows it: an int, or a SymInt in a dynamic graph
     attention_mask: Optional[fx.Node]  # layer K's mask over the original positions, if any
+    samples: Tuple[Tuple[int, int], ...] = ()  # a ragged batch: (T_b, k_b) of each sample of the example
 
 
 @dataclass(frozen=True)
@@ -185,4 +200,3 @@ class Handoff:
 
     embeddings_output: int
     outputs: HandoffOutputs
-    num_visual: int

@@ -26,7 +26,7 @@ def test_each_kind():
         is GraphKind.HANDOFF
     assert _kind(model, ids[:, :1], None, past_cache()) is GraphKind.DECODE
     assert _kind(model, ids) is GraphKind.TEXT
-    carried = CarriedVisual(0, torch.zeros(1, 16, dtype=torch.bool), 8)
+    carried = CarriedVisual(0, torch.zeros(1, 16, dtype=torch.bool))
     assert _kind(lambda e: (model.layers[0](e, torch.ones(1))[0],), torch.randn(1, 16, 32), carried=carried) \
         is GraphKind.CARRIED
 

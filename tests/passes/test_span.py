@@ -51,7 +51,7 @@ def test_a_carried_mask_becomes_an_input_the_runtime_supplies():
     gm, example_inputs = capture(lambda e: (model.layers[1](model.layers[0](e, torch.ones(1))[0], torch.ones(1))[0],),
                                  embeds)
     config = ERAConfig(layer=1, keep_tokens=3)
-    carried = CarriedVisual(0, ids == IMAGE, 8)
+    carried = CarriedVisual(0, ids == IMAGE)
     result = run_passes(prepare(gm, config, 0, example_inputs), config, example_inputs, carried, until="span")
     (added,) = result.added_inputs
     assert isinstance(added, VisualMaskInput) and added.source_input == 0 and added.name == "era_visual_mask"
