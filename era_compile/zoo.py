@@ -12,7 +12,7 @@ The demo and the tests use these; real checkpoints load from a local path instea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple, Union
 
 import torch
 
@@ -98,14 +98,39 @@ def _llava_bench_inputs(model, **kwargs) -> dict:
     return _llava_inputs(model, **kwargs)
 
 
-def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, images: int = 1,
-                  left_pad: Sequence[int] = (), seed: int = 0) -> dict:
-    """Per sample: ``prefix`` text tokens, then for each of ``images`` images its placeholder tokens
-    followed by ``suffix`` text tokens. ``left_pad[b]`` shortens sample b's last text run by that
-    many tokens and pads it on the left (attention_mask 0), as tokenizers do for generation."""
+def _left_padded(rows: Sequence[torch.Tensor], pad_id: int, masks: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+    """Rows of different lengths as one batch, left-padded (attention_mask 0), as tokenizers pad
+    for generation: (input_ids, attention_mask)."""
+    masks = list(masks) or [torch.ones(len(r), dtype=torch.long) for r in rows]
+    width = max(len(r) for r in rows)
+    ids = [torch.cat([torch.full((width - len(r),), pad_id), r]) for r in rows]
+    att = [torch.cat([torch.zeros(width - len(m), dtype=torch.long), m]) for m in masks]
+    return torch.stack(ids), torch.stack(att)
+
+
+def _per_sample(value, batch: int, name: str) -> list:
+    """``value`` for every sample, or, given as a list, one per sample (a ragged batch)."""
+    values = list(value) if isinstance(value, list) else [value] * batch
+    if len(values) != batch:
+        raise ValueError(f"{name}: {len(values)} values for a batch of {batch}")
+    return values
+
+
+def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, images=1,
+                  left_pad: Union[Sequence[int], str] = (), seed: int = 0) -> dict:
+    """Per sample: ``prefix`` text tokens, then for each of ``images`` images (one count for every
+    sample, or a list of one per sample: a ragged batch) its placeholder tokens followed by ``suffix`` text
+    tokens. ``left_pad[b]`` shortens sample b's last text run by that many tokens and pads it on
+    the left (attention_mask 0), as tokenizers do for generation; samples of other lengths are
+    left-padded to the longest. ``left_pad="spread"``: prompts of lengths spread evenly over
+    ``suffix`` tokens (a serving batch)."""
     vcfg = model.config.vision_config
     num_visual = (vcfg.image_size // vcfg.patch_size) ** 2
     pad_id = model.config.text_config.pad_token_id
+    counts = _per_sample(images, batch, "images")
+    if left_pad == "spread":
+        left_pad = [round(b * (suffix - 1) / max(1, batch - 1)) for b in range(batch)]
     g = torch.Generator().manual_seed(seed)
     rows, masks = [], []
     for b in range(batch):
@@ -113,15 +138,17 @@ def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, im
         if not 0 <= pad < suffix:
             raise ValueError(f"left_pad[{b}]={pad} must be in [0, suffix={suffix})")
         parts = [torch.randint(3, TEXT_VOCAB, (prefix,), generator=g)]
-        for i in range(images):
-            text = suffix - pad if i == images - 1 else suffix
+        for i in range(counts[b]):
+            text = suffix - pad if i == counts[b] - 1 else suffix
             parts += [torch.full((num_visual,), IMAGE_TOKEN_ID), torch.randint(3, TEXT_VOCAB, (text,), generator=g)]
+        if counts[b] == 0:
+            parts.append(torch.randint(3, TEXT_VOCAB, (suffix - pad,), generator=g))
         row = torch.cat(parts)
         rows.append(torch.cat([torch.full((pad,), pad_id), row]))
         masks.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(len(row), dtype=torch.long)]))
-    input_ids = torch.stack(rows)
-    pixel_values = torch.randn(batch * images, 3, vcfg.image_size, vcfg.image_size, generator=g)
-    return {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": torch.stack(masks)}
+    input_ids, attention_mask = _left_padded(rows, pad_id, masks)
+    pixel_values = torch.randn(sum(counts), 3, vcfg.image_size, vcfg.image_size, generator=g)
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask}
 
 
 def _tiny_llava_next():
@@ -143,20 +170,22 @@ def _tiny_llava_next():
 
 def _llava_next_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0,
                        image_size=(40, 60)) -> dict:
-    """Anyres: a base view plus crops of one ``image_size`` image per sample; the image-token
-    count (crops and image_newline rows) comes from the model itself, as a processor computes it."""
+    """Anyres: a base view plus crops of one ``image_size`` image per sample (a list: one size per
+    sample, other aspect ratios, so other token counts); the image-token count (crops and
+    image_newline rows) comes from the model itself, as a processor computes it. Samples of
+    other lengths are left-padded to the longest."""
     vcfg = model.config.vision_config
     g = torch.Generator().manual_seed(seed)
-    sizes = torch.tensor([list(image_size)] * batch)
+    sizes = torch.tensor([list(size) for size in _per_sample(image_size, batch, "image_size")])
     pixel_values = torch.randn(batch, 5, 3, vcfg.image_size, vcfg.image_size, generator=g)
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes)
     counts = [f.shape[0] for f in features.pooler_output]
     rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g), torch.full((n,), IMAGE_TOKEN_ID),
                        torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for n in counts]
-    input_ids = torch.stack(rows)
+    input_ids, attention_mask = _left_padded(rows, model.config.text_config.pad_token_id)
     return {"input_ids": input_ids, "pixel_values": pixel_values, "image_sizes": sizes,
-            "attention_mask": torch.ones_like(input_ids)}
+            "attention_mask": attention_mask}
 
 
 QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=252,
@@ -198,20 +227,23 @@ def _tiny_qwen2_vl():
 def _qwen_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0,
                  grid=(1, 12, 12)) -> dict:
     """Per sample: text, <|vision_start|>, the image's pad tokens (t*h*w / merge^2 of them),
-    <|vision_end|>, text; flattened patches and ``image_grid_thw`` as Qwen's processor gives them."""
+    <|vision_end|>, text; flattened patches and ``image_grid_thw`` as Qwen's processor gives them.
+    ``grid`` is one (t, h, w) for every sample or a list of one per sample (other image sizes);
+    samples of other lengths are left-padded to the longest."""
     vcfg = model.config.vision_config
     merge = vcfg.spatial_merge_size
-    t, h, w = grid
-    num_visual = t * h * w // (merge * merge)
+    grids = _per_sample(grid, batch, "grid")
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
     g = torch.Generator().manual_seed(seed)
     rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g),
-                       torch.tensor([QWEN_TOKENS["vision_start_token_id"]]), torch.full((num_visual,), IMAGE_TOKEN_ID),
+                       torch.tensor([QWEN_TOKENS["vision_start_token_id"]]),
+                       torch.full((t * h * w // (merge * merge),), IMAGE_TOKEN_ID),
                        torch.tensor([QWEN_TOKENS["vision_end_token_id"]]),
-                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for _ in range(batch)]
-    input_ids = torch.stack(rows)
-    return {"input_ids": input_ids, "pixel_values": torch.randn(batch * t * h * w, patch_dim, generator=g),
-            "image_grid_thw": torch.tensor([list(grid)] * batch), "attention_mask": torch.ones_like(input_ids),
+                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for t, h, w in grids]
+    input_ids, attention_mask = _left_padded(rows, model.config.text_config.pad_token_id)
+    patches = sum(t * h * w for t, h, w in grids)
+    return {"input_ids": input_ids, "pixel_values": torch.randn(patches, patch_dim, generator=g),
+            "image_grid_thw": torch.tensor([list(grid) for grid in grids]), "attention_mask": attention_mask,
             # what the processor returns beside input_ids: 1 marks image tokens (M-RoPE needs it)
             "mm_token_type_ids": (input_ids == IMAGE_TOKEN_ID).long()}
 
@@ -311,6 +343,14 @@ ZOO: Dict[str, ZooEntry] = {
 
 def names() -> Tuple[str, ...]:
     return tuple(ZOO)
+
+
+PADDABLE = (_llava_inputs, _llava_bench_inputs)  # input builders that take left_pad
+
+
+def paddable_names() -> Tuple[str, ...]:
+    """Zoo models whose inputs can be a left-padded batch of prompts of different lengths."""
+    return tuple(name for name, entry in ZOO.items() if entry.make_inputs in PADDABLE)
 
 
 def architectures() -> Tuple[str, ...]:

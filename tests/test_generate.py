@@ -142,17 +142,6 @@ def test_beam_search_keeps_the_bias_through_the_reordered_cache(layer):
     assert backend.report.pruned and backend.report.decode_rewrites > 0
 
 
-def test_ragged_batch_raises_the_documented_error():
-    """Sample 0 holds two images, sample 1 none: not supported yet, and said so."""
-    model, two = build("llava", images=2)
-    text = torch.randint(3, 200, (1, two["input_ids"].shape[1]))
-    inputs = {"input_ids": torch.cat([two["input_ids"], text]), "pixel_values": two["pixel_values"],
-              "attention_mask": torch.ones(2, text.shape[1], dtype=torch.long)}
-    backend = make_era_backend(ERAConfig(layer=2, compiler="eager"))
-    with torch.no_grad(), pytest.raises(Exception, match="different numbers of visual tokens are not supported yet"):
-        torch.compile(model, backend=backend)(**inputs)
-
-
 def test_image_token_mismatch_gives_the_models_own_error():
     model, inputs = build("llava")
     inputs["pixel_values"] = torch.cat([inputs["pixel_values"]] * 2)  # two images, one image's tokens

@@ -1,0 +1,118 @@
+"""Ragged batches: samples with different numbers of visual tokens (other image sizes, other aspect
+ratios, two images next to one, no image next to one), each with its own budget, laid out to the
+longest kept sequence; and the compact cache of every layer after prefill and decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build
+
+from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile.compact_kv import stored_rows
+from era_compile.compat import output_cache
+from era_compile.reference import EagerReference
+
+TOL = 1e-4
+GREEDY = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
+RAGGED = {
+    "qwen2-vl, two image sizes": ("qwen2-vl", dict(batch=2, grid=[(1, 12, 12), (1, 8, 8)])),
+    "llava-next, two aspect ratios": ("llava-next", dict(batch=2, image_size=[(40, 60), (60, 40)])),
+    "llava, two images next to one": ("llava", dict(batch=2, images=[2, 1])),
+    "llava, no image next to one": ("llava", dict(batch=2, images=[1, 0])),
+}
+
+
+def _alone(model, name: str, inputs: dict, b: int) -> dict:
+    """Sample b of a left-padded batch as its own prompt: its tokens without the padding, its images."""
+    keep = inputs["attention_mask"][b].bool()
+    ids = inputs["input_ids"][b][keep][None]
+    one = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if name == "qwen2-vl":
+        patches = inputs["image_grid_thw"].prod(-1).tolist()
+        start = sum(patches[:b])
+        one.update(pixel_values=inputs["pixel_values"][start:start + patches[b]],
+                   image_grid_thw=inputs["image_grid_thw"][b:b + 1], mm_token_type_ids=(ids == zoo.IMAGE_TOKEN_ID).long())
+    elif name == "llava-next":
+        one.update(pixel_values=inputs["pixel_values"][b:b + 1], image_sizes=inputs["image_sizes"][b:b + 1])
+    else:  # llava: num_visual_tokens(model) placeholder tokens per image
+        per_image = zoo.num_visual_tokens(model)
+        images = [int((row == zoo.IMAGE_TOKEN_ID).sum()) // per_image for row in inputs["input_ids"]]
+        start = sum(images[:b])
+        if images[b]:
+            one["pixel_values"] = inputs["pixel_values"][start:start + images[b]]
+    return one
+
+
+def _equal(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("case", list(RAGGED))
+def test_ragged_batch_matches_the_reference_and_each_sample_alone(case, layer):
+    name, kwargs = RAGGED[case]
+    model, inputs = build(name, **kwargs)
+    config = ERAConfig(layer=layer, keep_ratio=0.25, compiler="eager", strict=True)
+    expected = EagerReference(model, config).generate(**inputs, **GREEDY)
+    backend = make_era_backend(config)
+    model.compile(backend=backend)
+    with torch.no_grad():
+        batch = model.generate(**inputs, **GREEDY)
+        alone = [model.generate(**_alone(model, name, inputs, b), **GREEDY) for b in range(2)]
+    assert torch.equal(batch.sequences, expected.sequences)
+    assert _equal(batch.logits, expected.logits) <= TOL
+    width = inputs["input_ids"].shape[1]
+    for b, single in enumerate(alone):  # the same tokens as the sample generated on its own
+        assert torch.equal(batch.sequences[b, width:], single.sequences[0, single.sequences.shape[1] - 16:])
+    (site, *_) = backend.report.pruning
+    counts = [int(((row == zoo.IMAGE_TOKEN_ID) | (row == zoo.VIDEO_TOKEN_ID)).sum()) for row in inputs["input_ids"]]
+    assert [t for t, _ in site.samples] == counts and counts[0] != counts[1]
+    assert [k for _, k in site.samples] == [config.kept(t) for t in counts]
+    assert backend.report.decode_rewrites > 0
+
+
+def test_a_blocked_slot_that_received_attention_would_be_seen():
+    """The check has teeth: laid out with empty slots that are not blocked (bias 0 instead of
+    BLOCKED), the reference itself moves by more than the tolerance; the compiled batch matches the
+    blocking one."""
+    import era_compile.algorithms.sequence as sequence
+
+    model, inputs = build("llava", batch=2, images=[2, 1])
+    config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
+    greedy = dict(GREEDY, max_new_tokens=4)
+    expected = EagerReference(model, config).generate(**inputs, **greedy)
+    blocked = sequence.BLOCKED
+    try:
+        sequence.BLOCKED = 0.0
+        unblocked = EagerReference(model, config).generate(**inputs, **greedy)
+    finally:
+        sequence.BLOCKED = blocked
+    model.compile(backend=make_era_backend(config))
+    with torch.no_grad():
+        out = model.generate(**inputs, **greedy)
+    assert _equal(out.logits, expected.logits) <= TOL
+    assert _equal(unblocked.logits, expected.logits) > 10 * TOL
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_left_padded_cache_lengths_after_prefill_and_decode(layer):
+    """Layers >= K hold n' rows plus the generated ones, never N; layers < K all N (+ t). The
+    generated tokens equal the reference's."""
+    model, inputs = build("llava", batch=2, left_pad=(0, 3))
+    config = ERAConfig(layer=layer, keep_ratio=0.25, compiler="eager", strict=True)
+    backend = make_era_backend(config)
+    model.compile(backend=backend)
+    N = inputs["input_ids"].shape[1]
+    rows = {}
+    with torch.no_grad():
+        for new in (1, 8):  # the cache after prefill alone, then after 7 decode steps too
+            out = model.generate(**inputs, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+            rows[new] = [stored_rows(layer.keys) for layer in output_cache(out).layers]
+    expected = EagerReference(model, config).generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out.sequences, expected)
+    n_after = backend.report.pruning[0].seq_len_after
+    layers = model.config.text_config.num_hidden_layers
+    for new, t in ((1, 0), (8, 7)):
+        assert rows[new] == [N + t] * layer + [n_after + t] * (layers - layer)
+    assert n_after < N
