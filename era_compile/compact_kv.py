@@ -27,8 +27,9 @@ loudly, naming the op.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,15 @@ class CompactKV(Tensor):
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         (seq_dim,) = meta
         return CompactKV(inner["rows"], inner["positions"], inner["bias"], outer_size[seq_dim], seq_dim)
+
+    def _stable_hash_for_caching(self) -> str:
+        """The key AOTAutograd's and Inductor's caches use for a CompactKV input: type, logical and
+        inner shapes, strides, dtypes. Without it the default pickles the (symbolic) shape, fails,
+        and every decode graph is compiled without the cache."""
+        parts = [type(self).__qualname__, str(self.seq_dim), str(tuple(self.shape))]
+        for t in (self.rows, self.positions, self.bias):
+            parts += [str(t.dtype), str(tuple(t.shape)), str(t.stride()), str(t.device)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     @property
     def stored_rows(self) -> int:
@@ -194,9 +204,21 @@ def stored_rows(cache_tensor: Any) -> int:
     return cache_tensor.stored_rows if isinstance(cache_tensor, CompactKV) else cache_tensor.shape[-2]
 
 
-def stored_bytes(cache_tensor: Any) -> int:
-    """Bytes a cache tensor's storage holds (rows, positions and bias for a CompactKV)."""
+def _storages(cache_tensor: Any) -> List[Tensor]:
     if isinstance(cache_tensor, CompactKV):
-        return sum(t.numel() * t.element_size() for t in (cache_tensor.rows, cache_tensor.positions,
-                                                           cache_tensor.bias))
-    return cache_tensor.numel() * cache_tensor.element_size()
+        return [cache_tensor.rows, cache_tensor.positions, cache_tensor.bias]
+    return [cache_tensor]
+
+
+def stored_bytes(*cache_tensors: Any) -> int:
+    """Bytes the cache tensors' storage holds (rows, positions and bias of a CompactKV), each
+    storage counted once: a layer's keys and values may share their positions and bias."""
+    seen: Dict[Tuple[int, int], int] = {}
+    for t in (s for c in cache_tensors for s in _storages(c)):
+        seen[(t.untyped_storage().data_ptr(), t.device.index or 0)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def cache_bytes(cache: Any) -> int:
+    """What a Hugging Face cache really holds, over all its layers' keys and values."""
+    return stored_bytes(*(t for layer in cache.layers for t in (layer.keys, layer.values)))

@@ -49,6 +49,31 @@ def test_logical_shape_and_what_is_stored():
     assert "6 rows stored" in repr(k)
 
 
+def test_cache_key_names_shapes_not_values():
+    """Compile caches key a CompactKV input by its shapes and dtypes (and never pickle its
+    possibly symbolic size): equal for equal layouts, different when the stored rows differ."""
+    _, _, _, k = _cache()
+    _, _, _, same = _cache(seed=1)
+    _, _, _, fewer = _cache(kept=(0, 2, 4, 6, 11))
+    assert k._stable_hash_for_caching() == same._stable_hash_for_caching()
+    assert k._stable_hash_for_caching() != fewer._stable_hash_for_caching()
+
+
+def test_cache_bytes_counts_shared_storage_once():
+    """Keys and values of a layer share their positions and bias: a cache's bytes count them once."""
+    from types import SimpleNamespace
+
+    from era_compile.compact_kv import cache_bytes
+
+    _, keep, bias, k = _cache()
+    v = compact(torch.randn(B, H, 6, D), k.positions, k.bias, N)
+    plain = torch.zeros(B, H, N, D)
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=plain, values=plain.clone()), SimpleNamespace(keys=k, values=v)])
+    rows = B * H * 6 * D * 4
+    assert stored_bytes(k, v) == 2 * rows + B * 6 * 8 + B * 6 * 4
+    assert cache_bytes(cache) == 2 * plain.numel() * 4 + stored_bytes(k, v)
+
+
 def test_append_then_attend_equals_attention_over_the_original_positions():
     dense_k, keep, bias, k = _cache(0)
     dense_v, _, _, v = _cache(1)
