@@ -15,7 +15,9 @@ Prefill time is a ``generate`` of one token (time to first token); decode time p
   ``torch.utils.flop_counter`` on the eager reference of the same pruning (the vision tower is
   left out: pruning does not touch it), and the theoretical speedup they allow;
 * the share of the pruned prefill spent in ``era::select`` and ``era::recycle`` (profiler);
-* KV-cache bytes after prefill (and peak CUDA memory on a GPU);
+* KV-cache bytes after prefill and after the generated tokens, unpruned and pruned, against the
+  theoretical saving (layers >= K holding ``N - n'`` positions fewer), and peak CUDA memory on a
+  GPU;
 * the throughput of the decoder's largest linear layer at the sequence lengths before and
   after pruning: the FLOPs bound assumes one rate for both, and on CPU BLAS a short
   sequence often runs slower per FLOP (the main reason measured falls short of the bound).
@@ -35,6 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from era_compile.backend import make_era_backend
+from era_compile.compact_kv import cache_bytes, stored_bytes, stored_rows
 from era_compile.compat import output_cache
 from era_compile.config import ERAConfig
 from era_compile.reference import EagerReference
@@ -163,9 +166,21 @@ def linear_throughput(model, rows: int, *, repeats: int = 10) -> float:
     return 2 * rows * weight.numel() / best / 1e9
 
 
-def kv_cache_bytes(model, inputs: dict) -> int:
-    cache = output_cache(_generate(model, inputs, 1))
-    return int(sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
+def kv_cache_saving(unpruned, pruned, inputs: dict, *, layer: int, removed: int, new_tokens: int) -> dict:
+    """KV-cache bytes of the unpruned and the pruned model after prefill and after ``new_tokens``
+    generated ones, and the saving against the theoretical one: layers >= K holding exactly
+    ``removed`` positions fewer than the unpruned cache's (no bookkeeping, no padding)."""
+    out = {}
+    for label, tokens in (("after_prefill", 1), (f"after_{new_tokens}_new_tokens", new_tokens)):
+        full = output_cache(_generate(unpruned, inputs, tokens))
+        mine = output_cache(_generate(pruned, inputs, tokens))
+        theory = sum(stored_bytes(c.keys, c.values) * removed / c.keys.shape[-2] for c in full.layers[layer:])
+        saved = cache_bytes(full) - cache_bytes(mine)
+        out[label] = {"unpruned": cache_bytes(full), "pruned": cache_bytes(mine), "saved": saved,
+                      "theoretical_saved": int(theory), "share_of_theory": saved / theory,
+                      "cached_positions": full.layers[0].keys.shape[-2],
+                      "stored_rows_per_layer": [stored_rows(c.keys) for c in mine.layers]}
+    return out
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -208,7 +223,8 @@ def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequen
             "lm_prefill_flops": {"unpruned": flops_unpruned, "pruned": flops_pruned},
             "theoretical_prefill_speedup": flops_unpruned / flops_pruned,
             "selection_overhead": selection_overhead(pruned, inputs),
-            "kv_cache_bytes": {"compiled": kv_cache_bytes(compiled, inputs), "pruned": kv_cache_bytes(pruned, inputs)},
+            "kv_cache": kv_cache_saving(compiled, pruned, inputs, layer=point.layer,
+                                        removed=site.seq_len_before - site.seq_len_after, new_tokens=new_tokens),
             "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "kernel": backend.report.kernel,
             "linear_gflops": {"before": linear_throughput(eager, site.seq_len_before),
@@ -220,7 +236,10 @@ def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequen
         gc.collect()
     return {"device": device_description(device), "device_type": device.type, "torch": torch.__version__,
             "runs": runs, "new_tokens": new_tokens,
-            "config": base.to_dict(), "prompt_tokens": int(inputs["input_ids"].shape[1]), "points": results}
+            "config": base.to_dict(), "batch": int(inputs["input_ids"].shape[0]),
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "prompt_lengths": inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None,
+            "points": results}
 
 
 def plot(record: dict, stem) -> List[str]:

@@ -2,7 +2,7 @@
 
     era-compile [--graph-breaks] demo [--model llava] [--layer 2] [--keep-ratio 0.25] [--compiler inductor]
     era-compile explain MODEL [--layer 2] [--keep-ratio 0.25] [--dump DIR]
-    era-compile bench MODEL [--layers 0 2] [--keep 64 128 192] [--runs 5] [--out DIR] [--fidelity]
+    era-compile bench MODEL [--layers 0 2] [--keep 64 128 192] [--runs 5] [--batch 8] [--out DIR] [--fidelity]
     era-compile fidelity MODEL [--layer 2] [--keep-ratio 0.25] [--out DIR]
     era-compile calibrate MODEL --out profile.json [--images DIR] [--samples 16]
     era-compile eval shapes-vqa [--questions 1000] [--layer 2] [--out DIR]
@@ -218,7 +218,7 @@ def _bench(args: argparse.Namespace) -> int:
     from era_compile import bench
     from era_compile.loading import load
 
-    _, _, inputs = load(args.model, image=args.image)
+    _, _, inputs = load(args.model, image=args.image, batch=args.batch)
 
     def build():
         return load(args.model, image=args.image)[0]
@@ -242,7 +242,8 @@ def _bench(args: argparse.Namespace) -> int:
         _print_fidelity(record["fidelity"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{Path(args.model).name}-{bench.device_slug(record['device_type'], record['device'])}"
+    batch = f"-batch{args.batch}" if args.batch > 1 else ""
+    stem = out / f"{Path(args.model).name}{batch}-{bench.device_slug(record['device_type'], record['device'])}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {stem}.json")
     _plot(bench.plot, record, str(stem))
@@ -331,6 +332,8 @@ def main(argv=None) -> int:
     bench_p.add_argument("--keep", type=int, nargs="+", default=[64], help="visual tokens kept (sweep)")
     bench_p.add_argument("--runs", type=int, default=5)
     bench_p.add_argument("--new-tokens", type=int, default=8)
+    bench_p.add_argument("--batch", type=int, default=1,
+                         help="a left-padded batch of this many prompts of different lengths (zoo LLaVA models)")
     bench_p.add_argument("--out", default="benchmarks/results")
     bench_p.add_argument("--fidelity", action="store_true", help="also measure fidelity (see the fidelity command)")
     from era_compile.shapes_vqa import evaluate

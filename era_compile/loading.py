@@ -23,11 +23,20 @@ class ModelLoadError(ValueError):
 
 
 def load(model: str, *, image: Optional[str] = None, frames: Optional[Sequence[str]] = None,
-         question: str = "What is in this image?", seed: int = 0):
-    """(model, processor or None, inputs) for a zoo name or a checkpoint path."""
+         question: str = "What is in this image?", seed: int = 0, batch: int = 1):
+    """(model, processor or None, inputs) for a zoo name or a checkpoint path. ``batch`` > 1: a
+    left-padded batch of that many prompts of different lengths (the zoo's LLaVA models)."""
     if model in zoo.names():
-        built, inputs = zoo.build(model, seed=seed)
+        if batch == 1:
+            built, inputs = zoo.build(model, seed=seed)
+        elif zoo.ZOO[model].make_inputs in zoo.PADDABLE:
+            built, inputs = zoo.build(model, seed=seed, batch=batch, left_pad="spread")
+        else:
+            raise ModelLoadError(f"--batch {batch}: zoo model {model!r} has no left-padded batch of different "
+                                 f"prompt lengths (models that do: {', '.join(zoo.paddable_names())})")
         return built, None, inputs
+    if batch != 1:
+        raise ModelLoadError(f"--batch {batch}: a checkpoint runs its one prompt (batch 1)")
     path = Path(model)
     if not path.is_dir():
         raise ModelLoadError(f"MODEL {model!r} is neither a zoo model ({', '.join(zoo.names())}) nor a local "

@@ -52,21 +52,37 @@ def test_dynamo_warnings_are_held_back_until_asked_for(capsys):
 
 def test_bench_writes_its_record_and_plots(tmp_path, capsys):
     code = main(["bench", "llava", "--compiler", "eager", "--layers", "1", "--keep", "9", "18", "--runs", "5",
-                 "--new-tokens", "3", "--out", str(tmp_path)])
+                 "--new-tokens", "3", "--batch", "3", "--out", str(tmp_path)])
     assert code == 0
-    record = json.loads((tmp_path / "llava-cpu.json").read_text())
+    record = json.loads((tmp_path / "llava-batch3-cpu.json").read_text())
     assert record["model"] == "llava" and record["runs"] == 5 and "CPU" in record["device"]
+    assert record["batch"] == 3 and len(set(record["prompt_lengths"])) == 3  # left-padded, all lengths differ
     assert [p["kept"] for p in record["points"]] == [9, 18]
     for p in record["points"]:
         for key in ("measured_prefill_speedup", "theoretical_prefill_speedup", "prefill_speedup_vs_theory",
-                    "selection_overhead", "lm_prefill_flops", "kv_cache_bytes", "times"):
+                    "selection_overhead", "lm_prefill_flops", "kv_cache", "times"):
             assert key in p
+        for moment, t in (("after_prefill", 0), ("after_3_new_tokens", 2)):
+            kv = p["kv_cache"][moment]
+            assert kv["cached_positions"] == record["prompt_tokens"] + t
+            assert kv["stored_rows_per_layer"] == [record["prompt_tokens"] + t] + [p["seq_len_after"] + t] * 3
+            assert kv["unpruned"] - kv["pruned"] == kv["saved"]
+            # the gap is what a CompactKV stores beside its rows: 12 bytes (a position and a bias) per
+            # row and tensor, against 128 bytes per row of this tiny model's keys (2 heads x 16)
+            assert 0.8 < kv["share_of_theory"] <= 1.0
         assert set(p["times"]) == {"eager", "compiled", "pruned"}
         assert p["lm_prefill_flops"]["pruned"] < p["lm_prefill_flops"]["unpruned"]
         assert 0 < p["selection_overhead"]["fraction"] < 1
         assert p["linear_gflops"]["before"] > 0 and p["linear_gflops"]["after"] > 0
-    assert (tmp_path / "llava-cpu-latency.png").stat().st_size > 0
-    assert (tmp_path / "llava-cpu-speedup.png").stat().st_size > 0
+    assert (tmp_path / "llava-batch3-cpu-latency.png").stat().st_size > 0
+    assert (tmp_path / "llava-batch3-cpu-speedup.png").stat().st_size > 0
+
+
+def test_bench_batch_needs_a_paddable_model():
+    from era_compile.loading import ModelLoadError, load
+
+    with pytest.raises(ModelLoadError, match="--batch 2: zoo model 'qwen2-vl'"):
+        load("qwen2-vl", batch=2)
 
 
 def test_fidelity_shares_sum_to_one(tmp_path, capsys):
