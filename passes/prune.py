@@ -10,8 +10,8 @@ After::
 
     anchors, conf = era::select(h2, visual_mask, q_1, k_1, mask_1, ...)      # layer 1's attention
     keep, h2_kept, log_bias = era::recycle(h2, visual_mask, anchors, conf, ...)
-    cos_kept = take_along_dim(cos_unsq, keep[:, None, :, None], 2)          # every crossing tensor
-    mask_kept = take_along_dim(take_along_dim(mask, keep..., 2), keep..., 3)
+    cos_kept = gather(cos_unsq, 2, keep[:, None, :, None].expand(B, 1, -1, d))   # every crossing tensor
+    mask_kept = gather(gather(mask, 2, keep...), 3, keep...)
     x = rms_norm_2(h2_kept) ... view(x, (1, n', -1, 16)) ... sdpa(q, k, v, mask_kept)
 
 Every node that depends on the cut is "downstream". Upstream nodes are scheduled first,
@@ -176,14 +176,22 @@ def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index:
     shape = tensor_meta(source).shape
     if not (same_size(shape[0], 1) or same_size(shape[0], batch)):
         raise PassError(f"cannot gather {source.name} {list(hints(shape))}: its first dimension is not the batch")
-    out = source
+    if 0 in dims:
+        raise PassError(f"{source.name}: the sequence cannot be its first (batch) dimension")
+    # a source shared by the batch (first dimension 1) is expanded to it; its sizes stay as they are
+    batch_size = insert_call(graph, torch.ops.aten.sym_size.int, (keep_index, 0), stem="batch")
+    out = insert_call(graph, torch.Tensor.expand, (source, [batch_size] + [-1] * (len(shape) - 1)),
+                      stem=f"{source.name}_batch")
     for d in dims:
-        if d == 0:
-            raise PassError(f"{source.name}: the sequence cannot be its first (batch) dimension")
-        # keep_index [B, n'] -> [B, 1, .., n', .., 1] with n' at dim d, by unsqueezing (no sizes written)
+        # keep_index [B, n'] -> [B, 1, .., n', .., 1] with n' at dim d, by unsqueezing, then expanded
+        # to the source's sizes read from the graph: take_along_dim would broadcast with static
+        # sizes, and so specialise a dynamic graph to the length it was compiled for
         index = keep_index
         for i in range(1, len(shape)):
             if i != d:
                 index = insert_call(graph, torch.unsqueeze, (index, i), stem="index")
-        out = insert_call(graph, torch.take_along_dim, (out, index, d), stem=f"{source.name}_kept")
+        sizes = [-1 if i == d else insert_call(graph, torch.ops.aten.sym_size.int, (out, i), stem="size")
+                 for i in range(len(shape))]
+        index = insert_call(graph, torch.Tensor.expand, (index, sizes), stem="index")
+        out = insert_call(graph, torch.gather, (out, d, index), stem=f"{source.name}_kept")
     return out

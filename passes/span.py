@@ -68,7 +68,7 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if rem:
         raise PassError(f"{total_visual} visual tokens do not split evenly over a batch of {hint(batch)} and "
                         "no Layout gives each sample's count")
-    if hint(seq_len) < per_sample:
+    if not counts and hint(seq_len) < per_sample:  # counted from a [B, N] mask, a Layout's always fit
         raise PassError(f"{per_sample} visual tokens per sample but only {hint(seq_len)} positions")
 
     with gm.graph.inserting_after(merge):
