@@ -116,10 +116,13 @@ class Runtime:
         length N, each row at its original position with its bias (0 everywhere without LAR)."""
         bias = published.log_bias if plan.rectify else published.log_bias.new_zeros(published.log_bias.shape)
         length = published.key_visible.shape[-1]  # N: the visibility row spans the original positions
+        # Each cache tensor gets its own positions and bias (12 bytes per row), as every decode append
+        # leaves them: shared ones would make Dynamo guard on the aliasing, and the next generation's
+        # first decode step would then compile once more than a plain compile does.
         for layer, i in plan.keys_outputs.items():
             j = plan.values_outputs[layer]
-            outputs[i] = compact(outputs[i], published.keep_index, bias, length)
-            outputs[j] = compact(outputs[j], published.keep_index, bias, length)
+            for k in (i, j):
+                outputs[k] = compact(outputs[k], published.keep_index.clone(), bias.clone(), length)
 
     def _hand_off(self, embeds: Tensor, handoff: HandedOnMask) -> None:
         self.handoffs[embeds] = handoff
