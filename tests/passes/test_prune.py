@@ -22,7 +22,7 @@ def test_inserts_select_and_recycle_and_gathers_what_crosses_the_cut(layer):
     assert (site.layer, site.visual_tokens, site.kept, site.seq_len_before, site.seq_len_after) == \
         (layer, 8, 3, N, n_after)
     assert rec.added("era.select") == 1 and rec.added("era.recycle") == 1
-    assert rec.added("take_along_dim") == 1  # the cos table every later layer reads, gathered once
+    assert rec.added("gather") == 1  # the cos table every later layer reads, gathered once
     counts = rec.pass_result("prune").counts
     assert counts["gathered_tensors"] == 1 and counts["rewritten_shapes"] > 0
     for node in reachable_from([site.hidden_kept], through_sizes=False):  # no stale length after the cut
