@@ -186,6 +186,17 @@ class EagerReference:
 
     @contextlib.contextmanager
     def active(self, input_ids: torch.Tensor):
+        """This pruning on the model, for a prompt with an image (one without runs as it is), and
+        eager even when the model was compiled: the oracle must not run the backend it checks."""
+        with torch.compiler.set_stance("force_eager"):
+            if bool(self.visual_positions(input_ids).any()):
+                with self._hooked(input_ids):
+                    yield self
+            else:
+                yield self
+
+    @contextlib.contextmanager
+    def _hooked(self, input_ids: torch.Tensor):
         global _ACTIVE
         self._visual_mask = self.visual_positions(input_ids)
         self._capture = self.config.layer - 1 if self.config.layer > 0 else None
@@ -197,9 +208,8 @@ class EagerReference:
                     for layer in self.layers[self.config.layer + 1:]]
         text_config._attn_implementation = "era_reference"
         _ACTIVE = self
-        try:  # eager even when the model was compiled: the oracle must not run the backend it checks
-            with torch.compiler.set_stance("force_eager"):
-                yield self
+        try:
+            yield
         finally:
             _ACTIVE = None
             text_config._attn_implementation = previous
@@ -208,18 +218,12 @@ class EagerReference:
 
     @torch.no_grad()
     def __call__(self, **inputs) -> Any:
-        if not bool(self.visual_positions(inputs["input_ids"]).any()):
-            with torch.compiler.set_stance("force_eager"):
-                return self.model(**inputs)
         with self.active(inputs["input_ids"]):
             return self.model(**inputs)
 
     @torch.no_grad()
     def generate(self, **kwargs) -> Any:
         """``model.generate`` with this pruning in prefill and the bias kept in every decode step."""
-        if not bool(self.visual_positions(kwargs["input_ids"]).any()):
-            with torch.compiler.set_stance("force_eager"):
-                return self.model.generate(**kwargs)
         with self.active(kwargs["input_ids"]):
             return self.model.generate(**kwargs)
 
