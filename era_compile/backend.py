@@ -91,7 +91,7 @@ class EraBackend:
                 return None  # counted in the graph only: the batch must be uniform (the op says so if not)
 
             def prefill_key(args):
-                layout = layout_of(program(*args).sum(-1).tolist(), config)
+                layout = layout_of(program(*args), config)
                 return layout.pruned, None, layout
 
             return prefill_key
@@ -104,7 +104,7 @@ class EraBackend:
             if found is None:
                 return None, None, None
             index, handoff = found
-            layout = layout_of(handoff.mask.sum(-1).tolist(), config)
+            layout = layout_of(handoff.mask, config)
             return (index, layout.pruned), CarriedVisual(index, handoff.mask), layout
 
         return carried_key

@@ -96,7 +96,7 @@ class Runtime:
     def supply(self, added: AddedInput, args: tuple) -> Tensor:
         """The value of an input a pass appended, for this call."""
         if isinstance(added, VisualMaskInput):
-            handoff = self.handoffs[args[added.source_input]]  # ``CarriedVariants`` chose this variant for it
+            handoff = self.handoffs[args[added.source_input]]  # ``Variants`` chose this variant for it
             handoff.claimed = True
             return handoff.mask
         raise TypeError(f"era_compile runtime: no value for added input {added!r}")
@@ -195,7 +195,7 @@ def _describe(layout: Optional[Layout]):
     return layout.counts if layout.ragged else layout.counts[0]
 
 
-def layout_of(counts: Sequence[int], config) -> Layout:
-    """The layout a batch with these visual-token counts per sample is pruned to."""
-    counts = tuple(int(c) for c in counts)
+def layout_of(visual_mask: Tensor, config) -> Layout:
+    """The layout a batch with this [B, N] visual mask is pruned to (one host read of its counts)."""
+    counts = tuple(int(c) for c in visual_mask.sum(-1).tolist())
     return Layout(config.pruned(counts), counts)
