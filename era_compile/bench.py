@@ -175,8 +175,9 @@ def kv_cache_saving(unpruned, pruned, inputs: dict, *, layer: int, removed: int,
         full = output_cache(_generate(unpruned, inputs, tokens))
         mine = output_cache(_generate(pruned, inputs, tokens))
         theory = sum(stored_bytes(c.keys, c.values) * removed / c.keys.shape[-2] for c in full.layers[layer:])
-        saved = cache_bytes(full) - cache_bytes(mine)
-        out[label] = {"unpruned": cache_bytes(full), "pruned": cache_bytes(mine), "saved": saved,
+        unpruned_bytes, pruned_bytes = cache_bytes(full), cache_bytes(mine)
+        saved = unpruned_bytes - pruned_bytes
+        out[label] = {"unpruned": unpruned_bytes, "pruned": pruned_bytes, "saved": saved,
                       "theoretical_saved": int(theory), "share_of_theory": saved / theory,
                       "cached_positions": full.layers[0].keys.shape[-2],
                       "stored_rows_per_layer": [stored_rows(c.keys) for c in mine.layers]}

@@ -29,7 +29,7 @@ def load(model: str, *, image: Optional[str] = None, frames: Optional[Sequence[s
     if model in zoo.names():
         if batch == 1:
             built, inputs = zoo.build(model, seed=seed)
-        elif zoo.ZOO[model].make_inputs in zoo.PADDABLE:
+        elif model in zoo.paddable_names():
             built, inputs = zoo.build(model, seed=seed, batch=batch, left_pad="spread")
         else:
             raise ModelLoadError(f"--batch {batch}: zoo model {model!r} has no left-padded batch of different "
