@@ -22,13 +22,13 @@ import torch.fx as fx
 
 import era_compile.ops  # noqa: F401  (registers torch.ops.era.*)
 from era_compile.config import ERAConfig
+from era_compile.passes.fx_utils import data_dependent_dims
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
-from era_compile.passes.records import CarriedVisual, KVCache, Layout, PruneSite, RectifiedAttention
-from era_compile.report import PruningEntry, Report, logger, set_last
-from era_compile.passes.span import visual_mask_program
-from era_compile.runtime import Runtime, Variants, layout_of, plan_for
+from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
+from era_compile.report import Report, logger, set_last
+from era_compile.runtime import Runtime, Variants, plan_for
 
 
 class EraCompileError(RuntimeError):
@@ -74,27 +74,15 @@ class EraBackend:
         if key_of is None:
             return self._compile(gm, prepared, example_inputs)
 
-        def build(args: List[Any], carried: Optional[CarriedVisual], layout: Optional[Layout]) -> Callable:
-            return self._compile(gm, prepared, args, carried, layout)
+        def build(args: List[Any], carried: Optional[CarriedVisual]) -> Callable:
+            return self._compile(gm, prepared, args, carried)
 
         return Variants(self.runtime, index, key_of, build, example_inputs)
 
     def _variant_key(self, prepared: Prepared, example_inputs: List[Any]):
-        """How a graph's calls pick their compiled variant, or None for a graph that has one: a
-        prefill by the layout its batch's visual tokens make (counted by the mask's own
-        computation, copied out of the graph); a graph that may receive merged embeddings by which
-        input carries them and their layout."""
-        config = self.config
-        if prepared.kind is GraphKind.PREFILL:
-            program = visual_mask_program(prepared.gm)
-            if program is None:
-                return None  # counted in the graph only: the batch must be uniform (the op says so if not)
-
-            def prefill_key(args):
-                layout = layout_of(program(*args), config)
-                return layout.pruned, None, layout
-
-            return prefill_key
+        """How a graph that may receive merged embeddings picks its compiled variant (by the input
+        that carries them, or none), or None for a graph compiled once (a prefill serves every
+        image size: its pruned shapes are the data's)."""
         receivers = _receivers(example_inputs) if prepared.kind.may_receive_embeddings else []
         if not receivers:
             return None
@@ -102,40 +90,37 @@ class EraBackend:
         def carried_key(args):
             found = self.runtime.carried(args, receivers)
             if found is None:
-                return None, None, None
+                return None, None
             index, handoff = found
-            layout = layout_of(handoff.mask, config)
-            return (index, layout.pruned), CarriedVisual(index, handoff.mask), layout
+            return index, CarriedVisual(index, handoff.mask)
 
         return carried_key
 
     # ------------------------------------------------------------------ internals
 
     def _compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                 carried: Optional[CarriedVisual] = None, layout: Optional[Layout] = None) -> Callable:
+                 carried: Optional[CarriedVisual] = None) -> Callable:
         start = time.perf_counter()
         try:
-            return self._rewrite_and_compile(gm, prepared, example_inputs, carried, layout)
+            return self._rewrite_and_compile(gm, prepared, example_inputs, carried)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
 
     def _rewrite_and_compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                             carried: Optional[CarriedVisual], layout: Optional[Layout]) -> Callable:
+                             carried: Optional[CarriedVisual]) -> Callable:
         index = prepared.graph_index
-        label = f"graph{index}" if layout is None else f"graph{index}_pruned{layout.pruned}"
+        label = f"graph{index}" if carried is None else f"graph{index}_carried{carried.input_index}"
         try:
-            result = run_passes(prepared, self.config, example_inputs, carried, layout=layout, dump_name=label)
+            result = run_passes(prepared, self.config, example_inputs, carried, dump_name=label)
         except PassError as e:
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e)
         except Exception as e:  # a bug of ours must not take the user's model down with it
             return self._fall_back(gm, example_inputs, index,
                                    f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
 
-        entry = {"graph": index, "kind": result.kind.value, **result.counts()}
-        if layout is not None:
-            entry["visual_tokens_per_sample"] = list(layout.counts)
-        self.report.passes.append(entry)
-        plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs)
+        self.report.passes.append({"graph": index, "kind": result.kind.value, **result.counts()})
+        plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs,
+                        data_dependent_dims(result.gm))
         if not result.changed:
             if not self._reads_pruned_caches(result, index):
                 self._skip(index, _unchanged_reason(result))
@@ -173,13 +158,9 @@ class EraBackend:
         else:
             site = result.record(PruneSite)
             rewrites = len(rectified.calls) if rectified is not None else 0
-            self.report.pruning.append(PruningEntry(index, site.layer, site.visual_tokens, site.kept,
-                                                    site.seq_len_before, site.seq_len_after,
-                                                    [list(s) for s in site.samples]))
             self.report.attention_rewrites += rewrites
-            logger.info("graph %d: pruned at layer %d, %d -> %d visual tokens, sequence %d -> %d, "
-                        "%d attention calls rectified (%s)", index, site.layer, site.visual_tokens, site.kept,
-                        site.seq_len_before, site.seq_len_after, rewrites,
+            logger.info("graph %d: prunes at layer %d (every image size: the budget and the pruned length are the "
+                        "data's), %d attention calls rectified (%s)", index, site.layer, rewrites,
                         rectified.kernel if rectified is not None and rectified.kernel else "no bias")
 
     def _skip(self, index: int, reason: str) -> None:

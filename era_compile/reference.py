@@ -150,8 +150,7 @@ class EagerReference:
         anchor_mask, confidence = select_anchors(hidden, self._visual_mask, query, key, attn_mask, is_causal, scale,
                                                  cfg.keep_ratio, cfg.keep_tokens, cfg.strategy,
                                                  json.loads(json.dumps(cfg.strategy_options())))
-        kept_len = hidden.shape[1] - cfg.pruned(self._visual_mask.sum(-1).tolist())
-        keep, hidden_kept, bias = recycle_kept(hidden, self._visual_mask, anchor_mask, confidence, kept_len,
+        keep, hidden_kept, bias = recycle_kept(hidden, self._visual_mask, anchor_mask, confidence,
                                                cfg.recycle, cfg.weight_norm)
         self._keep, self._bias, self._seq_len = keep, bias, hidden.shape[1]
         anchors = [torch.nonzero(a[v]).flatten() for a, v in zip(anchor_mask, self._visual_mask)]  # per sample

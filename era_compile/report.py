@@ -5,36 +5,40 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 logger = logging.getLogger("era_compile")
+SHOWN_LAYOUTS = 8  # pruning entries printed by str(); a serving stream brings many
 
 
 @dataclass
 class PruningEntry:
+    """One layout a pruned prefill ran on (the first call that brought it; ``calls`` counts them all)."""
+
     graph: int
     layer: int
-    visual_tokens: int
-    kept: int
-    seq_len_before: int
-    seq_len_after: int
+    visual_tokens: int      # T of the sample with the most visual tokens
+    kept: int               # its k
+    seq_len_before: int     # N
+    seq_len_after: int      # n'
     samples: List[List[int]] = field(default_factory=list)  # a ragged batch: [T_b, k_b] per sample
+    calls: int = 1
 
 
 @dataclass
 class Report:
     """Accumulates over every graph one backend instance compiles.
 
-    ``graphs``: how many graphs the backend saw. ``pruning``: one entry per pruning site.
+    ``graphs``: how many graphs the backend saw. ``pruning``: one entry per layout a pruned
+    prefill ran on (graph, visual tokens per sample, sequence lengths), recorded when the call
+    runs: one compiled graph serves every image size. ``pruned_calls``: prefill calls that pruned.
     ``attention_rewrites``: SDPA calls of pruned prefills turned into biased attention.
     ``decode_rewrites``: attention calls of decode graphs over a pruned layer's cache (a
     ``CompactKV``, whose own attention adds the anchors' bias).
     ``handoffs``: graphs that merged image features but ran no decoder, so handed their visual
     mask on to the graph that does (Dynamo split a forward between them).
-    ``variants``: per graph compiled more than once for the visual tokens it receives (a prefill
-    per batch layout, a graph that receives merged embeddings per layout they carry), the
-    visual-token count of each variant: T for a uniform batch, every T_b for a ragged one, None
-    for the unpruned variant of calls that carried no mask.
+    ``variants``: per graph that may receive merged embeddings from an earlier graph, its
+    compiled variants: "unpruned" (calls that carried no visual mask) and the input that carried one.
     ``kernel``: the attention kernel used. ``skipped``: why a graph was left as it was.
     ``passes``: per graph (and variant), its kind and, per pass, what it counted and its wall
     time in ms (``ms``: the pass and the checks after it).
@@ -43,10 +47,11 @@ class Report:
     config: dict
     graphs: int = 0
     pruning: List[PruningEntry] = field(default_factory=list)
+    pruned_calls: int = 0
     attention_rewrites: int = 0
     decode_rewrites: int = 0
     handoffs: int = 0
-    variants: Dict[int, List[Any]] = field(default_factory=dict)
+    variants: Dict[int, List[str]] = field(default_factory=dict)
     kernel: Optional[str] = None
     skipped: List[str] = field(default_factory=list)
     passes: List[Dict[str, dict]] = field(default_factory=list)
@@ -56,6 +61,18 @@ class Report:
     @property
     def pruned(self) -> bool:
         return bool(self.pruning)
+
+    def record_prefill(self, graph: int, layer: int, samples: List[List[int]], seq_len: int, kept_len: int) -> None:
+        """A pruned prefill call: each sample's [T_b, k_b], and N -> n'."""
+        self.pruned_calls += 1
+        widest = max(samples, key=lambda s: s[0])
+        ragged = samples if len({t for t, _ in samples}) > 1 else []
+        entry = PruningEntry(graph, layer, widest[0], widest[1], seq_len, kept_len, ragged, calls=0)
+        same = next((p for p in self.pruning if dataclasses.replace(p, calls=0) == entry), None)
+        if same is None:
+            self.pruning.append(entry)
+            same = entry
+        same.calls += 1
 
     def pass_ms(self) -> Dict[int, float]:
         """Wall time of the passes per graph (all its variants together), in ms."""
@@ -70,21 +87,24 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"era_compile report: {self.graphs} graph(s) compiled in {self.compile_seconds:.1f} s"]
-        for p in self.pruning:
+        shown = self.pruning[:SHOWN_LAYOUTS]
+        for p in shown:
             tokens = (f"{p.visual_tokens} visual tokens -> {p.kept} kept" if not p.samples else
                       "visual tokens -> kept per sample " + ", ".join(f"{t}->{k}" for t, k in p.samples))
+            calls = f" ({p.calls} calls)" if p.calls > 1 else ""
             lines.append(f"  graph {p.graph}: pruned at layer {p.layer}: {tokens}; sequence {p.seq_len_before} -> "
-                         f"{p.seq_len_after}")
+                         f"{p.seq_len_after}{calls}")
+        if len(self.pruning) > len(shown):
+            lines.append(f"  ... {len(self.pruning) - len(shown)} more layout(s); {self.pruned_calls} pruned prefill "
+                         "calls in all (to_dict() has every one)")
         lines.append(f"  attention rewrites: {self.attention_rewrites} in prefill, {self.decode_rewrites} over a "
                      f"cache (kernel: {self.kernel or '-'})")
         if self.handoffs:
             lines.append(f"  {self.handoffs} graph(s) merged the image without a decoder layer and handed the "
                          "visual mask on to the next graph")
-        for graph, counts in self.variants.items():
-            if len(counts) == 1 and not isinstance(counts[0], tuple):  # one uniform layout: nothing to say
-                continue
-            shown = ", ".join("unpruned" if t is None else f"T={t}" for t in counts)
-            lines.append(f"  graph {graph}: {len(counts)} variant(s) for the visual tokens it receives ({shown})")
+        for graph, variants in self.variants.items():
+            if len(variants) > 1:
+                lines.append(f"  graph {graph}: {len(variants)} variants ({', '.join(variants)})")
         timed = self.pass_ms()
         if timed:
             busiest = sorted(timed.items(), key=lambda kv: -kv[1])[:3]

@@ -3,17 +3,14 @@
 * The visual mask, from a graph that merged image features but runs no decoder to the graph
   that receives the merged embeddings (a plain Qwen2-VL forward, see ``passes/handoff.py``):
   kept in a per-backend store keyed weakly by the embeddings tensor's identity, so an entry
-  dies with its tensor and two requests or two models never share one. A graph that receives
-  merged embeddings is compiled per layout of the visual tokens it receives (its pruned
-  shapes depend on it): ``Variants`` runs, or compiles on first sight, the variant for the
-  layout its inputs carry; no carried mask means the unpruned variant. A handed-on mask that no
-  graph picks up is reported when its tensor dies: pruning did not happen.
-* The layout of a prefill's batch. How many visual tokens each sample holds is data; before
-  each call of a prefill graph the runtime counts them (``passes/span.visual_mask_program``, the
-  mask's own computation) and runs the variant compiled for that ``Layout``: every sample's kept
-  sequence left-padded to ``N - pruned``, ``pruned`` what the least-pruned sample loses. A uniform
-  batch of one image size is one layout; a ragged batch (other image sizes, other numbers of
-  images, a sample without one) another, compiled once.
+  dies with its tensor and two requests or two models never share one. A graph that may receive
+  merged embeddings is compiled once per input that carries them (``Variants``; no carried mask:
+  the unpruned variant), whatever the image size. A handed-on mask that no graph picks up is
+  reported when its tensor dies: pruning did not happen.
+* What each call pruned. The number of visual tokens, the budget and the pruned length are data
+  of the call (the pruning ops count them), so one compiled prefill serves every image size and
+  every ragged batch; the prefill returns each sample's ``T_b`` and ``k_b``, which the runtime
+  puts in the report (one entry per layout seen, and a count of pruned calls).
 * The pruned layers' KV cache. A pruned prefill returns, for layers >= K, the keys and values
   of the kept tokens; the runtime hands them back as ``CompactKV`` tensors
   (``era_compile.compact_kv``): as long as Hugging Face expects (the original positions, so its
@@ -31,13 +28,14 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from era_compile.compact_kv import compact
 from era_compile.passes.kinds import GraphKind
-from era_compile.passes.records import (AddedInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, Layout,
-                                        PrefillOutputs, VisualMaskInput)
+from era_compile.passes.records import (AddedInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, PrefillOutputs,
+                                        PruneSite, VisualMaskInput)
 from era_compile.report import Report, logger
 
 
@@ -56,6 +54,8 @@ class GraphPlan:
 
     graph: int = 0
     kind: GraphKind = GraphKind.TEXT
+    layer: Optional[int] = None                 # where a pruned prefill prunes
+    data_dependent: Dict[int, Tuple[int, ...]] = field(default_factory=dict)  # output -> dims of length n'
     keys_outputs: Dict[int, int] = field(default_factory=dict)    # pruned layer -> output index
     values_outputs: Dict[int, int] = field(default_factory=dict)
     added_inputs: Tuple[AddedInput, ...] = ()   # supplied on every call, in order
@@ -69,13 +69,17 @@ class GraphPlan:
 
 
 def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
-             added_inputs: Sequence[AddedInput] = ()) -> GraphPlan:
-    """The runtime plan of a graph, from what its passes recorded (no records: a fallback)."""
-    plan = GraphPlan(graph=graph, kind=kind, rectify=config.rectify, added_inputs=tuple(added_inputs))
+             added_inputs: Sequence[AddedInput] = (), data_dependent: Optional[Dict[int, Tuple[int, ...]]] = None
+             ) -> GraphPlan:
+    """The runtime plan of a graph, from what its passes recorded (no records: a fallback);
+    ``data_dependent``: the outputs' dimensions of the pruned length (``fx_utils.data_dependent_dims``)."""
+    plan = GraphPlan(graph=graph, kind=kind, rectify=config.rectify, added_inputs=tuple(added_inputs),
+                     data_dependent=dict(data_dependent or {}))
     if kind is GraphKind.HANDOFF:
         plan.handoff = records.get(Handoff)
     elif kind.has_image and PrefillOutputs in records:
         plan.prefill_outputs = len(records[PrefillOutputs].values())
+        plan.layer = records[PruneSite].layer
         for c in records[KVCache].layers:
             if c.index >= config.layer:
                 plan.keys_outputs[c.index] = c.keys_output
@@ -108,7 +112,11 @@ class Runtime:
             self._hand_off(outputs[plan.handoff.embeddings_output],
                            HandedOnMask(handed.visual_mask, plan.graph))
         elif plan.prefill_outputs:
-            self._compact_caches(outputs, plan, PrefillOutputs.take(outputs, plan.prefill_outputs))
+            published = PrefillOutputs.take(outputs, plan.prefill_outputs)
+            self._compact_caches(outputs, plan, published)
+            self._mark_pruned_lengths(outputs, plan)
+            self.report.record_prefill(plan.graph, plan.layer, published.samples.tolist(),
+                                       published.key_visible.shape[-1], published.keep_index.shape[-1])
         return tuple(outputs)
 
     def _compact_caches(self, outputs: List, plan: GraphPlan, published: PrefillOutputs) -> None:
@@ -123,6 +131,16 @@ class Runtime:
             j = plan.values_outputs[layer]
             for k in (i, j):
                 outputs[k] = compact(outputs[k], published.keep_index.clone(), bias.clone(), length)
+
+    @staticmethod
+    def _mark_pruned_lengths(outputs: List, plan: GraphPlan) -> None:
+        """The pruned length is data: say so to the graph Dynamo compiles next from these outputs (the
+        LM head after a split decoder), which would otherwise start static in it and recompile at the
+        first new length. ``maybe_mark_dynamic``: a hint, never an error if that graph specialises."""
+        compacted = set(plan.keys_outputs.values()) | set(plan.values_outputs.values())
+        for i, dims in plan.data_dependent.items():  # the model's outputs (the published ones are stripped)
+            if i < len(outputs) and i not in compacted and isinstance(outputs[i], Tensor):
+                torch._dynamo.maybe_mark_dynamic(outputs[i], list(dims))
 
     def _hand_off(self, embeds: Tensor, handoff: HandedOnMask) -> None:
         self.handoffs[embeds] = handoff
@@ -162,40 +180,27 @@ class RuntimeWrapper:
 
 
 class Variants:
-    """A graph compiled once per layout its calls bring: ``key_of(args)`` gives the key, the visual
-    mask an input carries (``CarriedVisual``, or None) and the batch's ``Layout`` (or None), and
-    ``build(args, carried, layout)`` compiles the variant on first sight. Prefill graphs vary by
-    the layout their visual tokens make (one variant per pruned length), graphs that may receive
-    merged embeddings by which input carries them and their layout (none: the unpruned variant).
-    ``variants`` maps each key to its compiled callable."""
+    """A graph that may receive merged embeddings, compiled once per input that carries them:
+    ``key_of(args)`` gives the key and the visual mask the call carries (``CarriedVisual``, or
+    None: the unpruned variant), ``build(args, carried)`` compiles the variant on first sight.
+    The image's size is not part of the key: the pruned shapes are the data's. ``variants``
+    maps each key to its compiled callable."""
 
     def __init__(self, runtime: Runtime, graph: int,
-                 key_of: Callable[[Sequence[Any]], Tuple[Any, Optional[CarriedVisual], Optional[Layout]]],
-                 build: Callable[[List[Any], Optional[CarriedVisual], Optional[Layout]], Callable],
+                 key_of: Callable[[Sequence[Any]], Tuple[Any, Optional[CarriedVisual]]],
+                 build: Callable[[List[Any], Optional[CarriedVisual]], Callable],
                  example_inputs: Sequence[Any]):
         self.runtime, self.graph, self.key_of, self.build = runtime, graph, key_of, build
         self.variants: Dict[Any, Callable] = {}
         self.variant_for(example_inputs)
 
     def variant_for(self, args: Sequence[Any]) -> Callable:
-        key, carried, layout = self.key_of(args)
+        key, carried = self.key_of(args)
         if key not in self.variants:
-            self.variants[key] = self.build(list(args), carried, layout)
-            self.runtime.report.variants.setdefault(self.graph, []).append(_describe(layout))
+            self.variants[key] = self.build(list(args), carried)
+            self.runtime.report.variants.setdefault(self.graph, []).append(
+                "unpruned" if carried is None else f"visual tokens on input {carried.input_index}")
         return self.variants[key]
 
     def __call__(self, *args):
         return self.variant_for(args)(*args)
-
-
-def _describe(layout: Optional[Layout]):
-    """What the report lists for a variant: T (a uniform batch), every T_b (ragged), None (unpruned)."""
-    if layout is None:
-        return None
-    return layout.counts if layout.ragged else layout.counts[0]
-
-
-def layout_of(visual_mask: Tensor, config) -> Layout:
-    """The layout a batch with this [B, N] visual mask is pruned to (one host read of its counts)."""
-    counts = tuple(int(c) for c in visual_mask.sum(-1).tolist())
-    return Layout(config.pruned(counts), counts)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .fx_utils import attention_args, call_arguments, hint, same_size, tensor_meta
+from .fx_utils import attention_args, call_arguments, same_size, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import DecoderLayers, PruneSite, RectifiedAttention
 from .rewrite import replace_with_biased_attention
@@ -35,9 +35,9 @@ def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for layer in layers.layers[site.layer:]:
         call = layer.attention
         key_len = tensor_meta(attention_args(call)["key"]).shape[-2]
-        if not same_size(key_len, site.kept_len):
-            raise PassError(f"layer {layer.index}: its keys hold {hint(key_len)} positions, not the "
-                            f"{site.seq_len_after} kept tokens (a non-empty KV cache in prefill is not supported yet)")
+        if not same_size(key_len, tensor_meta(site.hidden_kept).shape[1]):
+            raise PassError(f"layer {layer.index}: its keys are not the kept tokens (a non-empty KV cache in prefill "
+                            "is not supported yet)")
         biased = replace_with_biased_attention(gm.graph, call, site.log_bias, ctx.config.attention, layer.index)
         kernel = call_arguments(biased)["kernel"]
         calls.append((layer.index, biased))

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
+from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols, statically_known_true, sym_eq
 from torch.fx.operator_schemas import normalize_function
 
 import era_compile.ops  # noqa: F401  (registers torch.ops.era.*, which the passes insert)
@@ -108,6 +108,20 @@ def placeholders(gm: fx.GraphModule) -> List[fx.Node]:
 
 def graph_outputs(gm: fx.GraphModule) -> List[Any]:
     return list(gm.graph.output_node().args[0])
+
+
+def data_dependent_dims(gm: fx.GraphModule) -> Dict[int, Tuple[int, ...]]:
+    """Per graph output, the dimensions whose size is data (an unbacked symbol, like the pruned
+    length era::recycle gives), from the outputs' fake values."""
+    dims = {}
+    for i, node in enumerate(graph_outputs(gm)):
+        value = tensor_meta(node) if isinstance(node, fx.Node) else None
+        if value is not None:
+            found = tuple(d for d, size in enumerate(value.shape)
+                          if isinstance(size, torch.SymInt) and has_free_unbacked_symbols(size))
+            if found:
+                dims[i] = found
+    return dims
 
 
 # --------------------------------------------------------------------------- sizes

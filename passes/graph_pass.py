@@ -25,7 +25,7 @@ import torch.fx as fx
 from era_compile.config import ERAConfig
 
 from .kinds import GraphKind
-from .records import AddedInput, CarriedVisual, Layout
+from .records import AddedInput, CarriedVisual
 
 R = TypeVar("R")
 
@@ -53,15 +53,14 @@ class PassResult:
 @dataclass(frozen=True)
 class PassContext:
     """What a pass may read: the config, the graph's kind and index, the example inputs as the
-    manager holds them, what the runtime knows of this call (a carried visual mask, the batch's
-    ``Layout``), and the records of the passes before it (by type)."""
+    manager holds them, what the runtime knows of this call (a carried visual mask), and the
+    records of the passes before it (by type)."""
 
     config: ERAConfig
     kind: GraphKind
     graph_index: int = 0
     example_inputs: Tuple[Any, ...] = ()
     carried: Optional[CarriedVisual] = None
-    layout: Optional[Layout] = None
     records: Mapping[type, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def get(self, record_type: Type[R]) -> R:

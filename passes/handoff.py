@@ -36,4 +36,4 @@ def hand_off_visual_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm.graph.output_node().args = (tuple(outputs) + trailing.values(),)
     record = Handoff(carriers[0], trailing)
     return PassResult(record=record, changed=True, counts={"handoff_output": carriers[0],
-                                                           "visual_tokens": span.num_visual})
+                                                           "visual_tokens": span.visual_tokens})

@@ -25,6 +25,7 @@ since a pass may insert a node only a later one uses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.experimental.symbolic_shapes import ShapeEnv, compute_unbacked_bindings
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from era_compile.config import ERAConfig
@@ -49,7 +50,7 @@ from .layers import find_decoder_layers
 from .normalize import normalize
 from .prune import prune_visual_tokens
 from .publish import publish_pruning
-from .records import AddedInput, CarriedVisual, Layout
+from .records import AddedInput, CarriedVisual
 from .span import find_visual_span
 
 _PRUNING = (find_visual_span, find_decoder_layers, find_kv_cache, prune_visual_tokens, rectify_attention,
@@ -148,17 +149,17 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
 
 def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[Any],
                carried: Optional[CarriedVisual] = None, dump_name: Optional[str] = None,
-               until: Optional[str] = None, layout: Optional[Layout] = None) -> PipelineResult:
+               until: Optional[str] = None) -> PipelineResult:
     """The kind's passes on a copy of the prepared graph (one variant of it: ``carried``, a mask
-    an input brought; ``layout``, how the batch's visual tokens are laid out); ``until``: stop
-    after the pass of that name, before the dead-code tail (tests, debugging)."""
+    an input brought); ``until``: stop after the pass of that name, before the dead-code tail
+    (tests, debugging)."""
     gm = copy_graph(prepared.gm)
     kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
     result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing],
                             example_inputs=list(example_inputs))
     dumper = _Dumper(config, dump_name or f"graph{prepared.graph_index}")
     for step, p in enumerate(PIPELINES[kind], start=1):
-        ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried, layout,
+        ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried,
                           frozen(result.records))
         missing = [t.__name__ for t in p.requires if t not in result.records]
         if missing:
@@ -265,9 +266,10 @@ def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
                  for x in example_inputs]
     # Constants read by get_attr are real tensors (Dynamo makes module buffers constants when
     # Inductor freezing is on): the mode must accept them while it propagates.
+    allow_data_dependent_lengths(mode)
     allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        _BindingFakeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     finally:
         mode.allow_non_fake_inputs = allowed
     for node in gm.graph.nodes:  # Dynamo's own key, kept consistent for later readers
@@ -287,18 +289,46 @@ def update_fake(gm: fx.GraphModule, example_inputs: Sequence[Any], touched: set)
     if mode is None or len(fakes) != len(example_inputs) or any(f is None for f in fakes):
         propagate_fake(gm, example_inputs)
         return
+    allow_data_dependent_lengths(mode)
     allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
     try:
         with mode:
-            _IncrementalFakeProp(gm, touched).run(*fakes)
+            _IncrementalFakeProp(gm, touched, mode.shape_env).run(*fakes)
     finally:
         mode.allow_non_fake_inputs = allowed
 
 
+def allow_data_dependent_lengths(mode: FakeTensorMode) -> None:
+    """Let the mode run ``era::recycle``, whose output length is data (an unbacked size). Dynamo
+    creates each frame's ShapeEnv refusing such ops unless the whole program asked for them
+    (``capture_dynamic_output_shape_ops``, or fullgraph); allowing them for the graph handed to the
+    backend changes nothing of how the model was traced, and the inner compiler's trace of the
+    rewritten graph (the same mode) needs it too."""
+    shape_env = mode.shape_env
+    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
+
+
+def bind_unbacked(node: fx.Node, value: Any, shape_env: Optional[ShapeEnv]) -> None:
+    """Claim the unbacked sizes a node's fake run created (``era::recycle``'s pruned length) for
+    that node, as tracing does: a size left pending would be blamed on the next traced op."""
+    bindings = compute_unbacked_bindings(shape_env, value)
+    if bindings:
+        node.meta["unbacked_bindings"] = bindings
+
+
+class _BindingFakeProp(FakeTensorProp):
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.op != "placeholder" and not n.meta.get("unbacked_bindings"):
+            bind_unbacked(n, value, self._mode.shape_env)
+        return value
+
+
 class _IncrementalFakeProp(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, touched: set):
+    def __init__(self, gm: fx.GraphModule, touched: set, shape_env: Optional[ShapeEnv]):
         super().__init__(gm)
-        self.touched, self.moved = touched, set()
+        self.touched, self.moved, self.shape_env = touched, set(), shape_env
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op == "output":
@@ -311,6 +341,7 @@ class _IncrementalFakeProp(fx.Interpreter):
             node.meta["val"] = old  # every node carries ``val`` after a pass, as after a full propagation
             return old
         value = super().run_node(node)
+        bind_unbacked(node, value, self.shape_env)
         if not _same_meta(value, old):
             self.moved.add(node)
         node.meta["val"] = value

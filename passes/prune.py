@@ -9,7 +9,7 @@ Before (K = 2)::
 After::
 
     anchors, conf = era::select(h2, visual_mask, q_1, k_1, mask_1, ...)      # layer 1's attention
-    keep, h2_kept, log_bias = era::recycle(h2, visual_mask, anchors, conf, ...)
+    keep, h2_kept, log_bias, samples = era::recycle(h2, visual_mask, anchors, conf, ...)  # n' = the data's
     cos_kept = gather(cos_unsq, 2, keep[:, None, :, None].expand(B, 1, -1, d))   # every crossing tensor
     mask_kept = gather(gather(mask, 2, keep...), 3, keep...)
     x = rms_norm_2(h2_kept) ... view(x, (1, n', -1, 16)) ... sdpa(q, k, v, mask_kept)
@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from era_compile.ops.attention import default_scale
 
-from .fx_utils import (ancestors_of, attention_args, hint, hints, is_static, is_weight, placeholders,
+from .fx_utils import (ancestors_of, attention_args, hint, hints, is_weight, placeholders,
                        reachable_from, same_size, tensor_meta)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import DecoderLayers, PruneSite, VisualSpan
@@ -48,12 +48,6 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     span, layers = ctx.get(VisualSpan), ctx.get(DecoderLayers)
     K = ctx.config.layer
     cut = layers[K].hidden_in
-    T, N = span.num_visual, span.seq_len
-    keep = ctx.config.kept(T)
-    # every sample is laid out to N - p, p what the least-pruned one loses (all the same p in a
-    # uniform batch): a SymInt when the graph is dynamic in N
-    pruned = ctx.layout.pruned if ctx.layout is not None else T - keep
-    n_after = N - pruned
     graph = gm.graph
     original_mask = attention_args(layers[K].attention)["attn_mask"]  # over the N positions: read before the gathers
 
@@ -63,33 +57,30 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     downstream.discard(graph.output_node())
     first = _schedule_upstream_first(graph, downstream)
     with graph.inserting_before(first):
-        kept_len = n_after if is_static(n_after) else insert_call(
-            graph, operator.sub, (insert_call(graph, torch.ops.aten.sym_size.int, (cut, 1), stem="seq_len"), pruned),
-            stem="kept_len")
-        keep_index, hidden_kept, log_bias = _insert_selection(graph, ctx, span, layers, kept_len, downstream)
+        keep_index, hidden_kept, log_bias, samples = _insert_selection(graph, ctx, span, layers, downstream)
 
     order = [n for n in graph.nodes if n in downstream]
     frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs) if is_weight(n, x)}
-    replacement_shape = (hint(span.batch), hint(n_after), hint(tensor_meta(cut).shape[-1]))
-    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(N), frozen=frozen)
+    # the pruned length is the data's (era::recycle's output size): planned with a sentinel
+    replacement_shape = (hint(span.batch), hint(span.seq_len), hint(tensor_meta(cut).shape[-1]))
+    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(span.seq_len),
+                                 frozen=frozen)
 
     cut.replace_all_uses_with(hidden_kept, delete_user_cb=lambda user: user in downstream)
     with graph.inserting_before(first):
         gathered = _gather_crossing_tensors(graph, plan, keep_index, span.batch)
-        literals = _rewrite_lengths(graph, plan, n_after, hidden_kept)
+        literals = _rewrite_lengths(graph, plan, hidden_kept)
 
-    samples = tuple((t, ctx.config.kept(t)) for t in span.counts) if ctx.layout is not None and ctx.layout.ragged \
-        else ()
-    site = PruneSite(K, keep_index, hidden_kept, log_bias, frozenset(downstream), T, keep, hint(N), hint(n_after),
-                     n_after, original_mask, samples)
+    site = PruneSite(K, keep_index, hidden_kept, log_bias, samples, frozenset(downstream), original_mask)
     return PassResult(record=site, changed=True, counts={"gathered_tensors": gathered, "rewritten_shapes": literals,
                                                          "downstream_nodes": len(order)})
 
 
-def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers, kept_len,
-                      downstream: Set[fx.Node]) -> Tuple[fx.Node, fx.Node, fx.Node]:
+def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers,
+                      downstream: Set[fx.Node]) -> Tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     """era::select on the saliency source (layer K-1's attention call; for K = 0 a copy of layer
-    0's q/k computation on the unpruned input), then era::recycle: keep_index, hidden_kept, log_bias."""
+    0's q/k computation on the unpruned input), then era::recycle: keep_index, hidden_kept,
+    log_bias, samples."""
     cfg, K = ctx.config, ctx.config.layer
     cut = layers[K].hidden_in
     source = attention_args(layers[K - 1].attention if K > 0 else layers[K].attention)
@@ -105,9 +96,9 @@ def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layer
     anchors, confidence = getitem(graph, sel, 0, "anchor_mask"), getitem(graph, sel, 1, "confidence")
     rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(
         hidden=cut, visual_mask=span.visual_mask, anchor_mask=anchors, confidence=confidence,
-        kept_len=kept_len, merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
+        merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
     return (getitem(graph, rec, 0, "keep_index"), getitem(graph, rec, 1, "hidden_kept"),
-            getitem(graph, rec, 2, "log_bias"))
+            getitem(graph, rec, 2, "log_bias"), getitem(graph, rec, 3, "samples"))
 
 
 def _gather_crossing_tensors(graph: fx.Graph, plan, keep_index: fx.Node, batch) -> int:
@@ -121,19 +112,17 @@ def _gather_crossing_tensors(graph: fx.Graph, plan, keep_index: fx.Node, batch) 
     return len(gathered)
 
 
-def _rewrite_lengths(graph: fx.Graph, plan, n_after, hidden_kept: fx.Node) -> int:
-    """The pruned length in shape arguments: a literal in a static graph, a size node otherwise."""
-    static = is_static(n_after)
-    kept_len = n_after if static else insert_call(graph, torch.ops.aten.sym_size.int, (hidden_kept, 1),
-                                                  stem="kept_len")
+def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
+    """The pruned length in shape arguments: a size node read off the pruned stream (its length
+    is the data's, so a symbol even in a graph static in N)."""
+    kept_len = insert_call(graph, torch.ops.aten.sym_size.int, (hidden_kept, 1), stem="kept_len")
     scaled: Dict[int, object] = {1: kept_len}
 
     def resolve(a):
         if not isinstance(a, SeqLen):
             return a
         if a.factor not in scaled:
-            scaled[a.factor] = a.factor * kept_len if static else insert_call(
-                graph, operator.mul, (kept_len, a.factor), stem="kept_len_scaled")
+            scaled[a.factor] = insert_call(graph, operator.mul, (kept_len, a.factor), stem="kept_len_scaled")
         return scaled[a.factor]
 
     literals = 0

@@ -7,11 +7,12 @@ same fields from the outputs and gives the pruned layers' caches them (``Compact
 
 After::
 
-    return (..., keys_2, values_2, ..., era_keep_index, era_log_bias, era_last_query_mask)
+    return (..., keys_2, values_2, ..., era_keep_index, era_log_bias, era_last_query_mask, era_samples)
 
 ``key_visible`` [B, N] says which of the original positions the last query may see (False: a
 padding key); without a mask every one. Its length is the original N, the logical length the
-runtime gives the pruned layers' caches (``era_compile.compact_kv``).
+runtime gives the pruned layers' caches (``era_compile.compact_kv``). ``samples`` [B, 2] is
+what each sample held and kept in this call: the report's evidence that the call pruned.
 """
 
 from __future__ import annotations
@@ -43,6 +44,6 @@ def publish_pruning(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if dtype != torch.bool:  # an additive float mask: blocked keys are very negative
                 key_visible = insert_call(graph, torch.gt, (key_visible, torch.finfo(dtype).min / 2),
                                           stem="last_query_visible")
-    published = PrefillOutputs(site.keep_index, site.log_bias, key_visible)
+    published = PrefillOutputs(site.keep_index, site.log_bias, key_visible, site.samples)
     output.args = (tuple(output.args[0]) + published.values(),)
     return PassResult(record=published, changed=True, counts={"extra_outputs": len(published.values())})

@@ -36,20 +36,6 @@ class CarriedVisual:
     mask: torch.Tensor      # the example's bool [B, N] visual mask (a real tensor)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How a prefill's batch is pruned, from its visual-token counts (the runtime reads them before
-    each call and compiles one variant per ``pruned``): every sample's kept sequence is laid out to
-    ``N - pruned``, where ``pruned`` is what the least-pruned sample loses."""
-
-    pruned: int                     # min over samples of T_b - k_b
-    counts: Tuple[int, ...]         # T_b of the call the variant was compiled for
-
-    @property
-    def ragged(self) -> bool:
-        return len(set(self.counts)) > 1
-
-
 # --------------------------------------------------------------------------- added inputs
 
 @dataclass(frozen=True)
@@ -91,6 +77,7 @@ class PrefillOutputs(TrailingOutputs[V]):
     keep_index: V                   # int64 [B, n'] original positions kept, ascending
     log_bias: V                     # float32 [B, n'] LAR bias per kept key (0 off the anchors)
     key_visible: V                  # bool [B, N]: which original positions the last query may see
+    samples: V                      # int64 [B, 2]: each sample's visual tokens T_b and kept ones k_b
 
 
 @dataclass(frozen=True)
@@ -110,9 +97,8 @@ class VisualSpan:
     visual_mask: fx.Node    # bool [B, N], True at visual positions
     batch: Any              # B (int, or SymInt in a dynamic graph)
     seq_len: Any            # N (int, or SymInt)
-    num_visual: int         # T: visual tokens per sample (the largest sample's in a ragged batch)
+    visual_tokens: int      # of the whole batch of the example (a count for the report; data, not a shape)
     carried_by_input: Optional[int] = None  # the input the merged embeddings arrived on
-    counts: Tuple[int, ...] = ()  # T_b per sample of the example, when known (a ragged batch)
 
 
 @dataclass(frozen=True)
@@ -171,14 +157,9 @@ class PruneSite:
     keep_index: fx.Node     # int64 [B, n'] original positions kept, ascending
     hidden_kept: fx.Node    # [B, n', D] the residual stream entering layer K, pruned
     log_bias: fx.Node       # float32 [B, n'] LAR bias per kept key (0 off the anchors)
+    samples: fx.Node        # int64 [B, 2] each sample's visual tokens T_b and kept ones k_b
     downstream: FrozenSet[fx.Node]  # the nodes that ran on the cut when it was made
-    visual_tokens: int
-    kept: int
-    seq_len_before: int     # N of the example (a hint when the graph is dynamic)
-    seq_len_after: int      # n' of the example
-    kept_len: Any           # n' as the graph knows it: an int, or a SymInt in a dynamic graph
     attention_mask: Optional[fx.Node]  # layer K's mask over the original positions, if any
-    samples: Tuple[Tuple[int, int], ...] = ()  # a ragged batch: (T_b, k_b) of each sample of the example
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,9 @@ Hugging Face VLMs splice the projected image features into the text embeddings w
 ``inputs_embeds.masked_scatter(mask, features)`` (``normalize`` folds the other spellings,
 index assignment included), the mask being ``input_ids == <image id>`` (computed here or in an
 earlier graph). This pass finds that merge and inserts a ``[B, N]`` visual mask. How many
-visual tokens each sample holds is data: the runtime counts them before every call, with
-``visual_mask_program`` (the mask's own computation, copied out of the graph), and compiles
-one variant of the graph per batch ``Layout`` (``records.Layout``); this pass records the counts
-it was given (without a Layout, the features must split evenly over the batch).
+visual tokens each sample holds is data, never a size of the graph: the pruning ops count them
+on every call (one graph serves every image size and every ragged batch); this pass records
+the example's total for the report only.
 
 Before::
 
@@ -29,13 +28,10 @@ input (a ``VisualMaskInput`` the runtime supplies)::
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 import torch.fx as fx
 
-from .fx_utils import (ancestors_of, hint, hints, is_attention, is_masked_scatter, layer_module_path, placeholders,
-                       tensor_meta)
+from .fx_utils import hint, hints, is_masked_scatter, placeholders, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .kinds import is_unfolded_assignment
 from .records import VisualMaskInput, VisualSpan
@@ -61,16 +57,6 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     total_visual = math.prod(hints(features.shape)) // hint(hidden)
     if total_visual == 0:
         return PassResult(skipped="image features are empty (no visual tokens in this graph)")
-    # Each sample's count is the runtime's to know (it reads the mask before each call and picks
-    # the variant for the batch's Layout); without one the batch must split evenly.
-    counts = ctx.layout.counts if ctx.layout is not None else ()
-    per_sample, rem = (max(counts), 0) if counts else divmod(total_visual, hint(batch))
-    if rem:
-        raise PassError(f"{total_visual} visual tokens do not split evenly over a batch of {hint(batch)} and "
-                        "no Layout gives each sample's count")
-    if not counts and hint(seq_len) < per_sample:  # counted from a [B, N] mask, a Layout's always fit
-        raise PassError(f"{per_sample} visual tokens per sample but only {hint(seq_len)} positions")
-
     with gm.graph.inserting_after(merge):
         mask_node = merge.args[1]
         if mask.dim() == 3:
@@ -79,32 +65,8 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             visual_mask = mask_node
         else:
             raise PassError(f"image mask of rank {mask.dim()} (expected [B, N] or [B, N, 1])")
-    span = VisualSpan(merge, visual_mask, batch, seq_len, per_sample, counts=tuple(counts))
-    return PassResult(record=span, changed=True, counts={"visual_tokens": per_sample, "seq_len": hint(seq_len)})
-
-
-def visual_mask_program(gm: fx.GraphModule) -> Optional[fx.GraphModule]:
-    """A small graph, called with the same inputs, that computes the [B, N] visual mask of the one
-    image merge: what the runtime runs before each call to count every sample's visual tokens.
-    None when the mask needs more than token-level work (a module's computation, an attention)."""
-    merges = [n for n in gm.graph.nodes if is_masked_scatter(n)]
-    if len(merges) != 1:
-        return None
-    mask = merges[0].args[1]
-    needed = set(ancestors_of(mask, set(gm.graph.nodes)))
-    if any(n.op == "call_module" or is_attention(n) or layer_module_path(n) for n in needed):
-        return None
-    graph, env = fx.Graph(), {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.placeholder(node.name)
-        elif node in needed:
-            env[node] = graph.node_copy(node, lambda a: env[a])
-    out = env[mask]
-    if tensor_meta(mask).dim() == 3:
-        out = graph.call_function(torch.any, (out, -1))
-    graph.output(out)
-    return fx.GraphModule(gm, graph)
+    span = VisualSpan(merge, visual_mask, batch, seq_len, total_visual)
+    return PassResult(record=span, changed=True, counts={"visual_tokens": total_visual, "seq_len": hint(seq_len)})
 
 
 def _span_from_carried_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -117,9 +79,8 @@ def _span_from_carried_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     batch, seq_len, _ = value.shape
     visual_mask = append_input(gm, "era_visual_mask", value, value.shape[:2], torch.bool)  # B, N as the embeddings'
     added = VisualMaskInput(visual_mask.name, visual_mask.meta["val"], source_input=carried.input_index)
-    counts = ctx.layout.counts if ctx.layout is not None else tuple(carried.mask.sum(-1).tolist())
-    span = VisualSpan(embeds, visual_mask, batch, seq_len, max(counts), carried_by_input=carried.input_index,
-                      counts=counts)
+    total_visual = int(carried.mask.sum())
+    span = VisualSpan(embeds, visual_mask, batch, seq_len, total_visual, carried_by_input=carried.input_index)
     return PassResult(record=span, changed=True, added_inputs=(added,),
-                      counts={"visual_tokens": max(counts), "seq_len": hint(seq_len),
+                      counts={"visual_tokens": total_visual, "seq_len": hint(seq_len),
                               "carried_by_input": carried.input_index})

@@ -97,13 +97,13 @@ def test_registered_name_and_last_report(caplog):
     report = last_report()
     assert report is not None and report.pruned
     d = report.to_dict()
-    for key in ("graphs", "pruning", "attention_rewrites", "kernel", "skipped"):
+    for key in ("graphs", "pruning", "pruned_calls", "attention_rewrites", "kernel", "skipped"):
         assert key in d
     entry = d["pruning"][0]
     for key in ("layer", "visual_tokens", "kept", "seq_len_before", "seq_len_after"):
         assert key in entry
-    assert out.logits.shape[1] == entry["seq_len_after"]
-    assert any("pruned at layer" in r.getMessage() for r in caplog.records)
+    assert out.logits.shape[1] == entry["seq_len_after"] and d["pruned_calls"] == 1
+    assert any("prunes at layer" in r.getMessage() for r in caplog.records)
 
 
 def test_dump_writes_graphs_before_and_after(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def _recycle_args():
     anchor_mask = torch.zeros_like(mask)
     anchor_mask[0, [3, 5, 8]] = anchor_mask[1, [4, 6, 7]] = True  # 3 of the 6 visual positions 3..8
     confidence = torch.rand(2, 12, generator=torch.Generator().manual_seed(1))
-    return hidden, mask, anchor_mask, confidence, 12 - 6 + 3, True, "mean"
+    return hidden, mask, anchor_mask, confidence, True, "mean"  # 12 - 6 + 3 kept: the op's own count
 
 
 def _attention_args():
@@ -72,3 +72,4 @@ def test_select_and_recycle_are_functions_of_their_inputs():
     assert not torch.equal(a[0], c[0]) and int(a[0].sum()) == int(c[0].sum()) == 2 * 3  # 3 anchors a sample
     r1, r2 = torch.ops.era.recycle(*_recycle_args()), torch.ops.era.recycle(*_recycle_args())
     assert all(torch.equal(x, y) for x, y in zip(r1, r2))
+    assert r1[1].shape[1] == 12 - 6 + 3 and r1[3].tolist() == [[6, 3], [6, 3]]  # n' and [T_b, k_b]: the data's

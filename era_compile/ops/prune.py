@@ -1,14 +1,16 @@
 """era::select and era::recycle: the pruning ops the ``prune`` pass inserts at layer K.
 
-They are opaque to Inductor (the selection is a sequential greedy loop, not worth fusing),
-and their fake kernels give static shapes: the anchors as a ``[B, N]`` mask, and ``kept_len``
-kept positions (the graph's own, ``N - p``: a literal, or a size expression in a dynamic graph).
-Each sample has its own number of visual tokens ``T_b`` and budget ``k_b`` (the config's rule);
-samples of equal ``T`` are selected as one batch, and in a ragged batch each sample's kept
-sequence is left-padded to ``kept_len`` with empty slots (``sequence.left_pad``).
+They are opaque to Inductor (the selection is a sequential greedy loop, not worth fusing).
+How many visual tokens each sample holds is data (``T_b``, counted from the visual mask), and so
+are its budget ``k_b`` (the config's rule) and the pruned length ``n'`` (the longest sample's
+text and anchors): ``era::select`` gives the anchors as a ``[B, N]`` mask, and ``era::recycle``'s
+fake kernel gives ``n'`` as an unbacked size, so one compiled graph serves every image size,
+number of images and ragged batch. Samples of equal ``T`` are selected as one batch, and in a
+ragged batch each sample's kept sequence is left-padded to ``n'`` with empty slots
+(``sequence.left_pad``).
 
     anchor_mask, confidence = era::select(hidden, visual_mask, queries, keys, attn_mask, ...)
-    keep_index, hidden_kept, log_bias = era::recycle(hidden, visual_mask, anchor_mask, confidence, kept_len, ...)
+    keep_index, hidden_kept, log_bias, samples = era::recycle(hidden, visual_mask, anchor_mask, confidence, ...)
 """
 
 from __future__ import annotations
@@ -68,11 +70,17 @@ def select_anchors(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: T
     return anchor_mask, confidence
 
 
-def recycle_kept(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, kept_len: int,
+def kept_length(visual_mask: Tensor, anchor_mask: Tensor) -> int:
+    """The pruned sequence's length: the longest sample's kept tokens (its text and its anchors)."""
+    return int((~visual_mask | anchor_mask).sum(-1).max())
+
+
+def recycle_kept(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor,
                  merge: bool, weight_norm: str) -> Tuple[Tensor, Tensor, Tensor]:
     """BTR and sequence assembly per group of samples with equal T, each kept sequence left-padded
-    to ``kept_len``: keep_index [B, kept_len], hidden_kept [B, kept_len, D], log_bias [B, kept_len]."""
+    to the longest one (``kept_length``): keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n']."""
     B, N, D = hidden.shape
+    kept_len = kept_length(visual_mask, anchor_mask)
     keep_index = torch.zeros(B, kept_len, dtype=torch.int64, device=hidden.device)
     hidden_kept = hidden.new_zeros(B, kept_len, D)
     log_bias = torch.zeros(B, kept_len, dtype=torch.float32, device=hidden.device)
@@ -109,16 +117,28 @@ def _(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale, keep_rati
     return visual_mask.new_empty(visual_mask.shape), hidden.new_empty(visual_mask.shape, dtype=torch.float32)
 
 
+def sample_counts(visual_mask: Tensor, anchor_mask: Tensor) -> Tensor:
+    """int64 [B, 2]: each sample's visual tokens T_b and the k_b of them kept (what the report shows)."""
+    return torch.stack([visual_mask.sum(-1), (visual_mask & anchor_mask).sum(-1)], -1)
+
+
 @torch.library.custom_op("era::recycle", mutates_args=())
-def recycle(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, kept_len: int,
-            merge: bool, weight_norm: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """BTR, then sequence assembly: keep_index [B, kept_len], hidden_kept [B, kept_len, D], log_bias [B, kept_len]."""
-    return recycle_kept(hidden, visual_mask, anchor_mask, confidence, kept_len, merge, weight_norm)
+def recycle(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor,
+            merge: bool, weight_norm: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BTR, then sequence assembly: keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n'],
+    and the samples' counts [B, 2] (``sample_counts``)."""
+    keep_index, hidden_kept, log_bias = recycle_kept(hidden, visual_mask, anchor_mask, confidence, merge,
+                                                     weight_norm)
+    return keep_index, hidden_kept, log_bias, sample_counts(visual_mask, anchor_mask)
 
 
 @recycle.register_fake
-def _(hidden, visual_mask, anchor_mask, confidence, kept_len, merge, weight_norm):
-    B, _, D = hidden.shape
+def _(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm):
+    B, N, D = hidden.shape
+    # n' is data: a new unbacked size per trace, known only to lie in [1, N]
+    kept_len = torch.library.get_ctx().new_dynamic_size(min=1)
+    torch._check(kept_len <= N)
     return (hidden.new_empty((B, kept_len), dtype=torch.int64),
             hidden.new_empty((B, kept_len, D)),
-            hidden.new_empty((B, kept_len), dtype=torch.float32))
+            hidden.new_empty((B, kept_len), dtype=torch.float32),
+            hidden.new_empty((B, 2), dtype=torch.int64))

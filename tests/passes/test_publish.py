@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from toys import PassRecorder, ToyVLM, prompt
 
-from era_compile import ERAConfig
 from era_compile.passes.records import PrefillOutputs, PruneSite
 
 
@@ -19,10 +18,11 @@ def test_without_a_mask_every_key_is_visible():
     rec = PassRecorder(ToyVLM().eval(), ids, features)
     published, site = rec.record(PrefillOutputs), rec.record(PruneSite)
     assert published.values()[:2] == (site.keep_index, site.log_bias)
-    assert len(_outputs(rec.result.gm)) == len(_outputs(rec.gm)) + 3
+    assert len(_outputs(rec.result.gm)) == len(_outputs(rec.gm)) + 4
     outputs = list(rec.result.gm(*rec.example_inputs))
-    key_visible = PrefillOutputs.take(outputs, 3).key_visible
-    assert key_visible.shape == ids.shape and bool(key_visible.all())  # N long: the caches' logical length
+    published = PrefillOutputs.take(outputs, 4)
+    assert published.key_visible.shape == ids.shape and bool(published.key_visible.all())  # N: the caches' length
+    assert published.samples.tolist() == [[8, rec.config.kept(8)]]  # what the report records per call
 
 
 def test_with_a_mask_the_last_querys_visibility_is_appended_and_the_runtime_reads_it_back():
@@ -33,7 +33,7 @@ def test_with_a_mask_the_last_querys_visibility_is_appended_and_the_runtime_read
     rec = PassRecorder(ToyVLM().eval(), ids, features, None, mask)
     outputs = list(rec.result.gm(*rec.example_inputs))
     count = len(rec.record(PrefillOutputs).values())
-    assert count == 3
+    assert count == 4
     published = PrefillOutputs.take(outputs, count)  # what the runtime does
     assert published.keep_index.dtype == torch.int64 and published.log_bias.dtype == torch.float32
     assert published.key_visible.shape == (1, N) and bool(published.key_visible.all())
