@@ -11,6 +11,8 @@ records the reason in the report, and compiles the graph unmodified.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 import warnings
@@ -22,12 +24,13 @@ import torch.fx as fx
 
 import era_compile.ops  # noqa: F401  (registers torch.ops.era.*)
 from era_compile.config import ERAConfig
+from era_compile.ops.prune import budget_tensor
 from era_compile.passes.fx_utils import data_dependent_dims
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
 from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
-from era_compile.report import Report, logger, set_last
+from era_compile.report import Report, last_report, logger, set_last
 from era_compile.runtime import Runtime, Variants, plan_for
 
 
@@ -48,15 +51,35 @@ class EraBackend:
             self.report.notes.append(note)
             logger.info(note)
         self.config = config.replace(layer=layer, profile=None)
-        self.runtime = Runtime(self.report)
+        self.runtime = Runtime(self.report, budget_tensor(self.config.keep_ratio, self.config.keep_tokens))
         # Dynamo and the inner compiler's caches see a distinct backend per config.
         self.__name__ = f"era_{self.config.cache_key()}"
 
     def __repr__(self) -> str:
         return f"EraBackend({self.config!r})"
 
+    @contextlib.contextmanager
+    def budget(self, *, keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None):
+        """Within the block, every pruned prefill keeps this budget instead of the config's (one of
+        ``keep_ratio``, ``keep_tokens``, checked as ``ERAConfig`` checks them). The budget is an input
+        of the compiled graphs, so a sweep over it compiles nothing new::
+
+            with backend.budget(keep_ratio=0.05):
+                model.generate(**inputs)
+        """
+        if (keep_ratio is None) == (keep_tokens is None):
+            raise ValueError("EraBackend.budget: give one of keep_ratio or keep_tokens")
+        checked = self.config.replace(keep_ratio=keep_ratio, keep_tokens=keep_tokens)
+        before = self.runtime.budget
+        self.runtime.budget = budget_tensor(checked.keep_ratio, checked.keep_tokens)
+        try:
+            yield checked
+        finally:
+            self.runtime.budget = before
+
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         _raise_recompile_limit(self.report)
+        _watch_recompile_limit(self.config.strict)
         index = self.report.graphs
         self.report.graphs += 1
         set_last(self.report)
@@ -207,6 +230,37 @@ def _raise_recompile_limit(report: Report) -> None:
         report.notes.append(note)
         logger.info("%s (a generate() workload recompiles its forward often; past the limit Dynamo "
                     "would run it eagerly, unpruned)", note)
+
+
+class _RecompileLimitWatch(logging.Filter):
+    """Dynamo says it hit the recompile limit only in a log line, then runs that function eagerly
+    for good: every later prefill of it goes unpruned without any backend code running. This
+    turns the line into a RuntimeWarning and a note in the report of the backend last used."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("torch._dynamo hit config."):
+            function = record.args[2] if isinstance(record.args, tuple) and len(record.args) > 2 else "a function"
+            why = (f"Dynamo hit its recompile limit for {function}: its later calls run eagerly, unpruned "
+                   "(raise torch._dynamo.config.recompile_limit, or find what recompiles with "
+                   "TORCH_LOGS=recompiles)")
+            report = last_report()
+            if report is not None:
+                report.notes.append(why)
+            warnings.warn(f"era_compile: {why}", RuntimeWarning)
+            logger.warning(why)
+        return True
+
+
+_WATCH = _RecompileLimitWatch()
+
+
+def _watch_recompile_limit(strict: bool) -> None:
+    """Install the watch on Dynamo's logger once; a strict backend makes the limit an error."""
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if _WATCH not in dynamo_log.filters:
+        dynamo_log.addFilter(_WATCH)
+    if strict and not torch._dynamo.config.fail_on_recompile_limit_hit:
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:

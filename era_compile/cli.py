@@ -228,13 +228,14 @@ def _bench(args: argparse.Namespace) -> int:
         record = bench.run_bench(build, inputs, points, runs=args.runs, new_tokens=args.new_tokens,
                                  base=_config(args), progress=tick)
     record["model"] = args.model
-    print(f"{'K':>3} {'kept':>5} {'prefill ms (eager / compiled / pruned)':>40} {'speedup':>8} {'FLOPs bound':>11} "
-          f"{'decode ms/token (compiled / pruned)':>36} {'select+recycle':>15}")
+    print(f"{'K':>3} {'kept':>5} {'prefill ms (eager / compiled / pruned / ideal)':>48} {'speedup':>8} "
+          f"{'FLOPs bound':>11} {'vs ideal':>8} {'decode ms/token (compiled / pruned)':>36} {'select+recycle':>15}")
     for p in record["points"]:
         t = p["times"]
         print(f"{p['layer']:>3} {p['kept']:>5} {1e3 * t['eager']['prefill_s']:>14.1f} / {1e3 * t['compiled']['prefill_s']:>9.1f}"
-              f" / {1e3 * t['pruned']['prefill_s']:>9.1f} {p['measured_prefill_speedup']:>7.2f}x "
-              f"{p['theoretical_prefill_speedup']:>10.2f}x {1e3 * t['compiled']['decode_s_per_token']:>21.1f} / "
+              f" / {1e3 * t['pruned']['prefill_s']:>9.1f} / {1e3 * p['ideal']['prefill_s']:>7.1f} "
+              f"{p['measured_prefill_speedup']:>7.2f}x {p['theoretical_prefill_speedup']:>10.2f}x "
+              f"{p['measured_vs_ideal']:>8.2f} {1e3 * t['compiled']['decode_s_per_token']:>21.1f} / "
               f"{1e3 * t['pruned']['decode_s_per_token']:>9.1f} {100 * p['selection_overhead']['fraction']:>14.1f}%")
     if args.fidelity:
         model, _, _ = load(args.model, image=args.image)
@@ -247,6 +248,33 @@ def _bench(args: argparse.Namespace) -> int:
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {stem}.json")
     _plot(bench.plot, record, str(stem))
+    return 0
+
+
+def _serve_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from era_compile import bench, serve_bench
+
+    if args.model not in zoo.names():
+        raise ValueError(f"serve-bench: MODEL must be a zoo model ({', '.join(zoo.names())}), got {args.model!r}")
+    with bench.progress_bar(args.requests, f"serve-bench {args.model}") as tick:
+        record = serve_bench.run_serve_bench(args.model, lambda: zoo.build(args.model, seed=args.seed)[0],
+                                             requests=args.requests, max_batch=args.max_batch,
+                                             new_tokens=args.new_tokens, seed=args.seed, config=_config(args),
+                                             progress=tick)
+    print(serve_bench.table(record))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"serve-{args.model}-{bench.device_slug(record['device_type'], record['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {stem}.json")
+    _plot(serve_bench.plot, record, str(stem))
+    if record["pruned_share"] not in (None, 1.0):
+        print(f"era-compile: only {100 * record['pruned_share']:.0f}% of the image requests were pruned",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -336,6 +364,14 @@ def main(argv=None) -> int:
                          help="a left-padded batch of this many prompts of different lengths (zoo LLaVA models)")
     bench_p.add_argument("--out", default="benchmarks/results")
     bench_p.add_argument("--fidelity", action="store_true", help="also measure fidelity (see the fidelity command)")
+    serve = sub.add_parser("serve-bench", help="a seeded request stream through generate(): eager vs compiled "
+                           "vs pruned (TTFT, tokens/s, compiles, KV cache)")
+    _add_model_options(serve, compiler="inductor")
+    serve.add_argument("--requests", type=int, default=24)
+    serve.add_argument("--max-batch", type=int, default=8, help="each request a batch of 1 to this many prompts")
+    serve.add_argument("--new-tokens", type=int, default=8)
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--out", default="benchmarks/results")
     from era_compile.shapes_vqa import evaluate
 
     ev = sub.add_parser("eval", help="accuracy vs kept tokens per strategy on a trained model (shapes-vqa)")
@@ -352,7 +388,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     command = {"demo": _demo, "calibrate": _calibrate, "explain": _explain, "bench": _bench,
-               "fidelity": _fidelity, "eval": _eval}[args.command]
+               "fidelity": _fidelity, "eval": _eval, "serve-bench": _serve_bench}[args.command]
     held = _HeldBack() if not os.environ.get("TORCH_LOGS") else contextlib.nullcontext()
     try:
         with held:

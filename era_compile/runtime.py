@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from era_compile.compact_kv import compact
 from era_compile.passes.kinds import GraphKind
-from era_compile.passes.records import (AddedInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, PrefillOutputs,
+from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, PrefillOutputs,
                                         PruneSite, VisualMaskInput)
 from era_compile.report import Report, logger
 
@@ -90,9 +90,10 @@ def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
 class Runtime:
     """Per-backend state; one instance per ``EraBackend``."""
 
-    def __init__(self, report: Report):
+    def __init__(self, report: Report, budget: Tensor):
         self.handoffs = WeakIdKeyDictionary()  # merged embeddings -> HandedOnMask
         self.report = report
+        self.budget = budget  # what every pruned prefill keeps (``EraBackend.budget`` changes it)
 
     def wrap(self, compiled: Callable, plan: GraphPlan) -> Callable:
         return RuntimeWrapper(self, compiled, plan) if plan.needed else compiled
@@ -103,6 +104,8 @@ class Runtime:
             handoff = self.handoffs[args[added.source_input]]  # ``Variants`` chose this variant for it
             handoff.claimed = True
             return handoff.mask
+        if isinstance(added, BudgetInput):
+            return self.budget
         raise TypeError(f"era_compile runtime: no value for added input {added!r}")
 
     def record(self, outputs: List, plan: GraphPlan) -> tuple:

@@ -8,7 +8,7 @@ Before (K = 2)::
 
 After::
 
-    anchors, conf = era::select(h2, visual_mask, q_1, k_1, mask_1, ...)      # layer 1's attention
+    anchors, conf = era::select(h2, visual_mask, q_1, k_1, mask_1, era_budget, ...)  # layer 1's attention
     keep, h2_kept, log_bias, samples = era::recycle(h2, visual_mask, anchors, conf, ...)  # n' = the data's
     cos_kept = gather(cos_unsq, 2, keep[:, None, :, None].expand(B, 1, -1, d))   # every crossing tensor
     mask_kept = gather(gather(mask, 2, keep...), 3, keep...)
@@ -38,8 +38,8 @@ from era_compile.ops.attention import default_scale
 from .fx_utils import (ancestors_of, attention_args, hint, hints, is_weight, placeholders,
                        reachable_from, same_size, tensor_meta)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
-from .records import DecoderLayers, PruneSite, VisualSpan
-from .rewrite import getitem, insert_call
+from .records import BudgetInput, DecoderLayers, PruneSite, VisualSpan
+from .rewrite import append_input, getitem, insert_call
 from .seqshape import SeqLen, plan_sequence_rewrite
 
 
@@ -56,8 +56,10 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     downstream = reachable_from([cut], through_sizes=False)
     downstream.discard(graph.output_node())
     first = _schedule_upstream_first(graph, downstream)
+    # the keep budget is an input the runtime supplies on every call, so a new budget compiles nothing
+    budget = append_input(gm, "era_budget", tensor_meta(cut), (2,), torch.float64, device="cpu")
     with graph.inserting_before(first):
-        keep_index, hidden_kept, log_bias, samples = _insert_selection(graph, ctx, span, layers, downstream)
+        keep_index, hidden_kept, log_bias, samples = _insert_selection(graph, ctx, span, layers, budget, downstream)
 
     order = [n for n in graph.nodes if n in downstream]
     frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs) if is_weight(n, x)}
@@ -73,10 +75,11 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     site = PruneSite(K, keep_index, hidden_kept, log_bias, samples, frozenset(downstream), original_mask)
     return PassResult(record=site, changed=True, counts={"gathered_tensors": gathered, "rewritten_shapes": literals,
-                                                         "downstream_nodes": len(order)})
+                                                         "downstream_nodes": len(order)},
+                      added_inputs=(BudgetInput(budget.name, budget.meta["val"]),))
 
 
-def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers,
+def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers, budget: fx.Node,
                       downstream: Set[fx.Node]) -> Tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     """era::select on the saliency source (layer K-1's attention call; for K = 0 a copy of layer
     0's q/k computation on the unpruned input), then era::recycle: keep_index, hidden_kept,
@@ -90,8 +93,7 @@ def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layer
     scale = source["scale"] if source["scale"] is not None else default_scale(tensor_meta(q).shape[-1])
     sel = insert_call(graph, torch.ops.era.select.default, (), dict(
         hidden=cut, visual_mask=span.visual_mask, queries=q, keys=k, attn_mask=source["attn_mask"],
-        is_causal=bool(source["is_causal"]), scale=float(scale), keep_ratio=cfg.keep_ratio,
-        keep_tokens=cfg.keep_tokens, strategy=cfg.strategy,
+        is_causal=bool(source["is_causal"]), scale=float(scale), budget=budget, strategy=cfg.strategy,
         options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
     anchors, confidence = getitem(graph, sel, 0, "anchor_mask"), getitem(graph, sel, 1, "confidence")
     rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(

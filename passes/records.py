@@ -9,8 +9,8 @@ Two kinds of contract cross from a compiled graph to ``era_compile.runtime``:
 * trailing outputs (``PrefillOutputs``, ``HandoffOutputs``): what a graph returns after the
   model's own outputs. The pass that appends them builds the dataclass from nodes and appends
   ``values()``; the runtime strips them with ``take`` into the same dataclass of tensors.
-* added inputs (``VisualMaskInput``): placeholders a pass appended; the runtime supplies their
-  values on every call, in the order they were added.
+* added inputs (``VisualMaskInput``, ``BudgetInput``): placeholders a pass appended; the runtime
+  supplies their values on every call, in the order they were added.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ class VisualMaskInput(AddedInput):
     """The bool [B, N] visual mask carried by the merged embeddings at input ``source_input``."""
 
     source_input: int = -1
+
+
+@dataclass(frozen=True)
+class BudgetInput(AddedInput):
+    """The keep budget ``era::select`` reads on every call (``ops.prune.budget_tensor``)."""
 
 
 # --------------------------------------------------------------------------- trailing outputs

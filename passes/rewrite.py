@@ -29,14 +29,14 @@ def getitem(graph: fx.Graph, node: fx.Node, i: int, stem: str) -> fx.Node:
 
 
 def append_input(gm: fx.GraphModule, name: str, like: torch.Tensor, shape: Sequence[Any],
-                 dtype: torch.dtype) -> fx.Node:
+                 dtype: torch.dtype, device: Optional[str] = None) -> fx.Node:
     """A new last placeholder whose fake value has ``shape`` (sizes of ``like``'s fake mode, so a
-    symbolic batch or length stays symbolic) and ``dtype``."""
+    symbolic batch or length stays symbolic), ``dtype`` and ``device`` (``like``'s by default)."""
     last = placeholders(gm)[-1]
     with gm.graph.inserting_after(last):
         node = gm.graph.placeholder(name)
     with like.fake_mode if hasattr(like, "fake_mode") else contextlib.nullcontext():
-        node.meta["example_value"] = like.new_empty(tuple(shape), dtype=dtype)
+        node.meta["example_value"] = like.new_empty(tuple(shape), dtype=dtype, device=device or like.device)
     node.meta["val"] = node.meta["example_value"]
     return node
 

@@ -163,3 +163,55 @@ def test_inductor_freezing_constants_do_not_stop_the_rewrite():
     with torch.no_grad():
         expected = EagerReference(model, config)(**inputs)
     assert (out.logits - expected.logits).abs().max().item() <= 1e-4
+
+
+def test_hitting_the_recompile_limit_is_told(monkeypatch):
+    """Past Dynamo's recompile limit a function runs eagerly for good (so unpruned) and Dynamo only
+    logs it: the backend turns that into a warning and a report note; strict mode makes it an error."""
+    import era_compile.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "RECOMPILE_LIMIT", 2)
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=False):
+        backend = make_era_backend(ERAConfig(compiler="eager"))
+        scaled = torch.compile(lambda x, n: x * n, backend=backend, dynamic=False)
+        with pytest.warns(RuntimeWarning, match="recompile limit"):
+            for n in range(4):  # an int argument specialises: one graph per value
+                scaled(torch.ones(2), n)
+        assert any("recompile limit" in note for note in backend.report.notes)
+        torch._dynamo.reset()
+        strict = make_era_backend(ERAConfig(compiler="eager", strict=True))
+        scaled = torch.compile(lambda x, n: x * n + 1, backend=strict, dynamic=False)
+        with pytest.raises(Exception, match="recompile_limit"):
+            for n in range(4):
+                scaled(torch.ones(2), n)
+
+
+def test_a_new_budget_compiles_nothing_and_is_the_references():
+    """The keep budget is an input of the compiled graphs: ``backend.budget`` changes it for the
+    block, no graph compiles, and each budget's output is the eager reference's for that budget."""
+    from era_compile.reference import EagerReference
+
+    model, inputs = build("llava")
+    config = ERAConfig(layer=1, keep_ratio=0.25, compiler="eager", strict=True)
+    backend = make_era_backend(config)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        compiled(**inputs)
+        graphs = backend.report.graphs
+        for budget in (dict(keep_ratio=0.5), dict(keep_tokens=3)):
+            with backend.budget(**budget):
+                out = compiled(**inputs)
+            expected = EagerReference(model, config.replace(**{"keep_ratio": None, **budget}))(**inputs)
+            assert (out.logits - expected.logits).abs().max().item() <= 1e-4
+        back = compiled(**inputs)  # the config's budget again after the block
+    assert backend.report.graphs == graphs
+    kept = [p.kept for p in backend.report.pruning]
+    T = backend.report.pruning[0].visual_tokens
+    assert kept == [config.kept(T), round(0.5 * T), 3]
+    assert back.logits.shape[1] == backend.report.pruning[0].seq_len_after  # the config's budget again
+    with pytest.raises(ValueError, match="keep_ratio"):
+        with backend.budget(keep_ratio=1.5):
+            pass
+    with pytest.raises(ValueError, match="one of keep_ratio or keep_tokens"):
+        with backend.budget():
+            pass

@@ -60,8 +60,13 @@ def test_bench_writes_its_record_and_plots(tmp_path, capsys):
     assert [p["kept"] for p in record["points"]] == [9, 18]
     for p in record["points"]:
         for key in ("measured_prefill_speedup", "theoretical_prefill_speedup", "prefill_speedup_vs_theory",
-                    "selection_overhead", "lm_prefill_flops", "kv_cache", "times"):
+                    "selection_overhead", "lm_prefill_flops", "kv_cache", "times", "ideal_prefill_speedup",
+                    "measured_vs_ideal"):
             assert key in p
+        # the ideal: the compiled unpruned model on each sample's kept length, plus the vision tower
+        assert p["ideal"]["kept_lengths"] == [n - 36 + p["kept"] for n in record["prompt_lengths"]]
+        assert p["ideal"]["prefill_s"] == pytest.approx(p["ideal"]["vision_s"] + p["ideal"]["text_prefill_s"])
+        assert p["compile"]["seconds"] > 0 and {"span", "prune", "attention"} <= set(p["compile"]["pass_ms"])
         for moment, t in (("after_prefill", 0), ("after_3_new_tokens", 2)):
             kv = p["kv_cache"][moment]
             assert kv["cached_positions"] == record["prompt_tokens"] + t

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import era_compile.ops  # noqa: F401  (registers the ops)
+from era_compile.ops.prune import budget_tensor
 
 
 def _registered_ops():
@@ -28,7 +29,7 @@ OPTIONS = json.dumps({"lam": 1.0, "beta": 0.5, "seed": 0, "trace_normalize": Fal
 
 def _select_args():
     hidden, mask, q, k = _prefill()
-    return (hidden, mask, q, k, None, True, 0.35, 0.5, None, "era", OPTIONS)
+    return (hidden, mask, q, k, None, True, 0.35, budget_tensor(0.5, None), "era", OPTIONS)
 
 
 def _recycle_args():

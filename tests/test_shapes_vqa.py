@@ -174,18 +174,24 @@ def test_eval_runs_through_the_backend_and_matches_the_eager_reference(trained, 
     from era_compile.shapes_vqa.model import score
 
     code = main(["eval", "shapes-vqa", "--questions", "40", "--strategies", "era", "fastv", "--settings", "prune",
-                 "era", "--ratios", "0.25", "--out", str(tmp_path)])
+                 "era", "--ratios", "0.25", "0.11", "--out", str(tmp_path)])
     assert code == 0
     record = json.loads((tmp_path / "eval-shapes-vqa-k2.json").read_text())
     assert [(r["strategy"], r["setting"], r["kept"]) for r in record["results"]] == [
-        ("era", "prune", 36), ("era", "era", 36), ("fastv", "prune", 36), ("fastv", "era", 36)]
+        (strategy, setting, kept) for strategy in ("era", "fastv") for setting in ("prune", "era") for kept in (36, 16)]
     assert (tmp_path / "eval-shapes-vqa-k2.png").stat().st_size > 0
     assert "| era / era |" in capsys.readouterr().out
-    # the compiled accuracy is the eager reference's, same algorithm, same questions
+    # one compile per (strategy, setting): the second ratio ran through the same graphs (run_eval
+    # raises if a ratio compiles anything), as many as a one-ratio run compiles
+    assert [(c["strategy"], c["setting"]) for c in record["compiles"]] == [
+        ("era", "prune"), ("era", "era"), ("fastv", "prune"), ("fastv", "era")]
+    assert all(c["graphs"] == record["compiles"][0]["graphs"] for c in record["compiles"])
+    # the compiled accuracy is the eager reference's, same algorithm, same questions, at the budget
+    # the run switched to without compiling
     model, tokenizer = trained
-    config = ERAConfig(layer=2, keep_ratio=None, keep_tokens=36, strategy="era", recycle=True, rectify=True)
+    config = ERAConfig(layer=2, keep_ratio=None, keep_tokens=16, strategy="era", recycle=True, rectify=True)
     expected = score(EagerReference(model, config), task.samples("test", 0, 40), tokenizer)
-    assert record["results"][1]["accuracy"] == expected
+    assert record["results"][3]["accuracy"] == expected
 
 
 def test_every_question_a_scene_answers_agrees_with_the_pixels():

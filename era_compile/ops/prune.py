@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -102,18 +103,32 @@ def recycle_kept(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confi
     return keep_index, hidden_kept, log_bias
 
 
+def budget_tensor(keep_ratio: Optional[float], keep_tokens: Optional[int]) -> Tensor:
+    """The keep budget as the graph input ``era::select`` reads it on every call: float64 [2] on the
+    CPU, (keep_ratio or NaN, keep_tokens or -1). An input, not a constant of the graph, so one
+    compiled graph serves every budget (``EraBackend.budget``)."""
+    return torch.tensor([math.nan if keep_ratio is None else float(keep_ratio),
+                         -1.0 if keep_tokens is None else float(keep_tokens)], dtype=torch.float64)
+
+
+def read_budget(budget: Tensor) -> Tuple[Optional[float], Optional[int]]:
+    ratio, tokens = budget.tolist()
+    return (None if math.isnan(ratio) else ratio), (None if tokens < 0 else int(tokens))
+
+
 @torch.library.custom_op("era::select", mutates_args=())
 def select(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor,
-           attn_mask: Optional[Tensor], is_causal: bool, scale: float, keep_ratio: Optional[float],
-           keep_tokens: Optional[int], strategy: str, options: str) -> Tuple[Tensor, Tensor]:
-    """Anchor mask [B, N] and confidence [B, N] (see ``select_anchors``)."""
+           attn_mask: Optional[Tensor], is_causal: bool, scale: float, budget: Tensor,
+           strategy: str, options: str) -> Tuple[Tensor, Tensor]:
+    """Anchor mask [B, N] and confidence [B, N] (see ``select_anchors``); ``budget``: ``budget_tensor``."""
+    keep_ratio, keep_tokens = read_budget(budget)
     anchor_mask, confidence = select_anchors(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale,
                                              keep_ratio, keep_tokens, strategy, json.loads(options))
     return anchor_mask, confidence
 
 
 @select.register_fake
-def _(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale, keep_ratio, keep_tokens, strategy, options):
+def _(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale, budget, strategy, options):
     return visual_mask.new_empty(visual_mask.shape), hidden.new_empty(visual_mask.shape, dtype=torch.float32)
 
 

@@ -7,8 +7,11 @@ then through the era backend for every strategy, setting and keep ratio:
              "recycle"   + BTR: fold them into their anchors (recycle=True, rectify=False)
              "era"       + LAR: the anchors' log-count bias (recycle=True, rectify=True)
 
-Every configuration is compiled afresh (``torch._dynamo.reset``) with strict mode on, so a
-configuration that would run unpruned fails loudly instead of scoring as the unpruned model.
+Each (strategy, setting) is compiled once, afresh (``torch._dynamo.reset``), with strict mode
+on, so a configuration that would run unpruned fails loudly instead of scoring as the unpruned
+model; its keep ratios then run through the same compiled graphs (``EraBackend.budget``: the
+budget is a graph input). The record counts the graphs each (strategy, setting) compiled, and
+checks that a new ratio compiled none.
 """
 
 from __future__ import annotations
@@ -48,26 +51,39 @@ def run_eval(model, tokenizer, *, questions: int = 1000, layer: int = 2, strateg
     if progress:
         progress()
     results: List[dict] = []
+    compiles: List[dict] = []
     for strategy in strategies:
         for setting in settings:
             recycle, rectify = SETTINGS[setting]
+            config = ERAConfig(layer=layer, keep_ratio=None, keep_tokens=kept_tokens(ratios[0]), strategy=strategy,
+                               recycle=recycle, rectify=rectify, compiler=compiler, strict=True)
+            torch._dynamo.reset()
+            backend = make_era_backend(config)
+            compiled = torch.compile(model, backend=backend, dynamic=False)
+            start, after_first = time.perf_counter(), None
             for ratio in ratios:
-                config = ERAConfig(layer=layer, keep_ratio=None, keep_tokens=kept_tokens(ratio), strategy=strategy,
-                                   recycle=recycle, rectify=rectify, compiler=compiler, strict=True)
-                torch._dynamo.reset()
-                backend = make_era_backend(config)
-                scores = score(torch.compile(model, backend=backend, dynamic=False), data, tokenizer, batch)
-                site = backend.report.pruning[0]
+                with backend.budget(keep_tokens=kept_tokens(ratio)):
+                    scores = score(compiled, data, tokenizer, batch)
+                after_first = backend.report.graphs if after_first is None else after_first
+                if backend.report.graphs != after_first:
+                    raise RuntimeError(f"{strategy} / {setting}: keep ratio {ratio} compiled "
+                                       f"{backend.report.graphs - after_first} new graph(s); the budget should be "
+                                       "an input of the compiled graphs")
+                site = backend.report.pruning[-1]
                 results.append({"strategy": strategy, "setting": setting, "keep_ratio": ratio, "kept": site.kept,
                                 "accuracy": scores})
                 if progress:
                     progress()
+            compiles.append({"strategy": strategy, "setting": setting, "graphs": backend.report.graphs,
+                             "compile_seconds": round(backend.report.compile_seconds, 2),
+                             "seconds": round(time.perf_counter() - start, 2)})
     torch._dynamo.reset()
     import transformers
 
     return {"questions": questions, "layer": layer, "visual_tokens": NUM_VISUAL, "compiler": compiler,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "seconds": round(time.time() - started, 1), "unpruned": unpruned, "results": results}
+            "seconds": round(time.time() - started, 1), "unpruned": unpruned, "results": results,
+            "compiles": compiles}
 
 
 def table(record: dict) -> str:

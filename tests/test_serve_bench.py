@@ -1,0 +1,39 @@
+"""serve-bench: a seeded stream through generate() on eager, compiled and pruned models; its record
+holds every field a serving user reads, and every image request was pruned."""
+
+from __future__ import annotations
+
+import json
+
+from era_compile.cli import main
+from era_compile.serve_bench import MODELS, make_stream
+
+
+def test_the_stream_is_seeded_and_holds_many_image_sizes():
+    from era_compile import zoo
+
+    model, _ = zoo.build("qwen2-vl")
+    a, b = (make_stream("qwen2-vl", model, requests=12, max_batch=8, seed=3) for _ in range(2))
+    assert [r.visual_tokens for r in a] == [r.visual_tokens for r in b]
+    assert len({t for r in a for t in r.visual_tokens}) >= 10  # the issue's bar for a Qwen-class stream
+    assert {r.batch for r in a} <= set(range(1, 9)) and max(r.batch for r in a) > 1
+    assert any(len(set(r.visual_tokens)) > 1 for r in a)  # ragged batches among them
+
+
+def test_serve_bench_writes_every_field(tmp_path, capsys):
+    code = main(["serve-bench", "qwen2-vl", "--compiler", "eager", "--requests", "3", "--max-batch", "2",
+                 "--new-tokens", "2", "--out", str(tmp_path)])
+    assert code == 0
+    record = json.loads((tmp_path / "serve-qwen2-vl-cpu.json").read_text())
+    assert record["pruned_share"] == 1.0 and record["image_requests"] == 3
+    for label in MODELS:
+        summary = record["summary"][label]
+        for key in ("wall_s", "ttft_p50_s", "ttft_p95_s", "decode_tokens_per_s", "graphs_compiled",
+                    "compile_seconds", "peak_kv_cache_bytes"):
+            assert key in summary, (label, key)
+        assert len(record["per_request"][label]) == 3
+        assert all(r["ttft_s"] <= r["wall_s"] for r in record["per_request"][label])
+    assert record["summary"]["pruned"]["graphs_compiled"] > 0 and record["summary"]["eager"]["graphs_compiled"] == 0
+    assert record["summary"]["pruned"]["peak_kv_cache_bytes"] < record["summary"]["compiled"]["peak_kv_cache_bytes"]
+    assert (tmp_path / "serve-qwen2-vl-cpu.png").stat().st_size > 0
+    assert "| pruned |" in capsys.readouterr().out
