@@ -141,17 +141,18 @@ class EraBackend:
             return self._fall_back(gm, example_inputs, index,
                                    f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
 
-        self.report.passes.append({"graph": index, "kind": result.kind.value, **result.counts()})
+        entry = {"graph": index, "kind": result.kind.value, **result.counts()}
+        self.report.passes.append(entry)
         plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs,
                         data_dependent_dims(result.gm))
         if not result.changed:
             if not self._reads_pruned_caches(result, index):
                 self._skip(index, _unchanged_reason(result))
-            return self.runtime.wrap(self._inner(gm, example_inputs), plan)
+            return self.runtime.wrap(self._timed_inner(gm, example_inputs, entry), plan)
 
         _dump(result.gm, index, "after", self.config)
         try:
-            compiled = self._inner(result.gm, result.example_inputs)
+            compiled = self._timed_inner(result.gm, result.example_inputs, entry)
         except Exception as e:  # the inner compiler rejected the rewritten graph
             return self._fall_back(gm, example_inputs, index,
                                    f"the rewritten graph failed to compile ({type(e).__name__}: {e}); "
@@ -198,6 +199,14 @@ class EraBackend:
         warnings.warn(f"era_compile, graph {index}: {reason}; running it unpruned", RuntimeWarning, stacklevel=3)
         logger.warning("graph %d: %s; running it unpruned", index, reason)
         return self._inner(gm, example_inputs)
+
+    def _timed_inner(self, gm: fx.GraphModule, example_inputs: List[Any], entry: dict) -> Callable:
+        """The inner compiler, its wall time in the graph's report entry (``inner_compile_ms``)."""
+        start = time.perf_counter()
+        try:
+            return self._inner(gm, example_inputs)
+        finally:
+            entry["inner_compile_ms"] = round(1e3 * (time.perf_counter() - start), 3)
 
     def _inner(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         if self.config.compiler == "eager":

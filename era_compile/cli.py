@@ -193,7 +193,6 @@ def _print_fidelity(record: dict) -> None:
 
 
 def _fidelity(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from era_compile.fidelity import plot_attention_mass
@@ -202,17 +201,11 @@ def _fidelity(args: argparse.Namespace) -> int:
     model, _, inputs = load(args.model, image=args.image)
     record = dict(_fidelity_record(args, model, inputs), model=args.model, config=_config(args).to_dict())
     _print_fidelity(record)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"fidelity-{Path(args.model).name}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {stem}.json")
-    _plot(plot_attention_mass, record, f"{stem}-attention.png")
+    _write_record(record, args.out, f"fidelity-{Path(args.model).name}", plot_attention_mass, "-attention.png")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from era_compile import bench
@@ -241,20 +234,14 @@ def _bench(args: argparse.Namespace) -> int:
         model, _, _ = load(args.model, image=args.image)
         record["fidelity"] = _fidelity_record(args, model, inputs)
         _print_fidelity(record["fidelity"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     batch = f"-batch{args.batch}" if args.batch > 1 else ""
-    stem = out / f"{Path(args.model).name}{batch}-{bench.device_slug(record['device_type'], record['device'])}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {stem}.json")
-    _plot(bench.plot, record, str(stem))
+    _write_record(record, args.out,
+                  f"{Path(args.model).name}{batch}-{bench.device_slug(record['device_type'], record['device'])}",
+                  bench.plot)
     return 0
 
 
 def _serve_bench(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from era_compile import bench, serve_bench
 
     if args.model not in zoo.names():
@@ -265,12 +252,8 @@ def _serve_bench(args: argparse.Namespace) -> int:
                                              new_tokens=args.new_tokens, seed=args.seed, config=_config(args),
                                              progress=tick)
     print(serve_bench.table(record))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-{args.model}-{bench.device_slug(record['device_type'], record['device'])}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {stem}.json")
-    _plot(serve_bench.plot, record, str(stem))
+    _write_record(record, args.out, f"serve-{args.model}-{bench.device_slug(record['device_type'], record['device'])}",
+                  serve_bench.plot)
     if record["pruned_share"] not in (None, 1.0):
         print(f"era-compile: only {100 * record['pruned_share']:.0f}% of the image requests were pruned",
               file=sys.stderr)
@@ -279,9 +262,6 @@ def _serve_bench(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from era_compile import bench
     from era_compile.shapes_vqa import evaluate
     from era_compile.shapes_vqa.model import WEIGHTS, load_model
@@ -295,13 +275,21 @@ def _eval(args: argparse.Namespace) -> int:
     record["benchmark"] = args.benchmark
     print(f"accuracy (%) on {record['questions']} shapes-vqa test questions, pruning at layer {record['layer']}:")
     print(evaluate.table(record))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"eval-{args.benchmark}-k{args.layer}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {stem}.json")
-    _plot(evaluate.plot, record, f"{stem}.png")
+    _write_record(record, args.out, f"eval-{args.benchmark}-k{args.layer}", evaluate.plot, ".png")
     return 0
+
+
+def _write_record(record: dict, out: str, name: str, draw, plot_suffix: str = "") -> None:
+    """``<out>/<name>.json``, then the plots ``draw(record, <out>/<name><plot_suffix>)`` writes."""
+    import json
+    from pathlib import Path
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / name
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {stem}.json")
+    _plot(draw, record, f"{stem}{plot_suffix}")
 
 
 def _plot(draw, *args) -> None:

@@ -41,7 +41,8 @@ class Report:
     compiled variants: "unpruned" (calls that carried no visual mask) and the input that carried one.
     ``kernel``: the attention kernel used. ``skipped``: why a graph was left as it was.
     ``passes``: per graph (and variant), its kind and, per pass, what it counted and its wall
-    time in ms (``ms``: the pass and the checks after it).
+    time in ms (``ms``: the pass and the checks after it); ``inner_compile_ms``, the inner
+    compiler's time on it.
     """
 
     config: dict

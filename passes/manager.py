@@ -272,8 +272,8 @@ def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
         _BindingFakeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     finally:
         mode.allow_non_fake_inputs = allowed
-    for node in gm.graph.nodes:  # Dynamo's own key, kept consistent for later readers
-        if "val" in node.meta and "example_value" in node.meta:
+    for node in gm.graph.nodes:  # Dynamo's own key, kept consistent for later readers (and AOT's cache)
+        if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]
 
 
@@ -345,8 +345,9 @@ class _IncrementalFakeProp(fx.Interpreter):
         if not _same_meta(value, old):
             self.moved.add(node)
         node.meta["val"] = value
-        if "example_value" in node.meta:  # Dynamo's own key, kept consistent for later readers
-            node.meta["example_value"] = value
+        # Dynamo's own key, on inserted nodes too: AOT autograd's cache takes a node without it for
+        # a non-tensor (and bypasses the cache for a method called on it)
+        node.meta["example_value"] = value
         return value
 
 

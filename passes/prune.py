@@ -170,8 +170,9 @@ def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index:
     if 0 in dims:
         raise PassError(f"{source.name}: the sequence cannot be its first (batch) dimension")
     # a source shared by the batch (first dimension 1) is expanded to it; its sizes stay as they are
+    # (aten.expand, not Tensor.expand: AOT autograd's cache cannot key a graph that calls a method descriptor)
     batch_size = insert_call(graph, torch.ops.aten.sym_size.int, (keep_index, 0), stem="batch")
-    out = insert_call(graph, torch.Tensor.expand, (source, [batch_size] + [-1] * (len(shape) - 1)),
+    out = insert_call(graph, torch.ops.aten.expand.default, (source, [batch_size] + [-1] * (len(shape) - 1)),
                       stem=f"{source.name}_batch")
     for d in dims:
         # keep_index [B, n'] -> [B, 1, .., n', .., 1] with n' at dim d, by unsqueezing, then expanded
@@ -183,6 +184,6 @@ def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index:
                 index = insert_call(graph, torch.unsqueeze, (index, i), stem="index")
         sizes = [-1 if i == d else insert_call(graph, torch.ops.aten.sym_size.int, (out, i), stem="size")
                  for i in range(len(shape))]
-        index = insert_call(graph, torch.Tensor.expand, (index, sizes), stem="index")
+        index = insert_call(graph, torch.ops.aten.expand.default, (index, sizes), stem="index")
         out = insert_call(graph, torch.gather, (out, d, index), stem=f"{source.name}_kept")
     return out
