@@ -21,11 +21,14 @@ Prefill time is a ``generate`` of one token (time to first token); decode time p
 * the throughput of the decoder's largest linear layer at the sequence lengths before and
   after pruning: the FLOPs bound assumes one rate for both, and on CPU BLAS a short
   sequence often runs slower per FLOP;
-* the ideal bound: what a perfect pruner that costs nothing would reach on this machine. The
-  compiled unpruned model's prefill on a text prompt of each sample's kept length (``n'``
-  tokens, padded as the batch is), plus its vision tower on the image (compiled with the same
-  inner compiler: every pruner must encode the image). ``measured_vs_ideal`` is ideal time over
-  pruned time (1.0: the pruner is free); the per-pass compile times of the pruned model beside it.
+* the ideal bound: what a perfect pruner that costs nothing would reach on this machine. At
+  K = 0, the compiled unpruned model's prefill on a text prompt of each sample's kept length
+  (``n'`` tokens, padded as the batch is), plus its vision tower on the image (compiled with the
+  same inner compiler: every pruner must encode the image). At K > 0 the first K of the L layers
+  still run on the whole prompt: the text part is then ``K/L`` of the prefill on the prompt's own
+  lengths plus ``(L-K)/L`` of the one on the kept lengths (both measured; the layers are equal,
+  the LM head reads the last position only). ``measured_vs_ideal`` is ideal time over pruned time
+  (1.0: the pruner is free); the per-pass compile times of the pruned model beside it.
 """
 
 from __future__ import annotations
@@ -218,21 +221,31 @@ def kept_lengths_of(inputs: dict, entry) -> List[int]:
 
 
 def ideal_prefill(compiled, eager, inputs: dict, entry, *, runs: int, compiler: str, device: torch.device) -> dict:
-    """Median seconds of the vision tower and of the compiled unpruned prefill on the kept lengths
-    (``kept_text_prompt``), and their sum: the ideal bound."""
+    """Median seconds of the vision tower and of the compiled unpruned prefill on text prompts of
+    the kept and of the full lengths (``kept_text_prompt``), and the ideal bound they make for a
+    cut at ``entry.layer`` (see the module docstring)."""
     text_config = eager.config.get_text_config()
-    prompt = kept_text_prompt(inputs, kept_lengths_of(inputs, entry), text_config.pad_token_id or 0,
-                              text_config.vocab_size)
+    pad, vocab, layers = text_config.pad_token_id or 0, text_config.vocab_size, text_config.num_hidden_layers
+    lengths = (inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs
+               else [inputs["input_ids"].shape[1]] * inputs["input_ids"].shape[0])
+    kept = kept_text_prompt(inputs, kept_lengths_of(inputs, entry), pad, vocab)
+    full = kept_text_prompt(inputs, [int(n) for n in lengths], pad, vocab)
     image = {k: v for k, v in inputs.items() if k in IMAGE_INPUTS}
     tower = torch.compile(eager.model.get_image_features, backend=compiler)
     with torch.no_grad():
-        for _ in range(2):  # warm-up: compiles both
+        for _ in range(2):  # warm-up: compiles them
             tower(**image)
-            _generate(compiled, prompt, 1)
+            _generate(compiled, kept, 1)
+            _generate(compiled, full, 1)
         vision = statistics.median(timed(lambda: tower(**image), device) for _ in range(runs))
-        text = statistics.median(timed(lambda: _generate(compiled, prompt, 1), device) for _ in range(runs))
-    return {"vision_s": vision, "text_prefill_s": text, "prefill_s": vision + text,
-            "kept_lengths": [int(x) for x in prompt["attention_mask"].sum(-1).tolist()]}
+        text = statistics.median(timed(lambda: _generate(compiled, kept, 1), device) for _ in range(runs))
+        text_full = (statistics.median(timed(lambda: _generate(compiled, full, 1), device) for _ in range(runs))
+                     if entry.layer else text)
+    before = entry.layer / layers
+    ideal_text = before * text_full + (1 - before) * text
+    return {"vision_s": vision, "text_prefill_s": text, "text_prefill_full_s": text_full,
+            "layers_before_cut": entry.layer, "layers": layers, "prefill_s": vision + ideal_text,
+            "kept_lengths": [int(x) for x in kept["attention_mask"].sum(-1).tolist()]}
 
 
 # --------------------------------------------------------------------------- the sweep
