@@ -23,7 +23,7 @@ def test_the_mask_trails_the_outputs():
     assert rec.kind is GraphKind.HANDOFF
     handoff = rec.record(Handoff)
     assert handoff.embeddings_output == 1 and rec.record(VisualSpan).visual_tokens == 8
-    outputs = list(rec.result.gm(*rec.example_inputs))
+    outputs = list(rec.result.gm(*rec.inputs()))
     mask = HandoffOutputs.take(outputs, len(handoff.outputs.values())).visual_mask
     assert torch.equal(mask, ids == IMAGE) and len(outputs) == 2
 

@@ -54,7 +54,7 @@ def _run_to(rec, site):
             return env[node]
 
     try:
-        Reader(rec.result.gm).run(*rec.example_inputs)
+        Reader(rec.result.gm).run(*rec.inputs())
     except Stop:
         pass
     return [env[n] for n in wanted]
@@ -67,6 +67,6 @@ def test_pruned_graph_runs_and_keeps_the_text():
     config = ERAConfig(layer=1, keep_tokens=8, rectify=False, recycle=False)  # keep all: nothing changes
     rec = PassRecorder(model, ids, features, config=config)
     with torch.no_grad():
-        out = rec.result.gm(*rec.example_inputs)
+        out = rec.result.gm(*rec.inputs())
         expected = rec.gm(*rec.example_inputs)
     assert torch.allclose(out[0], expected[0], atol=1e-5)

@@ -19,7 +19,7 @@ def test_without_a_mask_every_key_is_visible():
     published, site = rec.record(PrefillOutputs), rec.record(PruneSite)
     assert published.values()[:2] == (site.keep_index, site.log_bias)
     assert len(_outputs(rec.result.gm)) == len(_outputs(rec.gm)) + 4
-    outputs = list(rec.result.gm(*rec.example_inputs))
+    outputs = list(rec.result.gm(*rec.inputs()))
     published = PrefillOutputs.take(outputs, 4)
     assert published.key_visible.shape == ids.shape and bool(published.key_visible.all())  # N: the caches' length
     assert published.samples.tolist() == [[8, rec.config.kept(8)]]  # what the report records per call
@@ -31,7 +31,7 @@ def test_with_a_mask_the_last_querys_visibility_is_appended_and_the_runtime_read
     N = ids.shape[1]
     mask = torch.ones(1, 1, N, N, dtype=torch.bool).tril()
     rec = PassRecorder(ToyVLM().eval(), ids, features, None, mask)
-    outputs = list(rec.result.gm(*rec.example_inputs))
+    outputs = list(rec.result.gm(*rec.inputs()))
     count = len(rec.record(PrefillOutputs).values())
     assert count == 4
     published = PrefillOutputs.take(outputs, count)  # what the runtime does

@@ -156,3 +156,16 @@ class PassRecorder:
 
     def added(self, target: str) -> int:
         return self.after[target] - self.before[target]
+
+    def inputs(self) -> list:
+        """The example inputs of the rewritten graph: the captured ones, then a real value for each
+        input a pass appended (what the runtime supplies: here the config's keep budget)."""
+        from era_compile.ops.prune import budget_tensor
+        from era_compile.passes.records import BudgetInput
+
+        extra = []
+        for added in self.result.added_inputs:
+            if not isinstance(added, BudgetInput):
+                raise TypeError(f"no test value for added input {added!r}")
+            extra.append(budget_tensor(self.config.keep_ratio, self.config.keep_tokens))
+        return list(self.example_inputs) + extra
