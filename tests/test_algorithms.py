@@ -428,3 +428,27 @@ def test_picks_past_the_numerical_rank_stay_distinct_and_finite_in_float32():
     for picks in (host, batched):
         assert all(row.unique().numel() == 40 for row in picks)
     assert torch.equal(host[:, :4], batched[:, :4])  # within the rank both loops agree
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_entropyprune_pools_heads_wider_than_128_channels(d):
+    """ALGORITHMS.md §3.2, as the released code does it: a head dim above 128 (Gemma's 256) is
+    mean-pooled to 128 channels before the head Gram; 128 and below are scored as they are. The
+    expected scores are written out here from the formula, without the module's helpers."""
+    from era_compile.algorithms.entropyprune import entropyprune_scores
+
+    g = torch.Generator().manual_seed(d)
+    B, H, T = 2, 16, 24
+    q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+
+    def by_hand(m):  # m [B, H, T, c] -> scores [B, T]
+        m = m.transpose(1, 2)
+        r = m - m.mean(dim=-2, keepdim=True)
+        rho = torch.linalg.eigvalsh(r @ r.transpose(-1, -2) / H).clamp_min(1e-10)
+        return -(rho * rho.log()).sum(-1) / math.log(H)
+
+    pooled = q.reshape(B, H, T, 128, d // 128).mean(-1) if d > 128 else q
+    got = entropyprune_scores(q)
+    assert torch.allclose(got, by_hand(pooled), atol=1e-12, rtol=0)
+    if d > 128:  # the pooling matters: unpooled scores rank the tokens otherwise
+        assert not torch.equal(got.argsort(-1), by_hand(q).argsort(-1))

@@ -25,6 +25,17 @@ from torch import Tensor
 from era_compile.algorithms import Selection, SelectionInputs, register_strategy, top_k_ascending
 
 EIG_FLOOR = 1e-10
+POOLED_CHANNELS = 128  # §3.2: wider heads (Gemma's 256) are mean-pooled to this many channels first
+
+
+def pooled_channels(m: Tensor) -> Tensor:
+    """[..., H, d] with d > 128 mean-pooled to [..., H, 128] over contiguous channel groups, as the
+    released code does before the Gram (§3.2); narrower heads are returned as they are."""
+    d = m.shape[-1]
+    if d <= POOLED_CHANNELS:
+        return m
+    flat = m.reshape(-1, 1, d)
+    return torch.nn.functional.adaptive_avg_pool1d(flat, POOLED_CHANNELS).reshape(*m.shape[:-1], POOLED_CHANNELS)
 
 
 def _centred(m: Tensor) -> Tensor:
@@ -64,8 +75,9 @@ def matrix_entropy_scores(eigenvalues: Tensor, trace_normalize: bool = False) ->
 
 
 def entropyprune_scores(queries: Tensor, trace_normalize: bool = False) -> Tensor:
-    """Per visual token score [B, T] from its queries [B, H, T, d] (float64)."""
-    per_token = queries.transpose(1, 2)  # [B, T, H, d]
+    """Per visual token score [B, T] from its queries [B, H, T, d] (float64; channels pooled to 128
+    first when d > 128)."""
+    per_token = pooled_channels(queries.transpose(1, 2))  # [B, T, H, min(d, 128)]
     return matrix_entropy_scores(head_gram_eigenvalues(per_token), trace_normalize)
 
 
