@@ -209,11 +209,17 @@ class EraBackend:
             entry["inner_compile_ms"] = round(1e3 * (time.perf_counter() - start), 3)
 
     def _inner(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
-        if self.config.compiler == "eager":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+        return inner_compile(gm, example_inputs, self.config.compiler)
 
-        return compile_fx(gm, example_inputs)
+
+def inner_compile(gm: fx.GraphModule, example_inputs: List[Any], compiler: str) -> Callable:
+    """What runs a graph after the passes (and a plain baseline with the same compiler): Inductor,
+    or the graph's own forward for ``compiler="eager"``."""
+    if compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
 
 
 def _unchanged_reason(result: PipelineResult) -> str:

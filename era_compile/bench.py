@@ -212,10 +212,16 @@ def kept_text_prompt(inputs: dict, kept_lengths: Sequence[int], pad_id: int, voc
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
+def prompt_lengths(inputs: dict) -> List[int]:
+    """Each sample's prompt length N_b (its attention mask's ones; without a mask, the width)."""
+    if "attention_mask" in inputs:
+        return [int(n) for n in inputs["attention_mask"].sum(-1).tolist()]
+    return [int(inputs["input_ids"].shape[1])] * int(inputs["input_ids"].shape[0])
+
+
 def kept_lengths_of(inputs: dict, entry) -> List[int]:
     """Each sample's kept length n'_b = N_b - T_b + k_b, from a report's pruning entry."""
-    lengths = (inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs
-               else [inputs["input_ids"].shape[1]] * inputs["input_ids"].shape[0])
+    lengths = prompt_lengths(inputs)
     samples = entry.samples or [[entry.visual_tokens, entry.kept]] * len(lengths)
     return [int(n) - t + k for n, (t, k) in zip(lengths, samples)]
 
@@ -226,10 +232,8 @@ def ideal_prefill(compiled, eager, inputs: dict, entry, *, runs: int, compiler: 
     cut at ``entry.layer`` (see the module docstring)."""
     text_config = eager.config.get_text_config()
     pad, vocab, layers = text_config.pad_token_id or 0, text_config.vocab_size, text_config.num_hidden_layers
-    lengths = (inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs
-               else [inputs["input_ids"].shape[1]] * inputs["input_ids"].shape[0])
     kept = kept_text_prompt(inputs, kept_lengths_of(inputs, entry), pad, vocab)
-    full = kept_text_prompt(inputs, [int(n) for n in lengths], pad, vocab)
+    full = kept_text_prompt(inputs, prompt_lengths(inputs), pad, vocab)
     image = {k: v for k, v in inputs.items() if k in IMAGE_INPUTS}
     tower = torch.compile(eager.model.get_image_features, backend=compiler)
     with torch.no_grad():
@@ -290,7 +294,7 @@ def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequen
             "theoretical_prefill_speedup": flops_unpruned / flops_pruned,
             "ideal": ideal, "ideal_prefill_speedup": times["compiled"]["prefill_s"] / ideal["prefill_s"],
             "measured_vs_ideal": ideal["prefill_s"] / times["pruned"]["prefill_s"],
-            "compile": {"seconds": round(backend.report.compile_seconds, 3), "pass_ms": _pass_ms(backend.report)},
+            "compile": {"seconds": round(backend.report.compile_seconds, 3), "pass_ms": backend.report.ms_per_pass()},
             "selection_overhead": selection_overhead(pruned, inputs),
             "kv_cache": kv_cache_saving(compiled, pruned, inputs, layer=point.layer,
                                         removed=site.seq_len_before - site.seq_len_after, new_tokens=new_tokens),
@@ -309,16 +313,6 @@ def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequen
             "prompt_tokens": int(inputs["input_ids"].shape[1]),
             "prompt_lengths": inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None,
             "points": results}
-
-
-def _pass_ms(report) -> Dict[str, float]:
-    """Wall time of each pass summed over the graphs the backend compiled (ms)."""
-    totals: Dict[str, float] = {}
-    for entry in report.passes:
-        for name, counts in entry.items():
-            if isinstance(counts, dict) and "ms" in counts:
-                totals[name] = round(totals.get(name, 0.0) + counts["ms"], 3)
-    return totals
 
 
 def plot(record: dict, stem) -> List[str]:

@@ -244,8 +244,6 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve_bench(args: argparse.Namespace) -> int:
     from era_compile import bench, serve_bench
 
-    if args.model not in zoo.names():
-        raise ValueError(f"serve-bench: MODEL must be a zoo model ({', '.join(zoo.names())}), got {args.model!r}")
     with bench.progress_bar(2 * args.requests, f"serve-bench {args.model}") as tick:
         record = serve_bench.run_serve_bench(args.model, lambda: zoo.build(args.model, seed=args.seed)[0],
                                              requests=args.requests, max_batch=args.max_batch,

@@ -85,11 +85,6 @@ class ERAConfig:
 
         return kept_count(num_visual, self.keep_ratio, self.keep_tokens)
 
-    def pruned(self, counts) -> int:
-        """How many positions the least-pruned sample of a batch loses: the pruned sequence is
-        ``N - pruned(counts)`` long, each sample left-padded to it."""
-        return min(int(t) - self.kept(int(t)) for t in counts)
-
     def strategy_options(self) -> dict:
         """The knobs a selection strategy receives (JSON-able, so they can ride in an op's schema)."""
         return {"lam": float(self.dep_lambda), "beta": float(self.dep_beta), "seed": int(self.seed),

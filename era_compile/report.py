@@ -83,6 +83,15 @@ class Report:
             totals[entry["graph"]] = totals.get(entry["graph"], 0.0) + ms
         return totals
 
+    def ms_per_pass(self) -> Dict[str, float]:
+        """Wall time of each pass summed over every graph (and variant) compiled, in ms."""
+        totals: Dict[str, float] = {}
+        for entry in self.passes:
+            for name, counts in entry.items():
+                if isinstance(counts, dict) and "ms" in counts:
+                    totals[name] = round(totals.get(name, 0.0) + counts["ms"], 3)
+        return totals
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

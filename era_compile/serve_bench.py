@@ -31,7 +31,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from era_compile import zoo
-from era_compile.backend import make_era_backend
+from era_compile.backend import inner_compile, make_era_backend
 from era_compile.bench import _sync, device_description
 from era_compile.compact_kv import cache_bytes
 from era_compile.compat import output_cache
@@ -49,11 +49,16 @@ class Request:
     visual_tokens: List[int]  # per sample
 
 
+def check_model(name: str) -> None:
+    """serve-bench builds its models from the zoo (a stream needs inputs it can vary)."""
+    if name not in zoo.names():
+        raise ValueError(f"serve-bench: MODEL must be a zoo model ({', '.join(zoo.names())}), got {name!r}")
+
+
 def make_stream(name: str, model, *, requests: int, max_batch: int, seed: int) -> List[Request]:
     """The seeded request stream for a zoo model: batch sizes in [1, max_batch], per sample a prompt
     length (and, for Qwen-class models, an image size) of its own."""
-    if name not in zoo.names():
-        raise ValueError(f"serve-bench: MODEL must be a zoo model ({', '.join(zoo.names())}), got {name!r}")
+    check_model(name)
     if requests < 1 or max_batch < 1:
         raise ValueError(f"serve-bench: --requests and --max-batch must be >= 1, got {requests}, {max_batch}")
     rng = random.Random(seed)
@@ -99,11 +104,7 @@ class _Counted:
         start = time.perf_counter()
         self.graphs += 1
         try:
-            if self.compiler == "eager":
-                return gm.forward
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, example_inputs)
+            return inner_compile(gm, example_inputs, self.compiler)
         finally:
             self.compile_seconds += time.perf_counter() - start
 
@@ -129,6 +130,7 @@ def run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, requests
                     progress: Optional[Callable[[], None]] = None) -> dict:
     """The serve-bench record (see the module docstring). ``build()`` gives the model, the same
     weights on every call."""
+    check_model(name)
     config = config or ERAConfig()
     models = {label: build() for label in MODELS}
     device = next(models["eager"].parameters()).device
