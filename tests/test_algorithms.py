@@ -89,6 +89,23 @@ def test_host_loop_and_batched_torch_loop_pick_alike():
                        greedy_map_sequence(kernel.float(), 15))
 
 
+def test_host_and_batched_loops_pick_alike_past_the_float32_rank():
+    """48 clusters of near-duplicates (D = 64): from the 49th pick on every gain is float32 round-off,
+    which the two loops sum in another order; below the pivot floor both go by quality, so alike."""
+    n, k = 576, 128
+    for seed in range(3):
+        g = gen(seed)
+        centres = torch.randn(48, 64, generator=g)
+        feats = centres.repeat_interleave(12, 0) + 1e-4 * torch.randn(n, 64, generator=g)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        kernel = (feats @ feats.T).unsqueeze(0)
+        rows = lambda j: kernel.gather(1, j.unsqueeze(-1).expand(-1, 1, n)).squeeze(1)  # noqa: E731
+        gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+        host = greedy_map_sequence(kernel, k)
+        assert torch.equal(_batched_greedy(gains, rows, k), host)
+        assert host[0, :48].div(12, rounding_mode="floor").unique().numel() == 48  # one pick per cluster first
+
+
 # --------------------------------------------------------------------------- DEP (section 5.2, test 4)
 
 def test_head_entropy_limits():

@@ -22,8 +22,16 @@ from torch import Tensor
 
 # Floor on the pivot d_j^2: at or below it the kernel's numerical rank is exhausted (round-off
 # can even make it negative, section 2.4 [prop]); dividing by it would blow the factor rows up
-# until they overflow, so the remaining picks go by quality L_ii instead.
+# until they overflow, so the remaining picks go by quality L_ii instead. The floor is the larger
+# of Chen et al.'s 1e-10 and the round-off a gain can carry after N updates, N * eps * max L_ii:
+# in float32 that is ~1e-4 at N = 576, and gains below it are noise, which two loops that sum in
+# another order (NumPy on the host, torch batched) would rank differently.
 PIVOT_FLOOR = 1e-10
+
+
+def pivot_floor(max_quality: float, n: int, dtype: torch.dtype) -> float:
+    """The smallest gain d_j^2 that still measures something for a kernel of N items."""
+    return max(PIVOT_FLOOR, n * torch.finfo(dtype).eps * max_quality)
 
 
 def greedy_map_sequence(kernel: Tensor, k: int) -> Tensor:
@@ -61,10 +69,12 @@ def _host_greedy(kernel: np.ndarray, k: int) -> list:
     quality = np.diagonal(kernel).copy()
     gains = quality.copy()  # a picked item's gain is -inf: the mark of what is taken
     factor = np.zeros((k, gains.shape[0]), dtype=gains.dtype)  # row t holds e_i of step t
+    floor = pivot_floor(float(quality.max(initial=0.0)), gains.shape[0],
+                        torch.float64 if gains.dtype == np.float64 else torch.float32)
     chosen = []
     for t in range(k):
         j = int(gains.argmax())
-        if gains[j] > PIVOT_FLOOR:
+        if gains[j] > floor:
             e = kernel[j] - np.einsum("t,tn->n", factor[:t, j], factor[:t])  # L[j, :] - <c_j, c_i>
             e /= math.sqrt(float(gains[j]))
             factor[t] = e
@@ -83,11 +93,13 @@ def _batched_greedy(gains: Tensor, rows: Callable[[Tensor], Tensor], k: int) -> 
         return torch.empty(num, k, dtype=torch.int64, device=gains.device)
     quality = gains.clone()  # a picked item's gain is -inf: the mark of what is taken
     factor = gains.new_zeros(num, k, n)  # row t holds e_i of step t: the c_i are its columns
+    eps = torch.finfo(gains.dtype).eps
+    floor = (n * eps * quality.amax(dim=-1, keepdim=True)).clamp_min(PIVOT_FLOOR)  # pivot_floor, per kernel
     chosen = []
     for t in range(k):
         best, j = gains.max(dim=-1, keepdim=True)  # [num, 1]
         # numerical rank exhausted: no gain is measurable, take the best remaining quality
-        exhausted = ~(best > PIVOT_FLOOR)
+        exhausted = ~(best > floor)
         by_quality = quality.masked_fill(gains == -math.inf, -math.inf).argmax(dim=-1, keepdim=True)
         j = torch.where(exhausted, by_quality, j)
         chosen.append(j)
