@@ -141,6 +141,7 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
             dump_name: Optional[str] = None) -> Prepared:
     """A copy of a Dynamo graph, normalised (step 0, timed and dumped like any pass), and its kind."""
     work = copy_graph(gm)
+    mark_side_effects(work)
     ctx = PassContext(config, GraphKind.TEXT, graph_index, tuple(example_inputs))
     dumper = _Dumper(config, dump_name or f"graph{graph_index}")
     result, timing = _run_one(normalize, work, ctx, example_inputs, dumper, 0)
@@ -363,8 +364,16 @@ def _same_meta(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a is b
 
 
+def mark_side_effects(gm: fx.GraphModule) -> None:
+    """Calls Dynamo kept although nothing uses their result do something (``vmap``'s nesting
+    level, entered and left around a mask function): the dead-code tail must keep them too."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and not node.users:
+            node.meta["era_side_effect"] = True
+
+
 def _is_impure(node: fx.Node) -> bool:
-    if node.op in ("placeholder", "output"):
+    if node.op in ("placeholder", "output") or node.meta.get("era_side_effect"):
         return True
     return node.is_impure()
 
