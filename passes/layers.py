@@ -35,12 +35,17 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     paths: List[str] = []
     for call in attention_calls:
         path = layer_module_path(call)
+        if path is None and not any(layer_module_path(n) for n in gm.graph.nodes):
+            raise PassError("this graph is a decoder layer's own forward, outside its layer loop: Dynamo split the "
+                            "decoder at a graph break between layers (a data-dependent op there, such as visual "
+                            "features added by a boolean mask); pruning needs the decoder's layers in one graph")
         if path is None:
             raise PassError(f"attention call {call.name} is not inside an indexed decoder layer module")
         if path in paths:
             raise PassError(f"decoder layer {path} holds more than one attention call")
         paths.append(path)
 
+    _refuse_layers_without_attention(after_merge, paths)
     members: Dict[str, set] = {p: set() for p in paths}
     for node in gm.graph.nodes:
         path = layer_module_path(node)
@@ -63,6 +68,20 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise PassError(f"ERAConfig.layer={k} but the language model has {len(layers)} decoder layers")
     return PassResult(record=DecoderLayers(tuple(layers)),
                       counts={"decoder_layers": len(layers), "prune_layer": k})
+
+
+def _refuse_layers_without_attention(after_merge, paths: List[str]) -> None:
+    """A hybrid decoder (short convolutions or recurrences between attention layers): those layers
+    carry a state along the positions, which a pruned sequence would change for every token after a
+    dropped one. Their modules are the siblings of the attention layers that call no attention."""
+    parents = {p.rsplit(".", 1)[0] for p in paths}
+    siblings = {path for n in after_merge if (path := layer_module_path(n)) is not None
+                and path.rsplit(".", 1)[0] in parents and path not in paths}
+    if siblings:
+        names = sorted(siblings, key=lambda p: int(p.rsplit(".", 1)[1]))
+        raise PassError(f"hybrid decoder: {len(names)} of {len(names) + len(paths)} layers ({names[0].rsplit('.', 1)[1]}, ...) "
+                        "call no attention (convolution or recurrent layers, whose state runs along the positions): "
+                        "pruning them is not supported")
 
 
 def _is_residual(node: fx.Node, shape: tuple) -> bool:
