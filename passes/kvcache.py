@@ -11,6 +11,10 @@ casts) to that ``cat`` (``fx_utils.sequence_source``: no op list, no hop limit),
 * the past keys: a graph input in a decode step (a ``CompactKV`` in a pruned layer, whose own
   attention adds the bias: ``compact``), an empty tensor in a fresh prefill.
 
+A sliding-window cache layer attends over the ``cat`` but caches only its last W - 1 positions
+(a slice of it is the graph output): a pruned prefill over such a layer is refused, since the
+window is taken in original positions and the kept rows would lose their bias and positions.
+
 A static cache (``generate(cache_implementation="static")``) is written in place instead
 (``keys.index_copy_(2, positions, new)`` into a preallocated tensor, inside the layer).
 Its slots are the original positions, so the pruned layers' keys cannot be stored compactly
@@ -41,6 +45,7 @@ from .records import CachedLayer, KVCache
 def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     outputs = graph_outputs(gm)
     layers: List[CachedLayer] = []
+    windowed: List[int] = []
     in_place = sorted({layer_index(n) for n in gm.graph.nodes if _writes_in_place(n)} - {None})
     for node in gm.graph.nodes:
         if not is_attention(node):
@@ -50,7 +55,10 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue  # not a decoder attention (e.g. the vision tower), or over a static cache
         args = attention_args(node)
         keys, values = sequence_source(args["key"]), sequence_source(args["value"])
-        if not (_is_cache_write(keys) and _is_cache_write(values)) or keys not in outputs or values not in outputs:
+        if not (_is_cache_write(keys) and _is_cache_write(values)):
+            continue
+        if keys not in outputs or values not in outputs:
+            windowed.append(index)  # attends over the cat, caches only part of it
             continue
         past = sequence_source(call_arguments(keys)["tensors"][0])
         past = past if isinstance(past, fx.Node) and past.op == "placeholder" else None
@@ -62,6 +70,11 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
                         "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
                         "use the default dynamic cache")
+    pruned_windows = [i for i in windowed if i >= ctx.config.layer]
+    if ctx.kind.has_image and pruned_windows:
+        raise PassError(f"layers {pruned_windows} cache a window of their keys (a sliding-window cache keeps the last "
+                        "W - 1 positions of what the layer attended to): the pruned layers' kept rows and their bias "
+                        "cannot be windowed by original position; not supported")
     record = KVCache(tuple(layers), tuple(in_place))
     counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers),
               "compact": [layer.index for layer in layers if layer.compact]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import HEADS, LAYERS, PassRecorder, ToyVLM, past_cache, prompt
+from toys import DIM, HEADS, LAYERS, PassRecorder, ToyVLM, past_cache, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.graph_pass import PassError
@@ -79,3 +79,24 @@ def test_a_static_cache_in_a_prefill_that_would_prune_is_refused_by_name():
     rec = PassRecorder(ToyVLM().eval(), ids[:, :1], None, None, None, static, config=ERAConfig(layer=1),
                        until="kvcache")
     assert rec.record(KVCache).written_in_place == tuple(range(LAYERS)) and not rec.record(KVCache).layers
+
+
+class _WindowedVLM(ToyVLM):
+    """ToyVLM whose layers cache only the last 4 positions they attended over (a sliding-window
+    cache: HF's DynamicSlidingWindowLayer returns the whole cat, stores a slice of it)."""
+
+    def forward(self, input_ids, image_features=None, past=None, mask=None, static=None):
+        logits, cache = super().forward(input_ids, image_features, past, mask)
+        return logits, [(k[:, :, -4:], v[:, :, -4:]) for k, v in cache]
+
+
+def test_a_sliding_window_cache_in_a_pruned_prefill_is_refused_by_name():
+    """Its window is taken in original positions: the pruned rows' positions and bias would be lost
+    (before this check, the layers were skipped and the decode ran silently on a plain window)."""
+    torch.manual_seed(0)
+    ids, features = prompt()
+    past = [(torch.zeros(1, HEADS, 0, DIM // HEADS), torch.zeros(1, HEADS, 0, DIM // HEADS)) for _ in range(LAYERS)]
+    with pytest.raises(PassError, match=r"layers \[1, 2\] cache a window of their keys"):
+        PassRecorder(_WindowedVLM().eval(), ids, features, past, until="kvcache")
+    rec = PassRecorder(_WindowedVLM().eval(), ids[:, :1], None, past, until="kvcache")  # no image: analysed only
+    assert rec.record(KVCache).layers == ()
