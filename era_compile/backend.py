@@ -4,9 +4,12 @@
     model.compile(backend=make_era_backend(ERAConfig(...)))  # any config
     model.compile(backend="era")                             # the registered name
 
-If a rewrite cannot be done, or the rewritten graph does not compile, the backend never
-pretends: with ``strict=True`` it raises ``EraCompileError``; otherwise it logs a warning,
-records the reason in the report, and compiles the graph unmodified.
+If a rewrite cannot be done, the rewritten graph does not compile, or it fails on its first
+run (``FirstRunFallback``), the backend never pretends: with ``strict=True`` it raises
+``EraCompileError``; otherwise it logs a warning, records the reason in the report, and compiles
+the graph unmodified. The same holds for a graph that encodes images and feeds them to decoder
+layers through a merge the passes do not know (``kinds.decoder_layers_fed``), and, at run time,
+for an image prompt that no graph pruned (``Runtime.check_pending_image``).
 """
 
 from __future__ import annotations
@@ -27,15 +30,11 @@ from era_compile.config import ERAConfig
 from era_compile.ops.prune import budget_tensor
 from era_compile.passes.fx_utils import data_dependent_dims
 from era_compile.passes.graph_pass import PassError
-from era_compile.passes.kinds import GraphKind
+from era_compile.passes.kinds import GraphKind, decoder_layers_fed, image_inputs, image_values, runs_decoder_layers
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
 from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
 from era_compile.report import Report, last_report, logger, set_last
-from era_compile.runtime import Runtime, Variants, plan_for
-
-
-class EraCompileError(RuntimeError):
-    """Raised in strict mode when the backend could not prune a graph it should have."""
+from era_compile.runtime import EraCompileError, GraphPlan, Runtime, Variants, plan_for  # the error: exported here
 
 
 class EraBackend:
@@ -51,7 +50,8 @@ class EraBackend:
             self.report.notes.append(note)
             logger.info(note)
         self.config = config.replace(layer=layer, profile=None)
-        self.runtime = Runtime(self.report, budget_tensor(self.config.keep_ratio, self.config.keep_tokens))
+        self.runtime = Runtime(self.report, budget_tensor(self.config.keep_ratio, self.config.keep_tokens),
+                               strict=self.config.strict)
         # Dynamo and the inner compiler's caches see a distinct backend per config.
         self.__name__ = f"era_{self.config.cache_key()}"
 
@@ -88,17 +88,26 @@ class EraBackend:
         start = time.perf_counter()
         try:
             prepared = prepare(gm, self.config, index, example_inputs)
+            images = image_values(prepared.gm, example_inputs)
+            image_positions = image_inputs(prepared.gm, images, example_inputs)
+            unknown_merge = decoder_layers_fed(prepared.gm, images, example_inputs) \
+                if prepared.kind is GraphKind.TEXT else []
         except Exception as e:  # normalising or classifying failed: a bug of ours, never the user's model
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: internal error "
                                    f"{type(e).__name__}: {e}", e)
+        else:  # outside the handler: a strict error here is the verdict, not an internal error
+            if unknown_merge:
+                return self._fall_back(gm, example_inputs, index, (
+                    f"it encodes images and feeds them to decoder layers ({', '.join(unknown_merge)}), but merges "
+                    "them by no pattern the passes know: pruning did not happen"))
         finally:
             self.report.compile_seconds += time.perf_counter() - start
         key_of = self._variant_key(prepared, example_inputs)
         if key_of is None:
-            return self._compile(gm, prepared, example_inputs)
+            return self._compile(gm, prepared, example_inputs, image_positions=image_positions)
 
         def build(args: List[Any], carried: Optional[CarriedVisual]) -> Callable:
-            return self._compile(gm, prepared, args, carried)
+            return self._compile(gm, prepared, args, carried, image_positions=image_positions)
 
         return Variants(self.runtime, index, key_of, build, example_inputs)
 
@@ -122,29 +131,31 @@ class EraBackend:
     # ------------------------------------------------------------------ internals
 
     def _compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                 carried: Optional[CarriedVisual] = None) -> Callable:
+                 carried: Optional[CarriedVisual] = None, image_positions: Sequence[int] = ()) -> Callable:
         start = time.perf_counter()
         try:
-            return self._rewrite_and_compile(gm, prepared, example_inputs, carried)
+            return self._rewrite_and_compile(gm, prepared, example_inputs, carried, image_positions)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
 
     def _rewrite_and_compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                             carried: Optional[CarriedVisual]) -> Callable:
+                             carried: Optional[CarriedVisual], image_positions: Sequence[int]) -> Callable:
         index = prepared.graph_index
         label = f"graph{index}" if carried is None else f"graph{index}_carried{carried.input_index}"
+        kind = prepared.kind if carried is None else GraphKind.CARRIED
         try:
             result = run_passes(prepared, self.config, example_inputs, carried, dump_name=label)
         except PassError as e:
-            return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e)
+            return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e, kind=kind)
         except Exception as e:  # a bug of ours must not take the user's model down with it
             return self._fall_back(gm, example_inputs, index,
-                                   f"pruning did not happen: internal error {type(e).__name__}: {e}", e)
+                                   f"pruning did not happen: internal error {type(e).__name__}: {e}", e, kind=kind)
 
         entry = {"graph": index, "kind": result.kind.value, **result.counts()}
         self.report.passes.append(entry)
         plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs,
-                        data_dependent_dims(result.gm))
+                        data_dependent_dims(result.gm), image_positions,
+                        runs_decoder=result.kind is GraphKind.TEXT and runs_decoder_layers(prepared.gm, example_inputs))
         if not result.changed:
             if not self._reads_pruned_caches(result, index):
                 self._skip(index, _unchanged_reason(result))
@@ -156,9 +167,20 @@ class EraBackend:
         except Exception as e:  # the inner compiler rejected the rewritten graph
             return self._fall_back(gm, example_inputs, index,
                                    f"the rewritten graph failed to compile ({type(e).__name__}: {e}); "
-                                   "pruning did not happen", e)
+                                   "pruning did not happen", e, kind=kind)
         self._account(result, index)
-        return self.runtime.wrap(compiled, plan)
+        context = torch._guards.TracingContext.try_get()  # Dynamo's, for a late compile of the original
+
+        def run_unpruned(error: Exception) -> Callable:
+            start = time.perf_counter()
+            try:
+                return self._fall_back(gm, example_inputs, index, f"the rewritten graph failed on its first run "
+                                       f"({type(error).__name__}: {error}); pruning did not happen", error,
+                                       kind=kind, context=context)
+            finally:
+                self.report.compile_seconds += time.perf_counter() - start
+
+        return FirstRunFallback(self.runtime.wrap(compiled, plan), run_unpruned)
 
     def _reads_pruned_caches(self, result: PipelineResult, index: int) -> bool:
         """A decode step over pruned caches needs no rewrite: their CompactKV adds the bias."""
@@ -191,14 +213,39 @@ class EraBackend:
         self.report.skipped.append(f"graph {index}: {reason}")
         logger.info("graph %d: left unchanged: %s", index, reason)
 
-    def _fall_back(self, gm, example_inputs, index: int, reason: str, error: Exception) -> Callable:
-        """The graph as Dynamo gave it, loudly."""
+    def _fall_back(self, gm, example_inputs, index: int, reason: str, error: Optional[Exception] = None, *,
+                   kind: Optional[GraphKind] = None, context: Optional[torch._guards.TracingContext] = None
+                   ) -> Callable:
+        """The graph as Dynamo gave it, loudly. ``kind``: what the passes took it for; ``context``:
+        Dynamo's tracing context of a graph compiled earlier (a fallback at run time)."""
+        tells_of_image = kind is not None and kind.has_image
         if self.config.strict:
+            if tells_of_image:  # this error is the image's verdict: its inputs dying later is no news
+                self.runtime.resolve_pending_image()
             raise EraCompileError(f"era_compile, graph {index}: {reason}") from error
         self.report.skipped.append(f"graph {index}: {reason}")
+        self.report.fallbacks.append(index)
         warnings.warn(f"era_compile, graph {index}: {reason}; running it unpruned", RuntimeWarning, stacklevel=3)
         logger.warning("graph %d: %s; running it unpruned", index, reason)
-        return self._inner(gm, example_inputs)
+        compiled = (self._inner(gm, example_inputs) if context is None
+                    else self._compile_late(gm, example_inputs, context))
+        if tells_of_image:  # this warning told of its images: the runtime does not tell them again
+            return self.runtime.wrap(compiled, GraphPlan(graph=index, kind=kind, fell_back=True))
+        return compiled
+
+    def _compile_late(self, gm: fx.GraphModule, example_inputs: List[Any],
+                      context: torch._guards.TracingContext) -> Callable:
+        """The inner compiler after Dynamo built the graph's guards: in the graph's own tracing
+        context, so its dynamic sizes stay symbolic. A guard the compiler adds now would never
+        be checked: then the graph runs as Dynamo gave it, right for every input."""
+        shape_env = context.fake_mode.shape_env if context.fake_mode is not None else None
+        guards = len(shape_env.guards) if shape_env is not None else 0
+        with torch._guards.tracing(context):
+            compiled = self._inner(gm, example_inputs)
+        if shape_env is not None and len(shape_env.guards) > guards:
+            logger.warning("the unpruned graph's compile added shape guards Dynamo will not check: it runs eagerly")
+            return gm.forward
+        return compiled
 
     def _timed_inner(self, gm: fx.GraphModule, example_inputs: List[Any], entry: dict) -> Callable:
         """The inner compiler, its wall time in the graph's report entry (``inner_compile_ms``)."""
@@ -210,6 +257,34 @@ class EraBackend:
 
     def _inner(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
         return inner_compile(gm, example_inputs, self.config.compiler)
+
+
+class FirstRunFallback:
+    """A rewritten graph, guarded until a call of it succeeds: a rewrite that compiles can still
+    fail when it runs (a model that builds its masks with vmap-ed functions). Then ``run_unpruned``
+    (the backend's fallback: a warning, or strict an ``EraCompileError``) compiles the graph as
+    Dynamo gave it, and that runs this call (on its own inputs) and every later one. After the
+    first success the rewritten graph is called without a ``try``; the fallback, holding the
+    example inputs, is let go."""
+
+    def __init__(self, rewritten: Callable, run_unpruned: Callable[[Exception], Callable]):
+        self.rewritten, self.run_unpruned = rewritten, run_unpruned
+        self.run = self._first_run
+
+    def __call__(self, *args):
+        return self.run(*args)
+
+    def _first_run(self, *args):
+        try:
+            outputs = self.rewritten(*args)
+        except EraCompileError:  # the runtime's strict verdict on an unpruned image, not this rewrite failing
+            raise
+        except Exception as e:
+            self.run = self.run_unpruned(e)
+            self.run_unpruned = None
+            return self.run(*args)
+        self.run, self.run_unpruned = self.rewritten, None
+        return outputs
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs: List[Any], compiler: str) -> Callable:

@@ -40,6 +40,9 @@ class Report:
     ``variants``: per graph that may receive merged embeddings from an earlier graph, its
     compiled variants: "unpruned" (calls that carried no visual mask) and the input that carried one.
     ``kernel``: the attention kernel used. ``skipped``: why a graph was left as it was.
+    ``fallbacks``: graphs compiled as Dynamo gave them after a rewrite failed (to be made, to
+    compile, or on its first run) or met an image merge the passes do not know.
+    ``unpruned_images``: image prompts that reached no pruned graph, found at run time.
     ``passes``: per graph (and variant), its kind and, per pass, what it counted and its wall
     time in ms (``ms``: the pass and the checks after it); ``inner_compile_ms``, the inner
     compiler's time on it.
@@ -55,6 +58,8 @@ class Report:
     variants: Dict[int, List[str]] = field(default_factory=dict)
     kernel: Optional[str] = None
     skipped: List[str] = field(default_factory=list)
+    fallbacks: List[int] = field(default_factory=list)
+    unpruned_images: List[str] = field(default_factory=list)
     passes: List[Dict[str, dict]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     compile_seconds: float = 0.0
@@ -122,6 +127,10 @@ class Report:
                          + f" (all graphs {sum(timed.values()):.1f} ms; per pass: era-compile explain)")
         for s in self.skipped:
             lines.append(f"  skipped: {s}")
+        if self.fallbacks:
+            lines.append(f"  fell back (compiled unmodified): graph {', '.join(str(g) for g in self.fallbacks)}")
+        for image in self.unpruned_images:
+            lines.append(f"  NOT PRUNED: {image}")
         for n in self.notes:
             lines.append(f"  note: {n}")
         if not self.pruning:

@@ -19,6 +19,14 @@
   attends over them through their own attention: the bias travels with the cache, in every
   step, through beam search's reordering, and two requests or two models can never share it.
   Layers < K keep their full, plain cache.
+* Whether an image was pruned at all. A graph that encodes images (``kinds.image_values``) and
+  does not prune them leaves a ``PendingImage``; a pruned prefill or a handoff resolves it, a
+  graph that runs decoder layers without pruning is the proof that its prompt went on unpruned.
+  A proven one still pending when the next image is encoded, when a decode step runs, or when
+  the image inputs of the calls that encoded it die, was never pruned: a warning and a report
+  line (strict: an ``EraCompileError``, except from a finalizer, which cannot raise). One that no
+  decoder ran on belonged to a request that failed before its prefill: it is dropped. Text-only
+  prompts skip the vision tower, so they leave nothing pending.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, 
 from era_compile.report import Report, logger
 
 
+class EraCompileError(RuntimeError):
+    """Raised in strict mode when the backend could not prune a graph it should have."""
+
+
 @dataclass(eq=False)
 class HandedOnMask:
     """A merged-embeddings tensor's visual mask, waiting for the graph that runs the decoder."""
@@ -46,6 +58,16 @@ class HandedOnMask:
     mask: Tensor            # bool [B, N]
     graph: int              # that graph's index, for messages
     claimed: bool = False
+
+
+@dataclass(eq=False)
+class PendingImage:
+    """An image some graphs encoded and no graph has pruned yet."""
+
+    graphs: List[int]                 # the graphs that encoded it, in call order
+    anchors: int = 0                  # living image inputs of those calls: at 0 the request is over
+    decoder: Optional[int] = None     # a graph that then ran decoder layers without pruning: the proof
+    resolved: bool = False            # pruned, reported, or dropped
 
 
 @dataclass
@@ -62,19 +84,38 @@ class GraphPlan:
     prefill_outputs: int = 0                    # trailing ``PrefillOutputs`` fields
     handoff: Optional[Handoff] = None           # merged embeddings handed on, their mask trailing
     rectify: bool = True
+    image_inputs: Tuple[int, ...] = ()          # the inputs an image enters by (``kinds.image_inputs``)
+    decode_step: bool = False                   # attends over a past KV cache: the prompt is done
+    runs_decoder: bool = False                  # ``kinds.runs_decoder_layers``: a language model runs here
+    fell_back: bool = False                     # runs unpruned, as reported when it fell back: the image is told
+
+    @property
+    def encodes_images(self) -> bool:
+        return bool(self.image_inputs)
+
+    @property
+    def watches_images(self) -> bool:
+        """Whether a call can find an image that no graph pruned."""
+        return self.encodes_images or self.decode_step
 
     @property
     def needed(self) -> bool:
-        return bool(self.added_inputs or self.prefill_outputs or self.handoff)
+        return (bool(self.added_inputs or self.prefill_outputs or self.handoff) or self.watches_images
+                or self.runs_decoder or self.fell_back)
 
 
 def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
-             added_inputs: Sequence[AddedInput] = (), data_dependent: Optional[Dict[int, Tuple[int, ...]]] = None
-             ) -> GraphPlan:
+             added_inputs: Sequence[AddedInput] = (), data_dependent: Optional[Dict[int, Tuple[int, ...]]] = None,
+             image_inputs: Sequence[int] = (), runs_decoder: bool = False) -> GraphPlan:
     """The runtime plan of a graph, from what its passes recorded (no records: a fallback);
     ``data_dependent``: the outputs' dimensions of the pruned length (``fx_utils.data_dependent_dims``)."""
     plan = GraphPlan(graph=graph, kind=kind, rectify=config.rectify, added_inputs=tuple(added_inputs),
-                     data_dependent=dict(data_dependent or {}))
+                     data_dependent=dict(data_dependent or {}), image_inputs=tuple(image_inputs),
+                     runs_decoder=runs_decoder)
+    cache = records.get(KVCache)
+    # a decode step reads a past cache; a vision tower split at its attention looks like decode but writes none
+    plan.decode_step = kind is GraphKind.DECODE and cache is not None and (
+        any(c.past_keys is not None for c in cache.layers) or bool(cache.written_in_place))
     if kind is GraphKind.HANDOFF:
         plan.handoff = records.get(Handoff)
     elif kind.has_image and PrefillOutputs in records:
@@ -90,10 +131,12 @@ def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
 class Runtime:
     """Per-backend state; one instance per ``EraBackend``."""
 
-    def __init__(self, report: Report, budget: Tensor):
+    def __init__(self, report: Report, budget: Tensor, strict: bool = False):
         self.handoffs = WeakIdKeyDictionary()  # merged embeddings -> HandedOnMask
         self.report = report
         self.budget = budget  # what every pruned prefill keeps (``EraBackend.budget`` changes it)
+        self.strict = strict
+        self.pending: Optional[PendingImage] = None  # an image encoded since the last pruned prefill or handoff
 
     def wrap(self, compiled: Callable, plan: GraphPlan) -> Callable:
         return RuntimeWrapper(self, compiled, plan) if plan.needed else compiled
@@ -108,19 +151,91 @@ class Runtime:
             return self.budget
         raise TypeError(f"era_compile runtime: no value for added input {added!r}")
 
-    def record(self, outputs: List, plan: GraphPlan) -> tuple:
-        """Strip what a graph published after its outputs and act on it."""
+    def record(self, outputs: List, plan: GraphPlan, args: tuple = ()) -> tuple:
+        """Strip what a graph published after its outputs and act on it (``args``: the call's inputs)."""
         if plan.handoff is not None:
             handed = HandoffOutputs.take(outputs, len(plan.handoff.outputs.values()))
             self._hand_off(outputs[plan.handoff.embeddings_output],
                            HandedOnMask(handed.visual_mask, plan.graph))
+            self.resolve_pending_image()
         elif plan.prefill_outputs:
             published = PrefillOutputs.take(outputs, plan.prefill_outputs)
             self._compact_caches(outputs, plan, published)
             self._mark_pruned_lengths(outputs, plan)
             self.report.record_prefill(plan.graph, plan.layer, published.samples.tolist(),
                                        published.key_visible.shape[-1], published.keep_index.shape[-1])
+            self.resolve_pending_image()
+        elif plan.fell_back:
+            self.resolve_pending_image()
+        else:
+            if plan.encodes_images:
+                self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs])
+            if plan.runs_decoder and self.pending is not None and self.pending.decoder is None:
+                self.pending.decoder = plan.graph
         return tuple(outputs)
+
+    # ------------------------------------------------------------------ images left unpruned
+    # Recorded after a call returned (a call that raised leaves nothing pending); checked before one.
+
+    def check_pending_image(self, plan: GraphPlan) -> None:
+        """Before a call: a pending image that a decoder ran on is now known unpruned if this graph
+        encodes the next image or decodes the next token. Without a decoder, an image encoding
+        goes on (Qwen's tower spans graphs); a decode step drops it (its request failed)."""
+        pending = self.pending
+        if pending is None:
+            return
+        if pending.decoder is None:
+            if plan.decode_step:
+                self._drop(pending)
+        elif plan.decode_step:
+            self._not_pruned(pending, f"graph {plan.graph} decodes the next token")
+        elif plan.encodes_images:
+            self._not_pruned(pending, f"graph {plan.graph} encodes the next image")
+
+    def _image_encoded(self, graph: int, images: List[Tensor]) -> None:
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = PendingImage([])
+        pending.graphs.append(graph)
+        # The image inputs of the calls that encoded it (the caller's pixel values among them) live
+        # as long as its request; their outputs may die before the prefill runs.
+        for x in images:
+            pending.anchors += 1
+            weakref.finalize(x, self._anchor_died, pending)
+
+    def resolve_pending_image(self) -> None:
+        """The pending image was pruned, or an error or warning of a fallback told of it."""
+        if self.pending is not None:
+            self.pending.resolved = True
+            self.pending = None
+
+    def _anchor_died(self, pending: PendingImage) -> None:
+        pending.anchors -= 1
+        if pending.anchors > 0 or pending.resolved:
+            return
+        if pending.decoder is None:
+            self._drop(pending)
+        else:
+            self._not_pruned(pending, "its inputs were freed", can_raise=False)
+
+    def _drop(self, pending: PendingImage) -> None:
+        """An image no decoder ran on: its request failed (or ended) before its prefill."""
+        pending.resolved = True
+        if self.pending is pending:
+            self.pending = None
+        logger.debug("graph(s) %s encoded an image that no decoder ran on: dropped", pending.graphs)
+
+    def _not_pruned(self, pending: PendingImage, when: str, can_raise: bool = True) -> None:
+        self._drop(pending)
+        graphs = ", ".join(str(g) for g in dict.fromkeys(pending.graphs))
+        why = (f"graph(s) {graphs} encoded an image prompt and graph {pending.decoder} ran decoder layers on it, but "
+               f"no graph pruned it (found when {when}): its visual tokens were not pruned (merged by a pattern the "
+               "passes do not know, or in code outside a graph)")
+        self.report.unpruned_images.append(why)
+        if self.strict and can_raise:
+            raise EraCompileError(f"era_compile: {why}")
+        warnings.warn(f"era_compile: {why}", RuntimeWarning)
+        logger.warning(why)
 
     def _compact_caches(self, outputs: List, plan: GraphPlan, published: PrefillOutputs) -> None:
         """The pruned layers' new keys and values [B, H, n', d] become CompactKV of the original
@@ -178,8 +293,10 @@ class RuntimeWrapper:
         self.runtime, self.compiled, self.plan = runtime, compiled, plan
 
     def __call__(self, *args):
+        if self.plan.watches_images:
+            self.runtime.check_pending_image(self.plan)
         extra = [self.runtime.supply(a, args) for a in self.plan.added_inputs]
-        return self.runtime.record(list(self.compiled(*args, *extra)), self.plan)
+        return self.runtime.record(list(self.compiled(*args, *extra)), self.plan, args)
 
 
 class Variants:

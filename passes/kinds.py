@@ -16,19 +16,33 @@ decode     attention over a past KV cache, no image merge             kvcache (w
                                                                       over a pruned CompactKV cache)
 text       none of these: a text-only prompt, a vision tower, a head  none
 =========  =========================================================  ==============================
+
+Apart from its kind, a graph may *encode images* (``image_values``: a vision tower's patch
+convolution, or a pixel input) and may *run decoder layers* (``runs_decoder_layers``). The
+runtime then checks that a graph prunes each image before a language model has run past it;
+and a text-kind graph that encodes images and feeds them to decoder layers
+(``decoder_layers_fed``) merges them by a pattern the passes do not know: the backend falls
+back, loudly.
 """
 
 from __future__ import annotations
 
 import enum
 import operator
-from typing import Any, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
 from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_masked_scatter, is_weight, layer_module_path, placeholders,
                        reachable_from, sequence_source, tensor_meta)
+
+# What a vision tower's patch embedding runs: a 2-D (images) or 3-D (video, Qwen's patches)
+# convolution. Not 1-D ones: audio encoders and some language models (short convolutions) run
+# those on what is no image.
+_CONVOLUTIONS = {torch.conv2d, torch.conv3d, torch.convolution, torch._convolution, torch.ops.aten.conv2d.default,
+                 torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+_EMBEDDING_LOOKUPS = {torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default}
 
 
 class GraphKind(enum.Enum):
@@ -90,3 +104,107 @@ def attends_over_past_cache(gm: fx.GraphModule, example_inputs=()) -> bool:
 def _is_cache_like(node: fx.Node) -> bool:
     t = tensor_meta(node)
     return t is not None and t.dim() == 4 and t.is_floating_point()
+
+
+def image_values(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[fx.Node]:
+    """Where images enter a graph: inputs named like pixels, and 2-D/3-D convolutions of a graph
+    input (or of a value computed from one: a weight's own convolution is no image). Empty: the
+    graph encodes no image (a text-only prompt skips the vision tower, so none of this runs)."""
+    data = _data_inputs(gm, example_inputs)
+    from_data = reachable_from(data, through_sizes=False) | set(data)
+    pixels = [n for n in data if "pixel" in n.name]
+    convolutions = [n for n in gm.graph.nodes if _is_image_convolution(n) and _first_argument(n) in from_data]
+    return pixels + convolutions
+
+
+def image_inputs(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()) -> List[int]:
+    """Positions of the graph inputs that ``images`` come from: what a call receives as its image."""
+    sources = _ancestors(images) | set(images)
+    data = set(_data_inputs(gm, example_inputs))
+    return [i for i, n in enumerate(placeholders(gm)) if n in sources and n in data]
+
+
+def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()
+                       ) -> List[str]:
+    """The indexed layers (``...layers.3``) whose attention both ``images`` and the text's
+    embeddings reach: a language model's, run on a sequence the image was merged into. A vision
+    tower's own layers see no text, so they are not named."""
+    text = _text_embeddings(gm, example_inputs, images)
+    if not images or not text:
+        return []
+    both = reachable_from(images, through_sizes=False) & reachable_from(text, through_sizes=False)
+    paths: List[str] = []
+    for node in gm.graph.nodes:
+        path = layer_module_path(node) if is_attention(node) and node in both else None
+        if path is not None and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> bool:
+    """Whether the text's embeddings reach an indexed layer: a language model runs here (a vision
+    tower's layers, split from its patch embedding, run on [P, D] patches, not on text)."""
+    return any(layer_module_path(n) is not None
+               for n in reachable_from(_text_embeddings(gm, example_inputs, ()), through_sizes=False))
+
+
+def _data_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> List[fx.Node]:
+    """The tensor placeholders bound to data, not to a parameter or buffer (nor a size)."""
+    inputs = placeholders(gm)
+    examples = list(example_inputs) + [None] * (len(inputs) - len(example_inputs))
+    return [n for n, x in zip(inputs, examples) if tensor_meta(n) is not None and not is_weight(n, x)]
+
+
+def _text_embeddings(gm: fx.GraphModule, example_inputs: Sequence[Any], images: Sequence[fx.Node]) -> List[fx.Node]:
+    """Token embeddings (a lookup of an integer graph input), and [B, N, D] float inputs (embeddings
+    computed before the graph), none of them where an image comes from."""
+    image_sources = _ancestors(images)
+    data = [n for n in _data_inputs(gm, example_inputs) if n not in image_sources and n not in images]
+    embedded = [n for n in data if _is_float(n, rank=3)]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _EMBEDDING_LOOKUPS:
+            indices = [_through_one_input_ops(a) for a in node.args[:2] if _is_integer(a)]
+            if any(i in data for i in indices):
+                embedded.append(node)
+    return embedded
+
+
+def _is_image_convolution(node: fx.Node) -> bool:
+    weight = tensor_meta(node.args[1]) if node.op == "call_function" and node.target in _CONVOLUTIONS \
+        and len(node.args) > 1 else None
+    return weight is not None and weight.dim() in (4, 5)  # [C_out, C_in, kH, kW(, kT)]
+
+
+def _first_argument(node: fx.Node) -> Any:
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _ancestors(nodes: Sequence[fx.Node]) -> set:
+    seen: set = set()
+    todo = [a for n in nodes for a in n.all_input_nodes]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _through_one_input_ops(node: Any) -> Any:
+    """Back through calls with one tensor input (a cast, a clamp): the node that holds the values."""
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function"):
+        inputs = [a for a in node.all_input_nodes if tensor_meta(a) is not None]
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return node
+
+
+def _is_integer(node: Any) -> bool:
+    t = tensor_meta(node)
+    return t is not None and not t.is_floating_point() and t.dtype is not torch.bool
+
+
+def _is_float(node: fx.Node, rank: int) -> bool:
+    t = tensor_meta(node)
+    return t is not None and t.is_floating_point() and t.dim() == rank

@@ -1,0 +1,286 @@
+"""Never break a model, never prune silently: a rewritten graph that fails on its first run falls
+back to the graph as Dynamo gave it, and an image prompt that no graph pruned is always told."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+from conftest import build
+
+import era_compile.backend as backend_module
+from era_compile import ERAConfig, EraCompileError, make_era_backend
+from era_compile.backend import FirstRunFallback
+from era_compile.passes.kinds import image_values
+from era_compile.report import Report
+from era_compile.runtime import GraphPlan, Runtime
+
+VMAP_ERROR = "Either your tensor may have escaped from inside a function being vmapped"
+
+
+@pytest.fixture
+def rewrites_fail_at_run_time(monkeypatch):
+    """The inner compiler, where a graph that a pass changed compiles but raises when called (as
+    a model's vmap-ed mask functions can make it); the graph as Dynamo gave it runs."""
+    real = backend_module.inner_compile
+
+    def compile_(gm, example_inputs, compiler):
+        compiled = real(gm, example_inputs, compiler)
+        if not any("era_pass" in node.meta for node in gm.graph.nodes):
+            return compiled
+
+        def fails(*args):
+            raise RuntimeError(VMAP_ERROR)
+        return fails
+
+    monkeypatch.setattr(backend_module, "inner_compile", compile_)
+
+
+def test_a_rewrite_that_fails_on_its_first_run_runs_unpruned(rewrites_fail_at_run_time):
+    model, inputs = build("llava")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    backend = make_era_backend(ERAConfig(compiler="eager"))
+    compiled = torch.compile(model, backend=backend)
+    with pytest.warns(RuntimeWarning, match=r"^era_compile, graph \d+: the rewritten graph failed on its first run "
+                                            rf"\(RuntimeError: {VMAP_ERROR}\).*running it unpruned"):
+        with torch.no_grad():
+            out = compiled(**inputs)
+    torch.testing.assert_close(out.logits, expected)
+
+    report = backend.report
+    prefill = next(entry["graph"] for entry in report.passes if entry["kind"] == "prefill")
+    assert report.fallbacks == [prefill]
+    assert any(s.startswith(f"graph {prefill}: the rewritten graph failed on its first run") for s in report.skipped)
+    assert f"fell back (compiled unmodified): graph {prefill}" in str(report)
+    # the failing call recorded nothing: the runtime records after the compiled call returns
+    assert not report.pruned and report.pruned_calls == 0 and not report.unpruned_images
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # told once: neither the fallback nor the image again
+        with torch.no_grad():
+            again = compiled(**inputs)
+        del inputs
+        gc.collect()
+    torch.testing.assert_close(again.logits, expected)
+    assert report.fallbacks == [prefill] and not report.unpruned_images
+
+
+def test_strict_a_rewrite_that_fails_on_its_first_run_is_an_error(rewrites_fail_at_run_time):
+    model, inputs = build("llava")
+    compiled = torch.compile(model, backend=make_era_backend(ERAConfig(compiler="eager", strict=True)))
+    with pytest.raises(EraCompileError, match=rf"graph \d+: the rewritten graph failed on its first run "
+                                              rf"\(RuntimeError: {VMAP_ERROR}\)") as info:
+        with torch.no_grad():
+            compiled(**inputs)
+    assert VMAP_ERROR in str(info.value.__cause__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the error told of the image: its pixels dying is no news
+        del inputs
+        gc.collect()
+
+
+def test_after_a_first_success_the_rewritten_graph_is_called_directly():
+    calls = []
+    guarded = FirstRunFallback(lambda *args: calls.append(args) or "pruned", lambda error: pytest.fail("fell back"))
+    assert guarded(1, 2) == "pruned" and guarded(3) == "pruned" and calls == [(1, 2), (3,)]
+    assert guarded.run is guarded.rewritten and guarded.run_unpruned is None  # no try, no example inputs held
+
+
+# ---------------------------------------------------------------------------- an image left unpruned
+
+class WhereMergeLlava(torch.nn.Module):
+    """A LLaVA whose image features enter the text embeddings by ``torch.where`` over a gather,
+    not masked_scatter: a merge the passes do not know. ``split``: a graph break after the
+    vision tower, so the tower and the merge land in different graphs."""
+
+    def __init__(self, llava, split: bool):
+        super().__init__()
+        self.llava, self.split = llava, split
+
+    def forward(self, input_ids, pixel_values):
+        inner = self.llava.model
+        embeds = inner.get_input_embeddings()(input_ids)
+        patches = inner.vision_tower(pixel_values).last_hidden_state
+        if self.split:
+            torch._dynamo.graph_break()
+        features = inner.multi_modal_projector(patches[:, 1:]).flatten(0, 1)
+        is_image = input_ids == self.llava.config.image_token_id
+        slot = (is_image.long().cumsum(-1) - 1).clamp(min=0)  # the feature each image position takes
+        embeds = torch.where(is_image.unsqueeze(-1), features[slot], embeds)
+        return self.llava.lm_head(inner.language_model(inputs_embeds=embeds).last_hidden_state)
+
+
+def _where_merge(split: bool):
+    llava, inputs = build("llava")
+    model = WhereMergeLlava(llava, split)
+    args = (inputs["input_ids"], inputs["pixel_values"])
+    with torch.no_grad():
+        expected = model(*args)  # and HF's lazy output hooks are installed before Dynamo traces
+    return model, args, expected
+
+
+def test_an_unknown_merge_next_to_its_vision_tower_falls_back_at_compile_time():
+    model, args, expected = _where_merge(split=False)
+    assert torch.equal(torch.compile(model, backend="eager")(*args), expected)  # what plain torch.compile gives
+    torch._dynamo.reset()
+    backend = make_era_backend(ERAConfig(compiler="eager"))
+    with pytest.warns(RuntimeWarning, match=r"graph 0: it encodes images and feeds them to decoder layers "
+                                            r"\(.*language_model\.layers\.0.*\), but merges them by no pattern"):
+        with torch.no_grad():
+            out = torch.compile(model, backend=backend)(*args)
+    torch.testing.assert_close(out, expected)
+    assert backend.report.fallbacks == [0] and not backend.report.pruned
+    assert any("merges them by no pattern the passes know" in s for s in backend.report.skipped)
+
+    torch._dynamo.reset()
+    strict = make_era_backend(ERAConfig(compiler="eager", strict=True))
+    with pytest.raises(Exception, match="encodes images and feeds them to decoder layers") as info:
+        with torch.no_grad():
+            torch.compile(model, backend=strict)(*args)
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(type(e))
+        e = e.__cause__ or e.__context__
+    assert EraCompileError in chain
+
+
+def test_an_image_that_no_graph_prunes_is_told_at_run_time():
+    """The tower and an unknown merge in different graphs: each graph alone looks fine (a tower,
+    a text decoder), so the runtime tells: when the image's inputs die, or, strict, when the
+    tower encodes the next image."""
+    model, args, expected = _where_merge(split=True)
+    ids, pixels = args
+    backend = make_era_backend(ERAConfig(compiler="eager"))
+    compiled = torch.compile(model, backend=backend)
+    with pytest.warns(RuntimeWarning, match=r"era_compile: graph\(s\) 0 encoded an image prompt and graph 1 ran "
+                                            r"decoder layers on it, but no graph pruned it \(found when its inputs "
+                                            r"were freed\)"):
+        with torch.no_grad():
+            out = compiled(ids, pixels.clone())  # the request's pixels die with the call
+        gc.collect()
+    torch.testing.assert_close(out, expected)
+    report = backend.report
+    assert len(report.unpruned_images) == 1 and not report.pruned and not report.fallbacks
+    assert "NOT PRUNED: graph(s) 0 encoded an image prompt and graph 1 ran decoder layers" in str(report)
+
+    torch._dynamo.reset()
+    strict = make_era_backend(ERAConfig(compiler="eager", strict=True))
+    compiled = torch.compile(model, backend=strict)
+    with torch.no_grad():
+        compiled(ids, pixels)
+        with pytest.raises(EraCompileError, match=r"graph\(s\) 0 encoded an image prompt and graph 1 ran decoder "
+                                                  r"layers on it, but no graph pruned it \(found when graph 0 "
+                                                  r"encodes the next image\)"):
+            compiled(ids, pixels)
+    assert len(strict.report.unpruned_images) == 1
+
+
+TOWER, DECODER, DECODE = (GraphPlan(graph=1, image_inputs=(0,)), GraphPlan(graph=2, runs_decoder=True),
+                           GraphPlan(graph=3, decode_step=True))
+
+
+def _call(runtime, plan, *args):
+    runtime.check_pending_image(plan)
+    return runtime.record([torch.ones(1)], plan, args)
+
+
+def test_a_decode_step_after_an_unpruned_image_is_the_verdict():
+    """Generate's next step: the prompt that brought the image is over, unpruned."""
+    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    pixels = torch.randn(1, 3, 8, 8)
+    _call(runtime, TOWER, pixels)
+    _call(runtime, DECODER)
+    with pytest.raises(EraCompileError, match=r"found when graph 3 decodes the next token"):
+        _call(runtime, DECODE)
+    _call(runtime, DECODE)  # told once
+    del pixels
+    gc.collect()
+    assert len(runtime.report.unpruned_images) == 1
+
+
+def test_an_image_no_decoder_ran_on_is_dropped():
+    """A request that failed between its vision tower and its prefill (HF's own check that image
+    tokens and features agree): no decoder ran, so there is nothing to tell, then or later."""
+    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    pixels = torch.randn(1, 3, 8, 8)
+    _call(runtime, TOWER, pixels)  # and the request raised
+    _call(runtime, TOWER, pixels)  # the next request: its tower, its prefill
+    _call(runtime, GraphPlan(graph=5, prefill_outputs=0, fell_back=True))
+    assert runtime.pending is None
+    _call(runtime, TOWER, torch.randn(1, 3, 8, 8))  # freed at once: dropped
+    _call(runtime, TOWER, pixels)
+    _call(runtime, DECODE)  # dropped too
+    del pixels
+    gc.collect()
+    assert runtime.pending is None and not runtime.report.unpruned_images
+
+
+def test_a_pruned_prefill_resolves_the_image_of_an_earlier_graph():
+    """LLaVA's plain forward runs the vision tower in a graph of its own; the prefill that prunes
+    comes later. Strict, twice, and after the inputs die: nothing to tell."""
+    model, inputs = build("llava")
+    backend = make_era_backend(ERAConfig(compiler="eager", strict=True))
+    compiled = torch.compile(model, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.no_grad():
+            compiled(**inputs)
+            compiled(**inputs)
+        del inputs
+        gc.collect()
+    report = backend.report
+    assert report.pruned_calls == 2 and not report.unpruned_images and not report.fallbacks
+
+
+def test_a_text_only_prompt_is_silent_in_strict_mode():
+    model, _ = build("llava")
+    ids = torch.randint(3, 200, (1, 12))
+    backend = make_era_backend(ERAConfig(compiler="eager", strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(input_ids=ids)
+        gc.collect()
+    assert not backend.report.pruned and not backend.report.unpruned_images and not backend.report.fallbacks
+
+
+def test_generate_on_a_supported_model_is_silent_in_strict_mode():
+    model, inputs = build("llava")
+    backend = make_era_backend(ERAConfig(compiler="eager", strict=True))
+    model.compile(backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        del inputs
+        gc.collect()
+    report = backend.report
+    assert report.pruned and not report.unpruned_images and not report.fallbacks
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+@pytest.mark.parametrize("conv, shape, encodes", [
+    (torch.nn.Conv2d(3, 4, 2, stride=2), (1, 3, 8, 8), True),    # a patch embedding
+    (torch.nn.Conv3d(3, 4, 2, stride=2), (1, 3, 2, 8, 8), True),  # video / Qwen's patches
+    (torch.nn.Conv1d(4, 4, 3, groups=4), (1, 4, 8), False),       # an audio encoder's, a short convolution's
+])
+def test_image_values_are_2d_and_3d_convolutions_of_inputs(conv, shape, encodes):
+    found = []
+
+    def capture(gm, example_inputs):
+        found.append(image_values(gm, example_inputs))
+        return gm.forward
+
+    torch.compile(_Conv(conv), backend=capture)(torch.randn(shape))
+    assert bool(found[0]) is encodes
