@@ -15,7 +15,8 @@ longer mask inside SDPA while Dynamo traces the next decode step, before any bac
 What Hugging Face does to a cache tensor is done to ``rows``: ``cat([cache, new], dim=-2)``
 appends (the row's position is the logical length so far), repeat_kv's index/expand/reshape
 and dtype or device casts apply to the rows, ``index_select`` on the batch (beam search)
-reorders rows, positions and bias together. ``scaled_dot_product_attention`` over CompactKV
+reorders rows, positions and bias together; a sliding-window layer's ``x[..., -(W - 1):, :]`` keeps
+the rows, blocks those before the window and counts positions from its start (``window``). ``scaled_dot_product_attention`` over CompactKV
 keys gathers the model's mask at the rows' positions and adds the bias: exactly attention over
 the original positions with the dropped tokens gone. The bias travels inside the cache, so a
 decode step needs no lookup, and a reordered cache keeps it.
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from era_compile.algorithms.sequence import BLOCKED
 
 aten = torch.ops.aten
 _COPIES = {aten.clone.default, aten.detach.default, aten.alias.default, aten._to_copy.default,
@@ -116,6 +119,8 @@ class CompactKV(Tensor):
                 end >= x.shape[dim])  # ``x[..., :]`` slices to sys.maxsize
             if start in (0, None) and step == 1 and to_the_end:
                 return x._with_rows(x.rows)  # x[..., :, :] keeps the whole sequence
+            if step == 1 and to_the_end:
+                return window(x, start)  # a sliding-window cache keeps its last W - 1 positions
         elif func is aten.unsqueeze.default:
             dim = args[1] % (x.dim() + 1)
             return x._with_rows(func(x.rows, dim), x.seq_dim + (dim <= x.seq_dim))
@@ -194,9 +199,37 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
     return kernel(query, key.rows, value.rows, None, mask, False, scale, "sdpa")
 
 
-def compact(rows: Tensor, positions: Tensor, bias: Tensor, length: int) -> CompactKV:
-    """A fresh CompactKV: ``rows`` [B, H, R, d] at ``positions`` [B, R] of ``length`` original ones."""
-    return CompactKV(rows.contiguous(), positions.contiguous(), bias.to(torch.float32).contiguous(), length)
+def compact(rows: Tensor, positions: Tensor, bias: Tensor, length: int, window_start: Optional[int] = None
+            ) -> CompactKV:
+    """A fresh CompactKV: ``rows`` [B, H, R, d] at ``positions`` [B, R] of ``length`` original ones.
+    ``window_start``: ``rows`` are the last R rows only, what a sliding-window layer cached of them
+    (``keys[..., window_start:, :]``); positions and bias are the last R too, and the window is
+    taken in original positions."""
+    cached = rows.shape[-2]
+    positions, bias = positions[:, positions.shape[1] - cached:], bias[:, bias.shape[1] - cached:]
+    kv = CompactKV(rows.contiguous(), positions.contiguous(), bias.to(torch.float32).contiguous(), length)
+    return kv if window_start is None else window(kv, window_start)
+
+
+def window(x: CompactKV, start: int) -> CompactKV:
+    """``x[..., start:, :]`` in original positions (HF's sliding-window cache: the last W - 1).
+    Rows before the window are blocked rather than dropped (samples of a batch keep different
+    numbers of rows in it); positions count from the window's start, as the sliding-window mask
+    of the next step does (its ``kv_offset``). ``start`` must be an int: Dynamo hands the op a
+    symbol with no source for a window longer than the cache (``kvcache`` refuses a prompt that
+    does not fill the window)."""
+    length = x.shape[x.seq_dim]
+    begin = _bound(start, length)
+    positions = x.positions - begin
+    bias = x.bias.masked_fill(positions < 0, BLOCKED)
+    return CompactKV(x.rows, positions.clamp_min(0), bias, length - begin, x.seq_dim)
+
+
+def _bound(index, length):
+    """A slice bound in [0, length], as Python's slicing reads it (negative: from the end)."""
+    if not isinstance(index, int):
+        raise NotImplementedError(f"CompactKV: a slice bound {index!r} that is not an int")
+    return torch.sym_max(index + length, 0) if index < 0 else torch.sym_min(index, length)
 
 
 def stored_rows(cache_tensor: Any) -> int:

@@ -80,6 +80,7 @@ class GraphPlan:
     data_dependent: Dict[int, Tuple[int, ...]] = field(default_factory=dict)  # output -> dims of length n'
     keys_outputs: Dict[int, int] = field(default_factory=dict)    # pruned layer -> output index
     values_outputs: Dict[int, int] = field(default_factory=dict)
+    windows: Dict[int, int] = field(default_factory=dict)        # sliding-window layer -> window start
     added_inputs: Tuple[AddedInput, ...] = ()   # supplied on every call, in order
     prefill_outputs: int = 0                    # trailing ``PrefillOutputs`` fields
     handoff: Optional[Handoff] = None           # merged embeddings handed on, their mask trailing
@@ -125,6 +126,8 @@ def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
             if c.index >= config.layer:
                 plan.keys_outputs[c.index] = c.keys_output
                 plan.values_outputs[c.index] = c.values_output
+                if c.window_start is not None:
+                    plan.windows[c.index] = c.window_start
     return plan
 
 
@@ -239,7 +242,8 @@ class Runtime:
 
     def _compact_caches(self, outputs: List, plan: GraphPlan, published: PrefillOutputs) -> None:
         """The pruned layers' new keys and values [B, H, n', d] become CompactKV of the original
-        length N, each row at its original position with its bias (0 everywhere without LAR)."""
+        length N, each row at its original position with its bias (0 everywhere without LAR); a
+        sliding-window layer's, the last W - 1 original positions of them."""
         bias = published.log_bias if plan.rectify else published.log_bias.new_zeros(published.log_bias.shape)
         length = published.key_visible.shape[-1]  # N: the visibility row spans the original positions
         # Each cache tensor gets its own positions and bias (12 bytes per row), as every decode append
@@ -248,7 +252,8 @@ class Runtime:
         for layer, i in plan.keys_outputs.items():
             j = plan.values_outputs[layer]
             for k in (i, j):
-                outputs[k] = compact(outputs[k], published.keep_index.clone(), bias.clone(), length)
+                outputs[k] = compact(outputs[k], published.keep_index.clone(), bias.clone(), length,
+                                     plan.windows.get(layer))
 
     @staticmethod
     def _mark_pruned_lengths(outputs: List, plan: GraphPlan) -> None:

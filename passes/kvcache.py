@@ -11,9 +11,10 @@ casts) to that ``cat`` (``fx_utils.sequence_source``: no op list, no hop limit),
 * the past keys: a graph input in a decode step (a ``CompactKV`` in a pruned layer, whose own
   attention adds the bias: ``compact``), an empty tensor in a fresh prefill.
 
-A sliding-window cache layer attends over the ``cat`` but caches only its last W - 1 positions
-(a slice of it is the graph output): a pruned prefill over such a layer is refused, since the
-window is taken in original positions and the kept rows would lose their bias and positions.
+A sliding-window cache layer attends over the ``cat`` but caches only its last W - 1 positions:
+the graph output is ``cat[:, :, -(W - 1):, :]`` (``window_start``). In a pruned layer the runtime
+turns it into a ``CompactKV`` windowed in original positions (``compact_kv.window``). A layer
+that caches some other part of what it attends to is refused in a pruned prefill.
 
 A static cache (``generate(cache_implementation="static")``) is written in place instead
 (``keys.index_copy_(2, positions, new)`` into a preallocated tensor, inside the layer).
@@ -57,24 +58,33 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         keys, values = sequence_source(args["key"]), sequence_source(args["value"])
         if not (_is_cache_write(keys) and _is_cache_write(values)):
             continue
-        if keys not in outputs or values not in outputs:
-            windowed.append(index)  # attends over the cat, caches only part of it
-            continue
+        cached_keys, cached_values, start = keys, values, None
+        if keys not in outputs or values not in outputs:  # attends over the cat, caches part of it
+            (cached_keys, start), (cached_values, value_start) = _window_of(keys, outputs), _window_of(values, outputs)
+            if start is None or start != value_start:
+                windowed.append(index)
+                continue
         past = sequence_source(call_arguments(keys)["tensors"][0])
         past = past if isinstance(past, fx.Node) and past.op == "placeholder" else None
-        layers.append(CachedLayer(index, keys, values, outputs.index(keys), outputs.index(values), past,
-                                  compact=past is not None and isinstance(tensor_meta(past), CompactKV)))
+        layers.append(CachedLayer(index, keys, values, outputs.index(cached_keys), outputs.index(cached_values), past,
+                                  compact=past is not None and isinstance(tensor_meta(past), CompactKV),
+                                  window_start=start))
     pruned = [i for i in in_place if i >= ctx.config.layer]
     if ctx.kind.has_image and pruned:
         raise PassError(f"layers {pruned} write their KV cache in place (index_copy_ into a preallocated cache: "
                         "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
                         "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
                         "use the default dynamic cache")
+    short = [c.index for c in layers if c.window_start is not None and c.index >= ctx.config.layer
+             and not _fills_window(tensor_meta(c.keys).shape[2], c.window_start)]
+    if ctx.kind.has_image and short:
+        raise PassError(f"layers {short} have a sliding window that this prompt length does not fill (or a dynamic "
+                        "one might not): while a window is not full, Dynamo hands its bound to the pruned cache as a "
+                        "symbol it cannot window by; not supported yet (a static prompt of at least W - 1 tokens is)")
     pruned_windows = [i for i in windowed if i >= ctx.config.layer]
     if ctx.kind.has_image and pruned_windows:
-        raise PassError(f"layers {pruned_windows} cache a window of their keys (a sliding-window cache keeps the last "
-                        "W - 1 positions of what the layer attended to): the pruned layers' kept rows and their bias "
-                        "cannot be windowed by original position; not supported")
+        raise PassError(f"layers {pruned_windows} cache part of the keys they attend to, not as a sliding window "
+                        "(keys[..., -(W - 1):, :]) of them: the pruned layers' cache cannot be kept; not supported")
     record = KVCache(tuple(layers), tuple(in_place))
     counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers),
               "compact": [layer.index for layer in layers if layer.compact]}
@@ -82,6 +92,25 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts["written_in_place"] = list(in_place)
     skipped = None if layers else "no KV-cache writes (use_cache=False, or not a decoder graph)"
     return PassResult(record=record, counts=counts, skipped=skipped)
+
+
+def _fills_window(length, window_start: int) -> bool:
+    """A prompt of this (static) length fills the window of ``keys[..., window_start:, :]``."""
+    return isinstance(length, int) and -window_start <= length
+
+
+def _window_of(cat: fx.Node, outputs: list):
+    """(output, start) when an output is ``cat[:, :, start:, :]`` (a sliding-window cache's write),
+    else (None, None)."""
+    for user in cat.users:
+        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        if user in outputs and isinstance(index, tuple) and len(index) in (3, 4) and all(
+                i == slice(None) for j, i in enumerate(index) if j != 2):
+            window = index[2]
+            if isinstance(window, slice) and isinstance(window.start, int) and window.stop is None \
+                    and window.step in (None, 1):
+                return user, window.start
+    return None, None
 
 
 def _is_cache_write(node) -> bool:

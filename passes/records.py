@@ -141,6 +141,7 @@ class CachedLayer:
     values_output: int
     past_keys: Optional[fx.Node]    # the graph input holding the past keys (decode), else None
     compact: bool = False           # the past keys are a CompactKV (a pruned layer's cache)
+    window_start: Optional[int] = None  # a sliding-window layer caches ``keys[..., window_start:, :]``
 
 
 @dataclass(frozen=True)

@@ -131,3 +131,23 @@ def test_compiled_decode_step_over_it(backend):
     out, k2 = torch.compile(step, backend=backend, fullgraph=True)(q, k, v, new, mask)
     assert torch.allclose(out, expected, atol=1e-5)
     assert isinstance(k2, CompactKV) and stored_rows(k2) == 7
+
+
+def test_a_sliding_window_slice_keeps_the_last_positions_of_the_original_sequence():
+    """HF's sliding-window cache keeps ``keys[..., -(W - 1):, :]``: the last W - 1 original positions.
+    Kept rows before them are blocked, positions count from the window's start (the next step's
+    mask offset), and attention equals dense attention over the window's kept positions."""
+    dense, keep, bias, k = _cache()
+    _, _, _, v = _cache(seed=1)
+    dense_v = _cache(seed=1)[0]
+    w, wv = k[:, :, -6:, :], v[:, :, -6:, :]  # positions 6..11 of 12
+    assert isinstance(w, CompactKV) and w.shape[2] == 6 and stored_rows(w) == stored_rows(k)
+    assert w.positions[0].tolist() == [0, 0, 0, 1, 4, 5]  # rows at 0, 1, 4 are before the window
+    assert bool((w.bias[:, :3] < -1e30).all()) and torch.equal(w.bias[:, 3:], bias[:, 3:])
+    q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(B, 1, 1, 6, dtype=torch.bool)
+    out = F.scaled_dot_product_attention(q, w, wv, attn_mask=mask)
+    in_window = torch.zeros(B, 1, 1, N, dtype=torch.bool)
+    in_window[..., 6:] = True
+    torch.testing.assert_close(out, _dense_attention(q, dense, dense_v, keep, bias, in_window))
+    assert k[:, :, -20:, :].shape[2] == N and torch.equal(k[:, :, -20:, :].positions, keep)  # window not full yet

@@ -82,21 +82,39 @@ def test_a_static_cache_in_a_prefill_that_would_prune_is_refused_by_name():
 
 
 class _WindowedVLM(ToyVLM):
-    """ToyVLM whose layers cache only the last 4 positions they attended over (a sliding-window
-    cache: HF's DynamicSlidingWindowLayer returns the whole cat, stores a slice of it)."""
+    """ToyVLM whose layers cache only part of what they attended over: the last 4 positions (a
+    sliding-window cache: HF's DynamicSlidingWindowLayer returns the whole cat, stores a slice of
+    it), or, ``head=True``, the first 4 (no cache does that)."""
+
+    def __init__(self, head: bool = False):
+        super().__init__()
+        self.head_slice = head
 
     def forward(self, input_ids, image_features=None, past=None, mask=None, static=None):
         logits, cache = super().forward(input_ids, image_features, past, mask)
-        return logits, [(k[:, :, -4:], v[:, :, -4:]) for k, v in cache]
+        part = (lambda t: t[:, :, :4]) if self.head_slice else (lambda t: t[:, :, -4:])
+        return logits, [(part(k), part(v)) for k, v in cache]
 
 
-def test_a_sliding_window_cache_in_a_pruned_prefill_is_refused_by_name():
-    """Its window is taken in original positions: the pruned rows' positions and bias would be lost
-    (before this check, the layers were skipped and the decode ran silently on a plain window)."""
+def _empty_past():
+    return [(torch.zeros(1, HEADS, 0, DIM // HEADS), torch.zeros(1, HEADS, 0, DIM // HEADS)) for _ in range(LAYERS)]
+
+
+def test_a_sliding_window_cache_write_is_recorded_with_its_window():
+    """The output is cat[..., -4:, :]: recorded, so the runtime can window the pruned rows by their
+    original positions (before, such layers were skipped, and a decode ran silently on a plain
+    window of the kept rows, without their positions or bias)."""
     torch.manual_seed(0)
     ids, features = prompt()
-    past = [(torch.zeros(1, HEADS, 0, DIM // HEADS), torch.zeros(1, HEADS, 0, DIM // HEADS)) for _ in range(LAYERS)]
-    with pytest.raises(PassError, match=r"layers \[1, 2\] cache a window of their keys"):
-        PassRecorder(_WindowedVLM().eval(), ids, features, past, until="kvcache")
-    rec = PassRecorder(_WindowedVLM().eval(), ids[:, :1], None, past, until="kvcache")  # no image: analysed only
-    assert rec.record(KVCache).layers == ()
+    rec = PassRecorder(_WindowedVLM().eval(), ids, features, _empty_past(), until="kvcache")
+    layers = rec.record(KVCache).layers
+    assert [c.index for c in layers] == list(range(LAYERS)) and {c.window_start for c in layers} == {-4}
+    outputs = list(rec.result.gm.graph.output_node().args[0])
+    assert all(outputs[c.keys_output].args[0] is c.keys for c in layers)  # the slice of the cat
+
+
+def test_a_cache_of_another_part_of_the_keys_is_refused_in_a_pruned_prefill():
+    torch.manual_seed(0)
+    ids, features = prompt()
+    with pytest.raises(PassError, match=r"layers \[1, 2\] cache part of the keys they attend to"):
+        PassRecorder(_WindowedVLM(head=True).eval(), ids, features, _empty_past(), until="kvcache")
