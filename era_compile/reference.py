@@ -80,6 +80,17 @@ def visual_token_ids(model) -> List[int]:
     return ids
 
 
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding the language model's ``layers`` (``get_decoder`` of a VLM may return a
+    whole causal LM, e.g. BLIP-2's OPT, whose own decoder holds them)."""
+    decoder = model.get_decoder()
+    for _ in range(3):
+        if hasattr(decoder, "layers"):
+            return decoder
+        decoder = decoder.get_decoder() if hasattr(decoder, "get_decoder") else getattr(decoder, "model", decoder)
+    raise ValueError(f"no decoder layers found under {type(model).__name__}.get_decoder()")
+
+
 class EagerReference:
     """``EagerReference(model, config)(**inputs)`` runs ``model`` eagerly with the pruning of ``config``."""
 
@@ -87,7 +98,7 @@ class EagerReference:
                  attention_observer: Optional[Callable] = None):
         self.model = model
         self.config = config.replace(layer=config.resolve_layer()[0], profile=None)  # layer="auto" resolved
-        self.decoder = model.get_decoder()
+        self.decoder = decoder_of(model)
         self.layers = self.decoder.layers
         self.visual_token_ids = torch.tensor(visual_token_ids(model))
         self.drop_decode_bias = drop_decode_bias
@@ -134,13 +145,15 @@ class EagerReference:
     def _prune(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._keep is not None:  # a decode step: the cache already holds the kept tokens
+            self._pruning = False
             return None
+        self._pruning = True  # the prefill: the layers after this one run on the kept tokens
         K, cfg = self.config.layer, self.config
         if K == 0:  # layer 0's queries and keys on the unpruned input, cache untouched
             self._capture = 0
+            rotary = {"position_embeddings": kwargs["position_embeddings"]} if "position_embeddings" in kwargs else {}
             module.self_attn(hidden_states=module.input_layernorm(hidden), attention_mask=kwargs.get("attention_mask"),
-                             position_embeddings=kwargs["position_embeddings"],
-                             **{cache_kwarg(module.self_attn.forward): None})
+                             **rotary, **{cache_kwarg(module.self_attn.forward): None})
         query, key, attn_mask, scaling = self._seen
         self._capture = None
         if hidden.shape[0] != self._visual_mask.shape[0]:  # beam search expanded every prompt into its beams
@@ -163,8 +176,9 @@ class EagerReference:
     def _gather_kwargs(self, kwargs):
         keep = self._keep
         kwargs = dict(kwargs)
-        cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (_take(cos, keep, 1), _take(sin, keep, 1))
+        if kwargs.get("position_embeddings") is not None:  # learned positions (OPT) were added before layer 0
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = (_take(cos, keep, 1), _take(sin, keep, 1))
         mask = kwargs.get("attention_mask")
         if mask is not None:
             kwargs["attention_mask"] = _take(_take(mask, keep, 2), keep, 3)
@@ -173,8 +187,7 @@ class EagerReference:
         return kwargs
 
     def _later(self, module, args, kwargs):
-        cos = kwargs["position_embeddings"][0]
-        if cos.shape[1] != self._seq_len:  # a decode step: positions are the new tokens' own
+        if not self._pruning:  # a decode step: positions are the new tokens' own
             return None
         return args, self._gather_kwargs(kwargs)
 
@@ -199,7 +212,7 @@ class EagerReference:
         global _ACTIVE
         self._visual_mask = self.visual_positions(input_ids)
         self._capture = self.config.layer - 1 if self.config.layer > 0 else None
-        self._seen, self._keep, self._bias = None, None, None
+        self._seen, self._keep, self._bias, self._pruning = None, None, None, False
         text_config = self.model.config.get_text_config()
         previous = text_config._attn_implementation
         handles = [self.layers[self.config.layer].register_forward_pre_hook(self._prune, with_kwargs=True)]

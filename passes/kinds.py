@@ -33,6 +33,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_masked_scatter, is_weight, layer_module_path, placeholders,
                        reachable_from, sequence_source, tensor_meta)
@@ -164,7 +165,7 @@ def _text_embeddings(gm: fx.GraphModule, example_inputs: Sequence[Any], images: 
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _EMBEDDING_LOOKUPS:
             indices = [_through_one_input_ops(a) for a in node.args[:2] if _is_integer(a)]
-            if any(i in data for i in indices):
+            if any(i in data and _is_token_sequence(i) for i in indices):
                 embedded.append(node)
     return embedded
 
@@ -198,6 +199,13 @@ def _through_one_input_ops(node: Any) -> Any:
             break
         node = inputs[0]
     return node
+
+
+def _is_token_sequence(node: fx.Node) -> bool:
+    """[B, N] token ids, not a grid descriptor a vision tower embeds positions from (NaFlex's
+    ``spatial_shapes`` [B, 2], ``image_grid_thw`` [n, 3])."""
+    t = tensor_meta(node)
+    return t is not None and t.dim() == 2 and not statically_known_true(t.shape[-1] <= 3)
 
 
 def _is_integer(node: Any) -> bool:

@@ -230,7 +230,7 @@ def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tu
             continue
         sized = [d for d in out_dims if original_out[d] != 1]  # size-1 dims ride along
         if len(sized) != 1:
-            raise PassError(f"{node.name}: a view splits the sequence dimension {original_in} -> {original_out}")
+            sized = _sequence_part_of_split(node, sized, original_in, original_out, seq_len)
         (d,) = sized
         if isinstance(sizes[d], int) and sizes[d] == -1:
             continue
@@ -239,6 +239,19 @@ def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tu
             raise PassError(f"{node.name}: size {total} is not a multiple of the sequence length {seq_len}")
         sizes[d] = SeqLen(total // seq_len)
     return (src, tuple(sizes)), {}
+
+
+def _sequence_part_of_split(node: fx.Node, sized: List[int], original_in, original_out, seq_len: int) -> List[int]:
+    """A view that splits a dim holding the sequence into the sequence and constant parts: batch and
+    sequence flattened for a feed-forward and split back (OPT: (B * N, D) -> (B, N, D)), or an MoE's
+    top-k copies of each token ((N * 2, D) -> (N, 2, D)). The one output dim that is a multiple of N
+    is the sequence; the others keep their sizes. Any other split (chunked attention: (124, D) ->
+    (4, 31, D)) has no such dim, or more than one, and is refused. The fake propagation on the
+    sentinel length then checks the split as it checks every shape."""
+    multiples = [d for d in sized if original_out[d] % seq_len == 0]
+    if len(multiples) != 1 or seq_len == 1:
+        raise PassError(f"{node.name}: a view splits the sequence dimension {original_in} -> {original_out}")
+    return multiples
 
 
 def _view_groups(shape_in: Sequence[int], shape_out: Sequence[int]) -> List[Tuple[List[int], List[int]]]:

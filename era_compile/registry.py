@@ -1,0 +1,325 @@
+"""Every image-text-to-text model type of the installed transformers, as a tiny random-init model.
+
+The support matrix is generated from ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``: a new
+transformers release that adds a model type shows up as a new row. For each type this module
+either builds a tiny model and a prompt with one image per sample, or names why it does not
+(``Refusal``): the architecture is not the one era_compile prunes (encoder-decoder, cross
+attention, images as discrete tokens, ...), or its tower needs inputs this module cannot build.
+
+Configs are shrunk generically, field by field, from the type's own defaults (the text model to
+4 layers x 64 wide, the vision tower to 2 layers x 64), so the model keeps its classes and
+graph structure; the vocabulary and special token ids stay the defaults (no id to remap).
+Inputs are built by the forward's signature (``image_grid_thw``: flattened patches; ``pixel_attention_mask``:
+images per sample; ``image_sizes`` with grid pinpoints: anyres crops; otherwise ``[N, 3, S, S]``),
+and the number of placeholder tokens per image is the model's own: the length of what
+``get_image_features`` returns, as a processor computes it.
+
+    model, inputs = registry.build("paligemma")
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+TEXT_VOCAB = (3, 240)  # prompt text is drawn from here: below every default special token id
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    """A model type era_compile does not prune, and why (a sentence a user can act on)."""
+
+    model_type: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.model_type}: {self.reason}"
+
+
+def model_types() -> Dict[str, str]:
+    """model type -> model class name, as the installed transformers registers them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+# --------------------------------------------------------------------------- tiny configs
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_window_layers=4, num_experts=4, num_local_experts=4, n_routed_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, sliding_window=16, attention_chunk_size=16,
+            max_position_embeddings=2048, ffn_hidden_size=128, d_model=64, num_layers=4, d_ff=128,
+            word_embed_proj_dim=64)
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, depth=2,
+              embed_dim=64, num_heads=4, head_dim=16, out_hidden_size=64, projection_dim=64,
+              vision_output_dim=64, num_key_value_heads=4, out_features=64, text_hidden_size=64,
+              deepstack_visual_indexes=[0, 1])  # DeepStack: both tower layers feed the decoder
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, depth=2,
+             head_dim=16, num_key_value_heads=4, codebook_dim=64)
+TOP = dict(projector_hidden_size=64, projection_dim=64, mm_hidden_size=64, text_hidden_size=64,
+           vision_hidden_size=64, mm_tokens_per_image=16, num_query_tokens=8,
+           image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]])
+
+# What the generic shrink cannot infer, per model type: {sub-config name or "": {field: value}}.
+# These are builders' facts (a tower's layer indices, a projector's table), never read by a pass.
+OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "vipllava": {"": {"vision_feature_layers": [-2, -1]}},
+    "aria": {"": {"projector_patch_to_query_dict": {64: 16}}},
+    "blip-2": {"": {"image_token_index": 50265}},  # as the processors of current checkpoints expand it
+    "instructblip": {"": {"image_token_index": 50265}},
+    "glm5_next": {"text_config": {"num_key_value_heads": 4}},
+    "llama4": {"vision_config": {"intermediate_size": 256, "projector_input_dim": 64, "projector_output_dim": 64}},
+    "step3p7": {"text_config": {"sliding_window": 16}},
+    "molmo2": {"adapter_config": {"vision_feature_layer": [-1, -2]}},
+    "hy_v4_vl": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                     "mrope_section": [1, 1, 2]}}},
+}
+
+
+def _role(name: str) -> Optional[Dict[str, Any]]:
+    if "text" in name or name in ("decoder", "vlm_config"):
+        return TEXT
+    if "vision" in name or "vq" in name:
+        return VISION
+    if name.endswith("_config"):
+        return SMALL
+    return None
+
+
+def _shrunk(config, sizes: Dict[str, Any], overrides: Dict[str, Dict[str, Any]], name: str = ""):
+    """``config`` rebuilt with the fields of ``sizes`` it has (its derived fields recomputed)."""
+    fields = config.to_dict()
+    layers = fields.get("num_hidden_layers")
+    for key, value in sizes.items():
+        old = fields.get(key)
+        if key not in fields:
+            continue
+        if isinstance(old, int) and not isinstance(old, bool) or not isinstance(value, int):
+            fields[key] = value
+        elif isinstance(old, list) and isinstance(layers, int) and len(old) == layers and isinstance(value, int):
+            fields[key] = [value] * sizes.get("num_hidden_layers", layers)  # one per layer
+    for key, old in list(fields.items()):  # per-layer lists the config derives from the layer count
+        if isinstance(old, list) and isinstance(layers, int) and layers > 2 and len(old) == layers and key not in sizes:
+            fields.pop(key)
+    per_layer = fields.get("per_layer_config")
+    if isinstance(per_layer, dict) and isinstance(fields.get("num_hidden_layers"), int):  # layers that still exist
+        fields["per_layer_config"] = {i: c for i, c in per_layer.items() if int(i) < fields["num_hidden_layers"]}
+    rope = fields.get("rope_parameters")
+    mrope = "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ())
+    if isinstance(rope, dict) and "rope_type" in rope and ("mrope_section" in rope or mrope):
+        partial = fields.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+        half = int(sizes.get("head_dim", 16) * partial) // 2  # M-RoPE's (t, h, w) split of the rotary half
+        fields["rope_parameters"] = dict(rope, mrope_section=[2, 3, 3] if half == 8 else
+                                         [half - 2 * (half // 3), half // 3, half // 3])
+    _shrink_vision_grid(fields, sizes is VISION)
+    fields.update(overrides.get(name, {}))
+    for sub_name in list(fields):
+        sub = getattr(config, sub_name, None) if isinstance(fields[sub_name], dict) else None
+        role = _role(sub_name)
+        if role is not None and hasattr(sub, "to_dict"):
+            fields[sub_name] = _shrunk(sub, role, overrides, sub_name)
+    fields.pop("transformers_version", None)
+    model_type = fields.pop("model_type", None)
+    try:
+        return type(config)(**fields)
+    finally:
+        fields["model_type"] = model_type
+
+
+def _shrink_vision_grid(fields: dict, vision: bool) -> None:
+    """A small image: 8 x 8 patches of 8 pixels (Qwen-style towers: patches of 4)."""
+    if not vision:
+        return
+    if "spatial_merge_size" in fields and "temporal_patch_size" in fields:
+        fields["patch_size"] = 4
+        return
+    patch = fields.get("patch_size")
+    if isinstance(patch, int):
+        fields["patch_size"] = 8
+    elif isinstance(patch, (list, tuple)):
+        fields["patch_size"] = [8, 8]
+    image = fields.get("image_size")
+    if isinstance(image, int):
+        fields["image_size"] = 64
+    elif isinstance(image, (list, tuple)):
+        fields["image_size"] = [64, 64]
+    if "num_patches" in fields:
+        fields["num_patches"] = 64
+
+
+def special_token_ids(config) -> List[int]:
+    """The config's own token ids (image, video, boundaries...): the vocabulary must hold them."""
+    return [v for k, v in config.to_dict().items() if isinstance(v, int) and not isinstance(v, bool)
+            and (k.endswith("_token_id") or k.endswith("_token_index"))]
+
+
+def tiny_config(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    default = CONFIG_MAPPING[model_type]()
+    overrides = {k: dict(v) for k, v in OVERRIDES.get(model_type, {}).items()}
+    text = getattr(default, "text_config", None)
+    ids = special_token_ids(default) + [v for k, v in overrides.get("", {}).items() if k.endswith("_token_index")]
+    if text is not None and ids and max(ids) >= getattr(text, "vocab_size", 0):
+        overrides.setdefault("text_config", {}).setdefault("vocab_size", max(ids) + 1)
+    top = TOP if any(k.endswith("text_config") for k in default.to_dict()) else dict(TEXT, **TOP)
+    config = _shrunk(default, top, overrides)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+# --------------------------------------------------------------------------- prompts
+
+def image_token_id(config) -> int:
+    for holder in (config, getattr(config, "text_config", None)):
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(holder, name, None)
+            if isinstance(value, int):
+                return value
+    raise Refusal(config.model_type, "its config names no image token id (image_token_id / image_token_index)")
+
+
+def _forward_args(model) -> List[str]:
+    return list(inspect.signature(model.forward).parameters)
+
+
+def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    """One image per sample, in the form the forward's signature asks for."""
+    config = model.config
+    vision = config.vision_config
+    args = _forward_args(model)
+    if "image_grid_thw" in args:
+        merge = getattr(vision, "spatial_merge_size", 2)
+        side = 4 * merge
+        channels = getattr(vision, "in_channels", getattr(vision, "num_channels", 3))
+        patch_dim = channels * getattr(vision, "temporal_patch_size", 1) * vision.patch_size ** 2
+        out = {"pixel_values": torch.randn(batch * side * side, patch_dim, generator=g),
+               "image_grid_thw": torch.tensor([[1, side, side]] * batch)}
+        if "image_merge_sizes" in args:
+            out["image_merge_sizes"] = torch.tensor([merge] * batch)
+        return out
+    if getattr(vision, "image_size", None) is None and isinstance(getattr(vision, "num_patches", None), int):
+        side = int(vision.num_patches ** 0.5)  # NaFlex (SigLIP2): flattened patches, their grid and mask
+        patch_dim = getattr(vision, "num_channels", 3) * vision.patch_size ** 2
+        return {"pixel_values": torch.randn(batch, side * side, patch_dim, generator=g),
+                "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long),
+                "spatial_shapes": torch.tensor([[side, side]] * batch)}
+    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    if "pixel_attention_mask" in args:
+        return {"pixel_values": torch.randn(batch, 1, 3, size, size, generator=g),
+                "pixel_attention_mask": torch.ones(batch, 1, size, size, dtype=torch.bool)}
+    if "image_sizes" in args and getattr(config, "image_grid_pinpoints", None):
+        return {"pixel_values": torch.randn(batch, 5, 3, size, size, generator=g),
+                "image_sizes": torch.tensor([[size, size * 2]] * batch)}
+    out = {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+    if "image_sizes" in args and "pixtral" in getattr(vision, "model_type", ""):
+        out["image_sizes"] = torch.tensor([[size, size]] * batch)  # a tower that reads them
+    high_res = getattr(config, "high_res_vision_config", None)
+    if "high_res_pixel_values" in args and high_res is not None:
+        out["high_res_pixel_values"] = torch.randn(batch, 3, high_res.image_size, high_res.image_size, generator=g)
+    return out
+
+
+def visual_tokens_per_image(model, vision_inputs: Dict[str, torch.Tensor], batch: int) -> int:
+    """How many placeholder tokens one image takes: the features the model itself computes."""
+    query_tokens = getattr(model.config, "num_query_tokens", None)
+    if isinstance(query_tokens, int):
+        return query_tokens  # a Q-Former's queries stand for the image, whatever its size
+    get = getattr(getattr(model, "model", model), "get_image_features")
+    parameters = inspect.signature(get).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    extra = {k: v for k, v in vision_inputs.items() if takes_any or k in parameters}
+    with torch.no_grad():
+        out = get(**extra)
+    features = getattr(out, "pooler_output", out)
+    if features is None:
+        features = out.last_hidden_state
+    if isinstance(features, (list, tuple)):
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    hidden = model.config.get_text_config().hidden_size
+    total = features.numel() // hidden
+    if total % batch:
+        raise ValueError(f"{total} visual tokens for {batch} images")
+    return total // batch
+
+
+def make_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0) -> Dict[str, torch.Tensor]:
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    vision = _vision_inputs(model, batch, g)
+    count = visual_tokens_per_image(model, vision, batch)
+    image = image_token_id(config)
+    start, end = (getattr(config, name, None) for name in ("vision_start_token_id", "vision_end_token_id"))
+    rows = []
+    for _ in range(batch):
+        parts = [torch.randint(*TEXT_VOCAB, (prefix,), generator=g)]
+        parts += [torch.tensor([start])] if isinstance(start, int) else []
+        parts.append(torch.full((count,), image))
+        parts += [torch.tensor([end])] if isinstance(end, int) else []
+        parts.append(torch.randint(*TEXT_VOCAB, (suffix,), generator=g))
+        rows.append(torch.cat(parts))
+    input_ids = torch.stack(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **vision}
+    args = _forward_args(model)
+    if "qformer_input_ids" in args:  # InstructBLIP's instruction, read by its Q-Former
+        inputs["qformer_input_ids"] = torch.randint(*TEXT_VOCAB, (batch, 4), generator=g)
+        inputs["qformer_attention_mask"] = torch.ones(batch, 4, dtype=torch.long)
+    for name in ("token_type_ids", "mm_token_type_ids"):
+        if name in args:
+            inputs[name] = (input_ids == image).long()
+    return inputs
+
+
+def structural_refusal(model_type: str, config) -> Optional[Refusal]:
+    """A type whose architecture is not the one era_compile prunes, read off its config."""
+    fields = config.to_dict()
+    if getattr(config, "is_encoder_decoder", False):
+        return Refusal(model_type, "encoder-decoder: the image feeds an encoder; era_compile prunes the visual "
+                                   "tokens of a decoder-only sequence")
+    if any("cross_attention" in k or "cross_layer" in k for k in fields):
+        return Refusal(model_type, "cross-attention: the encoder's features enter through cross-attention layers, "
+                                   "not as tokens of the sequence")
+    if "vq_config" in fields and "vision_config" not in fields:
+        return Refusal(model_type, "images enter as discrete VQ codes (token ids): no visual features are merged "
+                                   "into the sequence")
+    if not any(k.endswith("vision_config") or k == "vlm_config" for k in fields) and "image_token_id" not in fields \
+            and "image_token_index" not in fields:
+        return Refusal(model_type, "no vision tower in its config: nothing visual to prune")
+    return None
+
+
+# What transformers raises when a model cannot be built the way era_compile needs it.
+_UNBUILDABLE = (("does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention",
+                 "transformers has no SDPA attention for it: the passes rewrite scaled_dot_product_attention calls"),
+                ("requires the timm library", "its vision tower needs timm, whose torchvision dependency has no CPU "
+                                              "wheel on PyPI here"))
+
+
+def build(model_type: str, *, seed: int = 0, batch: int = 1, **input_kwargs) -> Tuple[torch.nn.Module, dict]:
+    """A tiny ``model_type`` model (eval, fp32, seeded) and a prompt with one image per sample;
+    raises ``Refusal`` for a type era_compile does not prune."""
+    import transformers
+
+    types = model_types()
+    if model_type not in types:
+        raise ValueError(f"unknown image-text-to-text model type {model_type!r}")
+    from transformers import CONFIG_MAPPING
+
+    refusal = structural_refusal(model_type, CONFIG_MAPPING[model_type]())
+    if refusal is not None:
+        raise refusal
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    try:
+        model = getattr(transformers, types[model_type])(config).eval()
+    except (ValueError, ImportError) as e:
+        reason = next((why for text, why in _UNBUILDABLE if text in str(e)), None)
+        if reason is None:
+            raise
+        raise Refusal(model_type, reason) from e
+    return model, make_inputs(model, batch=batch, seed=seed, **input_kwargs)

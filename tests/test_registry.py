@@ -1,0 +1,217 @@
+"""Every image-text-to-text model type of the installed transformers: supported or refused with a reason.
+
+For each type (``era_compile.registry``) this builds a tiny model and decides its status:
+
+* **supported**: compiled in strict mode it prunes, and equals the eager reference (forward,
+  batch 2, greedy generate) and the independent oracle (``tests/oracle.py``);
+* **refused**: strict mode raises with a reason (or the type is not the architecture
+  era_compile prunes: ``registry.Refusal``), and the default mode runs it unpruned, equal to the
+  plain model, with a warning: never broken, never silent;
+* **untested**: no tiny model of it could be built here (the reason says why).
+
+Anything else fails the test: a crash, a silently unpruned image prompt, a mismatch.
+
+The default suite runs ``SUITE_TYPES``, one per pattern, and checks their README rows;
+``scripts/registry_matrix.py`` runs every type (``ERA_REGISTRY_MATRIX=1``) and writes the
+README's matrix. Each run writes its statuses to ``$ERA_REGISTRY_OUT/<type>.json`` when set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from oracle import FIXED, last_logits
+
+from era_compile import ERAConfig, make_era_backend, registry
+from era_compile.algorithms import kept_count
+from era_compile.backend import EraCompileError
+from era_compile.reference import EagerReference
+
+TOL = 1e-4
+ORACLE_TOL = 1e-5
+README = Path(__file__).resolve().parent.parent / "README.md"
+FULL = os.environ.get("ERA_REGISTRY_MATRIX") == "1"
+# What the suite can afford of the matrix: Gemma 3 (vmap-ed bidirectional image masks, sliding-window
+# caches), Qwen3-VL (DeepStack: refused, and must still run), and two refusals read off the config.
+SUITE_TYPES = ("gemma3", "qwen3_vl", "florence2", "fast_vlm")
+ALL_TYPES = list(registry.model_types())
+TYPES = ALL_TYPES if FULL else [t for t in SUITE_TYPES if t in ALL_TYPES]
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:240]
+
+
+def refusal_reason(error: BaseException) -> str:
+    """The backend's reason, without graph and node names (stable across versions)."""
+    text = _short(error)
+    text = re.sub(r"^era_compile, graph \d+: ", "", text)
+    text = re.sub(r"^pruning did not happen: ", "", text)
+    return re.sub(r"^[a-z_]+\d*: ", "", text)
+
+
+def _era_error(error: BaseException):
+    while error is not None:
+        if isinstance(error, EraCompileError):
+            return error
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+    return None
+
+
+def _forward(model, inputs, config):
+    torch._dynamo.reset()
+    backend = make_era_backend(config)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(**inputs)
+    return out, backend.report
+
+
+def _visual(model, inputs):
+    return inputs["input_ids"] == registry.image_token_id(model.config)
+
+
+def check_supported(model, inputs) -> dict:
+    """The strict checks of a type that prunes; raises AssertionError on any mismatch."""
+    config = ERAConfig(layer=1, keep_ratio=0.25, compiler="eager", strict=True)
+    out, report = _forward(model, inputs, config)
+    expected = EagerReference(model, config)(**inputs)
+    (site,) = report.pruning
+    assert site.kept < site.visual_tokens and site.seq_len_after < site.seq_len_before
+    forward_error = (out.logits - expected.logits).abs().max().item()
+    assert forward_error <= TOL, f"forward: {forward_error:.2e} from the reference"
+
+    # the oracle: K = 0, fixed anchors, nothing recycled or rectified
+    oracle_config = ERAConfig(layer=0, keep_ratio=0.25, strategy=FIXED, recycle=False, rectify=False,
+                              compiler="eager", strict=True)
+    out0, _ = _forward(model, inputs, oracle_config)
+    visual = _visual(model, inputs)
+    k = kept_count(int(visual[0].sum()), keep_ratio=0.25)
+    oracle_error = (out0.logits[:, -1] - last_logits(model, inputs, visual, k)).abs().max().item()
+    assert oracle_error <= ORACLE_TOL, f"oracle: {oracle_error:.2e}"
+
+    batch = registry.make_inputs(model, batch=2, seed=1)
+    try:
+        out2, report2 = _forward(model, batch, config)
+    except Exception as e:
+        e.era_inputs = batch
+        raise
+    expected2 = EagerReference(model, config)(**batch)
+    batch_error = (out2.logits - expected2.logits).abs().max().item()
+    assert report2.pruned and batch_error <= TOL, f"batch 2: {batch_error:.2e} from the reference"
+
+    # The reference's decode does not window pruned positions (HF slices its cache by rows): a model
+    # with sliding-window layers is checked keeping every token, against the plain model, which still
+    # runs the pruned layers' windowed CompactKV caches.
+    text = model.config.get_text_config()
+    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ()) or (
+        isinstance(getattr(text, "sliding_window", None), int) and getattr(text, "use_sliding_window", True))
+    generate = (ERAConfig(layer=2, keep_ratio=1.0, recycle=False, rectify=False, compiler="eager", strict=True)
+                if sliding else ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True))
+    greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if sliding:
+        with torch.no_grad():
+            reference = model.generate(**inputs, **greedy)
+    else:
+        reference = EagerReference(model, generate).generate(**inputs, **greedy)
+    torch._dynamo.reset()
+    backend = make_era_backend(generate)
+    model.compile(backend=backend)
+    try:
+        with torch.no_grad():
+            generated = model.generate(**inputs, **greedy)
+    finally:
+        model._compiled_call_impl = None  # the model as it was, for what runs after
+    assert torch.equal(generated.sequences, reference.sequences), "generate: other tokens than the reference"
+    generate_error = max((a - b).abs().max().item() for a, b in zip(generated.logits, reference.logits))
+    assert generate_error <= TOL and backend.report.pruned, f"generate: {generate_error:.2e} from the reference"
+    assert backend.report.decode_rewrites > 0, "generate: no decode step attended over a pruned cache"
+    return {"forward": forward_error, "oracle": oracle_error, "batch 2": batch_error, "generate": generate_error,
+            "generate_against": "the plain model, every token kept (sliding window)" if sliding else "the reference",
+            "visual_tokens": site.visual_tokens, "kept": site.kept}
+
+
+def check_refused(model, inputs, reason: str) -> dict:
+    """Refused in strict mode: the default mode must still run the model, equal to plain, and say so."""
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    config = ERAConfig(layer=1, keep_ratio=0.25, compiler="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, report = _forward(model, inputs, config)  # raising here is a crash: the test fails
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "era_compile" in str(w.message)]
+    assert said, f"refused ({reason}) but the default mode ran without a warning: silently unpruned"
+    error = (out.logits - plain).abs().max().item()
+    assert error <= TOL, f"the fallback differs from the plain model by {error:.2e}"
+    return {"fallback_error": error, "warning": said[0][:200]}
+
+
+def status_of(model_type: str) -> dict:
+    try:
+        model, inputs = registry.build(model_type)
+    except registry.Refusal as refusal:
+        return {"status": "refused", "reason": refusal.reason}  # not built: nothing to run
+    except Exception as e:  # a gap of the builder, not a verdict on the model type
+        return {"status": "untested", "reason": f"no tiny model built here: {type(e).__name__}: {_short(e)}"}
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as e:
+        return {"status": "untested", "reason": f"the tiny model's eager forward fails: {type(e).__name__}: {_short(e)}"}
+    try:
+        measured = check_supported(model, inputs)
+    except Exception as e:
+        era = _era_error(e)
+        if era is None:
+            raise
+        reason = refusal_reason(era)
+        refused_inputs = getattr(e, "era_inputs", inputs)  # the prompt (batch 1 or 2) that was refused
+        return {"status": "refused", "reason": reason, **check_refused(model, refused_inputs, reason)}
+    return {"status": "supported", **measured}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dynamo():
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_model_type(model_type):
+    result = status_of(model_type)
+    folder = os.environ.get("ERA_REGISTRY_OUT")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{model_type}.json").write_text(json.dumps({"model_type": model_type, **result}))
+    assert result["status"] in ("supported", "refused", "untested")
+    if not FULL and os.environ.get("ERA_REGISTRY_WRITING") != "1":
+        rows = readme_statuses()
+        assert rows.get(model_type) == result["status"], (
+            f"README's registry matrix says {rows.get(model_type)!r} for {model_type}, this run {result}: "
+            "rerun scripts/registry_matrix.py --write")
+
+
+def readme_statuses() -> dict:
+    """model type -> status, from the README's registry matrix."""
+    text = README.read_text()
+    block = text.split("<!-- registry-matrix:begin -->", 1)[-1].split("<!-- registry-matrix:end -->", 1)[0]
+    rows = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[1].strip("*")
+    return rows
+
+
+def test_readme_matrix_lists_every_registered_type():
+    """A new transformers release that registers a model type must show up as a row, not a gap."""
+    if os.environ.get("ERA_REGISTRY_WRITING") == "1":
+        pytest.skip("the matrix is being written")
+    missing = [t for t in ALL_TYPES if t not in readme_statuses()]
+    assert not missing, f"README's registry matrix has no row for {missing}: rerun scripts/registry_matrix.py --write"
