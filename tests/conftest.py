@@ -84,3 +84,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 __all__ = ["compiled_forward", "build", "generate_matches_reference", "last_report"]
+
+
+def raised_chain(error: BaseException) -> list:
+    """The exception types of ``error`` and every cause or context behind it (Dynamo wraps ours)."""
+    chain = []
+    while error is not None:
+        chain.append(type(error))
+        error = error.__cause__ or error.__context__
+    return chain

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import build, compiled_forward
+from conftest import build, compiled_forward, raised_chain
 
 from era_compile import ERAConfig, EraCompileError, last_report, make_era_backend
 
@@ -141,11 +141,7 @@ def test_strict_error_type_is_exported():
     model, inputs = build("llava")
     with pytest.raises(Exception) as info:
         compiled_forward(model, inputs, ERAConfig(layer=9, compiler="eager", strict=True))
-    chain, e = [], info.value
-    while e is not None:
-        chain.append(type(e))
-        e = e.__cause__ or e.__context__
-    assert EraCompileError in chain
+    assert EraCompileError in raised_chain(info.value)
 
 
 def test_inductor_freezing_constants_do_not_stop_the_rewrite():

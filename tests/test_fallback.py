@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import build
+from conftest import build, raised_chain
 
 import era_compile.backend as backend_module
 from era_compile import ERAConfig, EraCompileError, make_era_backend
@@ -140,11 +140,7 @@ def test_an_unknown_merge_next_to_its_vision_tower_falls_back_at_compile_time():
     with pytest.raises(Exception, match="encodes images and feeds them to decoder layers") as info:
         with torch.no_grad():
             torch.compile(model, backend=strict)(*args)
-    chain, e = [], info.value
-    while e is not None:
-        chain.append(type(e))
-        e = e.__cause__ or e.__context__
-    assert EraCompileError in chain
+    assert EraCompileError in raised_chain(info.value)
 
 
 def test_an_image_that_no_graph_prunes_is_told_at_run_time():
