@@ -117,10 +117,9 @@ class CompactKV(Tensor):
                 return x._with_rows(func(x.rows, dim, start, end, step))
             to_the_end = end is None or (isinstance(end, int) and end >= 2 ** 62) or statically_known_true(
                 end >= x.shape[dim])  # ``x[..., :]`` slices to sys.maxsize
-            if start in (0, None) and step == 1 and to_the_end:
-                return x._with_rows(x.rows)  # x[..., :, :] keeps the whole sequence
-            if step == 1 and to_the_end:
-                return window(x, start)  # a sliding-window cache keeps its last W - 1 positions
+            if step == 1 and to_the_end:  # x[..., :, :] keeps the whole sequence; a sliding-window
+                # cache's x[..., -(W - 1):, :] its last W - 1 positions
+                return x._with_rows(x.rows) if start in (0, None) else window(x, start)
         elif func is aten.unsqueeze.default:
             dim = args[1] % (x.dim() + 1)
             return x._with_rows(func(x.rows, dim), x.seq_dim + (dim <= x.seq_dim))

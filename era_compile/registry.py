@@ -96,9 +96,9 @@ def _shrunk(config, sizes: Dict[str, Any], overrides: Dict[str, Dict[str, Any]],
     fields = config.to_dict()
     layers = fields.get("num_hidden_layers")
     for key, value in sizes.items():
-        old = fields.get(key)
         if key not in fields:
             continue
+        old = fields[key]
         if isinstance(old, int) and not isinstance(old, bool) or not isinstance(value, int):
             fields[key] = value
         elif isinstance(old, list) and isinstance(layers, int) and len(old) == layers and isinstance(value, int):
@@ -123,12 +123,9 @@ def _shrunk(config, sizes: Dict[str, Any], overrides: Dict[str, Dict[str, Any]],
         role = _role(sub_name)
         if role is not None and hasattr(sub, "to_dict"):
             fields[sub_name] = _shrunk(sub, role, overrides, sub_name)
-    fields.pop("transformers_version", None)
-    model_type = fields.pop("model_type", None)
-    try:
-        return type(config)(**fields)
-    finally:
-        fields["model_type"] = model_type
+    for read_only in ("transformers_version", "model_type"):
+        fields.pop(read_only, None)
+    return type(config)(**fields)
 
 
 def _shrink_vision_grid(fields: dict, vision: bool) -> None:

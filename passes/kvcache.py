@@ -46,7 +46,7 @@ from .records import CachedLayer, KVCache
 def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     outputs = graph_outputs(gm)
     layers: List[CachedLayer] = []
-    windowed: List[int] = []
+    partly_cached: List[int] = []  # layers caching part of what they attend to, not a window
     in_place = sorted({layer_index(n) for n in gm.graph.nodes if _writes_in_place(n)} - {None})
     for node in gm.graph.nodes:
         if not is_attention(node):
@@ -62,29 +62,24 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if keys not in outputs or values not in outputs:  # attends over the cat, caches part of it
             (cached_keys, start), (cached_values, value_start) = _window_of(keys, outputs), _window_of(values, outputs)
             if start is None or start != value_start:
-                windowed.append(index)
+                partly_cached.append(index)
                 continue
         past = sequence_source(call_arguments(keys)["tensors"][0])
         past = past if isinstance(past, fx.Node) and past.op == "placeholder" else None
         layers.append(CachedLayer(index, keys, values, outputs.index(cached_keys), outputs.index(cached_values), past,
                                   compact=past is not None and isinstance(tensor_meta(past), CompactKV),
                                   window_start=start))
-    pruned = [i for i in in_place if i >= ctx.config.layer]
-    if ctx.kind.has_image and pruned:
-        raise PassError(f"layers {pruned} write their KV cache in place (index_copy_ into a preallocated cache: "
-                        "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
-                        "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
-                        "use the default dynamic cache")
-    short = [c.index for c in layers if c.window_start is not None and c.index >= ctx.config.layer
-             and not _fills_window(tensor_meta(c.keys).shape[2], c.window_start)]
-    if ctx.kind.has_image and short:
-        raise PassError(f"layers {short} have a sliding window that this prompt length does not fill (or a dynamic "
-                        "one might not): while a window is not full, Dynamo hands its bound to the pruned cache as a "
-                        "symbol it cannot window by; not supported yet (a static prompt of at least W - 1 tokens is)")
-    pruned_windows = [i for i in windowed if i >= ctx.config.layer]
-    if ctx.kind.has_image and pruned_windows:
-        raise PassError(f"layers {pruned_windows} cache part of the keys they attend to, not as a sliding window "
-                        "(keys[..., -(W - 1):, :]) of them: the pruned layers' cache cannot be kept; not supported")
+    _refuse_if_pruned(ctx, in_place, "write their KV cache in place (index_copy_ into a preallocated cache: "
+                      "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
+                      "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
+                      "use the default dynamic cache")
+    _refuse_if_pruned(ctx, [c.index for c in layers if c.window_start is not None
+                            and not _fills_window(tensor_meta(c.keys).shape[2], c.window_start)],
+                      "have a sliding window that this prompt length does not fill (or a dynamic one might not): "
+                      "while a window is not full, Dynamo hands its bound to the pruned cache as a symbol it cannot "
+                      "window by; not supported yet (a static prompt of at least W - 1 tokens is)")
+    _refuse_if_pruned(ctx, partly_cached, "cache part of the keys they attend to, not as a sliding window "
+                      "(keys[..., -(W - 1):, :]) of them: the pruned layers' cache cannot be kept; not supported")
     record = KVCache(tuple(layers), tuple(in_place))
     counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers),
               "compact": [layer.index for layer in layers if layer.compact]}
@@ -92,6 +87,13 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts["written_in_place"] = list(in_place)
     skipped = None if layers else "no KV-cache writes (use_cache=False, or not a decoder graph)"
     return PassResult(record=record, counts=counts, skipped=skipped)
+
+
+def _refuse_if_pruned(ctx: PassContext, layers: List[int], why: str) -> None:
+    """A prefill that prunes cannot keep these layers' caches when any of them is pruned (>= K)."""
+    pruned = [i for i in layers if i >= ctx.config.layer]
+    if ctx.kind.has_image and pruned:
+        raise PassError(f"layers {pruned} {why}")
 
 
 def _fills_window(length, window_start: int) -> bool:
