@@ -20,13 +20,13 @@
   step, through beam search's reordering, and two requests or two models can never share it.
   Layers < K keep their full, plain cache.
 * Whether an image was pruned at all. A graph that encodes images (``kinds.image_values``) and
-  does not prune them leaves a ``PendingImage``; a pruned prefill or a handoff resolves it, a
-  graph that runs decoder layers without pruning is the proof that its prompt went on unpruned.
-  A proven one still pending when the next image is encoded, when a decode step runs, or when
-  the image inputs of the calls that encoded it die, was never pruned: a warning and a report
-  line (strict: an ``EraCompileError``, except from a finalizer, which cannot raise). One that no
-  decoder ran on belonged to a request that failed before its prefill: it is dropped. Text-only
-  prompts skip the vision tower, so they leave nothing pending.
+  does not prune them leaves a ``PendingImage``; a pruned prefill or a handoff resolves it. A
+  graph that then runs decoder layers on the text without pruning (``kinds.runs_decoder_layers``)
+  is the proof that the prompt went on unpruned (its visual tokens already passed the layers):
+  a warning and a report line as that graph returns (strict: an ``EraCompileError``). One that
+  no decoder ran on belonged to a request that failed before its prefill: dropped at the next
+  decode step or when the image inputs of the calls that encoded it die. Text-only prompts skip
+  the vision tower, so they leave nothing pending.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ class PendingImage:
 
     graphs: List[int]                 # the graphs that encoded it, in call order
     anchors: int = 0                  # living image inputs of those calls: at 0 the request is over
-    decoder: Optional[int] = None     # a graph that then ran decoder layers without pruning: the proof
     resolved: bool = False            # pruned, reported, or dropped
 
 
@@ -173,27 +172,18 @@ class Runtime:
         else:
             if plan.encodes_images:
                 self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs])
-            if plan.runs_decoder and self.pending is not None and self.pending.decoder is None:
-                self.pending.decoder = plan.graph
+            if plan.runs_decoder and self.pending is not None:
+                self._not_pruned(self.pending, plan.graph)
         return tuple(outputs)
 
     # ------------------------------------------------------------------ images left unpruned
     # Recorded after a call returned (a call that raised leaves nothing pending); checked before one.
 
     def check_pending_image(self, plan: GraphPlan) -> None:
-        """Before a call: a pending image that a decoder ran on is now known unpruned if this graph
-        encodes the next image or decodes the next token. Without a decoder, an image encoding
-        goes on (Qwen's tower spans graphs); a decode step drops it (its request failed)."""
-        pending = self.pending
-        if pending is None:
-            return
-        if pending.decoder is None:
-            if plan.decode_step:
-                self._drop(pending)
-        elif plan.decode_step:
-            self._not_pruned(pending, f"graph {plan.graph} decodes the next token")
-        elif plan.encodes_images:
-            self._not_pruned(pending, f"graph {plan.graph} encodes the next image")
+        """Before a call: an image no decoder ran on is dropped by a decode step (its request failed
+        before its prefill); the next image's encoding adds to it (Qwen's tower spans graphs)."""
+        if self.pending is not None and plan.decode_step:
+            self._drop(self.pending)
 
     def _image_encoded(self, graph: int, images: List[Tensor]) -> None:
         pending = self.pending
@@ -209,33 +199,31 @@ class Runtime:
     def resolve_pending_image(self) -> None:
         """The pending image was pruned, or an error or warning of a fallback told of it."""
         if self.pending is not None:
-            self.pending.resolved = True
-            self.pending = None
+            self._forget(self.pending)
 
     def _anchor_died(self, pending: PendingImage) -> None:
         pending.anchors -= 1
-        if pending.anchors > 0 or pending.resolved:
-            return
-        if pending.decoder is None:
+        if pending.anchors == 0 and not pending.resolved:
             self._drop(pending)
-        else:
-            self._not_pruned(pending, "its inputs were freed", can_raise=False)
 
     def _drop(self, pending: PendingImage) -> None:
         """An image no decoder ran on: its request failed (or ended) before its prefill."""
+        self._forget(pending)
+        logger.debug("graph(s) %s encoded an image that no decoder ran on: dropped", pending.graphs)
+
+    def _forget(self, pending: PendingImage) -> None:
         pending.resolved = True
         if self.pending is pending:
             self.pending = None
-        logger.debug("graph(s) %s encoded an image that no decoder ran on: dropped", pending.graphs)
 
-    def _not_pruned(self, pending: PendingImage, when: str, can_raise: bool = True) -> None:
-        self._drop(pending)
+    def _not_pruned(self, pending: PendingImage, decoder: int) -> None:
+        self._forget(pending)
         graphs = ", ".join(str(g) for g in dict.fromkeys(pending.graphs))
-        why = (f"graph(s) {graphs} encoded an image prompt and graph {pending.decoder} ran decoder layers on it, but "
-               f"no graph pruned it (found when {when}): its visual tokens were not pruned (merged by a pattern the "
-               "passes do not know, or in code outside a graph)")
+        why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder} ran decoder layers on it, but no graph "
+               "pruned it: its visual tokens were not pruned (merged by a pattern the passes do not know, or in code "
+               "outside a graph)")
         self.report.unpruned_images.append(why)
-        if self.strict and can_raise:
+        if self.strict:
             raise EraCompileError(f"era_compile: {why}")
         warnings.warn(f"era_compile: {why}", RuntimeWarning)
         logger.warning(why)

@@ -146,7 +146,8 @@ def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) 
     """Whether the text's embeddings reach an indexed layer: a language model runs here (a vision
     tower's layers, split from its patch embedding, run on [P, D] patches, not on text)."""
     return any(layer_module_path(n) is not None
-               for n in reachable_from(_text_embeddings(gm, example_inputs, ()), through_sizes=False))
+               for n in reachable_from(_text_embeddings(gm, example_inputs, image_values(gm, example_inputs)),
+                                       through_sizes=False))
 
 
 def _data_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> List[fx.Node]:
@@ -158,10 +159,15 @@ def _data_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> List[fx.N
 
 def _text_embeddings(gm: fx.GraphModule, example_inputs: Sequence[Any], images: Sequence[fx.Node]) -> List[fx.Node]:
     """Token embeddings (a lookup of an integer graph input), and [B, N, D] float inputs (embeddings
-    computed before the graph), none of them where an image comes from."""
+    computed before the graph) that an integer input of length N comes with (token ids, a mask,
+    positions), none of them where an image comes from: a vision tower's patches split across
+    graphs come with no token-length input but the image's own (SigLIP2's ``pixel_attention_mask``)."""
     image_sources = _ancestors(images)
     data = [n for n in _data_inputs(gm, example_inputs) if n not in image_sources and n not in images]
-    embedded = [n for n in data if _is_float(n, rank=3)]
+    lengths = [tensor_meta(n).shape[-1] for n in data
+               if tensor_meta(n).dim() and not tensor_meta(n).is_floating_point()]
+    embedded = [n for n in data if _is_float(n, rank=3)
+                and any(statically_known_true(tensor_meta(n).shape[1] == length) for length in lengths)]
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _EMBEDDING_LOOKUPS:
             indices = [_through_one_input_ops(a) for a in node.args[:2] if _is_integer(a)]

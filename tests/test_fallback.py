@@ -145,18 +145,16 @@ def test_an_unknown_merge_next_to_its_vision_tower_falls_back_at_compile_time():
 
 def test_an_image_that_no_graph_prunes_is_told_at_run_time():
     """The tower and an unknown merge in different graphs: each graph alone looks fine (a tower,
-    a text decoder), so the runtime tells: when the image's inputs die, or, strict, when the
-    tower encodes the next image."""
+    a text decoder), so the runtime tells, as the graph that ran decoder layers on the unpruned
+    prompt returns: a warning, or, strict, an error."""
     model, args, expected = _where_merge(split=True)
-    ids, pixels = args
     backend = make_era_backend(ERAConfig(compiler="eager"))
     compiled = torch.compile(model, backend=backend)
-    with pytest.warns(RuntimeWarning, match=r"era_compile: graph\(s\) 0 encoded an image prompt and graph 1 ran "
-                                            r"decoder layers on it, but no graph pruned it \(found when its inputs "
-                                            r"were freed\)"):
+    told = (r"graph\(s\) 0 encoded an image prompt and graph 1 ran decoder layers on it, but no graph pruned it: "
+            r"its visual tokens were not pruned")
+    with pytest.warns(RuntimeWarning, match=f"era_compile: {told}"):
         with torch.no_grad():
-            out = compiled(ids, pixels.clone())  # the request's pixels die with the call
-        gc.collect()
+            out = compiled(*args)
     torch.testing.assert_close(out, expected)
     report = backend.report
     assert len(report.unpruned_images) == 1 and not report.pruned and not report.fallbacks
@@ -164,13 +162,9 @@ def test_an_image_that_no_graph_prunes_is_told_at_run_time():
 
     torch._dynamo.reset()
     strict = make_era_backend(ERAConfig(compiler="eager", strict=True))
-    compiled = torch.compile(model, backend=strict)
-    with torch.no_grad():
-        compiled(ids, pixels)
-        with pytest.raises(EraCompileError, match=r"graph\(s\) 0 encoded an image prompt and graph 1 ran decoder "
-                                                  r"layers on it, but no graph pruned it \(found when graph 0 "
-                                                  r"encodes the next image\)"):
-            compiled(ids, pixels)
+    with pytest.raises(EraCompileError, match=told):
+        with torch.no_grad():
+            torch.compile(model, backend=strict)(*args)
     assert len(strict.report.unpruned_images) == 1
 
 
@@ -183,18 +177,19 @@ def _call(runtime, plan, *args):
     return runtime.record([torch.ones(1)], plan, args)
 
 
-def test_a_decode_step_after_an_unpruned_image_is_the_verdict():
-    """Generate's next step: the prompt that brought the image is over, unpruned."""
+def test_decoder_layers_on_an_unpruned_image_are_the_verdict():
+    """The prompt's visual tokens went through decoder layers unpruned: no later graph can prune
+    them. Told once: the decode steps that follow have nothing more to tell."""
     runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
     pixels = torch.randn(1, 3, 8, 8)
     _call(runtime, TOWER, pixels)
-    _call(runtime, DECODER)
-    with pytest.raises(EraCompileError, match=r"found when graph 3 decodes the next token"):
-        _call(runtime, DECODE)
-    _call(runtime, DECODE)  # told once
+    with pytest.raises(EraCompileError, match=r"graph\(s\) 1 encoded an image prompt and graph 2 ran decoder layers"):
+        _call(runtime, DECODER)
+    _call(runtime, DECODE)
+    _call(runtime, DECODER)  # a text-only turn after it
     del pixels
     gc.collect()
-    assert len(runtime.report.unpruned_images) == 1
+    assert len(runtime.report.unpruned_images) == 1 and runtime.pending is None
 
 
 def test_an_image_no_decoder_ran_on_is_dropped():
