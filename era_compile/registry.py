@@ -4,13 +4,15 @@ The support matrix is generated from ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAME
 transformers release that adds a model type shows up as a new row. For each type this module
 either builds a tiny model and a prompt with one image per sample, or names why it does not
 (``Refusal``): the architecture is not the one era_compile prunes (encoder-decoder, cross
-attention, images as discrete tokens, ...), or its tower needs inputs this module cannot build.
+attention, images as discrete tokens, an action or diffusion head, ...), or its tower needs
+inputs this module cannot build.
 
 Configs are shrunk generically, field by field, from the type's own defaults (the text model to
 4 layers x 64 wide, the vision tower to 2 layers x 64), so the model keeps its classes and
 graph structure; the vocabulary and special token ids stay the defaults (no id to remap).
 Inputs are built by the forward's signature (``image_grid_thw``: flattened patches; ``pixel_attention_mask``:
-images per sample; ``image_sizes`` with grid pinpoints: anyres crops; otherwise ``[N, 3, S, S]``),
+images per sample; ``image_sizes`` with grid pinpoints: anyres crops; otherwise ``[N, 3, S, S]``; a few
+layouts of their own, as their processors make them: ``_PATCH_LAYOUTS``),
 and the number of placeholder tokens per image is the model's own: the length of what
 ``get_image_features`` returns, as a processor computes it.
 
@@ -60,7 +62,7 @@ VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               vision_output_dim=64, num_key_value_heads=4, out_features=64, text_hidden_size=64,
               deepstack_visual_indexes=[0, 1])  # DeepStack: both tower layers feed the decoder
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, depth=2,
-             head_dim=16, num_key_value_heads=4, codebook_dim=64)
+             head_dim=16, num_key_value_heads=4, codebook_dim=64, text_hidden_size=64)
 TOP = dict(projector_hidden_size=64, projection_dim=64, mm_hidden_size=64, text_hidden_size=64,
            vision_hidden_size=64, mm_tokens_per_image=16, num_query_tokens=8,
            image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]])
@@ -72,12 +74,54 @@ OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "aria": {"": {"projector_patch_to_query_dict": {64: 16}}},
     "blip-2": {"": {"image_token_index": 50265}},  # as the processors of current checkpoints expand it
     "instructblip": {"": {"image_token_index": 50265}},
-    "glm5_next": {"text_config": {"num_key_value_heads": 4}},
+    "glm5_next": {"text_config": {"num_key_value_heads": 4, "qk_rope_head_dim": 0}},  # MLA without RoPE (DSA)
     "llama4": {"vision_config": {"intermediate_size": 256, "projector_input_dim": 64, "projector_output_dim": 64}},
     "step3p7": {"text_config": {"sliding_window": 16}},
-    "molmo2": {"adapter_config": {"vision_feature_layer": [-1, -2]}},
+    "molmo2": {"adapter_config": {"vision_feature_layer": [-1, -2]},
+               "vision_config": {"num_position_embeddings": 64}},  # one position per patch of a crop
     "hy_v4_vl": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                      "mrope_section": [1, 1, 2]}}},
+    # its default config names no RoPE per layer type, which the rotary embedding looks up
+    "cohere_compass": {"text_config": {"rope_parameters": {"full_attention": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}}},
+    # Ernie interleaves the h and w sections pairwise: they must be equal
+    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                                            "mrope_section": [3, 3, 2]}}},
+    # M-RoPE whose default sections live in the modeling code, not the config
+    "paddleocr_vl": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                                         "mrope_section": [2, 3, 3]}}},
+    # the merger windows run after this tower layer; the image token id is the tokenizer's, not the config's
+    "minicpm_ocr": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
+    "minicpmv4_6": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
+    "minicpmv4_7": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
+    # the checkpoints' thinker configs carry it; M-RoPE finds each image by it
+    "qwen2_5_omni_thinker": {"": {"vision_start_token_id": 151652}},
+    "qwen3_omni_moe_thinker": {"": {"vision_start_token_id": 151652}},
+    "mistral_large4": {"text_config": {"num_key_value_heads": 4}},  # MLA: a key per query head
+    "hunyuan_vl": {"text_config": {"head_dim": 16}},  # None in its default, derived from widths not shrunk
+    "kimi_k25": {"": {"projection_hidden_size": 64},  # the tower's width, as the projector reads it
+                 "text_config": {"head_dim": 8}},  # = qk_rope_head_dim: the rotary width, as DeepSeek-V3 derives it
+    "nemotron_h_omni": {"": {"image_token_id": 1000}},  # the tokenizer's, not the config's
+    # the adapter reads the tower's 2 x 2 pixel-shuffled width and writes the text width
+    "muse_glimmer": {"": {"out_hidden_size": 256, "projector_hidden_size": 64}},
+    # an audio pyramid: one patch size, width and depth per level, as many as its layers
+    "muse_spark": {"": {"out_hidden_size": 256, "projector_hidden_size": 64},
+                   "audio_config": {"patch_sizes": [16, 6], "hidden_sizes": [32, 64], "depths": [1, 1],
+                                    "out_hidden_size": 64}},
+    "inkling_mm_model": {"vision_config": {"n_layers": 4}},  # its tower's layer count, by another name
+    # its default leaves out the sparse-attention indexer its attention layers build
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                                  "indexer_budget": 16, "indexer_compress_ratio": 4}},
+    "deepseek_vl_hybrid": {"high_res_vision_config": {"global_attn_indexes": [1]}},  # of its 2 layers
+    # MLA: a key per query head; its sliding-window layers (2 and 3 of 4) have attention sizes of their own
+    "dots3_note": {"text_config": {"num_key_value_heads": 4, "per_layer_config": {layer: dict(
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, head_dim=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16) for layer in (2, 3)}},
+                   # the towers' adapters: from their own width to the text width
+                   "vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
+                   "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64}},
+    "fuyu": {"": {"patch_size": 8, "image_size": 64}},  # its patches are the text model's inputs: no tower
+    "gemma4_unified": {"vision_config": {"mm_embed_dim": 64, "output_proj_dims": 64}},  # no tower: a projection
 }
 
 
@@ -159,6 +203,8 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     default = CONFIG_MAPPING[model_type]()
+    if getattr(default, "vision_config", False) is None:  # an optional tower its default leaves out
+        default = CONFIG_MAPPING[model_type](vision_config={})
     overrides = {k: dict(v) for k, v in OVERRIDES.get(model_type, {}).items()}
     text = getattr(default, "text_config", None)
     ids = special_token_ids(default) + [v for k, v in overrides.get("", {}).items() if k.endswith("_token_index")]
@@ -185,18 +231,85 @@ def _forward_args(model) -> List[str]:
     return list(inspect.signature(model.forward).parameters)
 
 
+def _packed_patches(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    """MiniCPM-V's NaViT packing: every image's patches side by side in one [1, C, P, n * P] strip,
+    their grids (in patches) in ``target_sizes``."""
+    side = 16  # the tower's 2 x 2 windows, then the merger's 2 x 2: 16 tokens an image
+    patch = vision.patch_size
+    return {"pixel_values": torch.randn(1, vision.num_channels, patch, batch * side * side * patch, generator=g),
+            "target_sizes": torch.tensor([[side, side]] * batch, dtype=torch.int32)}
+
+
+def _pooled_crops(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Molmo2: each image a low-res crop and one high-res crop of flattened patches; each token pools a
+    2 x 2 window of patches (``image_token_pooling`` indexes them), ``image_grids`` its token grids."""
+    side = vision.image_size[0] // vision.patch_size
+    patch_dim = vision.num_channels * vision.patch_size ** 2
+    crops = 2 * batch
+    windows = torch.arange(side * side).reshape(side // 2, 2, side // 2, 2).permute(0, 2, 1, 3).reshape(-1, 4)
+    return {"pixel_values": torch.randn(crops, side * side, patch_dim, generator=g),
+            "image_token_pooling": torch.cat([windows + crop * side * side for crop in range(crops)]),
+            "image_grids": torch.tensor([[side // 2] * 4] * batch),
+            "image_num_crops": torch.tensor([2] * batch)}
+
+
+def _positioned_patches(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Gemma 4: flattened patches with their (x, y) positions, a grid the pooling kernel divides
+    (16 tokens an image); a processor that merges them first hands one patch a token."""
+    merged = getattr(vision, "model_patch_size", None)
+    patch, side = (merged, 4) if merged else (vision.patch_size, 4 * vision.pooling_kernel_size)
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([x, y], dim=-1).reshape(side * side, 2)
+    return {"pixel_values": torch.rand(batch, side * side, 3 * patch ** 2, generator=g),
+            "image_position_ids": positions.expand(batch, -1, -1).clone()}
+
+
+def _patch_clips(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Inkling: an image cut into P x P tiles, each repeated over the temporal patch as a clip
+    [T, P, P, C]; the tower folds each clip into one token (16 an image here)."""
+    tiles = 16 * batch
+    return {"pixel_values": torch.randn(tiles, vision.temporal_patch_size, vision.patch_size, vision.patch_size,
+                                        vision.num_channels, generator=g)}
+
+
+# A forward argument that names a patch layout of its own -> the builder of that layout.
+_PATCH_LAYOUTS = (("target_sizes", _packed_patches), ("image_token_pooling", _pooled_crops),
+                  ("image_position_ids", _positioned_patches))
+# Types whose layout nothing in their signature names.
+_TYPE_LAYOUTS = {"inkling_mm_model": _patch_clips}
+
+
+# Types whose processor hands a grid's patches as [N, C, P, P] images, a convolution's input, where the
+# others flatten them to rows: nothing in the config or the signature tells the two apart.
+UNFLATTENED_PATCHES = frozenset({"paddleocr_vl", "kimi_k25"})
+
+
 def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
     """One image per sample, in the form the forward's signature asks for."""
     config = model.config
-    vision = config.vision_config
     args = _forward_args(model)
-    if "image_grid_thw" in args:
-        merge = getattr(vision, "spatial_merge_size", 2)
+    if "image_patches" in args:  # Fuyu: the decoder embeds raw patches, the config holds their size
+        patch_dim = config.num_channels * config.patch_size ** 2
+        side = config.image_size // config.patch_size
+        return {"pixel_values": torch.randn(batch, side * side, patch_dim, generator=g)}
+    vision = config.vision_config
+    if config.model_type in _TYPE_LAYOUTS:
+        return _TYPE_LAYOUTS[config.model_type](vision, batch, g)
+    for needs, builder in _PATCH_LAYOUTS:
+        if needs in args:
+            return builder(vision, batch, g)
+    grid = next((name for name in ("image_grid_thw", "image_grid_hw") if name in args), None)
+    if grid is not None:  # flattened patches of all images, and each image's grid in patches
+        merge = getattr(vision, "spatial_merge_size", getattr(vision, "merge_size", 2))
         side = 4 * merge
         channels = getattr(vision, "in_channels", getattr(vision, "num_channels", 3))
-        patch_dim = channels * getattr(vision, "temporal_patch_size", 1) * vision.patch_size ** 2
-        out = {"pixel_values": torch.randn(batch * side * side, patch_dim, generator=g),
-               "image_grid_thw": torch.tensor([[1, side, side]] * batch)}
+        frames = getattr(vision, "temporal_patch_size", getattr(vision, "patch_temporal", 1))
+        patch_dim = channels * frames * vision.patch_size ** 2
+        patches = torch.randn(batch * side * side, patch_dim, generator=g)
+        if config.model_type in UNFLATTENED_PATCHES:
+            patches = patches.reshape(batch * side * side, channels, vision.patch_size, vision.patch_size)
+        time = [1] if grid == "image_grid_thw" else []
+        out = {"pixel_values": patches, grid: torch.tensor([time + [side, side]] * batch)}
         if "image_merge_sizes" in args:
             out["image_merge_sizes"] = torch.tensor([merge] * batch)
         return out
@@ -208,8 +321,9 @@ def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Ten
                 "spatial_shapes": torch.tensor([[side, side]] * batch)}
     size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     if "pixel_attention_mask" in args:
+        tiled = "tile_fine_mask" in args  # the mask marks real tiles, not pixels (Granite Docling)
         return {"pixel_values": torch.randn(batch, 1, 3, size, size, generator=g),
-                "pixel_attention_mask": torch.ones(batch, 1, size, size, dtype=torch.bool)}
+                "pixel_attention_mask": torch.ones((batch, 1) if tiled else (batch, 1, size, size), dtype=torch.bool)}
     if "image_sizes" in args and getattr(config, "image_grid_pinpoints", None):
         return {"pixel_values": torch.randn(batch, 5, 3, size, size, generator=g),
                 "image_sizes": torch.tensor([[size, size * 2]] * batch)}
@@ -248,9 +362,9 @@ def visual_tokens_per_image(model, vision_inputs: Dict[str, torch.Tensor], batch
 def make_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0) -> Dict[str, torch.Tensor]:
     config = model.config
     g = torch.Generator().manual_seed(seed)
+    image = image_token_id(config)  # first: a type that names none is refused before its inputs are built
     vision = _vision_inputs(model, batch, g)
     count = visual_tokens_per_image(model, vision, batch)
-    image = image_token_id(config)
     start, end = (getattr(config, name, None) for name in ("vision_start_token_id", "vision_end_token_id"))
     rows = []
     for _ in range(batch):
@@ -272,13 +386,21 @@ def make_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed
     return inputs
 
 
-def structural_refusal(model_type: str, config) -> Optional[Refusal]:
-    """A type whose architecture is not the one era_compile prunes, read off its config."""
+def structural_refusal(model_type: str, config, model_class: type) -> Optional[Refusal]:
+    """A type whose architecture is not the one era_compile prunes, read off its config and class."""
+    from transformers import GenerationMixin
+
     fields = config.to_dict()
     if getattr(config, "is_encoder_decoder", False):
         return Refusal(model_type, "encoder-decoder: the image feeds an encoder; era_compile prunes the visual "
                                    "tokens of a decoder-only sequence")
-    if any("cross_attention" in k or "cross_layer" in k for k in fields):
+    if not issubclass(model_class, GenerationMixin):
+        return Refusal(model_type, f"not a token-by-token text generator ({model_class.__name__} has no generate(): "
+                                   "an action or diffusion head decodes); era_compile prunes the prompt of an "
+                                   "autoregressive decoder")
+    # the text model's own cross-attention layers, when it has some (not a Q-Former's, nor a False flag)
+    text_fields = [k for k, v in config.get_text_config().to_dict().items() if v]
+    if any("cross_attention" in k or "cross_layer" in k for k in list(fields) + text_fields):
         return Refusal(model_type, "cross-attention: the encoder's features enter through cross-attention layers, "
                                    "not as tokens of the sequence")
     if "vq_config" in fields and "vision_config" not in fields:
@@ -307,13 +429,14 @@ def build(model_type: str, *, seed: int = 0, batch: int = 1, **input_kwargs) -> 
         raise ValueError(f"unknown image-text-to-text model type {model_type!r}")
     from transformers import CONFIG_MAPPING
 
-    refusal = structural_refusal(model_type, CONFIG_MAPPING[model_type]())
+    model_class = getattr(transformers, types[model_type])
+    refusal = structural_refusal(model_type, CONFIG_MAPPING[model_type](), model_class)
     if refusal is not None:
         raise refusal
     config = tiny_config(model_type)
     torch.manual_seed(seed)
     try:
-        model = getattr(transformers, types[model_type])(config).eval()
+        model = model_class(config).eval()
     except (ValueError, ImportError) as e:
         reason = next((why for text, why in _UNBUILDABLE if text in str(e)), None)
         if reason is None:
