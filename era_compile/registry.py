@@ -100,7 +100,8 @@ OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "mistral_large4": {"text_config": {"num_key_value_heads": 4}},  # MLA: a key per query head
     "hunyuan_vl": {"text_config": {"head_dim": 16}},  # None in its default, derived from widths not shrunk
     "kimi_k25": {"": {"projection_hidden_size": 64},  # the tower's width, as the projector reads it
-                 "text_config": {"head_dim": 8}},  # = qk_rope_head_dim: the rotary width, as DeepSeek-V3 derives it
+                 # MLA: a key per query head; head_dim = qk_rope_head_dim, the rotary width DeepSeek-V3 derives
+                 "text_config": {"num_key_value_heads": 4, "head_dim": 8}},
     "nemotron_h_omni": {"": {"image_token_id": 1000}},  # the tokenizer's, not the config's
     # the adapter reads the tower's 2 x 2 pixel-shuffled width and writes the text width
     "muse_glimmer": {"": {"out_hidden_size": 256, "projector_hidden_size": 64}},
@@ -120,6 +121,9 @@ OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
                    # the towers' adapters: from their own width to the text width
                    "vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
                    "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64}},
+    # its defaults leave out the tower layers it injects into which decoder layers (DeepStack)
+    "granite4_vision": {"": {"downsample_rate": "1/2", "deepstack_layer_map": [[-2, 1], [-1, 2]],
+                             "spatial_target_layers": [0, 1, 2, 3]}},
     "fuyu": {"": {"patch_size": 8, "image_size": 64}},  # its patches are the text model's inputs: no tower
     "gemma4_unified": {"vision_config": {"mm_embed_dim": 64, "output_proj_dims": 64}},  # no tower: a projection
 }
@@ -348,6 +352,8 @@ def visual_tokens_per_image(model, vision_inputs: Dict[str, torch.Tensor], batch
     with torch.no_grad():
         out = get(**extra)
     features = getattr(out, "pooler_output", out)
+    if features is None and getattr(out, "deepstack_features", None):  # (decoder layer, features): DeepStack only
+        features = out.deepstack_features[0][1]
     if features is None:
         features = out.last_hidden_state
     if isinstance(features, (list, tuple)):
