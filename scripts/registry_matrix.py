@@ -6,7 +6,8 @@
 
 Each row is the outcome of ``tests/test_registry.py::test_model_type[<type>]`` run on that type
 (supported, refused with the backend's reason, or untested with the builder's); a crash, a
-silently unpruned prompt or a mismatch fails the run. The default suite runs a subset and checks
+silently unpruned prompt or a mismatch fails the run, and its row says **failing** and what
+failed. The default suite runs a subset and checks
 its rows, and checks that every registered type has a row.
 """
 
@@ -39,14 +40,14 @@ def render(rows: dict) -> str:
     classes = registry.model_types()
     counts = Counter(row["status"] for row in rows.values())
     lines = [f"{counts['supported']} supported, {counts['refused']} refused, {counts['untested']} untested, "
-             f"of {len(classes)} model types.", "",
+             f"{counts['failing']} failing, of {len(classes)} model types.", "",
              "| model type | status | class | what was measured, or why not |", "| --- | --- | --- | --- |"]
     for model_type, cls in classes.items():
         row = rows.get(model_type)
         if row is None:
             lines.append(f"| `{model_type}` | **failed** | {cls} | the check failed or did not run: see the run's log |")
             continue
-        status = row["status"] if row["status"] != "supported" else "**supported**"
+        status = f"**{row['status']}**" if row["status"] in ("supported", "failing") else row["status"]
         lines.append(f"| `{model_type}` | {status} | {cls} | {detail(row)} |")
     return "\n".join(lines)
 
