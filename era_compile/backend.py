@@ -30,11 +30,12 @@ from era_compile.config import ERAConfig
 from era_compile.ops.prune import budget_tensor
 from era_compile.passes.fx_utils import data_dependent_dims
 from era_compile.passes.graph_pass import PassError
-from era_compile.passes.kinds import GraphKind, decoder_layers_fed, image_inputs, image_values, runs_decoder_layers
+from era_compile.passes.kinds import (GraphKind, decoder_layers_fed, hidden_inputs_into_layers, image_inputs, image_values,
+                                      runs_decoder_layers, token_id_inputs)
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
 from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
 from era_compile.report import Report, last_report, logger, set_last
-from era_compile.runtime import EraCompileError, GraphPlan, Runtime, Variants, plan_for  # the error: exported here
+from era_compile.runtime import EraCompileError, GraphPlan, Runtime, Variants, Watched, plan_for  # the error: exported here
 
 
 class EraBackend:
@@ -89,7 +90,10 @@ class EraBackend:
         try:
             prepared = prepare(gm, self.config, index, example_inputs)
             images = image_values(prepared.gm, example_inputs)
-            image_positions = image_inputs(prepared.gm, images, example_inputs)
+            watched = Watched(image_inputs=tuple(image_inputs(prepared.gm, images, example_inputs)),
+                              runs_decoder=runs_decoder_layers(prepared.gm, example_inputs, images),
+                              hidden_inputs=tuple(hidden_inputs_into_layers(prepared.gm, example_inputs)),
+                              token_inputs=tuple(token_id_inputs(prepared.gm, example_inputs)))
             unknown_merge = decoder_layers_fed(prepared.gm, images, example_inputs) \
                 if prepared.kind is GraphKind.TEXT else []
         except Exception as e:  # normalising or classifying failed: a bug of ours, never the user's model
@@ -104,10 +108,10 @@ class EraBackend:
             self.report.compile_seconds += time.perf_counter() - start
         key_of = self._variant_key(prepared, example_inputs)
         if key_of is None:
-            return self._compile(gm, prepared, example_inputs, image_positions=image_positions)
+            return self._compile(gm, prepared, example_inputs, watched=watched)
 
         def build(args: List[Any], carried: Optional[CarriedVisual]) -> Callable:
-            return self._compile(gm, prepared, args, carried, image_positions=image_positions)
+            return self._compile(gm, prepared, args, carried, watched=watched)
 
         return Variants(self.runtime, index, key_of, build, example_inputs)
 
@@ -131,15 +135,15 @@ class EraBackend:
     # ------------------------------------------------------------------ internals
 
     def _compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                 carried: Optional[CarriedVisual] = None, image_positions: Sequence[int] = ()) -> Callable:
+                 carried: Optional[CarriedVisual] = None, watched: Watched = Watched()) -> Callable:
         start = time.perf_counter()
         try:
-            return self._rewrite_and_compile(gm, prepared, example_inputs, carried, image_positions)
+            return self._rewrite_and_compile(gm, prepared, example_inputs, carried, watched)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
 
     def _rewrite_and_compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                             carried: Optional[CarriedVisual], image_positions: Sequence[int]) -> Callable:
+                             carried: Optional[CarriedVisual], watched: Watched) -> Callable:
         index = prepared.graph_index
         label = f"graph{index}" if carried is None else f"graph{index}_carried{carried.input_index}"
         kind = prepared.kind if carried is None else GraphKind.CARRIED
@@ -154,8 +158,7 @@ class EraBackend:
         entry = {"graph": index, "kind": result.kind.value, **result.counts()}
         self.report.passes.append(entry)
         plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs,
-                        data_dependent_dims(result.gm), image_positions,
-                        runs_decoder=result.kind is GraphKind.TEXT and runs_decoder_layers(prepared.gm, example_inputs))
+                        data_dependent_dims(result.gm), watched)
         if not result.changed:
             if not self._reads_pruned_caches(result, index):
                 self._skip(index, _unchanged_reason(result))

@@ -20,10 +20,10 @@
   step, through beam search's reordering, and two requests or two models can never share it.
   Layers < K keep their full, plain cache.
 * Whether an image was pruned at all. A graph that encodes images (``kinds.image_values``) and
-  does not prune them leaves a ``PendingImage``; a pruned prefill or a handoff resolves it. A
-  graph that then runs decoder layers on the text without pruning (``kinds.runs_decoder_layers``)
-  is the proof that the prompt went on unpruned (its visual tokens already passed the layers):
-  a warning and a report line as that graph returns (strict: an ``EraCompileError``). One that
+  does not prune them leaves a ``PendingImage``; a pruned prefill resolves it (a handoff only
+  names the graph that should). A graph that then runs decoder layers without pruning
+  (``kinds.runs_decoder_layers``; after a handoff, on other embeddings than the merged ones) is
+  the proof that the prompt went on unpruned (its visual tokens already passed the layers): a warning and a report line as that graph returns (strict: an ``EraCompileError``). One that
   no decoder ran on belonged to a request that failed before its prefill: dropped at the next
   decode step or when the image inputs of the calls that encoded it die. Text-only prompts skip
   the vision tower, so they leave nothing pending.
@@ -67,6 +67,7 @@ class PendingImage:
     graphs: List[int]                 # the graphs that encoded it, in call order
     anchors: int = 0                  # living image inputs of those calls: at 0 the request is over
     resolved: bool = False            # pruned, reported, or dropped
+    handoff: Optional[HandedOnMask] = None  # its merge, handed on to the graph that should prune it
 
 
 @dataclass
@@ -87,6 +88,8 @@ class GraphPlan:
     image_inputs: Tuple[int, ...] = ()          # the inputs an image enters by (``kinds.image_inputs``)
     decode_step: bool = False                   # attends over a past KV cache: the prompt is done
     runs_decoder: bool = False                  # ``kinds.runs_decoder_layers``: a language model runs here
+    hidden_inputs: Tuple[int, ...] = ()         # ``kinds.hidden_inputs_into_layers``: [B, N, D] into layers
+    token_inputs: Tuple[int, ...] = ()          # ``kinds.token_id_inputs``: the prompt's [B, N] token ids
     fell_back: bool = False                     # runs unpruned, as reported when it fell back: the image is told
 
     @property
@@ -100,18 +103,33 @@ class GraphPlan:
 
     @property
     def needed(self) -> bool:
-        return (bool(self.added_inputs or self.prefill_outputs or self.handoff) or self.watches_images
-                or self.runs_decoder or self.fell_back)
+        return (bool(self.added_inputs or self.prefill_outputs or self.handoff or self.hidden_inputs
+                     or self.token_inputs)
+                or self.watches_images or self.runs_decoder or self.fell_back)
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What the runtime watches of a graph for an unpruned image, read off it once (``passes.kinds``)
+    whatever variants it is compiled in."""
+
+    image_inputs: Tuple[int, ...] = ()   # ``image_inputs``: an image enters by these
+    runs_decoder: bool = False           # ``runs_decoder_layers``: the text's embeddings reach a layer
+    hidden_inputs: Tuple[int, ...] = ()  # ``hidden_inputs_into_layers``: [B, N, ...] into layers
+    token_inputs: Tuple[int, ...] = ()   # ``token_id_inputs``: the prompt's [B, N] token ids
 
 
 def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
              added_inputs: Sequence[AddedInput] = (), data_dependent: Optional[Dict[int, Tuple[int, ...]]] = None,
-             image_inputs: Sequence[int] = (), runs_decoder: bool = False) -> GraphPlan:
+             watched: Watched = Watched()) -> GraphPlan:
     """The runtime plan of a graph, from what its passes recorded (no records: a fallback);
-    ``data_dependent``: the outputs' dimensions of the pruned length (``fx_utils.data_dependent_dims``)."""
+    ``data_dependent``: the outputs' dimensions of the pruned length (``fx_utils.data_dependent_dims``).
+    Only a text-kind variant can run the decoder on an unpruned image: the others prune it."""
+    text = kind is GraphKind.TEXT
     plan = GraphPlan(graph=graph, kind=kind, rectify=config.rectify, added_inputs=tuple(added_inputs),
-                     data_dependent=dict(data_dependent or {}), image_inputs=tuple(image_inputs),
-                     runs_decoder=runs_decoder)
+                     data_dependent=dict(data_dependent or {}), image_inputs=watched.image_inputs,
+                     runs_decoder=text and watched.runs_decoder, hidden_inputs=watched.hidden_inputs if text else (),
+                     token_inputs=watched.token_inputs)
     cache = records.get(KVCache)
     # a decode step reads a past cache; a vision tower split at its attention looks like decode but writes none
     plan.decode_step = kind is GraphKind.DECODE and cache is not None and (
@@ -138,7 +156,8 @@ class Runtime:
         self.report = report
         self.budget = budget  # what every pruned prefill keeps (``EraBackend.budget`` changes it)
         self.strict = strict
-        self.pending: Optional[PendingImage] = None  # an image encoded since the last pruned prefill or handoff
+        self.pending: Optional[PendingImage] = None  # an image encoded since the last pruned prefill
+        self.prompt_shape: Optional[Tuple[int, ...]] = None  # [B, N] of the token ids last embedded
 
     def wrap(self, compiled: Callable, plan: GraphPlan) -> Callable:
         return RuntimeWrapper(self, compiled, plan) if plan.needed else compiled
@@ -155,11 +174,13 @@ class Runtime:
 
     def record(self, outputs: List, plan: GraphPlan, args: tuple = ()) -> tuple:
         """Strip what a graph published after its outputs and act on it (``args``: the call's inputs)."""
+        if plan.token_inputs:
+            self.prompt_shape = tuple(args[plan.token_inputs[0]].shape)
         if plan.handoff is not None:
             handed = HandoffOutputs.take(outputs, len(plan.handoff.outputs.values()))
-            self._hand_off(outputs[plan.handoff.embeddings_output],
-                           HandedOnMask(handed.visual_mask, plan.graph))
-            self.resolve_pending_image()
+            handoff = HandedOnMask(handed.visual_mask, plan.graph)
+            self._hand_off(outputs[plan.handoff.embeddings_output], handoff)
+            self._image_handed_on(handoff)
         elif plan.prefill_outputs:
             published = PrefillOutputs.take(outputs, plan.prefill_outputs)
             self._compact_caches(outputs, plan, published)
@@ -171,8 +192,9 @@ class Runtime:
             self.resolve_pending_image()
         else:
             if plan.encodes_images:
-                self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs])
-            if plan.runs_decoder and self.pending is not None:
+                self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs]
+                                    + [x for x in outputs if isinstance(x, Tensor)])
+            if self.pending is not None and (plan.runs_decoder or self._runs_on_the_prompt(plan, args)):
                 self._not_pruned(self.pending, plan.graph)
         return tuple(outputs)
 
@@ -185,16 +207,34 @@ class Runtime:
         if self.pending is not None and plan.decode_step:
             self._drop(self.pending)
 
-    def _image_encoded(self, graph: int, images: List[Tensor]) -> None:
+    def _image_encoded(self, graph: int, anchors: List[Tensor]) -> None:
         pending = self.pending
         if pending is None:
             pending = self.pending = PendingImage([])
         pending.graphs.append(graph)
-        # The image inputs of the calls that encoded it (the caller's pixel values among them) live
-        # as long as its request; their outputs may die before the prefill runs.
-        for x in images:
+        # While its request runs, some of what the calls that encoded it took or made is alive: the
+        # caller's pixel values, or the features the model keeps; a copy of the pixels made outside
+        # the graphs (Granite 4 Vision's crops) dies early, and so may the features before the
+        # prefill runs; a view's base is the caller's tensor. The image is over when all of them are.
+        for x in anchors:
             pending.anchors += 1
-            weakref.finalize(x, self._anchor_died, pending)
+            weakref.finalize(x if x._base is None else x._base, self._anchor_died, pending)
+
+    def _runs_on_the_prompt(self, plan: GraphPlan, args: tuple) -> bool:
+        """Decoder layers ran on hidden states of the waiting image's sequence ([B, N] of its merge,
+        or of the prompt last embedded), computed by an earlier graph: the image went on unpruned."""
+        handoff = self.pending.handoff
+        shape = tuple(handoff.mask.shape) if handoff is not None and not handoff.claimed else self.prompt_shape
+        return shape is not None and any(
+            isinstance(args[i], Tensor) and tuple(args[i].shape[:2]) == shape for i in plan.hidden_inputs)
+
+    def _image_handed_on(self, handoff: HandedOnMask) -> None:
+        """Merged, not yet pruned: the graph that receives the merged embeddings prunes it (or falls
+        back, loudly); a decoder that runs on other embeddings first is the proof it did not."""
+        if self.pending is None:
+            self.pending = PendingImage([])
+        self.pending.graphs.append(handoff.graph)
+        self.pending.handoff = handoff
 
     def resolve_pending_image(self) -> None:
         """The pending image was pruned, or an error or warning of a fallback told of it."""
@@ -219,9 +259,15 @@ class Runtime:
     def _not_pruned(self, pending: PendingImage, decoder: int) -> None:
         self._forget(pending)
         graphs = ", ".join(str(g) for g in dict.fromkeys(pending.graphs))
-        why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder} ran decoder layers on it, but no graph "
-               "pruned it: its visual tokens were not pruned (merged by a pattern the passes do not know, or in code "
-               "outside a graph)")
+        if pending.handoff is not None and not pending.handoff.claimed:
+            pending.handoff.claimed = True  # told here: its tensor's death need not tell it again
+            why = (f"graph {pending.handoff.graph} merged an image prompt and handed its visual mask on, but graph "
+                   f"{decoder} ran the language model on other hidden states of its sequence (the merged embeddings "
+                   "changed outside a graph): its visual tokens were not pruned")
+        else:
+            why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder} ran decoder layers on it, but no "
+                   "graph pruned it: its visual tokens were not pruned (merged by a pattern the passes do not know, "
+                   "or in code outside a graph)")
         self.report.unpruned_images.append(why)
         if self.strict:
             raise EraCompileError(f"era_compile: {why}")
@@ -260,6 +306,8 @@ class Runtime:
     def _check_claimed(self, handoff: HandedOnMask) -> None:
         if handoff.claimed:
             return
+        if self.pending is not None and self.pending.handoff is handoff:
+            self._forget(self.pending)
         why = (f"graph {handoff.graph} merged {handoff.mask.sum(-1).tolist()} visual tokens per sample and handed "
                "them on, "
                "but no compiled graph received the merged embeddings (changed outside a graph?): "

@@ -43,6 +43,7 @@ from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_
 # those on what is no image.
 _CONVOLUTIONS = {torch.conv2d, torch.conv3d, torch.convolution, torch._convolution, torch.ops.aten.conv2d.default,
                  torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
 _EMBEDDING_LOOKUPS = {torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default}
 
 
@@ -142,12 +143,32 @@ def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_in
     return paths
 
 
-def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> bool:
+def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = (),
+                        images: Optional[Sequence[fx.Node]] = None) -> bool:
     """Whether the text's embeddings reach an indexed layer: a language model runs here (a vision
-    tower's layers, split from its patch embedding, run on [P, D] patches, not on text)."""
+    tower's layers, split from its patch embedding, run on [P, D] patches, not on text).
+    ``images``: the graph's ``image_values``, where the caller has them."""
+    images = image_values(gm, example_inputs) if images is None else images
     return any(layer_module_path(n) is not None
-               for n in reachable_from(_text_embeddings(gm, example_inputs, image_values(gm, example_inputs)),
-                                       through_sizes=False))
+               for n in reachable_from(_text_embeddings(gm, example_inputs, images), through_sizes=False))
+
+
+def hidden_inputs_into_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[int]:
+    """The positions of the float [B, N, ...] inputs (rank 3, or 4: parallel residual streams) that
+    reach an attention call or a linear layer: hidden states an earlier graph computed (a decoder
+    split between or inside its layers, whose graphs name no layer index). While an image waits
+    unpruned, one of the prompt's [B, N] (``token_id_inputs``) is the language model running on
+    it: the runtime compares shapes per call, as a graph cannot know which request it serves (a
+    vision tower's layers run on patches, of other shapes)."""
+    inputs = placeholders(gm)
+    data = set(_data_inputs(gm, example_inputs))
+    found = []
+    for i, node in enumerate(inputs):
+        if node in data and (_is_float(node, rank=3) or _is_float(node, rank=4)) and any(
+                is_attention(n) or (n.op == "call_function" and n.target in _LINEAR)
+                for n in reachable_from([node], through_sizes=False)):
+            found.append(i)
+    return found
 
 
 def _data_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> List[fx.Node]:
@@ -168,12 +189,24 @@ def _text_embeddings(gm: fx.GraphModule, example_inputs: Sequence[Any], images: 
                if tensor_meta(n).dim() and not tensor_meta(n).is_floating_point()]
     embedded = [n for n in data if _is_float(n, rank=3)
                 and any(statically_known_true(tensor_meta(n).shape[1] == length) for length in lengths)]
+    return embedded + [lookup for lookup, _ in _token_lookups(gm, data)]
+
+
+def _token_lookups(gm: fx.GraphModule, data: Sequence[fx.Node]) -> List[tuple]:
+    """(embedding lookup, the [B, N] token-id input it reads), for each lookup of ``data``'s token ids."""
+    found = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _EMBEDDING_LOOKUPS:
             indices = [_through_one_input_ops(a) for a in node.args[:2] if _is_integer(a)]
-            if any(i in data and _is_token_sequence(i) for i in indices):
-                embedded.append(node)
-    return embedded
+            found += [(node, i) for i in indices if i in data and _is_token_sequence(i)]
+    return found
+
+
+def token_id_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[int]:
+    """The positions of the [B, N] token-id inputs a graph embeds: the prompt's shape, per call."""
+    inputs = placeholders(gm)
+    read = {i for _, i in _token_lookups(gm, _data_inputs(gm, example_inputs))}
+    return [k for k, node in enumerate(inputs) if node in read]
 
 
 def _is_image_convolution(node: fx.Node) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build, compiled_forward, generate_matches_reference
 
-from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile import ERAConfig, EraCompileError, make_era_backend, zoo
 from era_compile.compact_kv import stored_rows
 from era_compile.compat import output_cache
 from era_compile.reference import EagerReference
@@ -94,7 +94,8 @@ def test_split_forward_compiles_one_pruned_variant_for_every_visual_count():
 
 def test_unclaimed_handoff_is_reported():
     """Merged embeddings replaced outside any graph before the decoder: the mask handed on is never
-    taken up, and the user is told that pruning did not happen."""
+    taken up, and the user is told as the decoder runs on the copy (strict: an error there), once:
+    the handed-on tensor's death does not tell again."""
     model, inputs = build("qwen2.5-vl")
 
     @torch._dynamo.disable
@@ -106,11 +107,15 @@ def test_unclaimed_handoff_is_reported():
         return args, kwargs
 
     model.model.language_model.register_forward_pre_hook(replace_embeddings, with_kwargs=True)
-    with pytest.warns(RuntimeWarning, match="no compiled graph received the merged embeddings"):
+    told = "merged an image prompt and handed its visual mask on, but graph \\d+ ran the language model on other"
+    with pytest.warns(RuntimeWarning, match=told):
         out, report = compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager"))
         del out
         gc.collect()
-    assert not report.pruned and any("pruning did not happen" in s for s in report.skipped)
+    assert not report.pruned and len(report.unpruned_images) == 1
+    assert not any("no compiled graph received" in line for line in report.skipped)
+    with pytest.raises(EraCompileError, match=told):
+        compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2.5-vl"])

@@ -15,6 +15,7 @@ from era_compile import ERAConfig, EraCompileError, make_era_backend
 from era_compile.backend import FirstRunFallback
 from era_compile.passes.kinds import image_values
 from era_compile.report import Report
+from era_compile.passes.records import Handoff, HandoffOutputs
 from era_compile.runtime import GraphPlan, Runtime
 
 VMAP_ERROR = "Either your tensor may have escaped from inside a function being vmapped"
@@ -207,6 +208,48 @@ def test_an_image_no_decoder_ran_on_is_dropped():
     del pixels
     gc.collect()
     assert runtime.pending is None and not runtime.report.unpruned_images
+
+
+EMBED = GraphPlan(graph=0, token_inputs=(0,))                        # the prompt's token embedding
+MERGE = GraphPlan(graph=4, handoff=Handoff(0, HandoffOutputs(visual_mask=0)))  # merged, mask handed on
+LAYER = GraphPlan(graph=6, hidden_inputs=(0,))                       # one decoder layer's own forward
+
+
+def test_a_decoder_split_into_layers_on_the_unpruned_prompt_is_the_verdict():
+    """Granite 4 Vision's shape: the merge runs outside any graph, each decoder layer is a graph of
+    its own (no layer index in it, no token ids): hidden states of the prompt's [B, N] reaching
+    a layer are the proof. The tower's pixels, copied outside the graphs, die before the decoder
+    runs: the features the tower made keep the image waiting. A tower layer's patches do not match."""
+    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    ids = torch.ones(1, 12, dtype=torch.long)
+    _call(runtime, EMBED, ids)
+    features = runtime.record([torch.ones(3, 5, 8)], TOWER, (torch.randn(3, 3, 8, 8),))  # its input dies here
+    gc.collect()
+    _call(runtime, LAYER, torch.randn(3, 5, 8))  # a tower layer: patches, not the prompt
+    assert runtime.pending is not None
+    with pytest.raises(EraCompileError, match=r"graph\(s\) 1 encoded an image prompt and graph 6 ran decoder layers"):
+        _call(runtime, LAYER, torch.randn(1, 12, 8))
+    del features
+    gc.collect()
+    assert len(runtime.report.unpruned_images) == 1 and runtime.pending is None
+
+
+def test_merged_embeddings_changed_outside_a_graph_are_told_at_the_decoder():
+    """Granite Docling's shape: the merge graph hands its mask on with the merged embeddings, the
+    text model scales them outside a graph, and its layers run on the copy: no graph claims the
+    mask, so the first layer on hidden states of its [B, N] tells (strict: raises), and the
+    handed-on tensor's death does not tell again."""
+    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    pixels = torch.randn(1, 3, 8, 8)
+    _call(runtime, TOWER, pixels)
+    merged = runtime.record([torch.randn(1, 12, 8), torch.zeros(1, 12, dtype=torch.bool)], MERGE, ())[0]
+    assert runtime.pending is not None  # a handoff is no verdict: the graph receiving it prunes
+    with pytest.raises(EraCompileError, match="graph 4 merged an image prompt and handed its visual mask on, but "
+                                              "graph 6 ran the language model on other hidden states"):
+        _call(runtime, LAYER, merged * 2.0)
+    del merged, pixels
+    gc.collect()
+    assert len(runtime.report.unpruned_images) == 1 and not runtime.report.skipped
 
 
 def test_a_pruned_prefill_resolves_the_image_of_an_earlier_graph():
