@@ -171,11 +171,23 @@ class EagerReference:
         args = (hidden_kept,) + tuple(args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = hidden_kept
-        return args, self._gather_kwargs(kwargs)
+        return self._gather_args(args), self._gather_kwargs(kwargs)
+
+    def _gather_args(self, args):
+        """Positional per-token inputs after the hidden states (Gemma 4's per-layer input [B, N, D'])."""
+        return args[:1] + tuple(self._per_token(a) for a in args[1:])
+
+    def _per_token(self, x):
+        """x at the kept positions if it runs along the prompt ([B, N, ...]), else as it is."""
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == self._seq_len \
+                and x.shape[0] in (1, self._keep.shape[0]):
+            return _take(x, self._keep, 1)
+        return x
 
     def _gather_kwargs(self, kwargs):
         keep = self._keep
-        kwargs = dict(kwargs)
+        kwargs = {name: value if name in ("attention_mask", "position_embeddings", "position_ids", "hidden_states")
+                  else self._per_token(value) for name, value in kwargs.items()}
         if kwargs.get("position_embeddings") is not None:  # learned positions (OPT) were added before layer 0
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (_take(cos, keep, 1), _take(sin, keep, 1))
@@ -189,7 +201,7 @@ class EagerReference:
     def _later(self, module, args, kwargs):
         if not self._pruning:  # a decode step: positions are the new tokens' own
             return None
-        return args, self._gather_kwargs(kwargs)
+        return self._gather_args(args), self._gather_kwargs(kwargs)
 
     # ------------------------------------------------------------------ running
 
