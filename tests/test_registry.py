@@ -7,7 +7,8 @@ For each type (``era_compile.registry``) this builds a tiny model and decides it
 * **refused**: strict mode raises with a reason (or the type is not the architecture
   era_compile prunes: ``registry.Refusal``), and the default mode runs it unpruned, equal to the
   plain model, with a warning: never broken, never silent;
-* **untested**: no tiny model of it could be built here (the reason says why).
+* **untested**: no tiny model of it could be built here (the reason says why). A model whose own
+  eager forward fails on a text-only prompt as well is refused: the installed transformers' bug.
 
 Anything else fails the test: a crash, a silently unpruned image prompt, a mismatch.
 
@@ -179,7 +180,7 @@ def status_of(model_type: str) -> dict:
         with torch.no_grad():
             model(**inputs)
     except Exception as e:
-        return {"status": "untested", "reason": f"the tiny model's eager forward fails: {type(e).__name__}: {_short(e)}"}
+        return _eager_failure(model, inputs, e)
     try:
         measured = check_supported(model, inputs)
     except GenerateBypassesForward as bypass:
@@ -192,6 +193,24 @@ def status_of(model_type: str) -> dict:
         refused_inputs = getattr(e, "era_inputs", inputs)  # the prompt (batch 1 or 2) that was refused
         return {"status": "refused", "reason": reason, **check_refused(model, refused_inputs, reason)}
     return {"status": "supported", **measured}
+
+
+def _eager_failure(model, inputs, error: Exception) -> dict:
+    """The plain model fails on the image prompt: on a text-only prompt too, it is the installed
+    transformers' own bug (nothing era_compile can run, nor plain torch.compile); else our inputs'."""
+    import transformers
+
+    text = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    ids = inputs["input_ids"]
+    text["input_ids"] = torch.where(_visual(model, inputs), ids[:, :1], ids)  # the prompt's first text token
+    try:
+        with torch.no_grad():
+            model(**text)
+    except Exception as again:
+        return {"status": "refused", "reason": (
+            f"transformers {transformers.__version__}'s own {type(model).__name__}.forward fails on every prompt, "
+            f"text-only too ({type(again).__name__}: {_short(again)}): nothing to compile")}
+    return {"status": "untested", "reason": f"the tiny model's eager forward fails: {type(error).__name__}: {_short(error)}"}
 
 
 @pytest.fixture(scope="module", autouse=True)
