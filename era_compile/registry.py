@@ -126,6 +126,23 @@ OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
                              "spatial_target_layers": [0, 1, 2, 3]}},
     "fuyu": {"": {"patch_size": 8, "image_size": 64}},  # its patches are the text model's inputs: no tower
     "gemma4_unified": {"vision_config": {"mm_embed_dim": 64, "output_proj_dims": 64}},  # no tower: a projection
+    # SAM, then a second encoder over SAM's feature map: a 64-pixel view, 8 x 8 patches that SAM's two
+    # stride-2 convolutions bring to 2 x 2, whose last width must be the second encoder's; one global layer of
+    # SAM's 2 (their mlp_dim is stored, not derived); SAM's default init std (1e-10, a checkpoint's
+    # placeholder) would leave a random tower blind to its pixels, every view's tokens alike.
+    # DeepSeek-OCR-2's second encoder appends its 144 learned queries (the 768-pixel set, which any view this
+    # small selects); its decoder's default lists no dense/sparse MLP layers and routes to no number of
+    # experts (None, which the generic shrink leaves alone).
+    "deepseek_ocr2": {"sam_config": {"image_size": 64, "patch_size": 8, "output_channels": 32, "mlp_dim": 128,
+                                     "downsample_channels": [32, 64], "window_size": 4, "global_attn_indexes": [1],
+                                     "initializer_range": 0.02},
+                      "text_config": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                                      "num_experts_per_tok": 2}},
+    # Unlimited-OCR's second encoder (CLIP) takes SAM's 2 x 2 map as its patches: a position per cell
+    "unlimited_ocr": {"sam_config": {"image_size": 64, "patch_size": 8, "output_channels": 32, "mlp_dim": 128,
+                                     "downsample_channels": [32, 64], "window_size": 4, "global_attn_indexes": [1],
+                                     "initializer_range": 0.02},
+                      "encoder_config": {"image_size": 16, "patch_size": 8}},
 }
 
 
@@ -276,9 +293,27 @@ def _patch_clips(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tens
                                         vision.num_channels, generator=g)}
 
 
-# A forward argument that names a patch layout of its own -> the builder of that layout.
+def _tiled_views(vision, batch: int, g: torch.Generator, *, grid: bool = False) -> Dict[str, torch.Tensor]:
+    """DeepSeek-OCR's processors: each image a global view and, cropped from it, local tiles (here a row of
+    2), each tile a view of its own through the SAM tower, all tiles of the batch in one ``pixel_values_local``;
+    ``num_local_patches`` counts each image's tiles (a tensor, as DeepSeek-OCR-2's processor hands it).
+    ``grid``: Unlimited-OCR's, which also hands each image's tile grid (columns, rows) in ``patches_grid``,
+    both as lists (its processor skips their tensor conversion)."""
+    size = vision.sam_config.image_size
+    columns, rows = 2, 1
+    out = {"pixel_values": torch.randn(batch, 3, size, size, generator=g),
+           "pixel_values_local": torch.randn(batch * columns * rows, 3, size, size, generator=g)}
+    if grid:
+        return dict(out, num_local_patches=[columns * rows] * batch, patches_grid=[[columns, rows]] * batch)
+    return dict(out, num_local_patches=torch.tensor([columns * rows] * batch))
+
+
+# A forward argument that names a patch layout of its own -> the builder of that layout (the first that
+# matches: ``patches_grid`` before the ``pixel_values_local`` it comes with).
 _PATCH_LAYOUTS = (("target_sizes", _packed_patches), ("image_token_pooling", _pooled_crops),
-                  ("image_position_ids", _positioned_patches))
+                  ("image_position_ids", _positioned_patches),
+                  ("patches_grid", lambda vision, batch, g: _tiled_views(vision, batch, g, grid=True)),
+                  ("pixel_values_local", _tiled_views))
 # Types whose layout nothing in their signature names.
 _TYPE_LAYOUTS = {"inkling_mm_model": _patch_clips}
 
