@@ -366,9 +366,10 @@ def _same_meta(a: Any, b: Any) -> bool:
 
 def mark_side_effects(gm: fx.GraphModule) -> None:
     """Calls Dynamo kept although nothing uses their result do something (``vmap``'s nesting
-    level, entered and left around a mask function): the dead-code tail must keep them too."""
+    level, entered and left around a mask function; an in-place method, GLM-4V-MoE's router
+    ``group_mask.scatter_(...)``): the dead-code tail must keep them too."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and not node.users:
+        if node.op in ("call_function", "call_method") and not node.users:
             node.meta["era_side_effect"] = True
 
 

@@ -132,6 +132,11 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
         new_args, new_kwargs = fx.node.map_aggregate(args, resolve), fx.node.map_aggregate(kwargs, resolve)
         literals += new_args != node.args or new_kwargs != node.kwargs
         node.args, node.kwargs = new_args, new_kwargs
+    for (consumer, factory), (args, kwargs) in plan.remade.items():  # its upstream users keep the original
+        remade = graph.call_function(factory.target, fx.node.map_aggregate(args, resolve),
+                                     fx.node.map_aggregate(kwargs, resolve))
+        consumer.replace_input_with(factory, remade)
+        literals += 1
     return literals
 
 

@@ -16,6 +16,10 @@ values:
    mask) is gathered along the smallest set of its length-``N`` dimensions that lets the
    consumer run: a stale length ``N`` meeting ``P`` fails to broadcast, so a wrong choice
    is detected by the op's own shape check. Ambiguity is an error, never a guess.
+4. A factory that reads no tensor (``torch.arange(perm.size(0))``, baked as ``2 * N`` for an
+   MoE's routed copies) is made again at ``k * n'`` for a consumer that fails on the original,
+   sizes of exactly ``N`` excepted (step 3 gathers those). Fake ``index_put`` checks no broadcast,
+   so ``setitem`` checks it here.
 
 Anything this cannot explain raises ``PassError``; the backend then reports that pruning
 did not happen.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Set, Tuple
 
@@ -52,6 +57,8 @@ class SeqPlan:
     shape_args: Dict[fx.Node, Tuple[tuple, dict]] = field(default_factory=dict)
     # (consumer, upstream input) -> dims of the input to gather with the kept positions
     gathers: Dict[Tuple[fx.Node, fx.Node], Tuple[int, ...]] = field(default_factory=dict)
+    # (consumer, upstream factory) -> the factory's (args, kwargs) at the pruned length, for the consumer
+    remade: Dict[Tuple[fx.Node, fx.Node], Tuple[tuple, dict]] = field(default_factory=dict)
 
 
 def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replacement_shape: Tuple[int, ...],
@@ -89,13 +96,14 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
                 args, kwargs = _rewrite_shape_args(node, values, P, seq_len)
                 plan.shape_args[node] = (args, kwargs)
             crossing = [a for a in node.all_input_nodes if a not in member and a is not cut]
-            candidates = []
+            options = []
             for a in crossing:
                 v = fake_value(a)
                 dims = [] if a in frozen or not isinstance(v, torch.Tensor) else \
                     [d for d, n in enumerate(hints(v.shape)) if n == seq_len]
-                candidates.append(dims)
-            values[node] = _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_value, P, plan)
+                remade = _remade_factory(a, seq_len)
+                options.append(list(_subsets(dims)) + ([_Remade(*remade)] if remade else []))
+            values[node] = _run_minimal(node, args, kwargs, crossing, options, values, upstream_value, P, plan)
     return plan
 
 
@@ -134,9 +142,50 @@ def _is_seq(n: Any, P: int) -> bool:
     return isinstance(n, int) and n % P == 0 and n > 0
 
 
-def _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_value, P, plan):
-    """Run ``node`` with its upstream inputs gathered along the fewest length-N dims that work."""
-    options = [list(_subsets(dims)) for dims in candidates]
+@dataclass(frozen=True)
+class _Remade:
+    """An option for an input-free factory made upstream: made again at the pruned length."""
+
+    args: tuple
+    kwargs: dict
+
+    def __len__(self) -> int:  # as costly as gathering one dim: tried after running unchanged
+        return 1
+
+
+# Factories whose sizes Dynamo bakes from the prompt's length: ``torch.arange(perm.size(0))`` in an
+# MoE's dispatch (its N * top_k routed copies) reads no tensor, so no pass sees it downstream.
+_FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.empty, torch.full}
+
+
+def _remade_factory(node: fx.Node, seq_len: int):
+    """A factory of no tensor inputs with a size of k * N (k >= 2) for its arguments: those sizes as
+    ``SeqLen(k)``; None for anything else. A size of exactly N stays a gather (positions made
+    upstream are the original ones); the consumer's shape check on the sentinel decides."""
+    if node.op != "call_function" or node.target not in _FACTORIES or node.all_input_nodes or seq_len < 2:
+        return None
+
+    def scaled(n):
+        return SeqLen(n // seq_len) if isinstance(n, int) and n > seq_len and n % seq_len == 0 else n
+
+    args = list(node.args)
+    if node.target is torch.arange:  # arange(end) or arange(0, end[, step])
+        at = 0 if len(args) == 1 else 1 if len(args) >= 2 and args[0] == 0 else None
+        if at is None:
+            return None
+        args[at] = scaled(args[at])
+    elif args and isinstance(args[0], (tuple, list)):  # zeros((a, b)), full((a, b), value)
+        args[0] = type(args[0])(scaled(n) for n in args[0])
+    elif node.target is not torch.full:  # zeros(a, b)
+        args = [scaled(n) for n in args]
+    if args == list(node.args):
+        return None
+    return tuple(args), dict(node.kwargs)
+
+
+def _run_minimal(node, args, kwargs, crossing, options, values, upstream_value, P, plan):
+    """Run ``node`` with its upstream inputs gathered along the fewest length-N dims that work (or an
+    input-free factory made again at the pruned length)."""
     by_size: Dict[int, list] = {}
     for combo in itertools.product(*options) if options else [()]:
         by_size.setdefault(sum(len(c) for c in combo), []).append(combo)
@@ -144,7 +193,8 @@ def _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_valu
     for size in sorted(by_size):
         found = []
         for combo in by_size[size]:
-            bound = {a: upstream_value(a, dims) for a, dims in zip(crossing, combo)}
+            bound = {a: _run(a, c.args, c.kwargs, values, {}, P) if isinstance(c, _Remade) else upstream_value(a, c)
+                     for a, c in zip(crossing, combo)}
             try:
                 out = _run(node, args, kwargs, values, bound, P)
             except _Rejected as e:
@@ -157,7 +207,9 @@ def _run_minimal(node, args, kwargs, crossing, candidates, values, upstream_valu
         if found:
             combo, out = found[0]
             for a, dims in zip(crossing, combo):
-                if dims:
+                if isinstance(dims, _Remade):
+                    plan.remade[(node, a)] = (dims.args, dims.kwargs)
+                elif dims:
                     plan.gathers[(node, a)] = dims
             return out
     raise PassError(f"{node.name} ({_describe(node)}) cannot run on the pruned sequence: {errors[-1] if errors else ''}")
@@ -183,12 +235,18 @@ def _run(node, args, kwargs, values, bound, P):
     k = fx.node.map_aggregate(kwargs, load)
     try:
         if node.op == "call_function":
+            if node.target is operator.setitem:  # fake index_put checks no broadcast: the run would
+                torch.broadcast_shapes(_shape(a[2]), a[0][a[1]].shape)
             return node.target(*a, **k)
         if node.op == "call_method":
             return getattr(a[0], node.target)(*a[1:], **k)
     except Exception as e:  # a shape mismatch: this choice of dims does not fit
         raise _Rejected(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     raise PassError(f"unexpected {node.op} node {node.name} downstream of the cut")
+
+
+def _shape(v) -> Tuple[int, ...]:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
 def _as_fake(v):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import PassRecorder, ToyVLM, prompt
+from toys import LAYERS, PassRecorder, ToyVLM, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.fx_utils import reachable_from, same_size, tensor_meta
@@ -70,3 +70,24 @@ def test_pruned_graph_runs_and_keeps_the_text():
         out = rec.result.gm(*rec.inputs())
         expected = rec.gm(*rec.example_inputs)
     assert torch.allclose(out[0], expected[0], atol=1e-5)
+
+
+def test_a_routed_mlp_runs_on_the_kept_tokens():
+    """An MoE's dispatch after the cut: ``arange(perm.size(0))`` was baked as 2 * N and reads no
+    tensor, so it is made again at 2 * n' for its consumer (the index_put's broadcast decides), and
+    the router's in-place ``scatter_``, whose result nothing uses, survives the dead-code tail."""
+    torch.manual_seed(0)
+    model = ToyVLM(routed=True).eval()
+    ids, features = prompt(visual=8)
+    config = ERAConfig(layer=1, keep_tokens=8, rectify=False, recycle=False)  # keep all: nothing changes
+    rec = PassRecorder(model, ids, features, config=config)
+    assert rec.pass_result("prune").counts["rewritten_shapes"] > 0
+    assert sum(n.op == "call_method" and n.target == "scatter_" for n in rec.result.gm.graph.nodes) == LAYERS
+    with torch.no_grad():
+        out = rec.result.gm(*rec.inputs())
+        expected = rec.gm(*rec.example_inputs)
+    assert torch.allclose(out[0], expected[0], atol=1e-5)
+    pruned = PassRecorder(model, ids, features, config=config.replace(keep_tokens=3))
+    with torch.no_grad():
+        logits = pruned.result.gm(*pruned.inputs())[0]  # a stale 2 * N would not broadcast into 2 * n'
+    assert logits.shape[1] == ids.shape[1] - 8 + 3

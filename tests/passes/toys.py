@@ -25,12 +25,39 @@ IMAGE = 63  # the image placeholder token
 DIM, HEADS, LAYERS, VOCAB = 32, 4, 3, 64
 
 
-class ToyLayer(nn.Module):
+class RoutedMLP(nn.Module):
+    """Top-2 of 4 experts per token, dispatched as Hugging Face's grouped MoE does: the routed copies
+    sorted by expert and put back with ``inv_perm[perm] = arange(perm.size(0))`` (a size of 2 * N
+    that reads no tensor), the chosen groups marked by an in-place method whose result is unused."""
+
+    EXPERTS, TOP_K = 4, 2
+
     def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(DIM, self.EXPERTS, bias=False)
+        self.experts = nn.Parameter(torch.randn(self.EXPERTS, DIM, DIM) / DIM ** 0.5)
+
+    def forward(self, h):
+        B, N, D = h.shape
+        x = h.reshape(-1, D)
+        scores = self.router(x).softmax(-1)
+        chosen = torch.zeros_like(scores)
+        chosen.scatter_(1, scores.topk(self.TOP_K, dim=-1)[1], 1.0)  # in place, result unused
+        weights, experts = (scores * chosen).topk(self.TOP_K, dim=-1)
+        _, perm = torch.sort(experts.reshape(-1), stable=True)
+        routed = torch.bmm(x[perm // self.TOP_K].unsqueeze(1), self.experts[experts.reshape(-1)[perm]]).squeeze(1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.size(0))
+        out = routed[inv_perm] * weights.reshape(-1, 1)
+        return out.view(N * B, self.TOP_K, D).sum(1).view(B, N, D)
+
+
+class ToyLayer(nn.Module):
+    def __init__(self, routed: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(DIM)
         self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
-        self.mlp = nn.Linear(DIM, DIM)
+        self.mlp = RoutedMLP() if routed else nn.Linear(DIM, DIM)
 
     def forward(self, h, cos, mask=None, past=None, static=None, positions=None):
         B, N, _ = h.shape
@@ -53,12 +80,12 @@ class ToyLayer(nn.Module):
 class ToyVLM(nn.Module):
     """``forward(input_ids, image_features=None, past=None, mask=None)`` -> (logits, cache)."""
 
-    def __init__(self, merge: str = "method", layers: int = LAYERS):
+    def __init__(self, merge: str = "method", layers: int = LAYERS, routed: bool = False):
         super().__init__()
         self.merge = merge
         self.embed = nn.Embedding(VOCAB, DIM)
         self.project = nn.Linear(DIM, DIM)
-        self.layers = nn.ModuleList(ToyLayer() for _ in range(layers))
+        self.layers = nn.ModuleList(ToyLayer(routed) for _ in range(layers))
         self.head = nn.Linear(DIM, VOCAB)
         self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(DIM // HEADS) / (DIM // HEADS)))
 
