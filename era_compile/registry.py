@@ -310,10 +310,16 @@ def _tiled_views(vision, batch: int, g: torch.Generator, *, grid: bool = False) 
 
 # A forward argument that names a patch layout of its own -> the builder of that layout (the first that
 # matches: ``patches_grid`` before the ``pixel_values_local`` it comes with).
+def _tiled_grid_views(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    return _tiled_views(vision, batch, g, grid=True)
+
+
 _PATCH_LAYOUTS = (("target_sizes", _packed_patches), ("image_token_pooling", _pooled_crops),
                   ("image_position_ids", _positioned_patches),
-                  ("patches_grid", lambda vision, batch, g: _tiled_views(vision, batch, g, grid=True)),
-                  ("pixel_values_local", _tiled_views))
+                  ("patches_grid", _tiled_grid_views), ("pixel_values_local", _tiled_views))
+# Tiled views through a SAM tower, where the vision config has one (Step3p7 names ``pixel_values_local``
+# too, for crops of a tower of its own)
+_SAM_LAYOUTS = (_tiled_grid_views, _tiled_views)
 # Types whose layout nothing in their signature names.
 _TYPE_LAYOUTS = {"inkling_mm_model": _patch_clips}
 
@@ -335,7 +341,7 @@ def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Ten
     if config.model_type in _TYPE_LAYOUTS:
         return _TYPE_LAYOUTS[config.model_type](vision, batch, g)
     for needs, builder in _PATCH_LAYOUTS:
-        if needs in args:
+        if needs in args and (builder not in _SAM_LAYOUTS or hasattr(vision, "sam_config")):
             return builder(vision, batch, g)
     grid = next((name for name in ("image_grid_thw", "image_grid_hw") if name in args), None)
     if grid is not None:  # flattened patches of all images, and each image's grid in patches
