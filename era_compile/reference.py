@@ -194,8 +194,11 @@ class EagerReference:
         mask = kwargs.get("attention_mask")
         if mask is not None:
             kwargs["attention_mask"] = _take(_take(mask, keep, 2), keep, 3)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = _take(kwargs["position_ids"], keep, 1)
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.dim() == 3:  # M-RoPE's [3, B, N]
+            kwargs["position_ids"] = torch.take_along_dim(positions, keep.expand(positions.shape[0], -1, -1), 2)
+        elif positions is not None:
+            kwargs["position_ids"] = _take(positions, keep, 1)
         return kwargs
 
     def _later(self, module, args, kwargs):
