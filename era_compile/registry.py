@@ -69,6 +69,13 @@ TOP = dict(projector_hidden_size=64, projection_dim=64, mm_hidden_size=64, text_
 
 # What the generic shrink cannot infer, per model type: {sub-config name or "": {field: value}}.
 # These are builders' facts (a tower's layer indices, a projector's table), never read by a pass.
+# SAM, then a second encoder over SAM's feature map (the DeepSeek-OCR family): a 64-pixel view, 8 x 8
+# patches that SAM's two stride-2 convolutions bring to 2 x 2, whose last width must be the second
+# encoder's; one global layer of SAM's 2 (their mlp_dim is stored, not derived); SAM's default init std
+# (1e-10, a checkpoint's placeholder) would leave a random tower blind to its pixels, every view's tokens alike.
+_TINY_SAM = {"image_size": 64, "patch_size": 8, "output_channels": 32, "mlp_dim": 128, "downsample_channels": [32, 64],
+             "window_size": 4, "global_attn_indexes": [1], "initializer_range": 0.02}
+
 OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "vipllava": {"": {"vision_feature_layers": [-2, -1]}},
     "aria": {"": {"projector_patch_to_query_dict": {64: 16}}},
@@ -126,22 +133,14 @@ OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
                              "spatial_target_layers": [0, 1, 2, 3]}},
     "fuyu": {"": {"patch_size": 8, "image_size": 64}},  # its patches are the text model's inputs: no tower
     "gemma4_unified": {"vision_config": {"mm_embed_dim": 64, "output_proj_dims": 64}},  # no tower: a projection
-    # SAM, then a second encoder over SAM's feature map: a 64-pixel view, 8 x 8 patches that SAM's two
-    # stride-2 convolutions bring to 2 x 2, whose last width must be the second encoder's; one global layer of
-    # SAM's 2 (their mlp_dim is stored, not derived); SAM's default init std (1e-10, a checkpoint's
-    # placeholder) would leave a random tower blind to its pixels, every view's tokens alike.
     # DeepSeek-OCR-2's second encoder appends its 144 learned queries (the 768-pixel set, which any view this
     # small selects); its decoder's default lists no dense/sparse MLP layers and routes to no number of
     # experts (None, which the generic shrink leaves alone).
-    "deepseek_ocr2": {"sam_config": {"image_size": 64, "patch_size": 8, "output_channels": 32, "mlp_dim": 128,
-                                     "downsample_channels": [32, 64], "window_size": 4, "global_attn_indexes": [1],
-                                     "initializer_range": 0.02},
+    "deepseek_ocr2": {"sam_config": _TINY_SAM,
                       "text_config": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
                                       "num_experts_per_tok": 2}},
     # Unlimited-OCR's second encoder (CLIP) takes SAM's 2 x 2 map as its patches: a position per cell
-    "unlimited_ocr": {"sam_config": {"image_size": 64, "patch_size": 8, "output_channels": 32, "mlp_dim": 128,
-                                     "downsample_channels": [32, 64], "window_size": 4, "global_attn_indexes": [1],
-                                     "initializer_range": 0.02},
+    "unlimited_ocr": {"sam_config": _TINY_SAM,
                       "encoder_config": {"image_size": 16, "patch_size": 8}},
 }
 
@@ -308,12 +307,12 @@ def _tiled_views(vision, batch: int, g: torch.Generator, *, grid: bool = False) 
     return dict(out, num_local_patches=torch.tensor([columns * rows] * batch))
 
 
-# A forward argument that names a patch layout of its own -> the builder of that layout (the first that
-# matches: ``patches_grid`` before the ``pixel_values_local`` it comes with).
 def _tiled_grid_views(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
     return _tiled_views(vision, batch, g, grid=True)
 
 
+# A forward argument that names a patch layout of its own -> the builder of that layout (the first that
+# matches: ``patches_grid`` before the ``pixel_values_local`` it comes with).
 _PATCH_LAYOUTS = (("target_sizes", _packed_patches), ("image_token_pooling", _pooled_crops),
                   ("image_position_ids", _positioned_patches),
                   ("patches_grid", _tiled_grid_views), ("pixel_values_local", _tiled_views))
