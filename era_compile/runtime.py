@@ -21,12 +21,15 @@
   Layers < K keep their full, plain cache.
 * Whether an image was pruned at all. A graph that encodes images (``kinds.image_values``) and
   does not prune them leaves a ``PendingImage``; a pruned prefill resolves it (a handoff only
-  names the graph that should). A graph that then runs decoder layers without pruning
-  (``kinds.runs_decoder_layers``; after a handoff, on other embeddings than the merged ones) is
-  the proof that the prompt went on unpruned (its visual tokens already passed the layers): a warning and a report line as that graph returns (strict: an ``EraCompileError``). One that
-  no decoder ran on belonged to a request that failed before its prefill: dropped at the next
-  decode step or when the image inputs of the calls that encoded it die. Text-only prompts skip
-  the vision tower, so they leave nothing pending.
+  names the graph that should). A graph that then runs the language model without pruning is
+  the proof that the prompt went on unpruned (its visual tokens already passed the layers): one
+  whose text embeddings reach decoder layers (``kinds.runs_decoder_layers``), or one whose hidden
+  states of the prompt's [B, N] reach them (a decoder split into per-layer graphs; after a
+  handoff, other embeddings than the merged ones). A warning and a report line as that graph
+  returns (strict: an ``EraCompileError``). One that no decoder ran on belonged to a request that
+  failed before its prefill: dropped at the next decode step or when the inputs and outputs of
+  the calls that encoded it die. Text-only prompts skip the vision tower, so they leave nothing
+  pending.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class PendingImage:
     """An image some graphs encoded and no graph has pruned yet."""
 
     graphs: List[int]                 # the graphs that encoded it, in call order
-    anchors: int = 0                  # living image inputs of those calls: at 0 the request is over
+    anchors: int = 0                  # living inputs and outputs of those calls: at 0 the request is over
     resolved: bool = False            # pruned, reported, or dropped
     handoff: Optional[HandedOnMask] = None  # its merge, handed on to the graph that should prune it
 
