@@ -155,7 +155,9 @@ def _explain_graph(index: int, entry, site, report) -> None:
     """What the passes found in one graph and did to it, a few lines."""
     if site is not None:
         span = entry["span"]
-        print(f"{index:>5}  image merge: {span['visual_tokens']} visual tokens per sample in {span['seq_len']} "
+        count = span["visual_tokens"]
+        count = f"{count} visual tokens" if isinstance(count, int) else "visual tokens counted per call"
+        print(f"{index:>5}  image merge: {count} per sample in {span['seq_len']} "
               f"positions{' (carried from an earlier graph)' if 'carried_by_input' in span else ''}")
         print(f"{'':>5}  pruned at the input of layer {site.layer}: {site.visual_tokens} -> {site.kept} visual "
               f"tokens, sequence {site.seq_len_before} -> {site.seq_len_after}")

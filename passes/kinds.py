@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import enum
 import operator
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_masked_scatter, is_weight, layer_module_path, placeholders,
-                       reachable_from, sequence_source, tensor_meta)
+                       reachable_from, same_shape, same_size, sequence_source, tensor_meta)
 
 # What a vision tower's patch embedding runs: a 2-D (images) or 3-D (video, Qwen's patches)
 # convolution. Not 1-D ones: audio encoders and some language models (short convolutions) run
@@ -66,9 +66,10 @@ class GraphKind(enum.Enum):
 
 def classify(gm: fx.GraphModule, carried: Optional[Any] = None, example_inputs=()) -> GraphKind:
     """The kind of a normalised graph; ``carried``: the visual mask that reached one of its inputs."""
-    merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or is_unfolded_assignment(n)]
     if carried is not None:
         return GraphKind.CARRIED
+    merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or is_unfolded_assignment(n)]
+    merges += list(where_merges(gm, example_inputs))
     if merges:
         after = reachable_from(merges)
         decoder = any(is_attention(n) or layer_module_path(n) is not None for n in after)
@@ -86,6 +87,48 @@ def is_unfolded_assignment(node: fx.Node) -> bool:
     target, index = tensor_meta(node.args[0]), tensor_meta(node.args[1])
     return (target is not None and index is not None and target.dim() == 3 and target.is_floating_point()
             and index.dtype == torch.bool)
+
+
+def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict[fx.Node, bool]:
+    """The ``torch.where(is_image, features, embeds)`` calls that merge image features, given at
+    full length, into the text's embeddings; each with whether its condition is inverted (True at
+    the text: ``where(is_text, embeds, features)``). Of the two [B, N, D] branches one comes from
+    the text's embeddings, the other does not but from data (an image, features handed in): a
+    ``where`` inside a decoder selects between two values of the text's own stream, and one
+    against zeros or a constant row is no merge."""
+    candidates = [n for n in gm.graph.nodes if _selects_sequence_rows(n)]
+    if not candidates:
+        return {}
+    data = _data_inputs(gm, example_inputs)
+    text = _text_embeddings(gm, example_inputs, image_values(gm, example_inputs))
+    from_text = reachable_from(text, through_sizes=False) | set(text)
+    float_data = [n for n in data if tensor_meta(n).is_floating_point() and n not in text]
+    from_data = reachable_from(float_data, through_sizes=False) | set(float_data)
+    found: Dict[fx.Node, bool] = {}
+    for node in candidates:
+        _, selected, other = node.args
+        for features, embeds, inverted in ((selected, other, False), (other, selected, True)):
+            if embeds in from_text and features not in from_text and features in from_data:
+                found[node] = inverted
+    return found
+
+
+def _selects_sequence_rows(node: fx.Node) -> bool:
+    """``torch.where(condition, a, b)`` (as ``normalize`` spells it) over float [B, N, D] branches
+    of the result's own shape, the condition a bool [B, N, 1] (or [B, N, D]): rows of a sequence
+    taken from one tensor or the other."""
+    if not (node.op == "call_function" and node.target is torch.where and len(node.args) == 3
+            and all(isinstance(a, fx.Node) for a in node.args)):
+        return False
+    out = tensor_meta(node)
+    condition, a, b = (tensor_meta(x) for x in node.args)
+    if out is None or condition is None or out.dim() != 3 or not out.is_floating_point():
+        return False
+    if not (same_shape(a, out.shape) and same_shape(b, out.shape)):
+        return False
+    return (condition.dtype == torch.bool and condition.dim() == 3
+            and all(same_size(condition.shape[i], out.shape[i]) for i in (0, 1))
+            and (same_size(condition.shape[2], 1) or same_size(condition.shape[2], out.shape[2])))
 
 
 def attends_over_past_cache(gm: fx.GraphModule, example_inputs=()) -> bool:

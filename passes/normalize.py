@@ -19,13 +19,16 @@ attention          ``torch._C._nn.scaled_dot_product_attention`` (the    ``F.sca
                    attention``, any mix of positional and keyword        scale=, enable_gqa=)``
 cat                ``torch.concat``/``concatenate``, ``aten.cat``,        ``torch.cat(tensors, dim=d)``, d >= 0
                    negative or positional ``dim``
+where              ``x.where(condition, y)``, ``aten.where.self``,        ``torch.where(condition, x, y)``,
+                   keyword arguments                                     positional
 =================  ====================================================  =====================================
 
 Why each: ``seqshape`` rewrites the size tuples of views; ``span`` and the classifier find the
 merge; ``prune`` and ``attention`` read SDPA's arguments by name; ``kvcache`` finds
-cache writes as ``cat(dim=2)``. An assignment into a graph *input* is left as it is (folding it
-would drop a write the caller sees); ``span`` then names it. Not folded yet: a merge by
-``torch.where`` over full-length features (the visual-token count is then not in any shape).
+cache writes as ``cat(dim=2)``; ``kinds`` tells an image merge by ``torch.where`` (features at
+full length, ``where(is_image, features[slot], embeds)``) from the other ``where`` calls. An
+assignment into a graph *input* is left as it is (folding it would drop a write the caller
+sees); ``span`` then names it.
 
 Before::
 
@@ -58,6 +61,7 @@ _VIEW_FUNCTIONS = {
 _MERGE_FUNCTIONS = {torch.Tensor.masked_scatter, torch.masked_scatter, torch.ops.aten.masked_scatter.default}
 _SDPA_FUNCTIONS = {SDPA, torch.ops.aten.scaled_dot_product_attention.default}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
+_WHERE_FUNCTIONS = {torch.where, torch.ops.aten.where.self}
 _INDEX_PUT = {torch.ops.aten.index_put_.default, torch.Tensor.index_put_}  # in place: embeds is written
 _SDPA_KEYWORDS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -65,7 +69,7 @@ _SDPA_KEYWORDS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 @graph_pass("normalize", keeps_meta=True, rewrites=False)
 def normalize(gm: fx.GraphModule, ctx) -> PassResult:
     graph = gm.graph
-    folded: Dict[str, int] = {"views": 0, "merges": 0, "attention": 0, "cat": 0}
+    folded: Dict[str, int] = {"views": 0, "merges": 0, "attention": 0, "cat": 0, "where": 0}
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
@@ -77,6 +81,8 @@ def normalize(gm: fx.GraphModule, ctx) -> PassResult:
             folded["attention"] += 1
         elif _fold_cat(graph, node):
             folded["cat"] += 1
+        elif _fold_where(graph, node):
+            folded["where"] += 1
     return PassResult(changed=any(folded.values()), counts=folded)
 
 
@@ -229,3 +235,22 @@ def _fold_cat(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
+
+
+def _fold_where(graph: fx.Graph, node: fx.Node) -> bool:
+    if (node.op == "call_method" and node.target == "where") or \
+            (node.op == "call_function" and node.target is torch.Tensor.where):
+        args = _positional(node, ("self", "condition", "other"))
+        canonical = (args[1], args[0], args[2])
+    elif node.op == "call_function" and node.target in _WHERE_FUNCTIONS:
+        names = ("condition", "self", "other")
+        kwargs = {("self" if k == "input" else k): v for k, v in node.kwargs.items()}
+        if len(node.args) + len(kwargs) != 3:
+            return False  # torch.where(condition) is nonzero's tuple of indices: no select
+        canonical = tuple(node.args) + tuple(kwargs[n] for n in names[len(node.args):])
+    else:
+        return False
+    if node.op == "call_function" and node.target is torch.where and (node.args, node.kwargs) == (canonical, {}):
+        return False
+    replace_node(graph, node, "call_function", torch.where, canonical, {})
+    return True

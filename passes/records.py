@@ -102,7 +102,8 @@ class VisualSpan:
     visual_mask: fx.Node    # bool [B, N], True at visual positions
     batch: Any              # B (int, or SymInt in a dynamic graph)
     seq_len: Any            # N (int, or SymInt)
-    visual_tokens: int      # of the whole batch of the example (a count for the report; data, not a shape)
+    visual_tokens: Optional[int]  # of the whole batch of the example, for the report (data, not a shape);
+                                  # None where no shape holds it (a ``where`` merge: features at full length)
     carried_by_input: Optional[int] = None  # the input the merged embeddings arrived on
 
 

@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from .fx_utils import hint, hints, is_masked_scatter, placeholders, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
-from .kinds import is_unfolded_assignment
+from .kinds import is_unfolded_assignment, where_merges
 from .records import VisualMaskInput, VisualSpan
 from .rewrite import append_input, insert_call
 
@@ -42,14 +42,18 @@ from .rewrite import append_input, insert_call
 def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.carried is not None:
         return _span_from_carried_mask(gm, ctx)
-    merges = [n for n in gm.graph.nodes if is_masked_scatter(n)]
+    selects = where_merges(gm, ctx.example_inputs)
+    merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or n in selects]
     if not merges and any(is_unfolded_assignment(n) for n in gm.graph.nodes):
         raise PassError("image features are merged by a masked assignment (embeds[mask] = features), not "
                         "masked_scatter, into a graph input (a write the caller sees): this merge form is not "
                         "supported")
     if len(merges) != 1:
-        raise PassError(f"found {len(merges)} masked_scatter merges; one per graph is supported")
+        raise PassError(f"found {len(merges)} image merges ({', '.join(n.name for n in merges)}); one per graph "
+                        "is supported")
     merge = merges[0]
+    if merge in selects:
+        return _span_of_where(gm, merge, inverted=selects[merge])
     embeds, mask, features = (tensor_meta(a) for a in merge.args[:3])
     if embeds is None or mask is None or features is None or embeds.dim() != 3:
         raise PassError("masked_scatter merge without [B, N, D] embeddings, a mask and features")
@@ -67,6 +71,23 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             raise PassError(f"image mask of rank {mask.dim()} (expected [B, N] or [B, N, 1])")
     span = VisualSpan(merge, visual_mask, batch, seq_len, total_visual)
     return PassResult(record=span, changed=True, counts={"visual_tokens": total_visual, "seq_len": hint(seq_len)})
+
+
+def _span_of_where(gm: fx.GraphModule, merge: fx.Node, inverted: bool) -> PassResult:
+    """``where(is_image, features, embeds)``: the features come at full length, so how many
+    tokens are visual is in no shape, only in the condition (counted per call, as always)."""
+    condition = merge.args[0]
+    batch, seq_len, _ = tensor_meta(merge).shape
+    with gm.graph.inserting_before(merge.next):  # (inserting_after would put the two in reverse order)
+        if inverted:  # True at the text: visual where no channel is taken from the embeddings
+            visual_mask = insert_call(gm.graph, torch.logical_not,
+                                      (insert_call(gm.graph, torch.all, (condition, -1), stem="text_mask"),),
+                                      stem="visual_mask")
+        else:
+            visual_mask = insert_call(gm.graph, torch.any, (condition, -1), stem="visual_mask")
+    span = VisualSpan(merge, visual_mask, batch, seq_len, visual_tokens=None)
+    return PassResult(record=span, changed=True, counts={"visual_tokens": "counted per call", "seq_len": hint(seq_len),
+                                                         "merge": "where"})
 
 
 def _span_from_carried_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -6,7 +6,7 @@ import torch
 from toys import ToyVLM, capture, past_cache, prompt
 
 from era_compile import ERAConfig
-from era_compile.passes.kinds import GraphKind, classify
+from era_compile.passes.kinds import GraphKind, classify, where_merges
 from era_compile.passes.manager import prepare
 from era_compile.passes.records import CarriedVisual
 
@@ -45,3 +45,28 @@ def test_an_assignment_merge_it_cannot_fold_is_still_an_image_merge():
 def test_kinds_that_may_receive_merged_embeddings():
     assert {k for k in GraphKind if k.may_receive_embeddings} == {GraphKind.DECODE, GraphKind.TEXT}
     assert {k for k in GraphKind if k.has_image} == {GraphKind.PREFILL, GraphKind.HANDOFF, GraphKind.CARRIED}
+
+
+def test_a_where_merge_is_told_from_other_selects():
+    """``where(is_image, features, embeds)`` merges; a select between two values of the text's own
+    stream, or against zeros or one constant row (Gemma 4 blanks its placeholders so), does not."""
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+    ids, features = prompt()
+    rows = features.flatten(0, -2)  # [T, D]
+
+    def merges(fn, *args):
+        gm, example_inputs = capture(fn, *args)
+        prepared = prepare(gm, ERAConfig(), 0, example_inputs)
+        return sorted(where_merges(prepared.gm, example_inputs).values())
+
+    image = lambda i: (i == 63)[..., None]
+    slot = lambda i: ((i == 63).long().cumsum(-1) - 1).clamp(min=0)  # the row each position takes
+    assert merges(lambda i, f: (torch.where(image(i), f[slot(i)], model.embed(i)),), ids, rows) == [False]
+    assert merges(lambda i, f: (torch.where(~image(i), model.embed(i), f[slot(i)]),), ids, rows) == [True]
+    assert merges(lambda i, f: (model.embed(i).where(~image(i), f[slot(i)]),), ids, rows) == [True]  # the method spelling
+    assert merges(lambda i, f: (torch.where(image(i), model.embed(i) * 2, model.embed(i)),), ids, rows) == []
+    assert merges(lambda i, f: (torch.where(image(i), f[:1], model.embed(i)),), ids, rows) == []
+    assert merges(lambda i, f: (torch.where(image(i), torch.zeros_like(model.embed(i)), model.embed(i)),), ids, rows) == []
+    assert merges(lambda i, f: (torch.where(image(i), torch.zeros(*i.shape, f.shape[-1]), model.embed(i)),),
+                  ids, rows) == []  # made from sizes alone: no data to merge
