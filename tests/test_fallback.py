@@ -92,9 +92,9 @@ def test_after_a_first_success_the_rewritten_graph_is_called_directly():
 
 # ---------------------------------------------------------------------------- an image left unpruned
 
-class WhereMergeLlava(torch.nn.Module):
-    """A LLaVA whose image features enter the text embeddings by ``torch.where`` over a gather,
-    not masked_scatter: a merge the passes do not know. ``split``: a graph break after the
+class BlendMergeLlava(torch.nn.Module):
+    """A LLaVA whose image features enter the text embeddings by arithmetic on the image mask
+    (``embeds * ~m + features[slot] * m``): a merge the passes do not know. ``split``: a graph break after the
     vision tower, so the tower and the merge land in different graphs."""
 
     def __init__(self, llava, split: bool):
@@ -110,13 +110,14 @@ class WhereMergeLlava(torch.nn.Module):
         features = inner.multi_modal_projector(patches[:, 1:]).flatten(0, 1)
         is_image = input_ids == self.llava.config.image_token_id
         slot = (is_image.long().cumsum(-1) - 1).clamp(min=0)  # the feature each image position takes
-        embeds = torch.where(is_image.unsqueeze(-1), features[slot], embeds)
+        m = is_image.unsqueeze(-1).to(embeds.dtype)
+        embeds = embeds * (1 - m) + features[slot] * m
         return self.llava.lm_head(inner.language_model(inputs_embeds=embeds).last_hidden_state)
 
 
-def _where_merge(split: bool):
+def _blend_merge(split: bool):
     llava, inputs = build("llava")
-    model = WhereMergeLlava(llava, split)
+    model = BlendMergeLlava(llava, split)
     args = (inputs["input_ids"], inputs["pixel_values"])
     with torch.no_grad():
         expected = model(*args)  # and HF's lazy output hooks are installed before Dynamo traces
@@ -124,7 +125,7 @@ def _where_merge(split: bool):
 
 
 def test_an_unknown_merge_next_to_its_vision_tower_falls_back_at_compile_time():
-    model, args, expected = _where_merge(split=False)
+    model, args, expected = _blend_merge(split=False)
     assert torch.equal(torch.compile(model, backend="eager")(*args), expected)  # what plain torch.compile gives
     torch._dynamo.reset()
     backend = make_era_backend(ERAConfig(compiler="eager"))
@@ -148,7 +149,7 @@ def test_an_image_that_no_graph_prunes_is_told_at_run_time():
     """The tower and an unknown merge in different graphs: each graph alone looks fine (a tower,
     a text decoder), so the runtime tells, as the graph that ran decoder layers on the unpruned
     prompt returns: a warning, or, strict, an error."""
-    model, args, expected = _where_merge(split=True)
+    model, args, expected = _blend_merge(split=True)
     backend = make_era_backend(ERAConfig(compiler="eager"))
     compiled = torch.compile(model, backend=backend)
     told = (r"graph\(s\) 0 encoded an image prompt and graph 1 ran decoder layers on it, but no graph pruned it: "
