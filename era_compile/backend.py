@@ -302,7 +302,7 @@ def inner_compile(gm: fx.GraphModule, example_inputs: List[Any], compiler: str) 
 
 def _unchanged_reason(result: PipelineResult) -> str:
     if result.kind is GraphKind.TEXT:
-        return "no masked_scatter merge of image features (no visual tokens in this graph)"
+        return "no image merge (masked_scatter or where) of image features (no visual tokens in this graph)"
     return result.stopped or next((r.skipped for _, r in result.results if r.skipped), "nothing to prune")
 
 

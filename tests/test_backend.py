@@ -60,7 +60,7 @@ def test_text_only_prompt_passes_through_and_says_so():
     out, report = compiled_forward(model, {"input_ids": ids}, ERAConfig(compiler="eager", strict=True))
     assert torch.allclose(out.logits, expected, atol=1e-5)
     assert not report.pruned
-    assert report.skipped and all("no masked_scatter" in s for s in report.skipped)
+    assert report.skipped and all("no image merge" in s for s in report.skipped)
     assert "no graph was pruned" in str(report)
 
 
