@@ -16,7 +16,10 @@ values:
    mask) is gathered along the smallest set of its length-``N`` dimensions that lets the
    consumer run: a stale length ``N`` meeting ``P`` fails to broadcast, so a wrong choice
    is detected by the op's own shape check. Ambiguity is an error, never a guess.
-4. A factory that reads no tensor (``torch.arange(perm.size(0))``, baked as ``2 * N`` for an
+4. A slice that spans the whole sequence in the original (``k[..., :43, :]`` with the prompt's
+   length baked in as its end, a cache taking every new key) spans the whole pruned one too:
+   its end becomes open, so the slice keeps following the pruned length.
+5. A factory that reads no tensor (``torch.arange(perm.size(0))``, baked as ``2 * N`` for an
    MoE's routed copies) is made again at ``k * n'`` for a consumer that fails on the original,
    sizes of exactly ``N`` excepted (step 3 gathers those). Fake ``index_put`` checks no broadcast,
    so ``setitem`` checks it here.
@@ -95,6 +98,10 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
             if is_shape_op(node):
                 args, kwargs = _rewrite_shape_args(node, values, P, seq_len)
                 plan.shape_args[node] = (args, kwargs)
+            elif _slices_a_sequence(node, values, P):
+                args, kwargs = _whole_sequence_slices(node, values, P)
+                if args != node.args:
+                    plan.shape_args[node] = (args, kwargs)
             crossing = [a for a in node.all_input_nodes if a not in member and a is not cut]
             options = []
             for a in crossing:
@@ -268,6 +275,42 @@ def _describe(node: fx.Node) -> str:
 
 
 # --------------------------------------------------------------------------- shape literals
+
+def _slices_a_sequence(node: fx.Node, values, P: int) -> bool:
+    """``x[..., a:b, :]`` (one tuple of slices, ``...``, ``None`` and ints) on a pruned ``x``."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
+            and isinstance(node.args[1], tuple) and node.args[0] in values):
+        return False
+    x = values[node.args[0]]
+    return isinstance(x, torch.Tensor) and any(_is_seq(n, P) for n in x.shape)
+
+
+def _whole_sequence_slices(node: fx.Node, values, P: int) -> Tuple[tuple, dict]:
+    """Open the end of each slice that spans a whole sequence dimension of the original input
+    (start 0, step 1, end at or past the original length); any other slice of the sequence is
+    left to the propagation's shape checks."""
+    src, index = node.args
+    original = hints(fake_value(src).shape)
+    pruned = values[src].shape
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    dims: List[Any] = []  # the input dim each index entry reads (None: it reads none)
+    d = 0
+    for i in index:
+        if i is Ellipsis:
+            d += len(original) - consumed
+            dims.append(None)
+        elif i is None:
+            dims.append(None)
+        else:
+            dims.append(d)
+            d += 1
+    opened = []
+    for i, d in zip(index, dims):
+        whole = (isinstance(i, slice) and d is not None and _is_seq(pruned[d], P) and i.start in (None, 0)
+                 and i.step in (None, 1) and isinstance(i.stop, int) and i.stop >= original[d])
+        opened.append(slice(None) if whole else i)
+    return (src, tuple(opened)), dict(node.kwargs)
+
 
 def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tuple, dict]:
     src = node.args[0]

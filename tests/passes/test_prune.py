@@ -91,3 +91,20 @@ def test_a_routed_mlp_runs_on_the_kept_tokens():
     with torch.no_grad():
         logits = pruned.result.gm(*pruned.inputs())[0]  # a stale 2 * N would not broadcast into 2 * n'
     assert logits.shape[1] == ids.shape[1] - 8 + 3
+
+
+def test_a_slice_of_the_whole_prompt_follows_the_pruned_length():
+    """``k[..., :N, :]`` with N baked in spans the whole pruned sequence too: its end is opened, so
+    the expand after it follows n' (a stale N there failed on the first run: 'The expanded size of
+    the tensor (29) must match the existing size (16)')."""
+    torch.manual_seed(0)
+    model = ToyVLM(prompt_slice=True).eval()
+    ids, features = prompt(visual=8)
+    config = ERAConfig(layer=1, keep_tokens=8, rectify=False, recycle=False)  # keep all: nothing changes
+    rec = PassRecorder(model, ids, features, config=config)
+    with torch.no_grad():
+        assert torch.allclose(rec.result.gm(*rec.inputs())[0], rec.gm(*rec.example_inputs)[0], atol=1e-5)
+    pruned = PassRecorder(model, ids, features, config=config.replace(keep_tokens=3))
+    with torch.no_grad():
+        logits = pruned.result.gm(*pruned.inputs())[0]
+    assert logits.shape[1] == ids.shape[1] - 8 + 3

@@ -53,8 +53,13 @@ class RoutedMLP(nn.Module):
 
 
 class ToyLayer(nn.Module):
-    def __init__(self, routed: bool = False):
+    """``prompt_slice``: the keys pass through ``k[..., :N, :]`` with the prompt's length baked in
+    (a cache that takes every prompt key, as one that keeps its prompt part apart does) and a
+    repeat_kv-style expand to that length."""
+
+    def __init__(self, routed: bool = False, prompt_slice: bool = False):
         super().__init__()
+        self.prompt_slice = prompt_slice
         self.norm = nn.LayerNorm(DIM)
         self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
         self.mlp = RoutedMLP() if routed else nn.Linear(DIM, DIM)
@@ -71,6 +76,8 @@ class ToyLayer(nn.Module):
             k, v = static
         elif past is not None:
             k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+        if self.prompt_slice:
+            k, v = (t[..., :N, :][:, :, None].expand(B, HEADS, 1, N, t.shape[-1])[:, :, 0] for t in (k, v))
         causal = mask is None and past is None and static is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         h = h + self.o(out.transpose(1, 2).reshape(B, N, DIM))
@@ -80,12 +87,12 @@ class ToyLayer(nn.Module):
 class ToyVLM(nn.Module):
     """``forward(input_ids, image_features=None, past=None, mask=None)`` -> (logits, cache)."""
 
-    def __init__(self, merge: str = "method", layers: int = LAYERS, routed: bool = False):
+    def __init__(self, merge: str = "method", layers: int = LAYERS, routed: bool = False, prompt_slice: bool = False):
         super().__init__()
         self.merge = merge
         self.embed = nn.Embedding(VOCAB, DIM)
         self.project = nn.Linear(DIM, DIM)
-        self.layers = nn.ModuleList(ToyLayer(routed) for _ in range(layers))
+        self.layers = nn.ModuleList(ToyLayer(routed, prompt_slice) for _ in range(layers))
         self.head = nn.Linear(DIM, VOCAB)
         self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(DIM // HEADS) / (DIM // HEADS)))
 
