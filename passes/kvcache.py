@@ -14,7 +14,9 @@ casts) to that ``cat`` (``fx_utils.sequence_source``: no op list, no hop limit),
 A sliding-window cache layer attends over the ``cat`` but caches only its last W - 1 positions:
 the graph output is ``cat[:, :, -(W - 1):, :]`` (``window_start``). In a pruned layer the runtime
 turns it into a ``CompactKV`` windowed in original positions (``compact_kv.window``). A layer
-that caches some other part of what it attends to is refused in a pruned prefill.
+that caches some other part of what it attends to is refused in a pruned prefill; in a decode
+step it is still a layer over its past (a cache of two parts: the prompt's keys kept apart, which
+a pruned prefill made a ``CompactKV``, and a window of the generated ones), with no output of its own.
 
 A static cache (``generate(cache_implementation="static")``) is written in place instead
 (``keys.index_copy_(2, positions, new)`` into a preallocated tensor, inside the layer).
@@ -63,11 +65,11 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             (cached_keys, start), (cached_values, value_start) = _window_of(keys, outputs), _window_of(values, outputs)
             if start is None or start != value_start:
                 partly_cached.append(index)
-                continue
+                cached_keys = cached_values = start = None
         past = sequence_source(call_arguments(keys)["tensors"][0])
         past = past if isinstance(past, fx.Node) and past.op == "placeholder" else None
-        layers.append(CachedLayer(index, keys, values, outputs.index(cached_keys), outputs.index(cached_values), past,
-                                  compact=past is not None and isinstance(tensor_meta(past), CompactKV),
+        layers.append(CachedLayer(index, keys, values, _position(outputs, cached_keys), _position(outputs, cached_values),
+                                  past, compact=past is not None and isinstance(tensor_meta(past), CompactKV),
                                   window_start=start))
     _refuse_if_pruned(ctx, in_place, "write their KV cache in place (index_copy_ into a preallocated cache: "
                       "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
@@ -87,6 +89,10 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts["written_in_place"] = list(in_place)
     skipped = None if layers else "no KV-cache writes (use_cache=False, or not a decoder graph)"
     return PassResult(record=record, counts=counts, skipped=skipped)
+
+
+def _position(outputs: list, node: Optional[fx.Node]) -> Optional[int]:
+    return None if node is None else outputs.index(node)
 
 
 def _refuse_if_pruned(ctx: PassContext, layers: List[int], why: str) -> None:

@@ -138,8 +138,8 @@ class CachedLayer:
     index: int                      # module index: "...layers.3" is layer 3
     keys: fx.Node                   # cat([past, new], dim=2): the cached keys after this call
     values: fx.Node
-    keys_output: int                # position of ``keys`` among the graph outputs
-    values_output: int
+    keys_output: Optional[int]      # position of the cached keys among the graph outputs; None where the
+    values_output: Optional[int]    # layer caches part of ``keys`` (a decode step over a two-part cache)
     past_keys: Optional[fx.Node]    # the graph input holding the past keys (decode), else None
     compact: bool = False           # the past keys are a CompactKV (a pruned layer's cache)
     window_start: Optional[int] = None  # a sliding-window layer caches ``keys[..., window_start:, :]``

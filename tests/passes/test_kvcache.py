@@ -7,6 +7,7 @@ import torch
 from toys import DIM, HEADS, LAYERS, PassRecorder, ToyVLM, past_cache, prompt
 
 from era_compile import ERAConfig
+from era_compile.compact_kv import compact
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.records import KVCache
@@ -118,3 +119,41 @@ def test_a_cache_of_another_part_of_the_keys_is_refused_in_a_pruned_prefill():
     ids, features = prompt()
     with pytest.raises(PassError, match=r"layers \[1, 2\] cache part of the keys they attend to"):
         PassRecorder(_WindowedVLM(head=True).eval(), ids, features, _empty_past(), until="kvcache")
+
+
+class _TwoPartCacheLayer(torch.nn.Module):
+    """A decode step over a cache of two parts: the prompt's keys kept apart, and a window of the
+    last 4 generated ones; it attends over both and caches back only the window."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(DIM, DIM) for _ in range(3))
+
+    def forward(self, x, prompt_kv, window_kv):
+        heads = lambda t: t.view(1, x.shape[1], HEADS, -1).transpose(1, 2)  # noqa: E731
+        window = [torch.cat([w, heads(proj(x))], dim=-2)[:, :, -4:] for w, proj in zip(window_kv, (self.k, self.v))]
+        k, v = (torch.cat([p, w], dim=-2) for p, w in zip(prompt_kv, window))
+        return torch.nn.functional.scaled_dot_product_attention(heads(self.q(x)), k, v), window
+
+
+class _TwoPartCache(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_TwoPartCacheLayer()])
+
+    def forward(self, x, prompt_kv, window_kv):
+        return self.layers[0](x, prompt_kv, window_kv)
+
+
+def test_a_decode_step_over_a_two_part_cache_reads_its_prompt_part_as_the_past():
+    """The layer is recorded with the prompt part as its past (a pruned prefill made that a
+    CompactKV, whose attention adds the bias) and no output of its own: it had been skipped, so a
+    decode step over a pruned cache was not counted."""
+    d = DIM // HEADS
+    compact_past = [compact(torch.randn(1, HEADS, 5, d), torch.tensor([[0, 2, 3, 6, 7]]), torch.zeros(1, 5), 9)
+                    for _ in range(2)]
+    window = [torch.randn(1, HEADS, 3, d) for _ in range(2)]
+    rec = PassRecorder(_TwoPartCache().eval(), torch.randn(1, 1, DIM), compact_past, window, until="kvcache")
+    (layer,) = rec.record(KVCache).layers
+    assert rec.kind is GraphKind.DECODE
+    assert layer.past_keys is not None and layer.compact and layer.keys_output is None and layer.values_output is None
