@@ -41,8 +41,9 @@ from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_
 # What a vision tower's patch embedding runs: a 2-D (images) or 3-D (video, Qwen's patches)
 # convolution. Not 1-D ones: audio encoders and some language models (short convolutions) run
 # those on what is no image.
-_CONVOLUTIONS = {torch.conv2d, torch.conv3d, torch.convolution, torch._convolution, torch.ops.aten.conv2d.default,
-                 torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+_CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution, torch._convolution,
+                 torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+                 torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
 _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
 _EMBEDDING_LOOKUPS = {torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default}
 
@@ -253,9 +254,19 @@ def token_id_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> L
 
 
 def _is_image_convolution(node: fx.Node) -> bool:
+    return _convolution_weight_rank(node) in (4, 5)  # [C_out, C_in, kH, kW(, kT)]
+
+
+def is_sequence_convolution(node: fx.Node) -> bool:
+    """A 1-D convolution ([C_out, C_in, k] weight): inside a decoder layer it runs along the positions
+    (a short convolution beside attention, as hybrid decoders have)."""
+    return _convolution_weight_rank(node) == 3
+
+
+def _convolution_weight_rank(node: fx.Node) -> Optional[int]:
     weight = tensor_meta(node.args[1]) if node.op == "call_function" and node.target in _CONVOLUTIONS \
         and len(node.args) > 1 else None
-    return weight is not None and weight.dim() in (4, 5)  # [C_out, C_in, kH, kW(, kT)]
+    return None if weight is None else weight.dim()
 
 
 def _first_argument(node: fx.Node) -> Any:

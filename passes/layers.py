@@ -7,7 +7,9 @@ features), so it is excluded without looking at any module name.
 
 For each layer the pass records its nodes and the residual stream entering it: the one
 value from outside the layer with the shape of the merged embeddings ``[B, N, D]``. Then
-it checks that the configured pruning layer K exists. The graph is not changed.
+it checks that the configured pruning layer K exists, and that no layer from K on runs a 1-D
+convolution along the positions (a hybrid decoder's short convolutions; layers without
+attention are refused as hybrid too). The graph is not changed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.fx as fx
 
 from .fx_utils import hints, is_sdpa, layer_module_path, reachable_from, same_shape, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
+from .kinds import is_sequence_convolution
 from .records import DecoderLayer, DecoderLayers, VisualSpan
 
 
@@ -66,6 +69,11 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     k = ctx.config.layer
     if k >= len(layers):
         raise PassError(f"ERAConfig.layer={k} but the language model has {len(layers)} decoder layers")
+    convolving = [layer.index for layer in layers[k:] if any(is_sequence_convolution(n) for n in layer.nodes)]
+    if convolving:
+        raise PassError(f"layers {convolving} run a 1-D convolution along the positions beside their attention "
+                        "(short convolutions, whose window and cached state run along the sequence): on the pruned "
+                        "sequence it would mix tokens the cut moved next to each other; pruning them is not supported")
     return PassResult(record=DecoderLayers(tuple(layers)),
                       counts={"decoder_layers": len(layers), "prune_layer": k})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from toys import LAYERS, PassRecorder, ToyVLM, capture, prompt
+from toys import DIM, LAYERS, PassRecorder, ToyLayer, ToyVLM, capture, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.graph_pass import PassError
@@ -47,3 +47,26 @@ def test_eager_attention_is_refused_with_what_to_do():
     config = ERAConfig(layer=1)
     with pytest.raises(PassError, match="attn_implementation='sdpa'"):
         run_passes(prepare(gm, config, 0, example_inputs), config, example_inputs, until="layers")
+
+
+class _ShortConvLayer(ToyLayer):
+    """A toy layer with a causal depthwise 1-D convolution along the positions before its attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(DIM, DIM, 3, groups=DIM, padding=2)
+
+    def forward(self, h, cos, **kwargs):
+        h = h + self.conv(h.transpose(1, 2))[..., :h.shape[1]].transpose(1, 2)
+        return super().forward(h, cos, **kwargs)
+
+
+def test_a_layer_with_a_convolution_along_the_positions_is_refused_from_k_on():
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+    model.layers[2] = _ShortConvLayer()
+    with pytest.raises(PassError, match=r"layers \[2\] run a 1-D convolution along the positions"):
+        PassRecorder(model, *prompt(), config=ERAConfig(layer=1), until="layers")
+    model.layers[2], model.layers[0] = model.layers[0], model.layers[2]  # before K it runs on the full sequence
+    rec = PassRecorder(model, *prompt(), config=ERAConfig(layer=1), until="layers")
+    assert len(rec.record(DecoderLayers)) == LAYERS
