@@ -264,8 +264,9 @@ def is_sequence_convolution(node: fx.Node) -> bool:
 
 
 def _convolution_weight_rank(node: fx.Node) -> Optional[int]:
-    weight = tensor_meta(node.args[1]) if node.op == "call_function" and node.target in _CONVOLUTIONS \
-        and len(node.args) > 1 else None
+    if not (node.op == "call_function" and node.target in _CONVOLUTIONS):
+        return None
+    weight = tensor_meta(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))  # F.conv1d(x, weight=w)
     return None if weight is None else weight.dim()
 
 

@@ -50,14 +50,16 @@ def test_eager_attention_is_refused_with_what_to_do():
 
 
 class _ShortConvLayer(ToyLayer):
-    """A toy layer with a causal depthwise 1-D convolution along the positions before its attention."""
+    """A toy layer with a causal depthwise 1-D convolution along the positions before its attention,
+    its weight passed by keyword (as inkling's ``causal_conv1d_fn`` does)."""
 
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv1d(DIM, DIM, 3, groups=DIM, padding=2)
 
     def forward(self, h, cos, **kwargs):
-        h = h + self.conv(h.transpose(1, 2))[..., :h.shape[1]].transpose(1, 2)
+        x = h.transpose(1, 2)
+        h = h + F.conv1d(x, weight=self.conv.weight, padding=2, groups=DIM)[..., :h.shape[1]].transpose(1, 2)  # weight=: a keyword
         return super().forward(h, cos, **kwargs)
 
 
