@@ -48,8 +48,13 @@ def _equal(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("layer", [0, 2])
-@pytest.mark.parametrize("case", list(RAGGED))
+# Each case at one K, both K for LLaVA's two cases and across the models: each case generates four
+# times (reference, batch, each sample alone), half a minute a run, and the suite keeps within 15 minutes.
+RAGGED_AT = [("qwen2-vl, two image sizes", 0), ("llava-next, two aspect ratios", 2),
+             ("llava, two images next to one", 2), ("llava, no image next to one", 0)]
+
+
+@pytest.mark.parametrize("case, layer", RAGGED_AT)
 def test_ragged_batch_matches_the_reference_and_each_sample_alone(case, layer):
     name, kwargs = RAGGED[case]
     model, inputs = build(name, **kwargs)
