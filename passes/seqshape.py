@@ -277,9 +277,11 @@ def _describe(node: fx.Node) -> str:
 # --------------------------------------------------------------------------- shape literals
 
 def _slices_a_sequence(node: fx.Node, values, P: int) -> bool:
-    """``x[..., a:b, :]`` (one tuple of slices, ``...``, ``None`` and ints) on a pruned ``x``."""
+    """``x[..., a:b, :]`` (one tuple of slices, ``...``, ``None`` and ints: no tensor index, which
+    may read several dims) on a pruned ``x``."""
     if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
-            and isinstance(node.args[1], tuple) and node.args[0] in values):
+            and isinstance(node.args[1], tuple) and node.args[0] in values
+            and all(isinstance(i, (slice, int)) or i is None or i is Ellipsis for i in node.args[1])):
         return False
     x = values[node.args[0]]
     return isinstance(x, torch.Tensor) and any(_is_seq(n, P) for n in x.shape)
