@@ -235,8 +235,6 @@ def _fold_cat(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
-
-
 def _fold_where(graph: fx.Graph, node: fx.Node) -> bool:
     if (node.op == "call_method" and node.target == "where") or \
             (node.op == "call_function" and node.target is torch.Tensor.where):
