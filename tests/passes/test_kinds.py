@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from toys import ToyVLM, capture, past_cache, prompt
+from toys import IMAGE, ToyVLM, capture, past_cache, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.kinds import GraphKind, classify, where_merges
@@ -60,8 +60,8 @@ def test_a_where_merge_is_told_from_other_selects():
         prepared = prepare(gm, ERAConfig(), 0, example_inputs)
         return sorted(where_merges(prepared.gm, example_inputs).values())
 
-    image = lambda i: (i == 63)[..., None]
-    slot = lambda i: ((i == 63).long().cumsum(-1) - 1).clamp(min=0)  # the row each position takes
+    image = lambda i: (i == IMAGE)[..., None]
+    slot = lambda i: ((i == IMAGE).long().cumsum(-1) - 1).clamp(min=0)  # the row each position takes
     assert merges(lambda i, f: (torch.where(image(i), f[slot(i)], model.embed(i)),), ids, rows) == [False]
     assert merges(lambda i, f: (torch.where(~image(i), model.embed(i), f[slot(i)]),), ids, rows) == [True]
     assert merges(lambda i, f: (model.embed(i).where(~image(i), f[slot(i)]),), ids, rows) == [True]  # the method spelling
