@@ -31,7 +31,7 @@ from era_compile.ops.prune import budget_tensor
 from era_compile.passes.fx_utils import data_dependent_dims
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import (GraphKind, decoder_layers_fed, hidden_inputs_into_layers, image_inputs, image_values,
-                                      runs_decoder_layers, token_id_inputs)
+                                      is_layer_forward, runs_decoder_layers, token_id_inputs)
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
 from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
 from era_compile.report import Report, last_report, logger, set_last
@@ -93,7 +93,8 @@ class EraBackend:
             watched = Watched(image_inputs=tuple(image_inputs(prepared.gm, images, example_inputs)),
                               runs_decoder=runs_decoder_layers(prepared.gm, example_inputs, images),
                               hidden_inputs=tuple(hidden_inputs_into_layers(prepared.gm, example_inputs)),
-                              token_inputs=tuple(token_id_inputs(prepared.gm, example_inputs)))
+                              token_inputs=tuple(token_id_inputs(prepared.gm, example_inputs)),
+                              layer_forward=is_layer_forward(prepared.gm))
             unknown_merge = decoder_layers_fed(prepared.gm, images, example_inputs) \
                 if prepared.kind is GraphKind.TEXT else []
         except Exception as e:  # normalising or classifying failed: a bug of ours, never the user's model

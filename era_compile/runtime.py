@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from era_compile.compact_kv import compact
-from era_compile.passes.kinds import GraphKind
+from era_compile.passes.kinds import SPLIT_DECODER, GraphKind
 from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, PrefillOutputs,
                                         PruneSite, VisualMaskInput)
 from era_compile.report import Report, logger
@@ -93,6 +93,7 @@ class GraphPlan:
     runs_decoder: bool = False                  # ``kinds.runs_decoder_layers``: a language model runs here
     hidden_inputs: Tuple[int, ...] = ()         # ``kinds.hidden_inputs_into_layers``: [B, N, D] into layers
     token_inputs: Tuple[int, ...] = ()          # ``kinds.token_id_inputs``: the prompt's [B, N] token ids
+    layer_forward: bool = False                 # ``kinds.is_layer_forward``: one decoder layer's own graph
     fell_back: bool = False                     # runs unpruned, as reported when it fell back: the image is told
 
     @property
@@ -120,6 +121,7 @@ class Watched:
     runs_decoder: bool = False           # ``runs_decoder_layers``: the text's embeddings reach a layer
     hidden_inputs: Tuple[int, ...] = ()  # ``hidden_inputs_into_layers``: [B, N, ...] into layers
     token_inputs: Tuple[int, ...] = ()   # ``token_id_inputs``: the prompt's [B, N] token ids
+    layer_forward: bool = False          # ``is_layer_forward``: a decoder layer's own graph
 
 
 def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
@@ -132,7 +134,7 @@ def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
     plan = GraphPlan(graph=graph, kind=kind, rectify=config.rectify, added_inputs=tuple(added_inputs),
                      data_dependent=dict(data_dependent or {}), image_inputs=watched.image_inputs,
                      runs_decoder=text and watched.runs_decoder, hidden_inputs=watched.hidden_inputs if text else (),
-                     token_inputs=watched.token_inputs)
+                     token_inputs=watched.token_inputs, layer_forward=watched.layer_forward)
     cache = records.get(KVCache)
     # a decode step reads a past cache; a vision tower split at its attention looks like decode but writes none
     plan.decode_step = kind is GraphKind.DECODE and cache is not None and (
@@ -198,7 +200,7 @@ class Runtime:
                 self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs]
                                     + [x for x in outputs if isinstance(x, Tensor)])
             if self.pending is not None and (plan.runs_decoder or self._runs_on_the_prompt(plan, args)):
-                self._not_pruned(self.pending, plan.graph)
+                self._not_pruned(self.pending, plan)
         return tuple(outputs)
 
     # ------------------------------------------------------------------ images left unpruned
@@ -259,11 +261,17 @@ class Runtime:
         if self.pending is pending:
             self.pending = None
 
-    def _not_pruned(self, pending: PendingImage, decoder: int) -> None:
+    def _not_pruned(self, pending: PendingImage, plan: GraphPlan) -> None:
         self._forget(pending)
         graphs = ", ".join(str(g) for g in dict.fromkeys(pending.graphs))
-        if pending.handoff is not None and not pending.handoff.claimed:
+        decoder = plan.graph
+        handed_on = pending.handoff is not None and not pending.handoff.claimed
+        if handed_on:
             pending.handoff.claimed = True  # told here: its tensor's death need not tell it again
+        if plan.layer_forward:  # the cause is the split, whatever ran between the merge and this layer
+            why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder}, a decoder layer's own forward, "
+                   f"ran on it unpruned: {SPLIT_DECODER}")
+        elif handed_on:
             why = (f"graph {pending.handoff.graph} merged an image prompt and handed its visual mask on, but graph "
                    f"{decoder} ran the language model on other hidden states of its sequence (the merged embeddings "
                    "changed outside a graph): its visual tokens were not pruned")

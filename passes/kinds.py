@@ -197,6 +197,21 @@ def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = (),
                for n in reachable_from(_text_embeddings(gm, example_inputs, images), through_sizes=False))
 
 
+# Why a decoder split into per-layer graphs cannot be pruned by a backend (``layers`` refuses such a
+# graph; the runtime tells it when a layer's own graph runs on an image prompt nothing pruned).
+SPLIT_DECODER = ("Dynamo split the decoder into per-layer graphs at a graph break in its layer loop (a "
+                 "data-dependent op between layers, such as visual features added by a boolean mask); the loop "
+                 "then runs eagerly and hands every layer the position tables of the full prompt, so a pruned "
+                 "sequence could not enter the next layer's graph: pruning needs the decoder's layers in one graph")
+
+
+def is_layer_forward(gm: fx.GraphModule) -> bool:
+    """A decoder layer's own forward: an attention call, and no indexed layer module around any node
+    (Dynamo traced the layer as a frame of its own; the loop calling it ran outside any graph)."""
+    nodes = gm.graph.nodes
+    return any(is_attention(n) for n in nodes) and not any(layer_module_path(n) is not None for n in nodes)
+
+
 def hidden_inputs_into_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[int]:
     """The positions of the float [B, N, ...] inputs (rank 3, or 4: parallel residual streams) that
     reach an attention call or a linear layer: hidden states an earlier graph computed (a decoder

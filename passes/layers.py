@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from .fx_utils import hints, is_sdpa, layer_module_path, reachable_from, same_shape, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
-from .kinds import is_sequence_convolution
+from .kinds import SPLIT_DECODER, is_layer_forward, is_sequence_convolution
 from .records import DecoderLayer, DecoderLayers, VisualSpan
 
 
@@ -38,10 +38,8 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     paths: List[str] = []
     for call in attention_calls:
         path = layer_module_path(call)
-        if path is None and not any(layer_module_path(n) for n in gm.graph.nodes):
-            raise PassError("this graph is a decoder layer's own forward, outside its layer loop: Dynamo split the "
-                            "decoder at a graph break between layers (a data-dependent op there, such as visual "
-                            "features added by a boolean mask); pruning needs the decoder's layers in one graph")
+        if path is None and is_layer_forward(gm):
+            raise PassError(f"this graph is a decoder layer's own forward: {SPLIT_DECODER}")
         if path is None:
             raise PassError(f"attention call {call.name} is not inside an indexed decoder layer module")
         if path in paths:

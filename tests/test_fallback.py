@@ -213,7 +213,8 @@ def test_an_image_no_decoder_ran_on_is_dropped():
 
 EMBED = GraphPlan(graph=0, token_inputs=(0,))                        # the prompt's token embedding
 MERGE = GraphPlan(graph=4, handoff=Handoff(0, HandoffOutputs(visual_mask=0)))  # merged, mask handed on
-LAYER = GraphPlan(graph=6, hidden_inputs=(0,))                       # one decoder layer's own forward
+LAYER = GraphPlan(graph=6, hidden_inputs=(0,), layer_forward=True)  # one decoder layer's own forward
+SPLIT = GraphPlan(graph=6, hidden_inputs=(0,))  # decoder layers on hidden states an earlier graph computed
 
 
 def test_a_decoder_split_into_layers_on_the_unpruned_prompt_is_the_verdict():
@@ -228,26 +229,33 @@ def test_a_decoder_split_into_layers_on_the_unpruned_prompt_is_the_verdict():
     gc.collect()
     _call(runtime, LAYER, torch.randn(3, 5, 8))  # a tower layer: patches, not the prompt
     assert runtime.pending is not None
-    with pytest.raises(EraCompileError, match=r"graph\(s\) 1 encoded an image prompt and graph 6 ran decoder layers"):
+    with pytest.raises(EraCompileError, match=r"graph\(s\) 1 encoded an image prompt and graph 6, a decoder layer's "
+                                              r"own forward, ran on it unpruned: Dynamo split the decoder"):
         _call(runtime, LAYER, torch.randn(1, 12, 8))
     del features
     gc.collect()
     assert len(runtime.report.unpruned_images) == 1 and runtime.pending is None
 
 
-def test_merged_embeddings_changed_outside_a_graph_are_told_at_the_decoder():
+@pytest.mark.parametrize("decoder, told", [
+    (SPLIT, "graph 4 merged an image prompt and handed its visual mask on, but graph 6 ran the language model on "
+            "other hidden states"),
+    (LAYER, r"graph\(s\) 1, 4 encoded an image prompt and graph 6, a decoder layer's own forward, ran on it "
+            "unpruned"),
+], ids=["decoder", "layer_forward"])
+def test_merged_embeddings_changed_outside_a_graph_are_told_at_the_decoder(decoder, told):
     """Granite Docling's shape: the merge graph hands its mask on with the merged embeddings, the
     text model scales them outside a graph, and its layers run on the copy: no graph claims the
     mask, so the first layer on hidden states of its [B, N] tells (strict: raises), and the
-    handed-on tensor's death does not tell again."""
+    handed-on tensor's death does not tell again. When that layer is a graph of its own, the split
+    is the cause told."""
     runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
     pixels = torch.randn(1, 3, 8, 8)
     _call(runtime, TOWER, pixels)
     merged = runtime.record([torch.randn(1, 12, 8), torch.zeros(1, 12, dtype=torch.bool)], MERGE, ())[0]
     assert runtime.pending is not None  # a handoff is no verdict: the graph receiving it prunes
-    with pytest.raises(EraCompileError, match="graph 4 merged an image prompt and handed its visual mask on, but "
-                                              "graph 6 ran the language model on other hidden states"):
-        _call(runtime, LAYER, merged * 2.0)
+    with pytest.raises(EraCompileError, match=told):
+        _call(runtime, decoder, merged * 2.0)
     del merged, pixels
     gc.collect()
     assert len(runtime.report.unpruned_images) == 1 and not runtime.report.skipped

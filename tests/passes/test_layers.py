@@ -9,8 +9,9 @@ from toys import DIM, LAYERS, PassRecorder, ToyLayer, ToyVLM, capture, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.graph_pass import PassError
+from era_compile.passes.kinds import is_layer_forward
 from era_compile.passes.manager import prepare, run_passes
-from era_compile.passes.records import DecoderLayers, VisualSpan
+from era_compile.passes.records import CarriedVisual, DecoderLayers, VisualSpan
 
 
 def test_every_layer_with_its_attention_and_residual_stream():
@@ -72,3 +73,20 @@ def test_a_layer_with_a_convolution_along_the_positions_is_refused_from_k_on():
     model.layers[2], model.layers[0] = model.layers[0], model.layers[2]  # before K it runs on the full sequence
     rec = PassRecorder(model, *prompt(), config=ERAConfig(layer=1), until="layers")
     assert len(rec.record(DecoderLayers)) == LAYERS
+
+
+def test_a_decoder_layers_own_graph_is_refused_with_why():
+    """A layer loop with a graph break between layers: Dynamo traces each layer as a frame of its
+    own, with no layer index around it. The merged embeddings reaching layer 0 cannot be pruned
+    there (the eager loop hands the next layer full-length positions); a whole decoder is no such graph."""
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+    hidden, cos = torch.randn(1, 16, DIM), torch.ones(1, 1, 16, DIM // 4)
+    gm, example_inputs = capture(model.layers[0], hidden, cos)  # the layer as the frame, as Dynamo makes it
+    prepared = prepare(gm, ERAConfig(layer=0), 0, example_inputs)
+    assert is_layer_forward(prepared.gm)
+    carried = CarriedVisual(0, torch.zeros(1, 16, dtype=torch.bool))
+    with pytest.raises(PassError, match="a decoder layer's own forward: Dynamo split the decoder into per-layer graphs"):
+        run_passes(prepared, ERAConfig(layer=0), example_inputs, carried)
+    whole, whole_inputs = capture(model, *prompt())
+    assert not is_layer_forward(prepare(whole, ERAConfig(), 0, whole_inputs).gm)

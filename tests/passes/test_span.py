@@ -9,6 +9,7 @@ from toys import IMAGE, PassRecorder, ToyVLM, capture, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.fx_utils import tensor_meta
+from era_compile.passes.graph_pass import PassError
 from era_compile.passes.manager import prepare, run_passes
 from era_compile.passes.records import CarriedVisual, VisualMaskInput, VisualSpan
 
@@ -59,3 +60,22 @@ def test_a_carried_mask_becomes_an_input_the_runtime_supplies():
     assert result.record(VisualSpan).carried_by_input == 0
     assert [n.name for n in result.gm.graph.nodes if n.op == "placeholder"][-1] == "era_visual_mask"
     assert len(result.example_inputs) == len(example_inputs) + 1
+
+
+def test_features_added_again_after_a_layer_are_a_second_merge_refused():
+    """DeepStack spelled without a data-dependent index (``masked_scatter`` into zeros after layer 0)
+    stays in one graph: two merges, refused by name rather than pruned with the second one's
+    features consumed in order by a gathered mask."""
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+    ids, features = prompt(visual=8)
+    cos = torch.ones(1, 1, ids.shape[1], 8)
+
+    def deepstack(ids, features):
+        image = (ids == IMAGE)[..., None]
+        h = model.layers[0](model.embed(ids).masked_scatter(image, model.project(features)), cos)[0]
+        h = h + torch.zeros_like(h).masked_scatter(image, features)
+        return model.head(model.layers[1](h, cos)[0]),
+
+    with pytest.raises(PassError, match="found 2 image merges"):
+        PassRecorder(deepstack, ids, features, until="span")
