@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -33,7 +33,7 @@ from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import (GraphKind, decoder_layers_fed, hidden_inputs_into_layers, image_inputs, image_values,
                                       is_layer_forward, runs_decoder_layers, token_id_inputs)
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
-from era_compile.passes.records import CarriedVisual, KVCache, PruneSite, RectifiedAttention
+from era_compile.passes.records import CarriedVisual, KVCache, LayerStep, PruneSite, RectifiedAttention
 from era_compile.report import Report, last_report, logger, set_last
 from era_compile.runtime import EraCompileError, GraphPlan, Runtime, Variants, Watched, plan_for  # the error: exported here
 
@@ -107,22 +107,27 @@ class EraBackend:
                     "them by no pattern the passes know: pruning did not happen"))
         finally:
             self.report.compile_seconds += time.perf_counter() - start
-        key_of = self._variant_key(prepared, example_inputs)
+        key_of = self._variant_key(prepared, example_inputs, watched)
         if key_of is None:
             return self._compile(gm, prepared, example_inputs, watched=watched)
 
-        def build(args: List[Any], carried: Optional[CarriedVisual]) -> Callable:
+        def build(args: List[Any], carried: Union[CarriedVisual, LayerStep, None]) -> Callable:
+            if isinstance(carried, LayerStep):
+                return self._compile(gm, prepared, args, watched=watched, step=carried)
             return self._compile(gm, prepared, args, carried, watched=watched)
 
         return Variants(self.runtime, index, key_of, build, example_inputs)
 
-    def _variant_key(self, prepared: Prepared, example_inputs: List[Any]):
+    def _variant_key(self, prepared: Prepared, example_inputs: List[Any], watched: Watched):
         """How a graph that may receive merged embeddings picks its compiled variant (by the input
-        that carries them, or none), or None for a graph compiled once (a prefill serves every
-        image size: its pruned shapes are the data's)."""
+        that carries them, or none; a decoder layer's own graph by its part on the prompt's way
+        through the layers, ``Runtime.layer_step``), or None for a graph compiled once (a prefill
+        serves every image size: its pruned shapes are the data's)."""
         receivers = _receivers(example_inputs) if prepared.kind.may_receive_embeddings else []
         if not receivers:
             return None
+        if watched.layer_forward:
+            return lambda args: self.runtime.layer_step(args, receivers, self.config.layer)
 
         def carried_key(args):
             found = self.runtime.carried(args, receivers)
@@ -136,20 +141,26 @@ class EraBackend:
     # ------------------------------------------------------------------ internals
 
     def _compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                 carried: Optional[CarriedVisual] = None, watched: Watched = Watched()) -> Callable:
+                 carried: Optional[CarriedVisual] = None, watched: Watched = Watched(),
+                 step: Optional[LayerStep] = None) -> Callable:
         start = time.perf_counter()
         try:
-            return self._rewrite_and_compile(gm, prepared, example_inputs, carried, watched)
+            return self._rewrite_and_compile(gm, prepared, example_inputs, carried, watched, step)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
 
     def _rewrite_and_compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                             carried: Optional[CarriedVisual], watched: Watched) -> Callable:
+                             carried: Optional[CarriedVisual], watched: Watched,
+                             step: Optional[LayerStep]) -> Callable:
         index = prepared.graph_index
-        label = f"graph{index}" if carried is None else f"graph{index}_carried{carried.input_index}"
-        kind = prepared.kind if carried is None else GraphKind.CARRIED
+        if step is not None:
+            label, kind = f"graph{index}_layer{step.layer}_{step.role}", GraphKind.of_layer_step(step.role)
+        elif carried is not None:
+            label, kind = f"graph{index}_carried{carried.input_index}", GraphKind.CARRIED
+        else:
+            label, kind = f"graph{index}", prepared.kind
         try:
-            result = run_passes(prepared, self.config, example_inputs, carried, dump_name=label)
+            result = run_passes(prepared, self.config, example_inputs, carried, dump_name=label, step=step)
         except PassError as e:
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e, kind=kind)
         except Exception as e:  # a bug of ours must not take the user's model down with it
@@ -205,7 +216,18 @@ class EraBackend:
             self.report.handoffs += 1
             logger.info("graph %d: merges visual tokens but runs no decoder layer: their mask is handed on with "
                         "the merged embeddings", index)
+        elif result.kind in (GraphKind.LAYER_SALIENCY, GraphKind.LAYER_MASKED):
+            self.report.attention_rewrites += len(rectified.calls) if rectified is not None else 0
+            logger.info("graph %d: a decoder layer's own graph, %s", index,
+                        "hands its queries and keys to the next layer's selection"
+                        if result.kind is GraphKind.LAYER_SALIENCY else "masks the pruned tokens out of its keys")
         else:
+            if result.kind is GraphKind.LAYER_PRUNE:
+                note = (f"the decoder is split into per-layer graphs: layers >= {self.config.layer} run the prefill at "
+                        "full length with the pruned tokens masked out of their keys (no prefill saving there); "
+                        "their KV cache keeps only the kept tokens")
+                if note not in self.report.notes:
+                    self.report.notes.append(note)
             site = result.record(PruneSite)
             rewrites = len(rectified.calls) if rectified is not None else 0
             self.report.attention_rewrites += rewrites

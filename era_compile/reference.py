@@ -234,6 +234,7 @@ class EagerReference:
         handles += [layer.register_forward_pre_hook(self._later, with_kwargs=True)
                     for layer in self.layers[self.config.layer + 1:]]
         text_config._attn_implementation = "era_reference"
+        added = self._gather_added_features()
         _ACTIVE = self
         try:
             yield
@@ -242,6 +243,26 @@ class EagerReference:
             text_config._attn_implementation = previous
             for h in handles:
                 h.remove()
+            if added:
+                del self.decoder._deepstack_process
+
+    def _gather_added_features(self) -> bool:
+        """Visual features added again after a decoder layer (DeepStack: Hugging Face's
+        ``_deepstack_process(hidden, visual_pos_masks, features)``, one feature row per visual token
+        in order): after the cut, each kept visual token gets its own row, and a pruned one none."""
+        add = getattr(self.decoder, "_deepstack_process", None)
+        if add is None:
+            return False
+
+        def add_to_kept(hidden, visual_pos_masks, features):
+            if self._keep is None or not self._pruning or hidden.shape[1] == visual_pos_masks.shape[1]:
+                return add(hidden, visual_pos_masks, features)
+            rows = visual_pos_masks.flatten().cumsum(0).view_as(visual_pos_masks) - 1  # each token's feature row
+            kept = _take(visual_pos_masks, self._keep, 1)
+            return add(hidden, kept, features[_take(rows, self._keep, 1)[kept]])
+
+        self.decoder._deepstack_process = add_to_kept  # this instance only, while the pruning is active
+        return True
 
     @torch.no_grad()
     def __call__(self, **inputs) -> Any:

@@ -44,9 +44,10 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from era_compile.compact_kv import compact
-from era_compile.passes.kinds import SPLIT_DECODER, GraphKind
-from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, Handoff, HandoffOutputs, KVCache, PrefillOutputs,
-                                        PruneSite, VisualMaskInput)
+from era_compile.ops.prune import key_bias_over_positions, without_lar
+from era_compile.passes.kinds import GraphKind
+from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, Handoff, HandoffOutputs, KVCache,
+                                        LayerStep, PrefillOutputs, PruneSite, SaliencyOutputs, VisualMaskInput, WalkInput)
 from era_compile.report import Report, logger
 
 
@@ -73,6 +74,31 @@ class PendingImage:
     handoff: Optional[HandedOnMask] = None  # its merge, handed on to the graph that should prune it
 
 
+@dataclass(eq=False)
+class LayerWalk:
+    """An image prompt on its way through a decoder that Dynamo split into per-layer graphs
+    (``passes/masked.py``). Layer 0's graph receives the merged embeddings the merge handed on;
+    each later call of a layer's own graph on hidden states of the prompt's [B, N] is the next
+    layer. The walk carries what one layer hands the next: layer K - 1's queries and keys, then
+    the kept positions and the key bias that masks the pruned tokens. It ends with the forward
+    (the merged embeddings die), at the next prompt's embedding or image, or at a decode step."""
+
+    visual_mask: Tensor                   # bool [B, N], from the merge's handoff
+    merge_graph: int
+    layer: int = 0                        # the layer whose graph was called last
+    last_input: Any = None                # weakref to that call's hidden states: the same call again
+    queries: Optional[Tensor] = None      # layer K - 1's, for layer K's selection
+    keys: Optional[Tensor] = None
+    keep_index: Optional[Tensor] = None   # after layer K: the kept positions [B, n']
+    log_bias: Optional[Tensor] = None     # their bias [B, n'] (0 without LAR), for the caches
+    key_bias: Optional[Tensor] = None     # float32 [B, N]: the later layers' attention bias
+    over: bool = False
+
+    @property
+    def pruned(self) -> bool:
+        return self.key_bias is not None
+
+
 @dataclass
 class GraphPlan:
     """What the runtime does around one compiled graph (from the passes' records)."""
@@ -94,6 +120,8 @@ class GraphPlan:
     hidden_inputs: Tuple[int, ...] = ()         # ``kinds.hidden_inputs_into_layers``: [B, N, D] into layers
     token_inputs: Tuple[int, ...] = ()          # ``kinds.token_id_inputs``: the prompt's [B, N] token ids
     layer_forward: bool = False                 # ``kinds.is_layer_forward``: one decoder layer's own graph
+    masked: bool = False                        # a split decoder's layer >= K: its caches hold every position
+    saliency_outputs: int = 0                   # trailing ``SaliencyOutputs`` fields (layer K - 1 of a split decoder)
     fell_back: bool = False                     # runs unpruned, as reported when it fell back: the image is told
 
     @property
@@ -108,7 +136,7 @@ class GraphPlan:
     @property
     def needed(self) -> bool:
         return (bool(self.added_inputs or self.prefill_outputs or self.handoff or self.hidden_inputs
-                     or self.token_inputs)
+                     or self.token_inputs or self.keys_outputs or self.saliency_outputs)
                 or self.watches_images or self.runs_decoder or self.fell_back)
 
 
@@ -139,11 +167,15 @@ def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
     # a decode step reads a past cache; a vision tower split at its attention looks like decode but writes none
     plan.decode_step = kind is GraphKind.DECODE and cache is not None and (
         any(c.past_keys is not None for c in cache.layers) or bool(cache.written_in_place))
+    plan.masked = kind in (GraphKind.LAYER_PRUNE, GraphKind.LAYER_MASKED)
     if kind is GraphKind.HANDOFF:
         plan.handoff = records.get(Handoff)
-    elif kind.has_image and PrefillOutputs in records:
-        plan.prefill_outputs = len(records[PrefillOutputs].values())
-        plan.layer = records[PruneSite].layer
+    elif kind is GraphKind.LAYER_SALIENCY:
+        plan.saliency_outputs = len(records[SaliencyOutputs].values())
+    elif (kind.has_image and PrefillOutputs in records) or kind is GraphKind.LAYER_MASKED:
+        if PrefillOutputs in records:
+            plan.prefill_outputs = len(records[PrefillOutputs].values())
+            plan.layer = records[PruneSite].layer
         for c in records[KVCache].layers:
             if c.index >= config.layer:
                 plan.keys_outputs[c.index] = c.keys_output
@@ -163,6 +195,7 @@ class Runtime:
         self.strict = strict
         self.pending: Optional[PendingImage] = None  # an image encoded since the last pruned prefill
         self.prompt_shape: Optional[Tuple[int, ...]] = None  # [B, N] of the token ids last embedded
+        self.walk: Optional[LayerWalk] = None  # an image prompt in a decoder split per layer
 
     def wrap(self, compiled: Callable, plan: GraphPlan) -> Callable:
         return RuntimeWrapper(self, compiled, plan) if plan.needed else compiled
@@ -175,21 +208,40 @@ class Runtime:
             return handoff.mask
         if isinstance(added, BudgetInput):
             return self.budget
+        if isinstance(added, WalkInput):
+            value = getattr(self.walk, added.field) if self.walk is not None and not self.walk.over else None
+            if value is None:
+                raise RuntimeError(f"era_compile runtime: no {added.field} on this prompt's way through its layers")
+            return value
         raise TypeError(f"era_compile runtime: no value for added input {added!r}")
 
     def record(self, outputs: List, plan: GraphPlan, args: tuple = ()) -> tuple:
         """Strip what a graph published after its outputs and act on it (``args``: the call's inputs)."""
         if plan.token_inputs:
             self.prompt_shape = tuple(args[plan.token_inputs[0]].shape)
-        if plan.handoff is not None:
+        if self.walk is not None and (plan.token_inputs or plan.encodes_images or plan.decode_step):
+            self._end_walk(self.walk)  # a new prompt, or the decode after this one's prefill
+        if plan.saliency_outputs:
+            handed = SaliencyOutputs.take(outputs, plan.saliency_outputs)
+            # contiguous, as the placeholders layer K's graph was compiled with (Inductor checks strides)
+            self.walk.queries, self.walk.keys = handed.queries.contiguous(), handed.keys.contiguous()
+        elif plan.masked and not plan.prefill_outputs:  # a split decoder's layer after K
+            walk = self.walk
+            self._compact_caches(outputs, plan, walk.keep_index, walk.log_bias, walk.key_bias.shape[-1])
+        elif plan.handoff is not None:
             handed = HandoffOutputs.take(outputs, len(plan.handoff.outputs.values()))
             handoff = HandedOnMask(handed.visual_mask, plan.graph)
             self._hand_off(outputs[plan.handoff.embeddings_output], handoff)
             self._image_handed_on(handoff)
         elif plan.prefill_outputs:
             published = PrefillOutputs.take(outputs, plan.prefill_outputs)
-            self._compact_caches(outputs, plan, published)
-            self._mark_pruned_lengths(outputs, plan)
+            bias = published.log_bias if plan.rectify else without_lar(published.log_bias)
+            length = published.key_visible.shape[-1]  # N: the visibility row spans the original positions
+            self._compact_caches(outputs, plan, published.keep_index, bias, length)
+            if plan.masked:  # layer K of a split decoder: the later layers mask what it pruned
+                self._pruned_on_the_walk(published, bias, length, plan.rectify)
+            else:
+                self._mark_pruned_lengths(outputs, plan)
             self.report.record_prefill(plan.graph, plan.layer, published.samples.tolist(),
                                        published.key_visible.shape[-1], published.keep_index.shape[-1])
             self.resolve_pending_image()
@@ -199,7 +251,8 @@ class Runtime:
             if plan.encodes_images:
                 self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs]
                                     + [x for x in outputs if isinstance(x, Tensor)])
-            if self.pending is not None and (plan.runs_decoder or self._runs_on_the_prompt(plan, args)):
+            walking = plan.layer_forward and self.walk is not None and not self.walk.over
+            if self.pending is not None and not walking and (plan.runs_decoder or self._runs_on_the_prompt(plan, args)):
                 self._not_pruned(self.pending, plan)
         return tuple(outputs)
 
@@ -268,9 +321,10 @@ class Runtime:
         handed_on = pending.handoff is not None and not pending.handoff.claimed
         if handed_on:
             pending.handoff.claimed = True  # told here: its tensor's death need not tell it again
-        if plan.layer_forward:  # the cause is the split, whatever ran between the merge and this layer
-            why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder}, a decoder layer's own forward, "
-                   f"ran on it unpruned: {SPLIT_DECODER}")
+        if plan.layer_forward and not handed_on:  # a split decoder, and no mask to walk its layers with
+            why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder}, a decoder layer's own forward (the "
+                   "decoder is split into per-layer graphs), ran on it unpruned: no graph handed the image's visual "
+                   "mask on to its layers (merged outside any graph, or by a pattern the passes do not know)")
         elif handed_on:
             why = (f"graph {pending.handoff.graph} merged an image prompt and handed its visual mask on, but graph "
                    f"{decoder} ran the language model on other hidden states of its sequence (the merged embeddings "
@@ -285,20 +339,22 @@ class Runtime:
         warnings.warn(f"era_compile: {why}", RuntimeWarning)
         logger.warning(why)
 
-    def _compact_caches(self, outputs: List, plan: GraphPlan, published: PrefillOutputs) -> None:
+    def _compact_caches(self, outputs: List, plan: GraphPlan, keep_index: Tensor, bias: Tensor, length: int) -> None:
         """The pruned layers' new keys and values [B, H, n', d] become CompactKV of the original
         length N, each row at its original position with its bias (0 everywhere without LAR); a
-        sliding-window layer's, the last W - 1 original positions of them."""
-        bias = published.log_bias if plan.rectify else published.log_bias.new_zeros(published.log_bias.shape)
-        length = published.key_visible.shape[-1]  # N: the visibility row spans the original positions
+        sliding-window layer's, the last W - 1 original positions of them. A split decoder's
+        layer (``plan.masked``) cached every position: its kept rows are taken first."""
         # Each cache tensor gets its own positions and bias (12 bytes per row), as every decode append
         # leaves them: shared ones would make Dynamo guard on the aliasing, and the next generation's
         # first decode step would then compile once more than a plain compile does.
         for layer, i in plan.keys_outputs.items():
             j = plan.values_outputs[layer]
             for k in (i, j):
-                outputs[k] = compact(outputs[k], published.keep_index.clone(), bias.clone(), length,
-                                     plan.windows.get(layer))
+                rows = outputs[k]
+                if plan.masked:
+                    index = keep_index[:, None, :, None].expand(rows.shape[0], rows.shape[1], -1, rows.shape[3])
+                    rows = rows.gather(2, index)
+                outputs[k] = compact(rows, keep_index.clone(), bias.clone(), length, plan.windows.get(layer))
 
     @staticmethod
     def _mark_pruned_lengths(outputs: List, plan: GraphPlan) -> None:
@@ -326,6 +382,66 @@ class Runtime:
         self.report.skipped.append(why)
         warnings.warn(f"era_compile: {why}", RuntimeWarning)
         logger.warning(why)
+
+    # ------------------------------------------------------------------ a decoder split per layer
+
+    def layer_step(self, args: Sequence[Any], receivers: Sequence[int], prune_layer: int
+                   ) -> Tuple[Any, Optional[LayerStep]]:
+        """The variant key and part of a call of a decoder layer's own graph (``passes/masked.py``):
+        layer 0 of a new walk when an input carries a handed-on mask, the next layer when one holds
+        hidden states of the walking prompt's [B, N]; (None, None) for the unpruned variant. Asked
+        twice for one call (when its graph is compiled, then run), it answers the same."""
+        walk = self.walk
+        found = self.carried(args, receivers)
+        if walk is not None and not walk.over and walk.last_input is not None and any(
+                walk.last_input() is args[i] for i in receivers):
+            index = next(i for i in receivers if walk.last_input() is args[i])  # the same call again
+        elif found is not None or self._handed_on_by_shape(args, receivers) is not None:
+            # layer 0: it receives the merged embeddings, or, changed outside a graph by an op that kept
+            # their [B, N, D] (Granite's embedding multiplier), hidden states of their shape
+            index, handoff = found if found is not None else self._handed_on_by_shape(args, receivers)
+            handoff.claimed = True  # the walk takes it up: its tensor's death tells nothing
+            walk = self.walk = LayerWalk(handoff.mask, handoff.graph)
+            weakref.finalize(args[index], self._end_walk, walk)  # the forward holds them until it returns
+        elif walk is not None and not walk.over:
+            index = next((i for i in receivers if tuple(args[i].shape[:2]) == tuple(walk.visual_mask.shape)), None)
+            if index is None:  # another prompt's hidden states
+                self._end_walk(walk)
+                return None, None
+            walk.layer += 1
+        else:
+            return None, None
+        walk.last_input = weakref.ref(args[index])
+        if walk.layer < prune_layer - 1 or (walk.layer > prune_layer and not walk.pruned):
+            return None, None  # before the layers that prune; or after a prune that fell back, told then
+        role = "saliency" if walk.layer == prune_layer - 1 else "prune" if walk.layer == prune_layer else "masked"
+        step = LayerStep(walk.layer, role, index,
+                         visual_mask=walk.visual_mask if role == "prune" else None,
+                         queries=walk.queries if role == "prune" else None,
+                         keys=walk.keys if role == "prune" else None,
+                         key_bias=walk.key_bias if role == "masked" else None)
+        return (role, index), step
+
+    def _handed_on_by_shape(self, args: Sequence[Any], receivers: Sequence[int]
+                            ) -> Optional[Tuple[int, HandedOnMask]]:
+        """The waiting image's handed-on mask and the input of its [B, N], when no graph has claimed it."""
+        handoff = self.pending.handoff if self.pending is not None else None
+        if handoff is None or handoff.claimed:
+            return None
+        index = next((i for i in receivers if tuple(args[i].shape[:2]) == tuple(handoff.mask.shape)), None)
+        return None if index is None else (index, handoff)
+
+    def _pruned_on_the_walk(self, published: PrefillOutputs, bias: Tensor, length: int, rectify: bool) -> None:
+        walk = self.walk
+        walk.queries = walk.keys = None
+        walk.keep_index, walk.log_bias = published.keep_index, bias
+        walk.key_bias = key_bias_over_positions(published.keep_index, published.log_bias, length, rectify)
+
+    def _end_walk(self, walk: LayerWalk) -> None:
+        walk.over = True
+        walk.queries = walk.keys = walk.key_bias = walk.keep_index = walk.log_bias = None
+        if self.walk is walk:
+            self.walk = None
 
     def carried(self, args: Sequence[Any], receivers: Sequence[int]) -> Optional[Tuple[int, HandedOnMask]]:
         """The one input of ``args`` that carries a handed-on visual mask, if any."""
@@ -371,7 +487,7 @@ class Variants:
         if key not in self.variants:
             self.variants[key] = self.build(list(args), carried)
             self.runtime.report.variants.setdefault(self.graph, []).append(
-                "unpruned" if carried is None else f"visual tokens on input {carried.input_index}")
+                "unpruned" if carried is None else carried.describe())
         return self.variants[key]
 
     def __call__(self, *args):

@@ -25,7 +25,7 @@ import torch.fx as fx
 from era_compile.config import ERAConfig
 
 from .kinds import GraphKind
-from .records import AddedInput, CarriedVisual
+from .records import AddedInput, CarriedVisual, LayerStep
 
 R = TypeVar("R")
 
@@ -53,8 +53,8 @@ class PassResult:
 @dataclass(frozen=True)
 class PassContext:
     """What a pass may read: the config, the graph's kind and index, the example inputs as the
-    manager holds them, what the runtime knows of this call (a carried visual mask), and the
-    records of the passes before it (by type)."""
+    manager holds them, what the runtime knows of this call (a carried visual mask, the layer a
+    per-layer graph runs), and the records of the passes before it (by type)."""
 
     config: ERAConfig
     kind: GraphKind
@@ -62,6 +62,7 @@ class PassContext:
     example_inputs: Tuple[Any, ...] = ()
     carried: Optional[CarriedVisual] = None
     records: Mapping[type, Any] = field(default_factory=lambda: MappingProxyType({}))
+    step: Optional[LayerStep] = None  # a decoder layer's own graph: its place on an image prompt's way
 
     def get(self, record_type: Type[R]) -> R:
         """The record of that type an earlier pass provided; raises ``MissingRecord``."""

@@ -54,15 +54,25 @@ class GraphKind(enum.Enum):
     CARRIED = "carried"
     DECODE = "decode"
     TEXT = "text"
+    # variants of a decoder layer's own graph on an image prompt's way through a split decoder
+    # (``records.LayerStep``), chosen per call by the runtime, never by ``classify``
+    LAYER_SALIENCY = "layer_saliency"
+    LAYER_PRUNE = "layer_prune"
+    LAYER_MASKED = "layer_masked"
 
     @property
     def has_image(self) -> bool:
-        return self in (GraphKind.PREFILL, GraphKind.HANDOFF, GraphKind.CARRIED)
+        return self in (GraphKind.PREFILL, GraphKind.HANDOFF, GraphKind.CARRIED, GraphKind.LAYER_PRUNE)
 
     @property
     def may_receive_embeddings(self) -> bool:
         """Graphs an earlier graph's merged embeddings can reach (the runtime checks per call)."""
-        return not self.has_image
+        return self in (GraphKind.DECODE, GraphKind.TEXT)
+
+    @staticmethod
+    def of_layer_step(role: str) -> "GraphKind":
+        return {"saliency": GraphKind.LAYER_SALIENCY, "prune": GraphKind.LAYER_PRUNE,
+                "masked": GraphKind.LAYER_MASKED}[role]
 
 
 def classify(gm: fx.GraphModule, carried: Optional[Any] = None, example_inputs=()) -> GraphKind:
@@ -195,14 +205,6 @@ def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = (),
     images = image_values(gm, example_inputs) if images is None else images
     return any(layer_module_path(n) is not None
                for n in reachable_from(_text_embeddings(gm, example_inputs, images), through_sizes=False))
-
-
-# Why a decoder split into per-layer graphs cannot be pruned by a backend (``layers`` refuses such a
-# graph; the runtime tells it when a layer's own graph runs on an image prompt nothing pruned).
-SPLIT_DECODER = ("Dynamo split the decoder into per-layer graphs at a graph break in its layer loop (a "
-                 "data-dependent op between layers, such as visual features added by a boolean mask); the loop "
-                 "then runs eagerly and hands every layer the position tables of the full prompt, so a pruned "
-                 "sequence could not enter the next layer's graph: pruning needs the decoder's layers in one graph")
 
 
 def is_layer_forward(gm: fx.GraphModule) -> bool:

@@ -26,7 +26,9 @@ refused with that reason. In other graphs the layers are listed (``written_in_pl
 left alone.
 
 The graph is not changed. Layers are numbered by their module index (``...layers.3`` is
-layer 3), so prefill and decode graphs agree even when a model splits its layers.
+layer 3), so prefill and decode graphs agree even when a model splits its layers; a decoder
+layer's own graph (a decoder split per layer) by the runtime in a prefill, ``UNNUMBERED`` in a
+decode step.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ from era_compile.compact_kv import CompactKV
 from .fx_utils import (attention_args, call_arguments, graph_outputs, is_attention, is_cat, is_in_place, layer_index,
                        sequence_source, tensor_meta)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
+from .kinds import GraphKind, is_layer_forward
 from .records import CachedLayer, KVCache
+
+# A decode step of a decoder split into per-layer graphs: the layer's own graph names no index, and
+# no prefill's walk numbers it (its cache, a CompactKV where the prefill pruned, adds the bias)
+UNNUMBERED = -1
 
 
 @graph_pass("kvcache", provides=KVCache)
@@ -50,10 +57,15 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     layers: List[CachedLayer] = []
     partly_cached: List[int] = []  # layers caching part of what they attend to, not a window
     in_place = sorted({layer_index(n) for n in gm.graph.nodes if _writes_in_place(n)} - {None})
+    own_graph = is_layer_forward(gm)
     for node in gm.graph.nodes:
         if not is_attention(node):
             continue
         index = layer_index(node)
+        if index is None and ctx.step is not None:  # a decoder layer's own graph: the runtime numbers it
+            index = ctx.step.layer
+        elif index is None and ctx.kind is GraphKind.DECODE and own_graph:  # its decode step: no number known
+            index = UNNUMBERED
         if index is None or index in in_place:
             continue  # not a decoder attention (e.g. the vision tower), or over a static cache
         args = attention_args(node)
@@ -82,6 +94,12 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                       "window by; not supported yet (a static prompt of at least W - 1 tokens is)")
     _refuse_if_pruned(ctx, partly_cached, "cache part of the keys they attend to, not as a sliding window "
                       "(keys[..., -(W - 1):, :]) of them: the pruned layers' cache cannot be kept; not supported")
+    if ctx.step is not None and ctx.step.role != "saliency":
+        windowed = any(c.window_start is not None for c in layers)
+        if windowed or partly_cached or any(_writes_in_place(n) for n in gm.graph.nodes):
+            raise PassError(f"layer {ctx.step.layer}, a graph of its own in a decoder split per layer, caches a "
+                            "window or a part of its keys or writes its cache in place: its pruned cache cannot be "
+                            "kept; not supported")
     record = KVCache(tuple(layers), tuple(in_place))
     counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers),
               "compact": [layer.index for layer in layers if layer.compact]}

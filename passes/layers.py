@@ -18,9 +18,9 @@ from typing import Dict, List
 
 import torch.fx as fx
 
-from .fx_utils import hints, is_sdpa, layer_module_path, reachable_from, same_shape, tensor_meta
+from .fx_utils import hints, is_sdpa, layer_module_path, placeholders, reachable_from, same_shape, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
-from .kinds import SPLIT_DECODER, is_layer_forward, is_sequence_convolution
+from .kinds import is_layer_forward, is_sequence_convolution
 from .records import DecoderLayer, DecoderLayers, VisualSpan
 
 
@@ -38,8 +38,9 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     paths: List[str] = []
     for call in attention_calls:
         path = layer_module_path(call)
-        if path is None and is_layer_forward(gm):
-            raise PassError(f"this graph is a decoder layer's own forward: {SPLIT_DECODER}")
+        if path is None and is_layer_forward(gm):  # the runtime walks such layers (``masked``), never here
+            raise PassError("this graph is a decoder layer's own forward (the decoder is split into per-layer "
+                            "graphs): its pruning is the split decoder's, layer by layer, not a carried prefill's")
         if path is None:
             raise PassError(f"attention call {call.name} is not inside an indexed decoder layer module")
         if path in paths:
@@ -67,13 +68,36 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     k = ctx.config.layer
     if k >= len(layers):
         raise PassError(f"ERAConfig.layer={k} but the language model has {len(layers)} decoder layers")
-    convolving = [layer.index for layer in layers[k:] if any(is_sequence_convolution(n) for n in layer.nodes)]
+    _refuse_convolutions(layers[k:])
+    return PassResult(record=DecoderLayers(tuple(layers)),
+                      counts={"decoder_layers": len(layers), "prune_layer": k})
+
+
+@graph_pass("layer", provides=DecoderLayers, rewrites=False)
+def find_layer_of_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """A decoder layer's own graph (a decoder split into per-layer graphs, ``masked``): its one
+    attention call, numbered by the runtime in call order (``ctx.step``), and the hidden states it
+    receives (an input)."""
+    step = ctx.step
+    calls = [n for n in gm.graph.nodes if is_sdpa(n)]
+    if step is None or not is_layer_forward(gm):
+        raise PassError("not a decoder layer's own graph, or no layer number for it")
+    if len(calls) != 1:
+        raise PassError(f"layer {step.layer}'s own graph holds {len(calls)} attention calls; expected one")
+    hidden = placeholders(gm)[step.hidden_input]
+    nodes = frozenset(n for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+    layer = DecoderLayer(step.layer, "L['self']", calls[0], nodes, hidden)
+    if step.layer >= ctx.config.layer:
+        _refuse_convolutions([layer])
+    return PassResult(record=DecoderLayers((layer,)), counts={"layer": step.layer, "role": step.role})
+
+
+def _refuse_convolutions(pruned_layers) -> None:
+    convolving = [layer.index for layer in pruned_layers if any(is_sequence_convolution(n) for n in layer.nodes)]
     if convolving:
         raise PassError(f"layers {convolving} run a 1-D convolution along the positions beside their attention "
                         "(short convolutions, whose window and cached state run along the sequence): on the pruned "
                         "sequence it would mix tokens the cut moved next to each other; pruning them is not supported")
-    return PassResult(record=DecoderLayers(tuple(layers)),
-                      counts={"decoder_layers": len(layers), "prune_layer": k})
 
 
 def _refuse_layers_without_attention(after_merge, paths: List[str]) -> None:

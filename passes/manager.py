@@ -46,11 +46,12 @@ from .graph_pass import GraphPass, MissingRecord, PassContext, PassError, PassRe
 from .handoff import hand_off_visual_mask
 from .kinds import GraphKind, classify
 from .kvcache import find_kv_cache
-from .layers import find_decoder_layers
+from .layers import find_decoder_layers, find_layer_of_graph
+from .masked import hand_on_saliency, mask_pruned_keys, prune_by_masking
 from .normalize import normalize
 from .prune import prune_visual_tokens
 from .publish import publish_pruning
-from .records import AddedInput, CarriedVisual
+from .records import AddedInput, CarriedVisual, LayerStep
 from .span import find_visual_span
 
 _PRUNING = (find_visual_span, find_decoder_layers, find_kv_cache, prune_visual_tokens, rectify_attention,
@@ -62,6 +63,11 @@ PIPELINES: Dict[GraphKind, Tuple[GraphPass, ...]] = {
     GraphKind.HANDOFF: (find_visual_span, hand_off_visual_mask),
     GraphKind.DECODE: (find_kv_cache,),
     GraphKind.TEXT: (),
+    # a decoder split into per-layer graphs (``masked``)
+    GraphKind.LAYER_SALIENCY: (find_layer_of_graph, hand_on_saliency),
+    GraphKind.LAYER_PRUNE: (find_visual_span, find_layer_of_graph, find_kv_cache, prune_by_masking, mask_pruned_keys,
+                            publish_pruning),
+    GraphKind.LAYER_MASKED: (find_layer_of_graph, find_kv_cache, mask_pruned_keys),
 }
 
 
@@ -150,22 +156,25 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
 
 def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[Any],
                carried: Optional[CarriedVisual] = None, dump_name: Optional[str] = None,
-               until: Optional[str] = None) -> PipelineResult:
+               until: Optional[str] = None, step: Optional[LayerStep] = None) -> PipelineResult:
     """The kind's passes on a copy of the prepared graph (one variant of it: ``carried``, a mask
-    an input brought); ``until``: stop after the pass of that name, before the dead-code tail
-    (tests, debugging)."""
+    an input brought; ``step``, a layer's part on an image prompt's way through a split decoder);
+    ``until``: stop after the pass of that name, before the dead-code tail (tests, debugging)."""
     gm = copy_graph(prepared.gm)
-    kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
+    if step is not None:
+        kind = GraphKind.of_layer_step(step.role)
+    else:
+        kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
     result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing],
                             example_inputs=list(example_inputs))
     dumper = _Dumper(config, dump_name or f"graph{prepared.graph_index}")
-    for step, p in enumerate(PIPELINES[kind], start=1):
+    for number, p in enumerate(PIPELINES[kind], start=1):
         ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried,
-                          frozen(result.records))
+                          frozen(result.records), step)
         missing = [t.__name__ for t in p.requires if t not in result.records]
         if missing:
             raise MissingRecord(f"pass {p.name!r} needs {missing}, which no earlier pass provided")
-        outcome, timing = _run_one(p, gm, ctx, result.example_inputs, dumper, step)
+        outcome, timing = _run_one(p, gm, ctx, result.example_inputs, dumper, number)
         result.results.append((p.name, outcome))
         result.timings.append(timing)
         result.rewrote = result.rewrote or (outcome.changed and p.rewrites)

@@ -55,11 +55,15 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # from the original length, and those are gathered, not recomputed at the pruned length
     downstream = reachable_from([cut], through_sizes=False)
     downstream.discard(graph.output_node())
-    first = _schedule_upstream_first(graph, downstream)
-    # the keep budget is an input the runtime supplies on every call, so a new budget compiles nothing
-    budget = append_input(gm, "era_budget", tensor_meta(cut), (2,), torch.float64, device="cpu")
+    first = schedule_upstream_first(graph, downstream)
+    budget, budget_input = append_budget(gm, cut)
+    source = attention_args(layers[K - 1].attention if K > 0 else layers[K].attention)
     with graph.inserting_before(first):
-        keep_index, hidden_kept, log_bias, samples = _insert_selection(graph, ctx, span, layers, budget, downstream)
+        queries, keys = source["query"], source["key"]
+        if K == 0:  # layer 0's own queries and keys, of the unpruned input
+            queries, keys = copy_unpruned(graph, [queries, keys], downstream)
+        keep_index, hidden_kept, log_bias, samples = insert_selection(graph, ctx, span, cut, queries, keys, source,
+                                                                      budget)
 
     order = [n for n in graph.nodes if n in downstream]
     frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs) if is_weight(n, x)}
@@ -76,23 +80,25 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     site = PruneSite(K, keep_index, hidden_kept, log_bias, samples, frozenset(downstream), original_mask)
     return PassResult(record=site, changed=True, counts={"gathered_tensors": gathered, "rewritten_shapes": literals,
                                                          "downstream_nodes": len(order)},
-                      added_inputs=(BudgetInput(budget.name, budget.meta["val"]),))
+                      added_inputs=(budget_input,))
 
 
-def _insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, layers: DecoderLayers, budget: fx.Node,
-                      downstream: Set[fx.Node]) -> Tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
-    """era::select on the saliency source (layer K-1's attention call; for K = 0 a copy of layer
-    0's q/k computation on the unpruned input), then era::recycle: keep_index, hidden_kept,
-    log_bias, samples."""
-    cfg, K = ctx.config, ctx.config.layer
-    cut = layers[K].hidden_in
-    source = attention_args(layers[K - 1].attention if K > 0 else layers[K].attention)
-    q, k = source["query"], source["key"]
-    if K == 0:
-        q, k = _copy_unpruned(graph, [q, k], downstream)
-    scale = source["scale"] if source["scale"] is not None else default_scale(tensor_meta(q).shape[-1])
+def append_budget(gm: fx.GraphModule, like: fx.Node) -> Tuple[fx.Node, BudgetInput]:
+    """The keep budget: an input the runtime supplies on every call, so a new budget compiles nothing."""
+    budget = append_input(gm, "era_budget", tensor_meta(like), (2,), torch.float64, device="cpu")
+    return budget, BudgetInput(budget.name, budget.meta["val"])
+
+
+def insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, cut: fx.Node, queries: fx.Node,
+                     keys: fx.Node, source: Dict[str, object], budget: fx.Node
+                     ) -> Tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
+    """era::select on the saliency source (``queries`` and ``keys`` of layer K - 1's attention, or
+    of layer 0's on the unpruned input; the mask, causality and scale of ``source``, that call's
+    arguments), then era::recycle of ``cut``: keep_index, hidden_kept, log_bias, samples."""
+    cfg = ctx.config
+    scale = source["scale"] if source["scale"] is not None else default_scale(tensor_meta(queries).shape[-1])
     sel = insert_call(graph, torch.ops.era.select.default, (), dict(
-        hidden=cut, visual_mask=span.visual_mask, queries=q, keys=k, attn_mask=source["attn_mask"],
+        hidden=cut, visual_mask=span.visual_mask, queries=queries, keys=keys, attn_mask=source["attn_mask"],
         is_causal=bool(source["is_causal"]), scale=float(scale), budget=budget, strategy=cfg.strategy,
         options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
     anchors, confidence = getitem(graph, sel, 0, "anchor_mask"), getitem(graph, sel, 1, "confidence")
@@ -140,7 +146,7 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
     return literals
 
 
-def _schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.Node:
+def schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.Node:
     """Move every node that does not depend on the cut before the first one that does.
 
     Valid because an upstream node never reads a downstream one. Returns the first
@@ -157,7 +163,7 @@ def _schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.No
     return first
 
 
-def _copy_unpruned(graph: fx.Graph, values: List[fx.Node], downstream: Set[fx.Node]) -> List[fx.Node]:
+def copy_unpruned(graph: fx.Graph, values: List[fx.Node], downstream: Set[fx.Node]) -> List[fx.Node]:
     """Copies of the computation of ``values`` that read the unpruned cut, not the pruned one."""
     copies: Dict[fx.Node, fx.Node] = {}
     for v in values:

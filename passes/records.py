@@ -35,6 +35,30 @@ class CarriedVisual:
     input_index: int        # the placeholder holding the merged embeddings [B, N, D]
     mask: torch.Tensor      # the example's bool [B, N] visual mask (a real tensor)
 
+    def describe(self) -> str:
+        return f"visual tokens on input {self.input_index}"
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """A decoder layer's own graph, called on an image prompt's way through a decoder that Dynamo
+    split into per-layer graphs (``era_compile.runtime.LayerWalk``): the layer it runs there, counted
+    in call order, and its part in the pruning. ``role``: ``saliency`` (layer K - 1: hands on its
+    queries and keys), ``prune`` (layer K: selects and recycles, then masks), ``masked`` (after K).
+    The sequence keeps its length N: the loop between the graphs hands every layer the full-length
+    positions, so the pruned tokens are masked out as keys instead of cut."""
+
+    layer: int
+    role: str
+    hidden_input: int                            # the placeholder holding the hidden states [B, N, D]
+    visual_mask: Optional[torch.Tensor] = None   # prune: the example's bool [B, N] (a real tensor)
+    queries: Optional[torch.Tensor] = None       # prune at K > 0: layer K - 1's, what the saliency reads
+    keys: Optional[torch.Tensor] = None
+    key_bias: Optional[torch.Tensor] = None      # masked: the example's float32 [B, N]
+
+    def describe(self) -> str:
+        return f"layer {self.layer} of a split decoder: {self.role}"
+
 
 # --------------------------------------------------------------------------- added inputs
 
@@ -51,6 +75,14 @@ class VisualMaskInput(AddedInput):
     """The bool [B, N] visual mask carried by the merged embeddings at input ``source_input``."""
 
     source_input: int = -1
+
+
+@dataclass(frozen=True)
+class WalkInput(AddedInput):
+    """What the runtime's ``LayerWalk`` holds for this call: its attribute ``field`` (``visual_mask``,
+    ``queries``, ``keys`` or ``key_bias``)."""
+
+    field: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +115,14 @@ class PrefillOutputs(TrailingOutputs[V]):
     log_bias: V                     # float32 [B, n'] LAR bias per kept key (0 off the anchors)
     key_visible: V                  # bool [B, N]: which original positions the last query may see
     samples: V                      # int64 [B, 2]: each sample's visual tokens T_b and kept ones k_b
+
+
+@dataclass(frozen=True)
+class SaliencyOutputs(TrailingOutputs[V]):
+    """What layer K - 1's own graph hands on for layer K's selection (appended by ``masked``)."""
+
+    queries: V                      # its attention call's queries [B, H, N, d]
+    keys: V                         # and keys [B, H_kv, N, d]
 
 
 @dataclass(frozen=True)
@@ -167,6 +207,9 @@ class PruneSite:
     samples: fx.Node        # int64 [B, 2] each sample's visual tokens T_b and kept ones k_b
     downstream: FrozenSet[fx.Node]  # the nodes that ran on the cut when it was made
     attention_mask: Optional[fx.Node]  # layer K's mask over the original positions, if any
+    key_bias: Optional[fx.Node] = None  # masked, not cut (a decoder split per layer): float32 [B, N] bias
+                                        # of every original position, BLOCKED at the pruned ones; then
+                                        # ``hidden_kept`` is [B, N, D], the recycled states written back
 
 
 @dataclass(frozen=True)

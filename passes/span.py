@@ -34,14 +34,18 @@ import torch.fx as fx
 from .fx_utils import hint, hints, is_masked_scatter, placeholders, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .kinds import is_unfolded_assignment, where_merges
-from .records import VisualMaskInput, VisualSpan
+from .records import VisualMaskInput, VisualSpan, WalkInput
 from .rewrite import append_input, insert_call
 
 
 @graph_pass("span", provides=VisualSpan, rewrites=False)
 def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.carried is not None:
-        return _span_from_carried_mask(gm, ctx)
+        return _span_from_carried_mask(gm, ctx.carried.input_index, ctx.carried.mask, VisualMaskInput,
+                                       source_input=ctx.carried.input_index)
+    if ctx.step is not None:  # a decoder layer's own graph: the runtime's walk holds the merge's mask
+        return _span_from_carried_mask(gm, ctx.step.hidden_input, ctx.step.visual_mask, WalkInput,
+                                       field="visual_mask")
     selects = where_merges(gm, ctx.example_inputs)
     merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or n in selects]
     if not merges and any(is_unfolded_assignment(n) for n in gm.graph.nodes):
@@ -90,18 +94,20 @@ def _span_of_where(gm: fx.GraphModule, merge: fx.Node, inverted: bool) -> PassRe
                                                          "merge": "where"})
 
 
-def _span_from_carried_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    carried = ctx.carried
-    embeds = placeholders(gm)[carried.input_index]
+def _span_from_carried_mask(gm: fx.GraphModule, input_index: int, mask: torch.Tensor, added_type,
+                            **added_fields) -> PassResult:
+    """The span is the input at ``input_index``; its visual mask (the example's ``mask``) a new input
+    the runtime supplies (an ``added_type``: from the handed-on store, or from a split decoder's walk)."""
+    embeds = placeholders(gm)[input_index]
     value = tensor_meta(embeds)
-    if value is None or value.dim() != 3 or tuple(carried.mask.shape) != hints(value.shape[:2]):
-        raise PassError(f"input {embeds.name} carries a visual mask of shape {list(carried.mask.shape)}, "
+    # a dynamic size is this call's, whatever its hint (the graph's first example) says
+    if value is None or value.dim() != 3 or any(isinstance(n, int) and n != m for n, m in zip(value.shape[:2], mask.shape)):
+        raise PassError(f"input {embeds.name} carries a visual mask of shape {list(mask.shape)}, "
                         "which does not match its [B, N] dimensions")
     batch, seq_len, _ = value.shape
     visual_mask = append_input(gm, "era_visual_mask", value, value.shape[:2], torch.bool)  # B, N as the embeddings'
-    added = VisualMaskInput(visual_mask.name, visual_mask.meta["val"], source_input=carried.input_index)
-    total_visual = int(carried.mask.sum())
-    span = VisualSpan(embeds, visual_mask, batch, seq_len, total_visual, carried_by_input=carried.input_index)
+    added = added_type(visual_mask.name, visual_mask.meta["val"], **added_fields)
+    total_visual = int(mask.sum())
+    span = VisualSpan(embeds, visual_mask, batch, seq_len, total_visual, carried_by_input=input_index)
     return PassResult(record=span, changed=True, added_inputs=(added,),
-                      counts={"visual_tokens": total_visual, "seq_len": hint(seq_len),
-                              "carried_by_input": carried.input_index})
+                      counts={"visual_tokens": total_visual, "seq_len": hint(seq_len), "carried_by_input": input_index})

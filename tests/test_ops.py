@@ -46,9 +46,16 @@ def _attention_args():
     return q, k, v, torch.randn(2, 7, generator=g), None, True, None, "sdpa"
 
 
+def _unprune_args():
+    hidden = _recycle_args()[0]
+    keep_index, hidden_kept, log_bias, _ = torch.ops.era.recycle(*_recycle_args())
+    return hidden, keep_index, hidden_kept, log_bias, True
+
+
 SAMPLES = {
     "select": _select_args,
     "recycle": _recycle_args,
+    "unprune": _unprune_args,
     "biased_attention": _attention_args,
     "head_gram_eigvalsh": lambda: (torch.randn(5, 4, 8),),
 }
@@ -74,3 +81,27 @@ def test_select_and_recycle_are_functions_of_their_inputs():
     r1, r2 = torch.ops.era.recycle(*_recycle_args()), torch.ops.era.recycle(*_recycle_args())
     assert all(torch.equal(x, y) for x, y in zip(r1, r2))
     assert r1[1].shape[1] == 12 - 6 + 3 and r1[3].tolist() == [[6, 3], [6, 3]]  # n' and [T_b, k_b]: the data's
+
+
+@pytest.mark.parametrize("rectify", [True, False])
+def test_unprune_writes_the_kept_states_back_and_masks_the_pruned_keys(rectify):
+    """A split decoder's sequence keeps its length: the kept (recycled) states at their positions,
+    the pruned ones as they were, and a key bias that is LAR's at the kept keys (0 without it)
+    and BLOCKED at the pruned ones. A ragged batch's padding slot (position 0, BLOCKED) writes
+    nothing over the real token at position 0."""
+    from era_compile.algorithms.sequence import BLOCKED
+
+    hidden, mask, anchor_mask, confidence, _, _ = _recycle_args()
+    mask[1, 8] = False  # sample 1 holds 5 visual tokens, so keeps one more: sample 0 is padded by one slot
+    keep_index, kept, log_bias, _ = torch.ops.era.recycle(hidden, mask, anchor_mask, confidence, True, "mean")
+    assert log_bias[0, 0] == BLOCKED and keep_index[0, 0] == 0 and keep_index[0, 1] == 0  # the slot; position 0
+    full, key_bias = torch.ops.era.unprune(hidden, keep_index, kept, log_bias, rectify)
+    for b in range(2):
+        real = log_bias[b] > BLOCKED
+        positions = keep_index[b][real]
+        assert torch.equal(full[b, positions], kept[b][real])
+        pruned = torch.ones(12, dtype=torch.bool)
+        pruned[positions] = False
+        assert torch.equal(full[b, pruned], hidden[b, pruned]) and bool((key_bias[b, pruned] == BLOCKED).all())
+        assert torch.equal(key_bias[b, positions], log_bias[b][real] if rectify else torch.zeros(len(positions)))
+    assert bool((log_bias[0] > 0).any())  # the anchors carry a bias: the rectified case is no zero test

@@ -26,7 +26,8 @@ from torch import Tensor
 from era_compile.algorithms import SelectionInputs, kept_count, run_strategy
 from era_compile.algorithms.btr import recycle as btr_recycle
 from era_compile.algorithms.saliency import instruction_saliency
-from era_compile.algorithms.sequence import assemble, equal_count_groups, gather_rows, left_pad, visual_positions
+from era_compile.algorithms.sequence import (BLOCKED, assemble, equal_count_groups, gather_rows, left_pad,
+                                             visual_positions)
 
 
 def selection_inputs(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor,
@@ -157,3 +158,39 @@ def _(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm):
             hidden.new_empty((B, kept_len, D)),
             hidden.new_empty((B, kept_len), dtype=torch.float32),
             hidden.new_empty((B, 2), dtype=torch.int64))
+
+
+def key_bias_over_positions(keep_index: Tensor, log_bias: Tensor, length: int, rectify: bool = True) -> Tensor:
+    """float32 [B, N]: each kept token's LAR bias at its original position (0 with ``rectify``
+    off) and ``BLOCKED`` at every pruned one: what a decoder split into per-layer graphs adds to
+    the logits of each layer from K on, so that no query sees a pruned key (``passes/masked.py``).
+    A left-padding slot of a ragged batch (``BLOCKED`` bias) holds no token and writes nothing."""
+    slots = log_bias > BLOCKED
+    rows = torch.arange(keep_index.shape[0], device=keep_index.device).unsqueeze(1).expand_as(keep_index)
+    out = torch.full((keep_index.shape[0], length), BLOCKED, dtype=torch.float32, device=keep_index.device)
+    out[rows[slots], keep_index[slots]] = (log_bias if rectify else without_lar(log_bias))[slots]
+    return out
+
+
+def without_lar(log_bias: Tensor) -> Tensor:
+    """The kept keys' bias with LAR off: 0 at every kept token, still ``BLOCKED`` at a left-padding
+    slot of a ragged batch (it holds no token)."""
+    return torch.where(log_bias > BLOCKED, 0.0, BLOCKED).to(log_bias.dtype)
+
+
+@torch.library.custom_op("era::unprune", mutates_args=())
+def unprune(hidden: Tensor, keep_index: Tensor, hidden_kept: Tensor, log_bias: Tensor,
+            rectify: bool) -> Tuple[Tensor, Tensor]:
+    """``era::recycle``'s kept states written back over the whole sequence [B, N, D] (the anchors
+    carry what they recycled; a pruned token keeps its state, and no key of it is seen again), and
+    the key bias [B, N] that hides the pruned tokens (``key_bias_over_positions``)."""
+    slots = log_bias > BLOCKED
+    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(keep_index)
+    full = hidden.clone()
+    full[rows[slots], keep_index[slots]] = hidden_kept[slots]
+    return full, key_bias_over_positions(keep_index, log_bias, hidden.shape[1], rectify)
+
+
+@unprune.register_fake
+def _(hidden, keep_index, hidden_kept, log_bias, rectify):
+    return hidden.new_empty(hidden.shape), hidden.new_empty(hidden.shape[:2], dtype=torch.float32)

@@ -44,7 +44,8 @@ def test_an_assignment_merge_it_cannot_fold_is_still_an_image_merge():
 
 def test_kinds_that_may_receive_merged_embeddings():
     assert {k for k in GraphKind if k.may_receive_embeddings} == {GraphKind.DECODE, GraphKind.TEXT}
-    assert {k for k in GraphKind if k.has_image} == {GraphKind.PREFILL, GraphKind.HANDOFF, GraphKind.CARRIED}
+    assert {k for k in GraphKind if k.has_image} == {GraphKind.PREFILL, GraphKind.HANDOFF, GraphKind.CARRIED,
+                                                     GraphKind.LAYER_PRUNE}
 
 
 def test_a_where_merge_is_told_from_other_selects():
