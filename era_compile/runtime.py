@@ -72,6 +72,7 @@ class PendingImage:
     anchors: int = 0                  # living inputs and outputs of those calls: at 0 the request is over
     resolved: bool = False            # pruned, reported, or dropped
     handoff: Optional[HandedOnMask] = None  # its merge, handed on to the graph that should prune it
+    walked: Optional["LayerWalk"] = None     # a split decoder's walk over its layers that ended unpruned
 
 
 @dataclass(eq=False)
@@ -85,8 +86,9 @@ class LayerWalk:
 
     visual_mask: Tensor                   # bool [B, N], from the merge's handoff
     merge_graph: int
+    prune_layer: int                      # K
     layer: int = 0                        # the layer whose graph was called last
-    last_input: Any = None                # weakref to that call's hidden states: the same call again
+    last_input: Callable[[], Optional[Tensor]] = lambda: None  # weakref to that call's hidden states
     queries: Optional[Tensor] = None      # layer K - 1's, for layer K's selection
     keys: Optional[Tensor] = None
     keep_index: Optional[Tensor] = None   # after layer K: the kept positions [B, n']
@@ -325,6 +327,10 @@ class Runtime:
             why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder}, a decoder layer's own forward (the "
                    "decoder is split into per-layer graphs), ran on it unpruned: no graph handed the image's visual "
                    "mask on to its layers (merged outside any graph, or by a pattern the passes do not know)")
+        elif pending.walked is not None:
+            why = (f"graph {decoder} ran on the image prompt after {pending.walked.layer + 1} layers of its decoder, "
+                   f"which is split into per-layer graphs, and none was layer {pending.walked.prune_layer} "
+                   "(ERAConfig.layer): its visual tokens were not pruned")
         elif handed_on:
             why = (f"graph {pending.handoff.graph} merged an image prompt and handed its visual mask on, but graph "
                    f"{decoder} ran the language model on other hidden states of its sequence (the merged embeddings "
@@ -392,18 +398,20 @@ class Runtime:
         hidden states of the walking prompt's [B, N]; (None, None) for the unpruned variant. Asked
         twice for one call (when its graph is compiled, then run), it answers the same."""
         walk = self.walk
-        found = self.carried(args, receivers)
-        if walk is not None and not walk.over and walk.last_input is not None and any(
-                walk.last_input() is args[i] for i in receivers):
-            index = next(i for i in receivers if walk.last_input() is args[i])  # the same call again
-        elif found is not None or self._handed_on_by_shape(args, receivers) is not None:
-            # layer 0: it receives the merged embeddings, or, changed outside a graph by an op that kept
-            # their [B, N, D] (Granite's embedding multiplier), hidden states of their shape
-            index, handoff = found if found is not None else self._handed_on_by_shape(args, receivers)
+        walking = walk is not None and not walk.over
+        again = next((i for i in receivers if walking and walk.last_input() is args[i]), None)
+        # layer 0 receives the merged embeddings; or, changed outside a graph by an op that kept their
+        # [B, N, D] (Granite's embedding multiplier), hidden states of their shape
+        start = None if again is not None else (self.carried(args, receivers)
+                                                or self._handed_on_by_shape(args, receivers))
+        if again is not None:  # the same call, asked when compiling its variant, then running it
+            index = again
+        elif start is not None:
+            index, handoff = start
             handoff.claimed = True  # the walk takes it up: its tensor's death tells nothing
-            walk = self.walk = LayerWalk(handoff.mask, handoff.graph)
+            walk = self.walk = LayerWalk(handoff.mask, handoff.graph, prune_layer)
             weakref.finalize(args[index], self._end_walk, walk)  # the forward holds them until it returns
-        elif walk is not None and not walk.over:
+        elif walking:
             index = next((i for i in receivers if tuple(args[i].shape[:2]) == tuple(walk.visual_mask.shape)), None)
             if index is None:  # another prompt's hidden states
                 self._end_walk(walk)
@@ -438,6 +446,8 @@ class Runtime:
         walk.key_bias = key_bias_over_positions(published.keep_index, published.log_bias, length, rectify)
 
     def _end_walk(self, walk: LayerWalk) -> None:
+        if not walk.over and not walk.pruned and self.pending is not None:
+            self.pending.walked = walk  # the graph that runs on the prompt next tells why it went unpruned
         walk.over = True
         walk.queries = walk.keys = walk.key_bias = walk.keep_index = walk.log_bias = None
         if self.walk is walk:

@@ -41,7 +41,8 @@ ORACLE_TOL = 1e-5
 README = Path(__file__).resolve().parent.parent / "README.md"
 FULL = os.environ.get("ERA_REGISTRY_MATRIX") == "1"
 # What the suite can afford of the matrix: Gemma 3 (vmap-ed bidirectional image masks, sliding-window
-# caches), Qwen3-VL (DeepStack: refused, and must still run), and two refusals read off the config.
+# caches), Qwen3-VL (DeepStack: a decoder split into per-layer graphs, pruned by masking), and two
+# refusals read off the config.
 SUITE_TYPES = ("gemma3", "qwen3_vl", "florence2", "fast_vlm")
 ALL_TYPES = list(registry.model_types())
 TYPES = ALL_TYPES if FULL else [t for t in SUITE_TYPES if t in ALL_TYPES]

@@ -96,3 +96,16 @@ def test_a_split_decoder_serves_other_lengths_and_text_only_prompts():
             else:
                 assert (masked[:, -1] - cut[:, -1]).abs().max() < 1e-5
     assert report.pruned_calls == 2 and not report.unpruned_images and not report.fallbacks
+
+
+def test_a_layer_the_split_decoder_does_not_have_is_told():
+    """K past the last layer: the walk passes every layer without pruning, and the graph that runs
+    on the prompt next says so (strict: raises), naming the layers walked and K."""
+    from era_compile.backend import EraCompileError
+
+    torch.manual_seed(0)
+    model = SplitToy().eval()
+    split, _ = _compiled(model, ERAConfig(layer=5, keep_tokens=3, compiler="eager", strict=True))
+    with torch.no_grad(), pytest.raises(EraCompileError, match=r"after 3 layers of its decoder, which is split into "
+                                                               r"per-layer graphs, and none was layer 5"):
+        split(*prompt(visual=8))
