@@ -80,7 +80,7 @@ def classify(gm: fx.GraphModule, carried: Optional[Any] = None, example_inputs=(
     if carried is not None:
         return GraphKind.CARRIED
     merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or is_unfolded_assignment(n)]
-    merges += list(where_merges(gm, example_inputs))
+    merges += list(where_merges(gm, example_inputs)) + list(scatter_merges(gm, example_inputs))
     if merges:
         after = reachable_from(merges)
         decoder = any(is_attention(n) or layer_module_path(n) is not None for n in after)
@@ -110,11 +110,7 @@ def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict
     candidates = [n for n in gm.graph.nodes if _selects_sequence_rows(n)]
     if not candidates:
         return {}
-    data = _data_inputs(gm, example_inputs)
-    text = _text_embeddings(gm, example_inputs, image_values(gm, example_inputs))
-    from_text = reachable_from(text, through_sizes=False) | set(text)
-    float_data = [n for n in data if tensor_meta(n).is_floating_point() and n not in text]
-    from_data = reachable_from(float_data, through_sizes=False) | set(float_data)
+    from_text, from_data = _reach_of_text_and_data(gm, example_inputs)
     found: Dict[fx.Node, bool] = {}
     for node in candidates:
         _, selected, other = node.args
@@ -122,6 +118,51 @@ def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict
             if embeds in from_text and features not in from_text and features in from_data:
                 found[node] = inverted
     return found
+
+
+def scatter_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict[fx.Node, tuple]:
+    """The ``embeds.scatter(1, index, features)`` calls that write image features [B, T, D] at the
+    positions ``index`` [B, T, D] into the text's embeddings [B, N, D]; each with its (embeds, index,
+    features). As for ``where``: the written-into tensor comes from the text's embeddings, the
+    features do not but from data."""
+    candidates = {n: args for n in gm.graph.nodes if (args := scatter_arguments(n)) is not None}
+    if not candidates:
+        return {}
+    from_text, from_data = _reach_of_text_and_data(gm, example_inputs)
+    return {node: (embeds, index, features) for node, (embeds, index, features) in candidates.items()
+            if embeds in from_text and features not in from_text and features in from_data}
+
+
+def scatter_arguments(node: fx.Node):
+    """(self, index, src) of a ``scatter`` along dim 1 that writes [B, T, D] rows of a float src
+    into a float [B, N, D] tensor (method, ``torch.scatter`` or ``aten.scatter.src``; no reduction),
+    else None."""
+    if not ((node.op == "call_method" and node.target == "scatter")
+            or (node.op == "call_function" and node.target in (torch.scatter, torch.ops.aten.scatter.src))):
+        return None
+    names = ("self", "dim", "index", "src")
+    bound = dict(zip(names, node.args), **node.kwargs)
+    if set(bound) != set(names) or not all(isinstance(bound[k], fx.Node) for k in ("self", "index", "src")):
+        return None
+    embeds, index, src = (tensor_meta(bound[k]) for k in ("self", "index", "src"))
+    out = tensor_meta(node)
+    if out is None or embeds is None or index is None or src is None or bound["dim"] not in (1, -2):
+        return None
+    if not (out.dim() == embeds.dim() == index.dim() == src.dim() == 3 and out.is_floating_point()
+            and src.is_floating_point() and not index.is_floating_point() and same_shape(embeds, out.shape)
+            and same_shape(index, src.shape) and same_size(src.shape[2], out.shape[2])):
+        return None
+    return bound["self"], bound["index"], bound["src"]
+
+
+def _reach_of_text_and_data(gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    """What the text's embeddings reach (them included), and what the float data inputs that are
+    not the text reach (an image, features handed in)."""
+    data = _data_inputs(gm, example_inputs)
+    text = _text_embeddings(gm, example_inputs, image_values(gm, example_inputs))
+    from_text = reachable_from(text, through_sizes=False) | set(text)
+    float_data = [n for n in data if tensor_meta(n).is_floating_point() and n not in text]
+    return from_text, reachable_from(float_data, through_sizes=False) | set(float_data)
 
 
 def _selects_sequence_rows(node: fx.Node) -> bool:

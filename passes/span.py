@@ -3,7 +3,9 @@
 Hugging Face VLMs splice the projected image features into the text embeddings with
 ``inputs_embeds.masked_scatter(mask, features)`` (``normalize`` folds the other spellings,
 index assignment included), the mask being ``input_ids == <image id>`` (computed here or in an
-earlier graph). This pass finds that merge and inserts a ``[B, N]`` visual mask. How many
+earlier graph). Two other merges are found by pattern (``kinds``): ``torch.where(is_image,
+features[slot], embeds)``, whose condition is the mask, and ``embeds.scatter(1, positions,
+features)``, whose index gives it. This pass finds that merge and inserts a ``[B, N]`` visual mask. How many
 visual tokens each sample holds is data, never a size of the graph: the pruning ops count them
 on every call (one graph serves every image size and every ragged batch); this pass records
 the example's total for the report only.
@@ -28,12 +30,14 @@ input (a ``VisualMaskInput`` the runtime supplies)::
 from __future__ import annotations
 
 import math
+import operator
+
 import torch
 import torch.fx as fx
 
 from .fx_utils import hint, hints, is_masked_scatter, placeholders, tensor_meta
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
-from .kinds import is_unfolded_assignment, where_merges
+from .kinds import is_unfolded_assignment, scatter_merges, where_merges
 from .records import VisualMaskInput, VisualSpan, WalkInput
 from .rewrite import append_input, insert_call
 
@@ -46,8 +50,8 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.step is not None:  # a decoder layer's own graph: the runtime's walk holds the merge's mask
         return _span_from_carried_mask(gm, ctx.step.hidden_input, ctx.step.visual_mask, WalkInput,
                                        field="visual_mask")
-    selects = where_merges(gm, ctx.example_inputs)
-    merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or n in selects]
+    selects, scatters = where_merges(gm, ctx.example_inputs), scatter_merges(gm, ctx.example_inputs)
+    merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or n in selects or n in scatters]
     if not merges and any(is_unfolded_assignment(n) for n in gm.graph.nodes):
         raise PassError("image features are merged by a masked assignment (embeds[mask] = features), not "
                         "masked_scatter, into a graph input (a write the caller sees): this merge form is not "
@@ -58,6 +62,8 @@ def find_visual_span(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     merge = merges[0]
     if merge in selects:
         return _span_of_where(gm, merge, inverted=selects[merge])
+    if merge in scatters:
+        return _span_of_scatter(gm, merge, *scatters[merge][:2])
     embeds, mask, features = (tensor_meta(a) for a in merge.args[:3])
     if embeds is None or mask is None or features is None or embeds.dim() != 3:
         raise PassError("masked_scatter merge without [B, N, D] embeddings, a mask and features")
@@ -92,6 +98,23 @@ def _span_of_where(gm: fx.GraphModule, merge: fx.Node, inverted: bool) -> PassRe
     span = VisualSpan(merge, visual_mask, batch, seq_len, visual_tokens=None)
     return PassResult(record=span, changed=True, counts={"visual_tokens": "counted per call", "seq_len": hint(seq_len),
                                                          "merge": "where"})
+
+
+def _span_of_scatter(gm: fx.GraphModule, merge: fx.Node, embeds: fx.Node, index: fx.Node) -> PassResult:
+    """``embeds.scatter(1, index, features)``: the visual positions are the index's rows (one position
+    per feature row, repeated along D), True in a [B, N] mask. Made from the embeddings written into,
+    not the merge: at K = 0 what reads the merge runs after the selection that reads the mask."""
+    batch, seq_len, _ = tensor_meta(merge).shape
+    graph, every = gm.graph, slice(None)
+    with graph.inserting_before(merge.next):  # [B, N] False, then True at each sample's T positions
+        positions = insert_call(graph, operator.getitem, (index, (every, every, 0)), stem="visual_positions")
+        channel = insert_call(graph, operator.getitem, (embeds, (every, every, 0)), stem="first_channel")
+        none = insert_call(graph, torch.zeros_like, (channel,), {"dtype": torch.bool}, stem="no_visual")
+        visual_mask = insert_call(graph, torch.ops.aten.scatter.value, (none, 1, positions, True), stem="visual_mask")
+    total = math.prod(hints(tensor_meta(index).shape[:2]))
+    span = VisualSpan(merge, visual_mask, batch, seq_len, total)
+    return PassResult(record=span, changed=True, counts={"visual_tokens": total, "seq_len": hint(seq_len),
+                                                         "merge": "scatter"})
 
 
 def _span_from_carried_mask(gm: fx.GraphModule, input_index: int, mask: torch.Tensor, added_type,

@@ -7,9 +7,10 @@ import pytest
 import torch
 from toys import IMAGE, PassRecorder, ToyVLM, capture, prompt
 
-from era_compile import ERAConfig
+from era_compile import ERAConfig, make_era_backend
 from era_compile.passes.fx_utils import tensor_meta
 from era_compile.passes.graph_pass import PassError
+from era_compile.passes.kinds import scatter_merges
 from era_compile.passes.manager import prepare, run_passes
 from era_compile.passes.records import CarriedVisual, VisualMaskInput, VisualSpan
 
@@ -79,3 +80,41 @@ def test_features_added_again_after_a_layer_are_a_second_merge_refused():
 
     with pytest.raises(PassError, match="found 2 image merges"):
         PassRecorder(deepstack, ids, features, until="span")
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_scatter_merge_prunes_as_the_masked_scatter_of_the_same_rows(layer):
+    """``embeds.scatter(1, positions, features)`` (positions in any order): its visual mask comes
+    from the index (not from the merge, which layer 0's selection must not wait for), and the
+    pruned toy equals the same toy merging by ``masked_scatter``, batch of 2 included."""
+    torch.manual_seed(0)
+    model = ToyVLM(merge="scatter").eval()
+    ids, features = prompt(batch=2, visual=8)
+    config = ERAConfig(layer=layer, keep_tokens=3, compiler="eager", strict=True)
+    outputs = {}
+    for merge in ("scatter", "method"):
+        model.merge = merge
+        torch._dynamo.reset()
+        backend = make_era_backend(config)
+        with torch.no_grad():
+            outputs[merge] = torch.compile(model, backend=backend)(ids, features)[0]
+        (site,) = backend.report.pruning
+        assert (site.visual_tokens, site.kept) == (8, 3)
+    assert outputs["scatter"].shape[1] == ids.shape[1] - 8 + 3
+    assert (outputs["scatter"] - outputs["method"]).abs().max() < 1e-5
+    rec = PassRecorder(ToyVLM(merge="scatter").eval(), ids, features, config=config, until="span")
+    assert rec.pass_result("span").counts["merge"] == "scatter" and rec.record(VisualSpan).visual_tokens == 16
+
+
+def test_a_scatter_of_the_texts_own_rows_is_no_merge():
+    """A scatter along the sequence of values the text computed itself (a decoder's own shuffle) is
+    not an image merge."""
+    embed = ToyVLM().embed
+
+    def shuffle(ids):
+        embeds = embed(ids)
+        index = torch.arange(ids.shape[1]).flip(0)[None, :, None].expand(1, -1, embeds.shape[-1])
+        return embeds.scatter(1, index, embeds * 2),
+
+    gm, example_inputs = capture(shuffle, torch.randint(1, IMAGE, (1, 6)))
+    assert not scatter_merges(prepare(gm, ERAConfig(), 0, example_inputs).gm, example_inputs)

@@ -108,6 +108,11 @@ class ToyVLM(nn.Module):
             elif self.merge == "setitem":
                 embeds = embeds.clone()
                 embeds[image] = features
+            elif self.merge == "scatter":  # each feature row written at its position, last image first
+                B, D = embeds.shape[0], embeds.shape[-1]
+                rows = features.view(B, -1, D)
+                positions = torch.argsort((~image).to(torch.int8), dim=1, stable=True)[:, :rows.shape[1]]
+                embeds = embeds.scatter(1, positions.flip(1)[..., None].expand(-1, -1, D), rows.flip(1))
             else:
                 raise ValueError(self.merge)
         offset = past[0][0].shape[-2] if past is not None else 0
