@@ -5,10 +5,10 @@ Hugging Face VLMs splice the projected image features into the text embeddings w
 index assignment included), the mask being ``input_ids == <image id>`` (computed here or in an
 earlier graph). Two other merges are found by pattern (``kinds``): ``torch.where(is_image,
 features[slot], embeds)``, whose condition is the mask, and ``embeds.scatter(1, positions,
-features)``, whose index gives it. This pass finds that merge and inserts a ``[B, N]`` visual mask. How many
-visual tokens each sample holds is data, never a size of the graph: the pruning ops count them
-on every call (one graph serves every image size and every ragged batch); this pass records
-the example's total for the report only.
+features)``, whose index gives it. This pass finds that merge and inserts a ``[B, N]`` visual
+mask. How many visual tokens each sample holds is data, never a size of the graph: the pruning
+ops count them on every call (one graph serves every image size and every ragged batch); this
+pass records the example's total for the report only.
 
 Before::
 
