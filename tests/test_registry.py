@@ -126,8 +126,11 @@ def check_supported(model, inputs) -> dict:
     # with sliding-window layers is checked keeping every token, against the plain model, which still
     # runs the pruned layers' windowed CompactKV caches.
     text = model.config.get_text_config()
-    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ()) or (
-        isinstance(getattr(text, "sliding_window", None), int) and getattr(text, "use_sliding_window", True))
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:  # what each layer is, when the config says (a sliding_window beside all-full layers is unused)
+        sliding = any("sliding" in kind for kind in layer_types)
+    else:
+        sliding = isinstance(getattr(text, "sliding_window", None), int) and getattr(text, "use_sliding_window", True)
     generate = (ERAConfig(layer=2, keep_ratio=1.0, recycle=False, rectify=False, compiler="eager", strict=True)
                 if sliding else ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True))
     greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
