@@ -52,6 +52,7 @@ from .rewrite import append_input, getitem, insert_call, replace_with_biased_att
 
 @graph_pass("saliency", requires=(DecoderLayers,), provides=SaliencyOutputs)
 def hand_on_saliency(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Layer K - 1: its attention's queries and keys leave as trailing outputs."""
     (layer,) = ctx.get(DecoderLayers).layers
     args = attention_args(layer.attention)
     outputs = SaliencyOutputs(args["query"], args["key"])
@@ -62,6 +63,7 @@ def hand_on_saliency(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 @graph_pass("mask_prune", requires=(VisualSpan, DecoderLayers), provides=PruneSite)
 def prune_by_masking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Layer K: select and recycle at its input, then go on over all N positions (``era::unprune``)."""
     span, (layer,) = ctx.get(VisualSpan), ctx.get(DecoderLayers).layers
     graph, step, K = gm.graph, ctx.step, ctx.config.layer
     cut = layer.hidden_in
