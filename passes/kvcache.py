@@ -57,14 +57,14 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     layers: List[CachedLayer] = []
     partly_cached: List[int] = []  # layers caching part of what they attend to, not a window
     in_place = sorted({layer_index(n) for n in gm.graph.nodes if _writes_in_place(n)} - {None})
-    own_graph = is_layer_forward(gm)
+    unnumbered_decode = ctx.kind is GraphKind.DECODE and is_layer_forward(gm)  # asked once, of decode graphs only
     for node in gm.graph.nodes:
         if not is_attention(node):
             continue
         index = layer_index(node)
         if index is None and ctx.step is not None:  # a decoder layer's own graph: the runtime numbers it
             index = ctx.step.layer
-        elif index is None and ctx.kind is GraphKind.DECODE and own_graph:  # its decode step: no number known
+        elif index is None and unnumbered_decode:  # a split decoder's decode step: no number known
             index = UNNUMBERED
         if index is None or index in in_place:
             continue  # not a decoder attention (e.g. the vision tower), or over a static cache
