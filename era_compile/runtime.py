@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from era_compile.compact_kv import compact
-from era_compile.ops.prune import key_bias_over_positions, without_lar
+from era_compile.ops.prune import without_lar
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, Handoff, HandoffOutputs, KVCache,
                                         LayerStep, PrefillOutputs, PruneSite, SaliencyOutputs, VisualMaskInput, WalkInput)
@@ -211,7 +211,7 @@ class Runtime:
         if isinstance(added, BudgetInput):
             return self.budget
         if isinstance(added, WalkInput):
-            value = getattr(self.walk, added.field) if self.walk is not None and not self.walk.over else None
+            value = getattr(self.walk, added.field) if self.walk is not None else None
             if value is None:
                 raise RuntimeError(f"era_compile runtime: no {added.field} on this prompt's way through its layers")
             return value
@@ -241,7 +241,7 @@ class Runtime:
             length = published.key_visible.shape[-1]  # N: the visibility row spans the original positions
             self._compact_caches(outputs, plan, published.keep_index, bias, length)
             if plan.masked:  # layer K of a split decoder: the later layers mask what it pruned
-                self._pruned_on_the_walk(published, bias, length, plan.rectify)
+                self._pruned_on_the_walk(published, bias)
             else:
                 self._mark_pruned_lengths(outputs, plan)
             self.report.record_prefill(plan.graph, plan.layer, published.samples.tolist(),
@@ -253,7 +253,7 @@ class Runtime:
             if plan.encodes_images:
                 self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs]
                                     + [x for x in outputs if isinstance(x, Tensor)])
-            walking = plan.layer_forward and self.walk is not None and not self.walk.over
+            walking = plan.layer_forward and self.walk is not None
             if self.pending is not None and not walking and (plan.runs_decoder or self._runs_on_the_prompt(plan, args)):
                 self._not_pruned(self.pending, plan)
         return tuple(outputs)
@@ -398,7 +398,7 @@ class Runtime:
         hidden states of the walking prompt's [B, N]; (None, None) for the unpruned variant. Asked
         twice for one call (when its graph is compiled, then run), it answers the same."""
         walk = self.walk
-        walking = walk is not None and not walk.over
+        walking = walk is not None  # an ended walk is no longer the runtime's
         again = next((i for i in receivers if walking and walk.last_input() is args[i]), None)
         # layer 0 receives the merged embeddings; or, changed outside a graph by an op that kept their
         # [B, N, D] (Granite's embedding multiplier), hidden states of their shape
@@ -439,11 +439,10 @@ class Runtime:
         index = next((i for i in receivers if tuple(args[i].shape[:2]) == tuple(handoff.mask.shape)), None)
         return None if index is None else (index, handoff)
 
-    def _pruned_on_the_walk(self, published: PrefillOutputs, bias: Tensor, length: int, rectify: bool) -> None:
+    def _pruned_on_the_walk(self, published: PrefillOutputs, bias: Tensor) -> None:
         walk = self.walk
         walk.queries = walk.keys = None
-        walk.keep_index, walk.log_bias = published.keep_index, bias
-        walk.key_bias = key_bias_over_positions(published.keep_index, published.log_bias, length, rectify)
+        walk.keep_index, walk.log_bias, walk.key_bias = published.keep_index, bias, published.key_bias
 
     def _end_walk(self, walk: LayerWalk) -> None:
         if not walk.over and not walk.pruned and self.pending is not None:

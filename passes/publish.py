@@ -9,6 +9,8 @@ After::
 
     return (..., keys_2, values_2, ..., era_keep_index, era_log_bias, era_last_query_mask, era_samples)
 
+A split decoder's layer K (``masked``) returns its key bias [B, N] last, what its later layers add.
+
 ``key_visible`` [B, N] says which of the original positions the last query may see (False: a
 padding key); without a mask every one. Its length is the original N, the logical length the
 runtime gives the pruned layers' caches (``era_compile.compact_kv``). ``samples`` [B, 2] is
@@ -44,6 +46,6 @@ def publish_pruning(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if dtype != torch.bool:  # an additive float mask: blocked keys are very negative
                 key_visible = insert_call(graph, torch.gt, (key_visible, torch.finfo(dtype).min / 2),
                                           stem="last_query_visible")
-    published = PrefillOutputs(site.keep_index, site.log_bias, key_visible, site.samples)
+    published = PrefillOutputs(site.keep_index, site.log_bias, key_visible, site.samples, site.key_bias)
     output.args = (tuple(output.args[0]) + published.values(),)
     return PassResult(record=published, changed=True, counts={"extra_outputs": len(published.values())})

@@ -115,6 +115,7 @@ class PrefillOutputs(TrailingOutputs[V]):
     log_bias: V                     # float32 [B, n'] LAR bias per kept key (0 off the anchors)
     key_visible: V                  # bool [B, N]: which original positions the last query may see
     samples: V                      # int64 [B, 2]: each sample's visual tokens T_b and kept ones k_b
+    key_bias: Optional[V] = None    # float32 [B, N], a split decoder's (``masked``): its later layers' bias
 
 
 @dataclass(frozen=True)

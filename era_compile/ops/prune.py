@@ -160,18 +160,6 @@ def _(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm):
             hidden.new_empty((B, 2), dtype=torch.int64))
 
 
-def key_bias_over_positions(keep_index: Tensor, log_bias: Tensor, length: int, rectify: bool = True) -> Tensor:
-    """float32 [B, N]: each kept token's LAR bias at its original position (0 with ``rectify``
-    off) and ``BLOCKED`` at every pruned one: what a decoder split into per-layer graphs adds to
-    the logits of each layer from K on, so that no query sees a pruned key (``passes/masked.py``).
-    A left-padding slot of a ragged batch (``BLOCKED`` bias) holds no token and writes nothing."""
-    slots = log_bias > BLOCKED
-    rows = torch.arange(keep_index.shape[0], device=keep_index.device).unsqueeze(1).expand_as(keep_index)
-    out = torch.full((keep_index.shape[0], length), BLOCKED, dtype=torch.float32, device=keep_index.device)
-    out[rows[slots], keep_index[slots]] = (log_bias if rectify else without_lar(log_bias))[slots]
-    return out
-
-
 def without_lar(log_bias: Tensor) -> Tensor:
     """The kept keys' bias with LAR off: 0 at every kept token, still ``BLOCKED`` at a left-padding
     slot of a ragged batch (it holds no token)."""
@@ -183,12 +171,18 @@ def unprune(hidden: Tensor, keep_index: Tensor, hidden_kept: Tensor, log_bias: T
             rectify: bool) -> Tuple[Tensor, Tensor]:
     """``era::recycle``'s kept states written back over the whole sequence [B, N, D] (the anchors
     carry what they recycled; a pruned token keeps its state, and no key of it is seen again), and
-    the key bias [B, N] that hides the pruned tokens (``key_bias_over_positions``)."""
+    the key bias float32 [B, N] that a decoder split into per-layer graphs adds in each layer from
+    K on (``passes/masked.py``): each kept token's LAR bias at its position (0 with ``rectify``
+    off), ``BLOCKED`` at every pruned one. A left-padding slot of a ragged batch (``BLOCKED``
+    bias) holds no token and writes nothing."""
     slots = log_bias > BLOCKED
-    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(keep_index)
+    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(keep_index)[slots]
+    positions = keep_index[slots]
     full = hidden.clone()
-    full[rows[slots], keep_index[slots]] = hidden_kept[slots]
-    return full, key_bias_over_positions(keep_index, log_bias, hidden.shape[1], rectify)
+    full[rows, positions] = hidden_kept[slots]
+    key_bias = torch.full(hidden.shape[:2], BLOCKED, dtype=torch.float32, device=hidden.device)
+    key_bias[rows, positions] = (log_bias if rectify else without_lar(log_bias))[slots]
+    return full, key_bias
 
 
 @unprune.register_fake
