@@ -54,7 +54,7 @@ def generate_matches_reference(model, inputs, config: ERAConfig, *, max_new_toke
 
 # ---------------------------------------------------------------------------- support matrix
 # When this session ran the whole matrix (tests/test_architectures.py::test_support_matrix),
-# the README's table must be what scripts/support_matrix.py renders from these outcomes.
+# the table in docs/support.md must be what scripts/support_matrix.py renders from these outcomes.
 
 def _support_matrix_module():
     path = Path(__file__).resolve().parent.parent / "scripts" / "support_matrix.py"
@@ -65,7 +65,7 @@ def _support_matrix_module():
 
 
 def pytest_configure(config):
-    if os.environ.get("ERA_SUPPORT_MATRIX_WRITING"):  # the script is rewriting the README
+    if os.environ.get("ERA_SUPPORT_MATRIX_WRITING"):  # the script is rewriting docs/support.md
         return
     module = _support_matrix_module()
     config._era_matrix = (module, module.MatrixCollector())
@@ -76,9 +76,9 @@ def pytest_sessionfinish(session, exitstatus):
     module, collector = getattr(session.config, "_era_matrix", (None, None))
     if collector is None or not collector.complete():
         return
-    if module.readme_table() != module.render(collector.cells):
+    if module.doc_table() != module.render(collector.cells):
         session.config.get_terminal_writer().line(
-            "\nREADME.md's support matrix differs from this run's outcomes: run "
+            "\nThe support matrix in docs/support.md differs from this run's outcomes: run "
             "`.venv/bin/python scripts/support_matrix.py --write`", red=True)
         session.exitstatus = 1
 

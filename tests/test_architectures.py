@@ -18,7 +18,7 @@ ARCHITECTURES = list(zoo.architectures())
 SPLIT_FORWARD = {"qwen2-vl", "qwen2.5-vl"}  # a plain forward merges in one graph, decodes in the next
 
 
-# The support matrix: scripts/support_matrix.py runs these and writes the README's table from
+# The support matrix: scripts/support_matrix.py runs these and writes the table in docs/support.md from
 # their outcomes. A column is a mode; "batch 2" runs both forward and generate on two samples.
 MATRIX_MODES = ["forward", "generate", "batch 2"]
 

@@ -12,9 +12,9 @@ For each type (``era_compile.registry``) this builds a tiny model and decides it
 
 Anything else fails the test: a crash, a silently unpruned image prompt, a mismatch.
 
-The default suite runs ``SUITE_TYPES``, one per pattern, and checks their README rows;
+The default suite runs ``SUITE_TYPES``, one per pattern, and checks their rows in docs/support.md;
 ``scripts/registry_matrix.py`` runs every type (``ERA_REGISTRY_MATRIX=1``) and writes the
-README's matrix. Each run writes its statuses to ``$ERA_REGISTRY_OUT/<type>.json`` when set.
+matrix there. Each run writes its statuses to ``$ERA_REGISTRY_OUT/<type>.json`` when set.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from era_compile.reference import EagerReference
 
 TOL = 1e-4
 ORACLE_TOL = 1e-5
-README = Path(__file__).resolve().parent.parent / "README.md"
+SUPPORT_DOC = Path(__file__).resolve().parent.parent / "docs" / "support.md"
 FULL = os.environ.get("ERA_REGISTRY_MATRIX") == "1"
 # What the suite can afford of the matrix: Gemma 3 (vmap-ed bidirectional image masks, sliding-window
 # caches), Qwen3-VL (DeepStack: a decoder split into per-layer graphs, pruned by masking), and two
@@ -245,9 +245,10 @@ def test_model_type(model_type):
     _record(model_type, result)
     assert result["status"] in ("supported", "refused", "untested")
     if not FULL and os.environ.get("ERA_REGISTRY_WRITING") != "1":
-        rows = readme_statuses()
+        rows = matrix_statuses()
         assert rows.get(model_type) == result["status"], (
-            f"README's registry matrix says {rows.get(model_type)!r} for {model_type}, this run {result}: "
+            f"docs/support.md's registry matrix says {rows.get(model_type)!r} for {model_type}, "
+            f"this run {result}: "
             "rerun scripts/registry_matrix.py --write")
 
 
@@ -266,9 +267,9 @@ def _record(model_type: str, result: dict) -> None:
         (Path(folder) / f"{model_type}.json").write_text(json.dumps({"model_type": model_type, **result}))
 
 
-def readme_statuses() -> dict:
-    """model type -> status, from the README's registry matrix."""
-    text = README.read_text()
+def matrix_statuses() -> dict:
+    """model type -> status, from the registry matrix in docs/support.md."""
+    text = SUPPORT_DOC.read_text()
     block = text.split("<!-- registry-matrix:begin -->", 1)[-1].split("<!-- registry-matrix:end -->", 1)[0]
     rows = {}
     for line in block.splitlines():
@@ -278,9 +279,10 @@ def readme_statuses() -> dict:
     return rows
 
 
-def test_readme_matrix_lists_every_registered_type():
+def test_registry_matrix_lists_every_registered_type():
     """A new transformers release that registers a model type must show up as a row, not a gap."""
     if os.environ.get("ERA_REGISTRY_WRITING") == "1":
         pytest.skip("the matrix is being written")
-    missing = [t for t in ALL_TYPES if t not in readme_statuses()]
-    assert not missing, f"README's registry matrix has no row for {missing}: rerun scripts/registry_matrix.py --write"
+    missing = [t for t in ALL_TYPES if t not in matrix_statuses()]
+    assert not missing, (f"docs/support.md's registry matrix has no row for {missing}: "
+                         "rerun scripts/registry_matrix.py --write")
