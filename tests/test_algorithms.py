@@ -469,3 +469,42 @@ def test_entropyprune_pools_heads_wider_than_128_channels(d):
     assert torch.allclose(got, by_hand(pooled), atol=1e-12, rtol=0)
     if d > 128:  # the pooling matters: unpooled scores rank the tokens otherwise
         assert not torch.equal(got.argsort(-1), by_hand(q).argsort(-1))
+
+
+# --------------------------------------------------------------------------- budget rule (section 2.2, project)
+# k = max(1, min(T, round(ratio * T))) with Python's round (halves to even), or max(1, min(keep_tokens, T));
+# no visual token, nothing kept. The expected counts are written out by hand, not computed by the rule.
+
+@pytest.mark.parametrize("T, ratio, k", [
+    (36, 0.3, 11),     # 10.8: to the nearest, up (rounding down would give 10)
+    (36, 0.11, 4),     # 3.96: up (down: 3)
+    (36, 0.2, 7),      # 7.2: down
+    (36, 0.125, 4),    # 4.5 exactly: a half goes to the even neighbour, down
+    (36, 0.375, 14),   # 13.5 exactly: a half goes to the even neighbour, up (floor: 13)
+    (8, 0.3125, 2),    # 2.5 exactly: even, down (half-up would give 3)
+    (36, 0.01, 1),     # 0.36 rounds to 0: the floor keeps one
+    (576, 1e-6, 1),    # 0.000576: the floor keeps one
+    (36, 1.0, 36),
+])
+def test_kept_count_of_a_ratio_rounds_to_nearest_even_and_keeps_at_least_one(T, ratio, k):
+    from era_compile import ERAConfig
+    from era_compile.algorithms import kept_count
+
+    assert kept_count(T, keep_ratio=ratio) == k
+    assert ERAConfig(keep_ratio=ratio).kept(T) == k
+
+
+@pytest.mark.parametrize("T, tokens, k", [(36, 50, 36), (36, 37, 36), (36, 36, 36), (36, 8, 8), (36, 1, 1),
+                                          (5, 1000, 5)])
+def test_kept_count_of_keep_tokens_is_capped_at_the_visual_tokens(T, tokens, k):
+    from era_compile import ERAConfig
+    from era_compile.algorithms import kept_count
+
+    assert kept_count(T, keep_tokens=tokens) == k
+    assert ERAConfig(keep_tokens=tokens).kept(T) == k
+
+
+def test_kept_count_of_a_sample_without_visual_tokens_is_zero():
+    from era_compile.algorithms import kept_count
+
+    assert kept_count(0, keep_ratio=0.3) == 0 and kept_count(0, keep_tokens=5) == 0

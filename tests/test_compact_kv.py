@@ -151,3 +151,43 @@ def test_a_sliding_window_slice_keeps_the_last_positions_of_the_original_sequenc
     in_window[..., 6:] = True
     torch.testing.assert_close(out, _dense_attention(q, dense, dense_v, keep, bias, in_window))
     assert k[:, :, -20:, :].shape[2] == N and torch.equal(k[:, :, -20:, :].positions, keep)  # window not full yet
+
+
+def _end_aligned_causal(q_len, length, own=True):
+    """bool [q_len, length]: query i sits at original position length - q_len + i and sees every key
+    at a position <= its own (``own=False``: strictly before it)."""
+    query_positions = torch.arange(length - q_len, length)[:, None]
+    keys = torch.arange(length)[None, :]
+    return keys <= query_positions if own else keys < query_positions
+
+
+@pytest.mark.parametrize("appended, q_len", [(0, 3), (0, 1), (1, 1), (1, 4)])
+def test_is_causal_without_a_mask_lets_each_query_see_the_key_at_its_own_position(appended, q_len):
+    """``is_causal=True`` and no mask over CompactKV keys equals plain SDPA over the uncompressed keys
+    with a float mask built here: the LAR bias at the kept keys, -inf at the dropped ones, and an
+    end-aligned causal mask in original positions (the queries are the last ``q_len`` positions; a
+    query sees the key at its own position). The queries sit on kept keys (10, 11) or on a generated
+    one (12), so a mask that hides a query's own key gives another answer (checked too)."""
+    dense_k, keep, bias, k = _cache(0)
+    dense_v, _, _, v = _cache(1)
+    g = torch.Generator().manual_seed(3)
+    if appended:
+        new_k, new_v = torch.randn(B, H, appended, D, generator=g), torch.randn(B, H, appended, D, generator=g)
+        k, v = torch.cat([k, new_k], dim=-2), torch.cat([v, new_v], dim=-2)
+        dense_k, dense_v = torch.cat([dense_k, new_k], 2), torch.cat([dense_v, new_v], 2)
+    length = N + appended
+    q = torch.randn(B, H, q_len, D, generator=g)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    key_bias = torch.full((B, length), float("-inf"))
+    key_bias[:, N:] = 0.0  # generated keys: bias 0
+    key_bias.scatter_(1, keep, bias)
+    causal = _end_aligned_causal(q_len, length)
+    mask = key_bias[:, None, None, :].masked_fill(~causal[None, None], float("-inf"))
+    expected = F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=mask)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+    strictly_before = key_bias[:, None, None, :].masked_fill(~_end_aligned_causal(q_len, length, own=False)[None, None],
+                                                             float("-inf"))
+    hidden_self = F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=strictly_before)
+    assert (hidden_self - expected).abs().max() > 1e-3  # the check has teeth: one's own key matters

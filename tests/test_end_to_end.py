@@ -171,3 +171,30 @@ def test_kernel_that_cannot_take_the_models_mask_is_refused_with_the_reason():
     model, inputs = build("llava")  # with attention_mask: SDPA gets a bool mask
     with pytest.raises(Exception, match="kernel='sdpa_flash' takes no attention mask"):
         compiled_forward(model, inputs, ERAConfig(layer=1, attention="sdpa_flash", compiler="eager", strict=True))
+
+
+
+def test_the_report_keeps_the_budget_rules_count_of_36_visual_tokens():
+    """The compiled tiny LLaVA (36 visual tokens) keeps what the budget rule says (ALGORITHMS.md
+    2.2; counts written by hand): keep_ratio=0.3 (the config's), 0.3 * 36 = 10.8 rounds to 11;
+    0.01 * 36 = 0.36 keeps the floor's one; keep_tokens=50 keeps all 36, and then the model is the
+    plain one (k = T, no bias: section 9, identity pruning). One compile: the budget is an input."""
+    from era_compile import make_era_backend
+
+    model, inputs = build("llava")
+    T, N = zoo.num_visual_tokens(model), inputs["input_ids"].shape[1]
+    assert T == 36
+    config = ERAConfig(layer=1, keep_ratio=0.3, compiler="eager", strict=True)
+    backend = make_era_backend(config)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        lengths = [compiled(**inputs).logits.shape[1]]
+        for budget in (dict(keep_ratio=0.01), dict(keep_tokens=50)):
+            with backend.budget(**budget):
+                out = compiled(**inputs)
+            lengths.append(out.logits.shape[1])
+    sites = backend.report.pruning
+    assert [(p.visual_tokens, p.kept, p.seq_len_after) for p in sites] == [(36, k, N - 36 + k) for k in (11, 1, 36)]
+    assert lengths == [N - 36 + k for k in (11, 1, 36)]
+    assert (out.logits - plain).abs().max().item() <= TOL  # keep_tokens=50: every token, no bias

@@ -4,6 +4,7 @@ a function of the inputs (no op reads global or context state). A new op without
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -105,3 +106,83 @@ def test_unprune_writes_the_kept_states_back_and_masks_the_pruned_keys(rectify):
         assert torch.equal(full[b, pruned], hidden[b, pruned]) and bool((key_bias[b, pruned] == BLOCKED).all())
         assert torch.equal(key_bias[b, positions], log_bias[b][real] if rectify else torch.zeros(len(positions)))
     assert bool((log_bias[0] > 0).any())  # the anchors carry a bias: the rectified case is no zero test
+
+
+def _known_confidence(inputs, k, options):
+    """A strategy whose picks and confidence are plain functions of the hidden states: anchors, the k
+    largest first features; confidence, the sigmoid of the second feature (every visual token)."""
+    from era_compile.algorithms import Selection, top_k_ascending
+
+    hidden = inputs.hidden
+    return Selection(anchors=top_k_ascending(hidden[..., 0], k), confidence=torch.sigmoid(hidden[..., 1]))
+
+
+def _select_with_known_confidence(keep_tokens=2, seed=0):
+    from era_compile.algorithms import register_strategy
+
+    register_strategy("test_known_confidence", _known_confidence, overwrite=True)
+    hidden, mask, q, k = _prefill(seed=seed)
+    anchor_mask, confidence = torch.ops.era.select(hidden, mask, q, k, None, True, 0.35,
+                                                   budget_tensor(None, keep_tokens), "test_known_confidence", OPTIONS)
+    return hidden, mask, anchor_mask, confidence
+
+
+def test_select_gives_the_strategys_confidence_at_every_visual_token_not_only_the_anchors():
+    """era::select's confidence [B, N] is the strategy's at every visual position (the pruned ones
+    too: BTR weighs the pruned tokens by it) and 1 at every text position."""
+    hidden, mask, anchor_mask, confidence = _select_with_known_confidence()
+    expected = torch.ones(2, 12)
+    expected[:, 3:9] = torch.sigmoid(hidden[:, 3:9, 1])  # the visual span of ``_prefill``: positions 3..8
+    assert torch.allclose(confidence, expected, atol=1e-7, rtol=0)
+    pruned = mask & ~anchor_mask
+    assert int(pruned.sum()) == 2 * 4 and bool((confidence[pruned] != 1).all())  # the pruned ones are no default
+
+
+def test_select_then_recycle_weighs_each_pruned_token_by_its_own_confidence():
+    """era::select + era::recycle equal BTR written out here (ALGORITHMS.md 5.3, wnorm=mean): a pruned
+    token u joins the anchor of highest cosine, w_u = s_u / mean_U s with s_u the strategy's
+    confidence of u, b_a = 1 + sum of w_u over the cluster, log_bias = log b_a at the anchor's slot,
+    and the anchor's state is the unweighted mean of its cluster; text is kept as it is."""
+    hidden, mask, anchor_mask, confidence = _select_with_known_confidence()
+    keep_index, hidden_kept, log_bias, samples = torch.ops.era.recycle(hidden, mask, anchor_mask, confidence,
+                                                                      True, "mean")
+    assert samples.tolist() == [[6, 2], [6, 2]]
+    for b in range(2):
+        visual = list(range(3, 9))
+        anchors = sorted(visual, key=lambda p: -hidden[b, p, 0].item())[:2]
+        anchors.sort()
+        pruned = [p for p in visual if p not in anchors]
+        s = {p: torch.sigmoid(hidden[b, p, 1]).item() for p in pruned}
+        mean_s = sum(s.values()) / len(s)
+        cluster = {a: [a] for a in anchors}
+        mass = {a: 1.0 for a in anchors}
+        for u in pruned:
+            cos = [torch.nn.functional.cosine_similarity(hidden[b, u], hidden[b, a], dim=0).item() for a in anchors]
+            a = anchors[max(range(len(anchors)), key=cos.__getitem__)]
+            cluster[a].append(u)
+            mass[a] += s[u] / mean_s
+        assert keep_index[b].tolist() == [0, 1, 2] + anchors + [9, 10, 11]
+        for slot, p in enumerate(keep_index[b].tolist()):
+            if p in anchors:
+                assert abs(log_bias[b, slot].item() - math.log(mass[p])) < 1e-5
+                assert torch.allclose(hidden_kept[b, slot], hidden[b, cluster[p]].mean(0), atol=1e-6)
+            else:
+                assert log_bias[b, slot].item() == 0.0 and torch.equal(hidden_kept[b, slot], hidden[b, p])
+        counts = [len(cluster[a]) for a in anchors]
+        # teeth: the confidence moves the bias away from the plain log count (all pruned tokens weighing 1)
+        assert max(abs(math.log(mass[a]) - math.log(c)) for a, c in zip(anchors, counts)) > 1e-2
+
+
+@pytest.mark.parametrize("budget, kept", [((0.3, None), 11), ((0.375, None), 14), ((0.01, None), 1),
+                                          ((None, 50), 36), ((None, 36), 36)])
+def test_select_keeps_the_budget_rules_count(budget, kept):
+    """era::select keeps k of T = 36 visual tokens as the rule says (ALGORITHMS.md 2.2): round to
+    nearest (halves to even), at least one, keep_tokens capped at T. Counts written by hand."""
+    B, N, T = 1, 40, 36
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[:, 2:2 + T] = True
+    hidden = torch.randn(B, N, 16, generator=g)
+    q, k = torch.randn(B, 4, N, 8, generator=g), torch.randn(B, 2, N, 8, generator=g)
+    anchor_mask, _ = torch.ops.era.select(hidden, mask, q, k, None, True, 0.35, budget_tensor(*budget), "era", OPTIONS)
+    assert int(anchor_mask.sum()) == kept and not bool((anchor_mask & ~mask).any())

@@ -109,3 +109,28 @@ def test_a_layer_the_split_decoder_does_not_have_is_told():
     with torch.no_grad(), pytest.raises(EraCompileError, match=r"after 3 layers of its decoder, which is split into "
                                                                r"per-layer graphs, and none was layer 5"):
         split(*prompt(visual=8))
+
+
+def test_a_split_decoder_without_rectify_equals_the_cut_without_rectify():
+    """``rectify=False``: the split decoder masks the pruned keys but adds no LAR bias, so it equals
+    the same decoder cut in one graph with rectify=False at every text position; the rectified split
+    decoder answers otherwise (the bias is not zero: a split decoder that always rectified would be
+    seen)."""
+    torch.manual_seed(0)
+    model = SplitToy().eval()
+    prefix, suffix = 3, 5
+    ids, features = prompt(prefix=prefix, visual=8, suffix=suffix)
+    config = ERAConfig(layer=1, keep_tokens=3, rectify=False, compiler="eager", strict=True)
+    torch._dynamo.reset()
+    backend = make_era_backend(config)
+    split, whole = torch.compile(model, backend=backend), torch.compile(model.whole, backend=make_era_backend(config))
+    with torch.no_grad():
+        masked, cut, plain = split(ids, features), whole(ids, features), model.whole(ids, features)
+    assert [(p.visual_tokens, p.kept) for p in backend.report.pruning] == [(8, 3)]
+    assert (masked[:, -1] - plain[:, -1]).abs().max() > 1e-3  # pruning changed the answer
+    for masked_rows, cut_rows in [(slice(0, prefix), slice(0, prefix)), (slice(-suffix, None), slice(-suffix, None))]:
+        assert (masked[:, masked_rows] - cut[:, cut_rows]).abs().max() < 1e-5
+    torch._dynamo.reset()
+    with torch.no_grad():
+        rectified = torch.compile(model, backend=make_era_backend(config.replace(rectify=True)))(ids, features)
+    assert (rectified[:, -suffix:] - masked[:, -suffix:]).abs().max() > 1e-3
