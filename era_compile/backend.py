@@ -4,22 +4,24 @@
     model.compile(backend=make_era_backend(ERAConfig(...)))  # any config
     model.compile(backend="era")                             # the registered name
 
-If a rewrite cannot be done, the rewritten graph does not compile, or it fails on its first
-run (``FirstRunFallback``), the backend never pretends: with ``strict=True`` it raises
-``EraCompileError``; otherwise it logs a warning, records the reason in the report, and compiles
-the graph unmodified. The same holds for a graph that encodes images and feeds them to decoder
-layers through a merge the passes do not know (``kinds.decoder_layers_fed``), and, at run time,
-for an image prompt that no graph pruned (``Runtime.check_pending_image``).
+Each compiled model (each ``torch.compile`` / ``model.compile`` call) gets its own
+``CompiledModel``: runtime state and report, so one backend serves several models in a process
+without mixing them. If a rewrite cannot be done, the rewritten graph does not compile, or it fails
+on its first run (``FirstRunFallback``), the backend never pretends: with ``strict=True`` it raises
+``EraCompileError``; otherwise it warns, records the reason in the report, and compiles the graph
+unmodified. The same holds for a graph that encodes images and feeds them to decoder layers through
+a merge the passes do not know (``kinds.decoder_layers_fed``), and, at run time, for an image prompt
+that no graph pruned (``Runtime``). The backend changes no Dynamo or Inductor setting
+(``era_compile.recompiles``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import warnings
-from pathlib import Path
+import weakref
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
@@ -27,6 +29,7 @@ import torch.fx as fx
 
 import era_compile.ops  # noqa: F401  (registers torch.ops.era.*)
 from era_compile.config import ERAConfig
+from era_compile.logs import GraphDump
 from era_compile.ops.prune import budget_tensor
 from era_compile.passes.fx_utils import data_dependent_dims
 from era_compile.passes.graph_pass import PassError
@@ -34,36 +37,66 @@ from era_compile.passes.kinds import (GraphKind, decoder_layers_fed, hidden_inpu
                                       is_layer_forward, runs_decoder_layers, token_id_inputs)
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
 from era_compile.passes.records import CarriedVisual, KVCache, LayerStep, PruneSite, RectifiedAttention
-from era_compile.report import Report, last_report, logger, set_last
+from era_compile.recompiles import RecompileLimitWatch
+from era_compile.report import Report, register_model, set_last
 from era_compile.runtime import EraCompileError, GraphPlan, Runtime, Variants, Watched, plan_for  # the error: exported here
+
+log = logging.getLogger(__name__)
 
 
 class EraBackend:
-    """A Dynamo backend bound to one ``ERAConfig``; its ``report`` covers every graph it compiled."""
+    """A Dynamo backend bound to one ``ERAConfig``. Every model compiled with it (every
+    ``torch.compile`` / ``model.compile`` call) gets its own ``CompiledModel``: its runtime state
+    (handed-on masks, pending images, a split decoder's walk) and its ``Report``.
+
+    Dynamo would otherwise reuse one model's compiled graphs for another model of the same class
+    (their ``torch.compile`` wrappers compare equal when their backends do), and those graphs carry
+    the first model's runtime: so an ``EraBackend`` never equals another backend, itself included,
+    and each compiled model compiles its own graphs."""
 
     def __init__(self, config: Optional[ERAConfig] = None):
         config = config if config is not None else ERAConfig()
         if not isinstance(config, ERAConfig):
             raise TypeError(f"make_era_backend expects an ERAConfig, got {type(config).__name__}")
-        self.report = Report(config=config.to_dict())
-        layer, note = config.resolve_layer()  # layer="auto": the profile's layer, or the default
-        if note:
-            self.report.notes.append(note)
-            logger.info(note)
+        self.requested = config.to_dict()
+        layer, self.layer_note = config.resolve_layer()  # layer="auto": the profile's layer, or the default
         self.config = config.replace(layer=layer, profile=None)
-        self.runtime = Runtime(self.report, budget_tensor(self.config.keep_ratio, self.config.keep_tokens),
-                               strict=self.config.strict)
+        self._budget = budget_tensor(self.config.keep_ratio, self.config.keep_tokens)
+        self._models: "weakref.WeakKeyDictionary[Any, CompiledModel]" = weakref.WeakKeyDictionary()
+        self._unnamed: Optional[CompiledModel] = None  # graphs compiled outside a Dynamo frame we can name
+        self._latest: Optional[Report] = None  # the report outlives its model: it is the user's to read
+        self._unclaimed = False  # ``report`` was read before any compile: the first model fills that one
         # Dynamo and the inner compiler's caches see a distinct backend per config.
         self.__name__ = f"era_{self.config.cache_key()}"
 
     def __repr__(self) -> str:
         return f"EraBackend({self.config!r})"
 
+    def __eq__(self, other: object) -> bool:
+        return False  # see the class docstring: no two compiled models share a graph
+
+    __hash__ = object.__hash__
+
+    @property
+    def report(self) -> Report:
+        """The report of the model this backend compiled a graph for most recently. Read before any
+        compile, it is the report the first model compiled with this backend will fill."""
+        if self._latest is None:
+            self._latest, self._unclaimed = self._new_report(), True
+        return self._latest
+
+    @property
+    def reports(self) -> List[Report]:
+        """Every living compiled model's report, in the order the models were first compiled."""
+        models = list(self._models.values()) + ([self._unnamed] if self._unnamed is not None else [])
+        return [m.report for m in sorted(models, key=lambda m: m.serial)]
+
     @contextlib.contextmanager
     def budget(self, *, keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None):
-        """Within the block, every pruned prefill keeps this budget instead of the config's (one of
-        ``keep_ratio``, ``keep_tokens``, checked as ``ERAConfig`` checks them). The budget is an input
-        of the compiled graphs, so a sweep over it compiles nothing new::
+        """Within the block, every pruned prefill of every model compiled with this backend keeps
+        this budget instead of the config's (one of ``keep_ratio``, ``keep_tokens``, checked as
+        ``ERAConfig`` checks them). The budget is an input of the compiled graphs, so a sweep over
+        it compiles nothing new::
 
             with backend.budget(keep_ratio=0.05):
                 model.generate(**inputs)
@@ -71,32 +104,100 @@ class EraBackend:
         if (keep_ratio is None) == (keep_tokens is None):
             raise ValueError("EraBackend.budget: give one of keep_ratio or keep_tokens")
         checked = self.config.replace(keep_ratio=keep_ratio, keep_tokens=keep_tokens)
-        before = self.runtime.budget
-        self.runtime.budget = budget_tensor(checked.keep_ratio, checked.keep_tokens)
+        before = self._budget
+        self._budget = budget_tensor(checked.keep_ratio, checked.keep_tokens)
         try:
             yield checked
         finally:
-            self.runtime.budget = before
+            self._budget = before
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        _raise_recompile_limit(self.report)
-        _watch_recompile_limit(self.config.strict)
+        model = self._model_being_compiled()
+        self._latest = model.report
+        set_last(model.report)
+        return model.compile_graph(gm, example_inputs)
+
+    def _model_being_compiled(self) -> "CompiledModel":
+        """The ``CompiledModel`` of the ``torch.compile`` call Dynamo is compiling a graph for: its
+        backend wrapper, one per call, names it (``OutputGraph.compiler_fn``). Outside a Dynamo frame
+        (the backend called by hand), one model per backend."""
+        frame = _dynamo_frame()
+        key = getattr(getattr(frame, "output", None), "compiler_fn", None)
+        if key is None:
+            if self._unnamed is None:
+                self._unnamed = CompiledModel(self)
+            return self._unnamed
+        model = self._models.get(key)
+        if model is None:
+            model = self._models[key] = CompiledModel(self)
+        if frame is not None:
+            model.traced(frame)
+        return model
+
+    def _report_for_a_new_model(self) -> Report:
+        if self._unclaimed:
+            self._unclaimed = False
+            return self._latest
+        return self._new_report()
+
+    def _new_report(self) -> Report:
+        report = Report(config=self.requested)
+        if self.layer_note:
+            report.notes.append(self.layer_note)
+        return report
+
+
+_serials = iter(range(1 << 62))
+
+
+class CompiledModel:
+    """What one compiled model owns: its runtime state, report and recompile-limit watch; and how
+    the backend compiles each graph Dynamo hands over for it.
+
+    It lives as long as its ``torch.compile`` call's wrapper does (the backend's only strong
+    reference is keyed by it), so with its model. What it compiles holds it weakly: Dynamo keeps
+    every compiled function in the traced module's globals, and the watch on Dynamo's logger must
+    go when the model does."""
+
+    def __init__(self, backend: EraBackend):
+        self.config = backend.config
+        self.serial = next(_serials)
+        self.report = backend._report_for_a_new_model()
+        if backend.layer_note:
+            log.info(backend.layer_note)
+        budget = weakref.ref(backend)
+        self.runtime = Runtime(self.report, lambda: budget()._budget, strict=self.config.strict)
+        self.recompiles = RecompileLimitWatch(self.runtime.recompile_limit_hit)
+
+    def traced(self, frame: Any) -> None:
+        """A Dynamo frame of this model: its function, for the recompile-limit watch; its ``self``,
+        for ``era_compile.report_of``."""
+        root = getattr(getattr(frame, "output", None), "root_tx", frame)
+        code = getattr(root, "f_code", None)
+        if code is not None:
+            self.recompiles.traced(code)
+        owner = getattr(root, "f_locals", {}).get("self")
+        if isinstance(owner, torch.nn.Module):
+            register_model(owner, self.report)
+
+    def compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         index = self.report.graphs
         self.report.graphs += 1
-        set_last(self.report)
-        _dump(gm, index, "before", self.config)
+        GraphDump(self.config.cache_key(), f"graph{index}").write(gm, "dynamo")
         example_inputs = list(example_inputs)
         start = time.perf_counter()
         try:
             prepared = prepare(gm, self.config, index, example_inputs)
             images = image_values(prepared.gm, example_inputs)
             watched = Watched(image_inputs=tuple(image_inputs(prepared.gm, images, example_inputs)),
-                              runs_decoder=runs_decoder_layers(prepared.gm, example_inputs, images),
+                              runs_decoder=runs_decoder_layers(prepared.gm, example_inputs),
                               hidden_inputs=tuple(hidden_inputs_into_layers(prepared.gm, example_inputs)),
                               token_inputs=tuple(token_id_inputs(prepared.gm, example_inputs)),
                               layer_forward=is_layer_forward(prepared.gm))
             unknown_merge = decoder_layers_fed(prepared.gm, images, example_inputs) \
                 if prepared.kind is GraphKind.TEXT else []
+        except _DYNAMO_CONTROL_FLOW:
+            raise
         except Exception as e:  # normalising or classifying failed: a bug of ours, never the user's model
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: internal error "
                                    f"{type(e).__name__}: {e}", e)
@@ -111,10 +212,13 @@ class EraBackend:
         if key_of is None:
             return self._compile(gm, prepared, example_inputs, watched=watched)
 
+        owner = weakref.ref(self)
+
         def build(args: List[Any], carried: Union[CarriedVisual, LayerStep, None]) -> Callable:
+            compiler = _alive(owner)
             if isinstance(carried, LayerStep):
-                return self._compile(gm, prepared, args, watched=watched, step=carried)
-            return self._compile(gm, prepared, args, carried, watched=watched)
+                return compiler._compile(gm, prepared, args, watched=watched, step=carried)
+            return compiler._compile(gm, prepared, args, carried, watched=watched)
 
         return Variants(self.runtime, index, key_of, build, example_inputs)
 
@@ -126,11 +230,12 @@ class EraBackend:
         receivers = _receivers(example_inputs) if prepared.kind.may_receive_embeddings else []
         if not receivers:
             return None
+        runtime, layer = self.runtime, self.config.layer
         if watched.layer_forward:
-            return lambda args: self.runtime.layer_step(args, receivers, self.config.layer)
+            return lambda args: runtime.layer_step(args, receivers, layer)
 
         def carried_key(args):
-            found = self.runtime.carried(args, receivers)
+            found = runtime.carried(args, receivers)
             if found is None:
                 return None, None
             index, handoff = found
@@ -161,6 +266,8 @@ class EraBackend:
             label, kind = f"graph{index}", prepared.kind
         try:
             result = run_passes(prepared, self.config, example_inputs, carried, dump_name=label, step=step)
+        except _DYNAMO_CONTROL_FLOW:
+            raise
         except PassError as e:
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e, kind=kind)
         except Exception as e:  # a bug of ours must not take the user's model down with it
@@ -176,9 +283,11 @@ class EraBackend:
                 self._skip(index, _unchanged_reason(result))
             return self.runtime.wrap(self._timed_inner(gm, example_inputs, entry), plan)
 
-        _dump(result.gm, index, "after", self.config)
+        GraphDump(self.config.cache_key(), label).write(result.gm, "compiled")
         try:
             compiled = self._timed_inner(result.gm, result.example_inputs, entry)
+        except _DYNAMO_CONTROL_FLOW:  # Dynamo retraces the frame (a float it must specialise): not a failure
+            raise
         except Exception as e:  # the inner compiler rejected the rewritten graph
             return self._fall_back(gm, example_inputs, index,
                                    f"the rewritten graph failed to compile ({type(e).__name__}: {e}); "
@@ -186,14 +295,16 @@ class EraBackend:
         self._account(result, index)
         context = torch._guards.TracingContext.try_get()  # Dynamo's, for a late compile of the original
 
+        owner = weakref.ref(self)
+
         def run_unpruned(error: Exception) -> Callable:
-            start = time.perf_counter()
+            compiler, start = _alive(owner), time.perf_counter()
             try:
-                return self._fall_back(gm, example_inputs, index, f"the rewritten graph failed on its first run "
-                                       f"({type(error).__name__}: {error}); pruning did not happen", error,
-                                       kind=kind, context=context)
+                return compiler._fall_back(gm, example_inputs, index, f"the rewritten graph failed on its first "
+                                           f"run ({type(error).__name__}: {error}); pruning did not happen", error,
+                                           kind=kind, context=context)
             finally:
-                self.report.compile_seconds += time.perf_counter() - start
+                compiler.report.compile_seconds += time.perf_counter() - start
 
         return FirstRunFallback(self.runtime.wrap(compiled, plan), run_unpruned)
 
@@ -204,7 +315,7 @@ class EraBackend:
         if result.kind is not GraphKind.DECODE or not layers:
             return False
         self.report.decode_rewrites += len(layers)
-        logger.info("graph %d: layers %s attend over pruned caches, which add the anchors' bias", index, layers)
+        log.info("graph %d: layers %s attend over pruned caches, which add the anchors' bias", index, layers)
         return True
 
     def _account(self, result: PipelineResult, index: int) -> None:
@@ -214,11 +325,11 @@ class EraBackend:
             self.report.kernel = rectified.kernel
         if result.kind is GraphKind.HANDOFF:
             self.report.handoffs += 1
-            logger.info("graph %d: merges visual tokens but runs no decoder layer: their mask is handed on with "
+            log.info("graph %d: merges visual tokens but runs no decoder layer: their mask is handed on with "
                         "the merged embeddings", index)
         elif result.kind in (GraphKind.LAYER_SALIENCY, GraphKind.LAYER_MASKED):
             self.report.attention_rewrites += len(rectified.calls) if rectified is not None else 0
-            logger.info("graph %d: a decoder layer's own graph, %s", index,
+            log.info("graph %d: a decoder layer's own graph, %s", index,
                         "hands its queries and keys to the next layer's selection"
                         if result.kind is GraphKind.LAYER_SALIENCY else "masks the pruned tokens out of its keys")
         else:
@@ -231,13 +342,13 @@ class EraBackend:
             site = result.record(PruneSite)
             rewrites = len(rectified.calls) if rectified is not None else 0
             self.report.attention_rewrites += rewrites
-            logger.info("graph %d: prunes at layer %d (every image size: the budget and the pruned length are the "
+            log.info("graph %d: prunes at layer %d (every image size: the budget and the pruned length are the "
                         "data's), %d attention calls rectified (%s)", index, site.layer, rewrites,
                         rectified.kernel if rectified is not None and rectified.kernel else "no bias")
 
     def _skip(self, index: int, reason: str) -> None:
         self.report.skipped.append(f"graph {index}: {reason}")
-        logger.info("graph %d: left unchanged: %s", index, reason)
+        log.info("graph %d: left unchanged: %s", index, reason)
 
     def _fall_back(self, gm, example_inputs, index: int, reason: str, error: Optional[Exception] = None, *,
                    kind: Optional[GraphKind] = None, context: Optional[torch._guards.TracingContext] = None
@@ -252,7 +363,6 @@ class EraBackend:
         self.report.skipped.append(f"graph {index}: {reason}")
         self.report.fallbacks.append(index)
         warnings.warn(f"era_compile, graph {index}: {reason}; running it unpruned", RuntimeWarning, stacklevel=3)
-        logger.warning("graph %d: %s; running it unpruned", index, reason)
         compiled = (self._inner(gm, example_inputs) if context is None
                     else self._compile_late(gm, example_inputs, context))
         if tells_of_image:  # this warning told of its images: the runtime does not tell them again
@@ -269,7 +379,7 @@ class EraBackend:
         with torch._guards.tracing(context):
             compiled = self._inner(gm, example_inputs)
         if shape_env is not None and len(shape_env.guards) > guards:
-            logger.warning("the unpruned graph's compile added shape guards Dynamo will not check: it runs eagerly")
+            log.warning("the unpruned graph's compile added shape guards Dynamo will not check: it runs eagerly")
             return gm.forward
         return compiled
 
@@ -329,54 +439,27 @@ def _unchanged_reason(result: PipelineResult) -> str:
     return result.stopped or next((r.skipped for _, r in result.results if r.skipped), "nothing to prune")
 
 
-# A generate() workload recompiles the one shared forward frame many times (prefill, the first
-# two decode steps, then each new prompt length or batch size). Past Dynamo's default limit
-# (8) the forward silently runs eagerly: a new prefill would go unpruned and no backend code
-# would run to notice. So the backend raises the limit when it is first used, and says so in
-# the report and the log.
-RECOMPILE_LIMIT = 64
+# Dynamo's own control flow, raised from inside a backend: never a failure of the rewrite (a
+# RestartAnalysis retraces the frame, e.g. with a float Dynamo tensorified and must now specialise).
+_DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis,)
 
 
-def _raise_recompile_limit(report: Report) -> None:
-    config = torch._dynamo.config
-    if config.recompile_limit < RECOMPILE_LIMIT:
-        note = f"torch._dynamo.config.recompile_limit raised from {config.recompile_limit} to {RECOMPILE_LIMIT}"
-        config.recompile_limit = RECOMPILE_LIMIT
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-        report.notes.append(note)
-        logger.info("%s (a generate() workload recompiles its forward often; past the limit Dynamo "
-                    "would run it eagerly, unpruned)", note)
+def _alive(owner: "weakref.ref[CompiledModel]") -> "CompiledModel":
+    compiler = owner()
+    if compiler is None:  # Dynamo matches a graph only to its own torch.compile call, which holds this
+        raise RuntimeError("era_compile: a graph of a compiled model that is gone was called")
+    return compiler
 
 
-class _RecompileLimitWatch(logging.Filter):
-    """Dynamo says it hit the recompile limit only in a log line, then runs that function eagerly
-    for good: every later prefill of it goes unpruned without any backend code running. This
-    turns the line into a RuntimeWarning and a note in the report of the backend last used."""
+def _dynamo_frame() -> Any:
+    """The instruction translator of the frame Dynamo is compiling now, or None (not inside Dynamo,
+    or a torch whose private layout differs: then one model per backend)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith("torch._dynamo hit config."):
-            function = record.args[2] if isinstance(record.args, tuple) and len(record.args) > 2 else "a function"
-            why = (f"Dynamo hit its recompile limit for {function}: its later calls run eagerly, unpruned "
-                   "(raise torch._dynamo.config.recompile_limit, or find what recompiles with "
-                   "TORCH_LOGS=recompiles)")
-            report = last_report()
-            if report is not None:
-                report.notes.append(why)
-            warnings.warn(f"era_compile: {why}", RuntimeWarning)
-            logger.warning(why)
-        return True
-
-
-_WATCH = _RecompileLimitWatch()
-
-
-def _watch_recompile_limit(strict: bool) -> None:
-    """Install the watch on Dynamo's logger once; a strict backend makes the limit an error."""
-    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
-    if _WATCH not in dynamo_log.filters:
-        dynamo_log.addFilter(_WATCH)
-    if strict and not torch._dynamo.config.fail_on_recompile_limit_hit:
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        return InstructionTranslator.current_tx()
+    except Exception:  # a private API: its absence costs only the per-model split
+        return None
 
 
 def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:
@@ -392,13 +475,3 @@ def _receivers(example_inputs: List[Any]) -> List[int]:
     return [i for i, x in enumerate(example_inputs)
             if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
             and x.dim() == 3 and x.is_floating_point()]
-
-
-def _dump(gm: fx.GraphModule, index: int, stage: str, config: ERAConfig) -> None:
-    folder = os.environ.get("ERA_COMPILE_DUMP")
-    if not folder:
-        return
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / f"{config.cache_key()}_graph{index}_{stage}.py").write_text(
-        gm.print_readable(print_output=False, include_stride=False, include_device=False))

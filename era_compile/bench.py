@@ -48,6 +48,7 @@ from era_compile.backend import make_era_backend
 from era_compile.compact_kv import cache_bytes, stored_bytes, stored_rows
 from era_compile.compat import output_cache
 from era_compile.config import ERAConfig
+from era_compile.recompiles import recompile_headroom
 from era_compile.reference import EagerReference
 
 
@@ -109,9 +110,10 @@ def interleaved_times(models: Dict[str, torch.nn.Module], inputs: dict, *, runs:
 # --------------------------------------------------------------------------- FLOPs, overhead, memory
 
 
-def _register_cpu_sdpa_flops() -> None:
+def register_cpu_sdpa_flops() -> None:
     """FlopCounterMode knows the CUDA SDPA kernels but not PyTorch's CPU flash kernel, which
-    then counts as 0: give it the same formula (QK^T and PV, 2 * 2 * B * Hq * Lq * Lk * d)."""
+    then counts as 0: give it the same formula (QK^T and PV, 2 * 2 * B * Hq * Lq * Lk * d). Done
+    when FLOPs are first counted; repeats change nothing."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -124,12 +126,10 @@ def _register_cpu_sdpa_flops() -> None:
         return 2 * b * h * lq * key_shape[2] * d + 2 * b * h * lq * key_shape[2] * value_shape[3]
 
 
-_register_cpu_sdpa_flops()
-
-
 def language_model_flops(model, inputs: dict, config: Optional[ERAConfig]) -> int:
     """Prefill FLOPs of the decoder stack and LM head (vision tower excluded), eager, with the
     pruning of ``config`` (None: unpruned)."""
+    register_cpu_sdpa_flops()
     counter = FlopCounterMode(display=False)
     run = model if config is None else EagerReference(model, config)
     with counter, torch.no_grad():
@@ -264,6 +264,12 @@ class Point:
 def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequence[Point], *, runs: int = 5,
               new_tokens: int = 8, base: Optional[ERAConfig] = None, progress=None) -> dict:
     """The bench record for a model factory (each call: the same weights) and one input."""
+    with recompile_headroom():  # three compiled models of one class, and their generate()s
+        return _run_bench(build, inputs, points, runs=runs, new_tokens=new_tokens, base=base, progress=progress)
+
+
+def _run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequence[Point], *, runs: int,
+               new_tokens: int, base: Optional[ERAConfig], progress) -> dict:
     base = base or ERAConfig()
     eager, compiled = build(), build()
     compiled.compile(backend=base.compiler)  # the same inner compiler as the pruned model

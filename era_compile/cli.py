@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile import ERAConfig, make_era_backend, recompile_headroom, zoo
 
 
 class _HeldBack(logging.Filter):
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
                "fidelity": _fidelity, "eval": _eval, "serve-bench": _serve_bench}[args.command]
     held = _HeldBack() if not os.environ.get("TORCH_LOGS") else contextlib.nullcontext()
     try:
-        with held:
+        with held, recompile_headroom():  # a command meets many prompt shapes in a process of its own
             return command(args)
     except ValueError as e:  # a bad option value or MODEL: say which, no traceback
         print(f"era-compile: {e}", file=sys.stderr)

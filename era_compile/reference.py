@@ -64,10 +64,15 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register("era_reference", _reference_attention)
-# Masks are built per attention implementation too: without this, HF would hand the
-# reference no mask at all and padding would be silently ignored.
-AttentionMaskInterface.register("era_reference", sdpa_mask)
+def register_reference_attention() -> None:
+    """Name the reference's attention to transformers (``attn_implementation="era_reference"``), and
+    its masks (built per attention implementation: without it, HF would hand the reference no mask
+    and padding would be silently ignored). Done when a reference is first made; repeats change
+    nothing."""
+    if AttentionInterface._global_mapping.get("era_reference") is not _reference_attention:
+        AttentionInterface.register("era_reference", _reference_attention)
+    if AttentionMaskInterface._global_mapping.get("era_reference") is not sdpa_mask:
+        AttentionMaskInterface.register("era_reference", sdpa_mask)
 
 
 def visual_token_ids(model) -> List[int]:
@@ -96,6 +101,7 @@ class EagerReference:
 
     def __init__(self, model: torch.nn.Module, config: ERAConfig, *, drop_decode_bias: bool = False,
                  attention_observer: Optional[Callable] = None):
+        register_reference_attention()
         self.model = model
         self.config = config.replace(layer=config.resolve_layer()[0], profile=None)  # layer="auto" resolved
         self.decoder = decoder_of(model)

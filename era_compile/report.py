@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-logger = logging.getLogger("era_compile")
+import torch
+
 SHOWN_LAYOUTS = 8  # pruning entries printed by str(); a serving stream brings many
 
 
@@ -138,7 +139,10 @@ class Report:
         return "\n".join(lines)
 
 
+# Which report ``last_report`` and ``report_of`` answer with (the modules weakly: a report outlives
+# its model only while someone holds it).
 _last: Optional[Report] = None
+_by_module: "weakref.WeakKeyDictionary[torch.nn.Module, Report]" = weakref.WeakKeyDictionary()
 
 
 def set_last(report: Report) -> None:
@@ -147,5 +151,24 @@ def set_last(report: Report) -> None:
 
 
 def last_report() -> Optional[Report]:
-    """The report of the backend that compiled most recently (None before any compile)."""
+    """The report of the compiled model that most recently compiled a graph or ran a pruned
+    prefill (None before any compile). With several compiled models in a process,
+    ``report_of(model)`` names the one you mean."""
     return _last
+
+
+def register_model(module: torch.nn.Module, report: Report) -> None:
+    """``module`` (a frame's ``self`` that Dynamo compiled a graph of) belongs to ``report``'s model."""
+    _by_module.setdefault(module, report)
+
+
+def report_of(model: torch.nn.Module) -> Optional[Report]:
+    """The report of the compiled model ``model`` is (or holds one of the modules of), or None if
+    no era backend has compiled a graph of it."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"report_of expects a torch.nn.Module, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) returns a wrapper around it
+    found = _by_module.get(model)
+    if found is None:
+        found = next((_by_module[m] for m in model.modules() if m in _by_module), None)
+    return found

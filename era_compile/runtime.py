@@ -34,6 +34,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ from era_compile.ops.prune import without_lar
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, Handoff, HandoffOutputs, KVCache,
                                         LayerStep, PrefillOutputs, PruneSite, SaliencyOutputs, VisualMaskInput, WalkInput)
-from era_compile.report import Report, logger
+from era_compile.report import Report, set_last
+
+log = logging.getLogger(__name__)
 
 
 class EraCompileError(RuntimeError):
@@ -188,12 +191,12 @@ def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
 
 
 class Runtime:
-    """Per-backend state; one instance per ``EraBackend``."""
+    """One compiled model's state (``backend.CompiledModel``): two models never share one."""
 
-    def __init__(self, report: Report, budget: Tensor, strict: bool = False):
+    def __init__(self, report: Report, budget: Callable[[], Tensor], strict: bool = False):
         self.handoffs = WeakIdKeyDictionary()  # merged embeddings -> HandedOnMask
         self.report = report
-        self.budget = budget  # what every pruned prefill keeps (``EraBackend.budget`` changes it)
+        self.budget = budget  # what every pruned prefill keeps now (``EraBackend.budget`` changes it)
         self.strict = strict
         self.pending: Optional[PendingImage] = None  # an image encoded since the last pruned prefill
         self.prompt_shape: Optional[Tuple[int, ...]] = None  # [B, N] of the token ids last embedded
@@ -209,7 +212,7 @@ class Runtime:
             handoff.claimed = True
             return handoff.mask
         if isinstance(added, BudgetInput):
-            return self.budget
+            return self.budget()
         if isinstance(added, WalkInput):
             value = getattr(self.walk, added.field) if self.walk is not None else None
             if value is None:
@@ -246,6 +249,7 @@ class Runtime:
                 self._mark_pruned_lengths(outputs, plan)
             self.report.record_prefill(plan.graph, plan.layer, published.samples.tolist(),
                                        published.key_visible.shape[-1], published.keep_index.shape[-1])
+            set_last(self.report)
             self.resolve_pending_image()
         elif plan.fell_back:
             self.resolve_pending_image()
@@ -261,11 +265,27 @@ class Runtime:
     # ------------------------------------------------------------------ images left unpruned
     # Recorded after a call returned (a call that raised leaves nothing pending); checked before one.
 
-    def check_pending_image(self, plan: GraphPlan) -> None:
+    def before_call(self, plan: GraphPlan) -> None:
         """Before a call: an image no decoder ran on is dropped by a decode step (its request failed
         before its prefill); the next image's encoding adds to it (Qwen's tower spans graphs)."""
-        if self.pending is not None and plan.decode_step:
+        if plan.watches_images and self.pending is not None and plan.decode_step:
             self._drop(self.pending)
+
+    def recompile_limit_hit(self, function: str) -> None:
+        """Dynamo gave up recompiling ``function``, one of this model's (``era_compile.recompiles``)."""
+        limit = torch._dynamo.config.recompile_limit
+        self.tell(f"Dynamo hit its recompile limit ({limit}) for {function}: it compiles that function no more, "
+                  "so a prompt that needs a new graph there runs eagerly, unpruned. Give Dynamo headroom while "
+                  "serving (`with era_compile.recompile_headroom(): ...`, or torch.compile(..., recompile_limit=64) "
+                  "on torch >= 2.13); TORCH_LOGS=recompiles says what recompiles", note=True)
+
+    def tell(self, why: str, note: bool = False) -> None:
+        """A verdict the user must hear, once: a ``RuntimeWarning`` (strict: an ``EraCompileError``),
+        and a line of the report (``unpruned_images``, or ``notes``)."""
+        (self.report.notes if note else self.report.unpruned_images).append(why)
+        if self.strict:
+            raise EraCompileError(f"era_compile: {why}")
+        warnings.warn(f"era_compile: {why}", RuntimeWarning, stacklevel=3)
 
     def _image_encoded(self, graph: int, anchors: List[Tensor]) -> None:
         pending = self.pending
@@ -309,7 +329,7 @@ class Runtime:
     def _drop(self, pending: PendingImage) -> None:
         """An image no decoder ran on: its request failed (or ended) before its prefill."""
         self._forget(pending)
-        logger.debug("graph(s) %s encoded an image that no decoder ran on: dropped", pending.graphs)
+        log.debug("graph(s) %s encoded an image that no decoder ran on: dropped", pending.graphs)
 
     def _forget(self, pending: PendingImage) -> None:
         pending.resolved = True
@@ -339,11 +359,7 @@ class Runtime:
             why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder} ran decoder layers on it, but no "
                    "graph pruned it: its visual tokens were not pruned (merged by a pattern the passes do not know, "
                    "or in code outside a graph)")
-        self.report.unpruned_images.append(why)
-        if self.strict:
-            raise EraCompileError(f"era_compile: {why}")
-        warnings.warn(f"era_compile: {why}", RuntimeWarning)
-        logger.warning(why)
+        self.tell(why)
 
     def _compact_caches(self, outputs: List, plan: GraphPlan, keep_index: Tensor, bias: Tensor, length: int) -> None:
         """The pruned layers' new keys and values [B, H, n', d] become CompactKV of the original
@@ -386,8 +402,7 @@ class Runtime:
                "but no compiled graph received the merged embeddings (changed outside a graph?): "
                "pruning did not happen")
         self.report.skipped.append(why)
-        warnings.warn(f"era_compile: {why}", RuntimeWarning)
-        logger.warning(why)
+        warnings.warn(f"era_compile: {why}", RuntimeWarning)  # at a tensor's death: never raised, even strict
 
     # ------------------------------------------------------------------ a decoder split per layer
 
@@ -470,8 +485,7 @@ class RuntimeWrapper:
         self.runtime, self.compiled, self.plan = runtime, compiled, plan
 
     def __call__(self, *args):
-        if self.plan.watches_images:
-            self.runtime.check_pending_image(self.plan)
+        self.runtime.before_call(self.plan)
         extra = [self.runtime.supply(a, args) for a in self.plan.added_inputs]
         return self.runtime.record(list(self.compiled(*args, *extra)), self.plan, args)
 

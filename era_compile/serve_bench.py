@@ -35,6 +35,7 @@ from era_compile.backend import inner_compile, make_era_backend
 from era_compile.bench import _sync, device_description
 from era_compile.compact_kv import cache_bytes
 from era_compile.compat import output_cache
+from era_compile.recompiles import recompile_headroom
 from era_compile.config import ERAConfig
 
 # Qwen-class grids (t, h, w) in patches; h * w / 4 visual tokens after the 2 x 2 merge
@@ -130,6 +131,14 @@ def run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, requests
                     progress: Optional[Callable[[], None]] = None) -> dict:
     """The serve-bench record (see the module docstring). ``build()`` gives the model, the same
     weights on every call."""
+    with recompile_headroom():  # a stream of prompt shapes through three compiled models of one class
+        return _run_serve_bench(name, build, requests=requests, max_batch=max_batch, new_tokens=new_tokens,
+                                seed=seed, config=config, progress=progress)
+
+
+def _run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, requests: int, max_batch: int,
+                     new_tokens: int, seed: int, config: Optional[ERAConfig],
+                     progress: Optional[Callable[[], None]]) -> dict:
     check_model(name)
     config = config or ERAConfig()
     models = {label: build() for label in MODELS}

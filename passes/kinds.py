@@ -33,19 +33,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_masked_scatter, is_weight, layer_module_path, placeholders,
-                       reachable_from, same_shape, same_size, sequence_source, tensor_meta)
+from .analysis import analysis_of, convolution_weight_rank
+from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_masked_scatter, is_weight,
+                       layer_module_path, same_shape, same_size, sequence_source, tensor_meta)
 
-# What a vision tower's patch embedding runs: a 2-D (images) or 3-D (video, Qwen's patches)
-# convolution. Not 1-D ones: audio encoders and some language models (short convolutions) run
-# those on what is no image.
-_CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution, torch._convolution,
-                 torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
-                 torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
 _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
-_EMBEDDING_LOOKUPS = {torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default}
 
 
 class GraphKind(enum.Enum):
@@ -82,7 +75,7 @@ def classify(gm: fx.GraphModule, carried: Optional[Any] = None, example_inputs=(
     merges = [n for n in gm.graph.nodes if is_masked_scatter(n) or is_unfolded_assignment(n)]
     merges += list(where_merges(gm, example_inputs)) + list(scatter_merges(gm, example_inputs))
     if merges:
-        after = reachable_from(merges)
+        after = analysis_of(gm, example_inputs).reach(merges)
         decoder = any(is_attention(n) or layer_module_path(n) is not None for n in after)
         return GraphKind.PREFILL if decoder else GraphKind.HANDOFF
     if attends_over_past_cache(gm, example_inputs):
@@ -107,17 +100,22 @@ def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict
     the text's embeddings, the other does not but from data (an image, features handed in): a
     ``where`` inside a decoder selects between two values of the text's own stream, and one
     against zeros or a constant row is no merge."""
-    candidates = [n for n in gm.graph.nodes if _selects_sequence_rows(n)]
-    if not candidates:
-        return {}
-    from_text, from_data = _reach_of_text_and_data(gm, example_inputs)
-    found: Dict[fx.Node, bool] = {}
-    for node in candidates:
-        _, selected, other = node.args
-        for features, embeds, inverted in ((selected, other, False), (other, selected, True)):
-            if embeds in from_text and features not in from_text and features in from_data:
-                found[node] = inverted
-    return found
+    analysis = analysis_of(gm, example_inputs)
+
+    def find() -> Dict[fx.Node, bool]:
+        candidates = [n for n in gm.graph.nodes if _selects_sequence_rows(n)]
+        if not candidates:
+            return {}
+        from_text, from_data = analysis.reach_of_text, analysis.reach_of_float_data
+        found: Dict[fx.Node, bool] = {}
+        for node in candidates:
+            _, selected, other = node.args
+            for features, embeds, inverted in ((selected, other, False), (other, selected, True)):
+                if embeds in from_text and features not in from_text and features in from_data:
+                    found[node] = inverted
+        return found
+
+    return analysis.memo("where_merges", find)
 
 
 def scatter_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict[fx.Node, tuple]:
@@ -125,12 +123,17 @@ def scatter_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Di
     positions ``index`` [B, T, D] into the text's embeddings [B, N, D]; each with its (embeds, index,
     features). As for ``where``: the written-into tensor comes from the text's embeddings, the
     features do not but from data."""
-    candidates = {n: args for n in gm.graph.nodes if (args := scatter_arguments(n)) is not None}
-    if not candidates:
-        return {}
-    from_text, from_data = _reach_of_text_and_data(gm, example_inputs)
-    return {node: (embeds, index, features) for node, (embeds, index, features) in candidates.items()
-            if embeds in from_text and features not in from_text and features in from_data}
+    analysis = analysis_of(gm, example_inputs)
+
+    def find() -> Dict[fx.Node, tuple]:
+        candidates = {n: args for n in gm.graph.nodes if (args := scatter_arguments(n)) is not None}
+        if not candidates:
+            return {}
+        from_text, from_data = analysis.reach_of_text, analysis.reach_of_float_data
+        return {node: (embeds, index, features) for node, (embeds, index, features) in candidates.items()
+                if embeds in from_text and features not in from_text and features in from_data}
+
+    return analysis.memo("scatter_merges", find)
 
 
 def scatter_arguments(node: fx.Node):
@@ -155,16 +158,6 @@ def scatter_arguments(node: fx.Node):
     return bound["self"], bound["index"], bound["src"]
 
 
-def _reach_of_text_and_data(gm: fx.GraphModule, example_inputs: Sequence[Any]):
-    """What the text's embeddings reach (them included), and what the float data inputs that are
-    not the text reach (an image, features handed in)."""
-    data = _data_inputs(gm, example_inputs)
-    text = _text_embeddings(gm, example_inputs, image_values(gm, example_inputs))
-    from_text = reachable_from(text, through_sizes=False) | set(text)
-    float_data = [n for n in data if tensor_meta(n).is_floating_point() and n not in text]
-    return from_text, reachable_from(float_data, through_sizes=False) | set(float_data)
-
-
 def _selects_sequence_rows(node: fx.Node) -> bool:
     """``torch.where(condition, a, b)`` (as ``normalize`` spells it) over float [B, N, D] branches
     of the result's own shape, the condition a bool [B, N, 1] (or [B, N, D]): rows of a sequence
@@ -185,7 +178,7 @@ def _selects_sequence_rows(node: fx.Node) -> bool:
 
 def attends_over_past_cache(gm: fx.GraphModule, example_inputs=()) -> bool:
     """Some attention's keys are, or are concatenated from, a non-weight 4-D graph input."""
-    inputs = placeholders(gm)
+    inputs = analysis_of(gm, example_inputs).placeholders
     examples = list(example_inputs) + [None] * (len(inputs) - len(example_inputs))
     cache_inputs = {n for n, x in zip(inputs, examples) if _is_cache_like(n) and not is_weight(n, x)}
     for node in gm.graph.nodes:
@@ -204,21 +197,16 @@ def _is_cache_like(node: fx.Node) -> bool:
 
 
 def image_values(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[fx.Node]:
-    """Where images enter a graph: inputs named like pixels, and 2-D/3-D convolutions of a graph
-    input (or of a value computed from one: a weight's own convolution is no image). Empty: the
-    graph encodes no image (a text-only prompt skips the vision tower, so none of this runs)."""
-    data = _data_inputs(gm, example_inputs)
-    from_data = reachable_from(data, through_sizes=False) | set(data)
-    pixels = [n for n in data if "pixel" in n.name]
-    convolutions = [n for n in gm.graph.nodes if _is_image_convolution(n) and _first_argument(n) in from_data]
-    return pixels + convolutions
+    """Where images enter a graph (``GraphAnalysis.image_values``): empty when it encodes none."""
+    return analysis_of(gm, example_inputs).image_values
 
 
 def image_inputs(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()) -> List[int]:
     """Positions of the graph inputs that ``images`` come from: what a call receives as its image."""
-    sources = _ancestors(images) | set(images)
-    data = set(_data_inputs(gm, example_inputs))
-    return [i for i, n in enumerate(placeholders(gm)) if n in sources and n in data]
+    analysis = analysis_of(gm, example_inputs)
+    sources = (analysis.image_sources if list(images) == analysis.image_values else _ancestors(images)) | set(images)
+    data = set(analysis.data_inputs)
+    return [i for i, n in enumerate(analysis.placeholders) if n in sources and n in data]
 
 
 def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()
@@ -226,10 +214,11 @@ def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_in
     """The indexed layers (``...layers.3``) whose attention both ``images`` and the text's
     embeddings reach: a language model's, run on a sequence the image was merged into. A vision
     tower's own layers see no text, so they are not named."""
-    text = _text_embeddings(gm, example_inputs, images)
+    analysis = analysis_of(gm, example_inputs)
+    text = analysis.text_embeddings
     if not images or not text:
         return []
-    both = reachable_from(images, through_sizes=False) & reachable_from(text, through_sizes=False)
+    both = analysis.reach(images, through_sizes=False) & analysis.reach_of_text
     paths: List[str] = []
     for node in gm.graph.nodes:
         path = layer_module_path(node) if is_attention(node) and node in both else None
@@ -238,14 +227,11 @@ def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_in
     return paths
 
 
-def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = (),
-                        images: Optional[Sequence[fx.Node]] = None) -> bool:
+def runs_decoder_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> bool:
     """Whether the text's embeddings reach an indexed layer: a language model runs here (a vision
-    tower's layers, split from its patch embedding, run on [P, D] patches, not on text).
-    ``images``: the graph's ``image_values``, where the caller has them."""
-    images = image_values(gm, example_inputs) if images is None else images
-    return any(layer_module_path(n) is not None
-               for n in reachable_from(_text_embeddings(gm, example_inputs, images), through_sizes=False))
+    tower's layers, split from its patch embedding, run on [P, D] patches, not on text)."""
+    analysis = analysis_of(gm, example_inputs)
+    return any(layer_module_path(n) is not None for n in analysis.reach(analysis.text_embeddings, through_sizes=False))
 
 
 def is_layer_forward(gm: fx.GraphModule) -> bool:
@@ -262,74 +248,28 @@ def hidden_inputs_into_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] 
     unpruned, one of the prompt's [B, N] (``token_id_inputs``) is the language model running on
     it: the runtime compares shapes per call, as a graph cannot know which request it serves (a
     vision tower's layers run on patches, of other shapes)."""
-    inputs = placeholders(gm)
-    data = set(_data_inputs(gm, example_inputs))
+    analysis = analysis_of(gm, example_inputs)
+    data = set(analysis.data_inputs)
     found = []
-    for i, node in enumerate(inputs):
+    for i, node in enumerate(analysis.placeholders):
         if node in data and (_is_float(node, rank=3) or _is_float(node, rank=4)) and any(
                 is_attention(n) or (n.op == "call_function" and n.target in _LINEAR)
-                for n in reachable_from([node], through_sizes=False)):
+                for n in analysis.reach([node], through_sizes=False)):
             found.append(i)
-    return found
-
-
-def _data_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> List[fx.Node]:
-    """The tensor placeholders bound to data, not to a parameter or buffer (nor a size)."""
-    inputs = placeholders(gm)
-    examples = list(example_inputs) + [None] * (len(inputs) - len(example_inputs))
-    return [n for n, x in zip(inputs, examples) if tensor_meta(n) is not None and not is_weight(n, x)]
-
-
-def _text_embeddings(gm: fx.GraphModule, example_inputs: Sequence[Any], images: Sequence[fx.Node]) -> List[fx.Node]:
-    """Token embeddings (a lookup of an integer graph input), and [B, N, D] float inputs (embeddings
-    computed before the graph) that an integer input of length N comes with (token ids, a mask,
-    positions), none of them where an image comes from: a vision tower's patches split across
-    graphs come with no token-length input but the image's own (SigLIP2's ``pixel_attention_mask``)."""
-    image_sources = _ancestors(images)
-    data = [n for n in _data_inputs(gm, example_inputs) if n not in image_sources and n not in images]
-    lengths = [tensor_meta(n).shape[-1] for n in data
-               if tensor_meta(n).dim() and not tensor_meta(n).is_floating_point()]
-    embedded = [n for n in data if _is_float(n, rank=3)
-                and any(statically_known_true(tensor_meta(n).shape[1] == length) for length in lengths)]
-    return embedded + [lookup for lookup, _ in _token_lookups(gm, data)]
-
-
-def _token_lookups(gm: fx.GraphModule, data: Sequence[fx.Node]) -> List[tuple]:
-    """(embedding lookup, the [B, N] token-id input it reads), for each lookup of ``data``'s token ids."""
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _EMBEDDING_LOOKUPS:
-            indices = [_through_one_input_ops(a) for a in node.args[:2] if _is_integer(a)]
-            found += [(node, i) for i in indices if i in data and _is_token_sequence(i)]
     return found
 
 
 def token_id_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[int]:
     """The positions of the [B, N] token-id inputs a graph embeds: the prompt's shape, per call."""
-    inputs = placeholders(gm)
-    read = {i for _, i in _token_lookups(gm, _data_inputs(gm, example_inputs))}
-    return [k for k, node in enumerate(inputs) if node in read]
-
-
-def _is_image_convolution(node: fx.Node) -> bool:
-    return _convolution_weight_rank(node) in (4, 5)  # [C_out, C_in, kH, kW(, kT)]
+    analysis = analysis_of(gm, example_inputs)
+    read = {i for _, i in analysis.token_lookups}
+    return [k for k, node in enumerate(analysis.placeholders) if node in read]
 
 
 def is_sequence_convolution(node: fx.Node) -> bool:
     """A 1-D convolution ([C_out, C_in, k] weight): inside a decoder layer it runs along the positions
     (a short convolution beside attention, as hybrid decoders have)."""
-    return _convolution_weight_rank(node) == 3
-
-
-def _convolution_weight_rank(node: fx.Node) -> Optional[int]:
-    if not (node.op == "call_function" and node.target in _CONVOLUTIONS):
-        return None
-    weight = tensor_meta(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))  # F.conv1d(x, weight=w)
-    return None if weight is None else weight.dim()
-
-
-def _first_argument(node: fx.Node) -> Any:
-    return node.args[0] if node.args else node.kwargs.get("input")
+    return convolution_weight_rank(node) == 3
 
 
 def _ancestors(nodes: Sequence[fx.Node]) -> set:
@@ -341,28 +281,6 @@ def _ancestors(nodes: Sequence[fx.Node]) -> set:
             seen.add(n)
             todo.extend(n.all_input_nodes)
     return seen
-
-
-def _through_one_input_ops(node: Any) -> Any:
-    """Back through calls with one tensor input (a cast, a clamp): the node that holds the values."""
-    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function"):
-        inputs = [a for a in node.all_input_nodes if tensor_meta(a) is not None]
-        if len(inputs) != 1:
-            break
-        node = inputs[0]
-    return node
-
-
-def _is_token_sequence(node: fx.Node) -> bool:
-    """[B, N] token ids, not a grid descriptor a vision tower embeds positions from (NaFlex's
-    ``spatial_shapes`` [B, 2], ``image_grid_thw`` [n, 3])."""
-    t = tensor_meta(node)
-    return t is not None and t.dim() == 2 and not statically_known_true(t.shape[-1] <= 3)
-
-
-def _is_integer(node: Any) -> bool:
-    t = tensor_meta(node)
-    return t is not None and not t.is_floating_point() and t.dtype is not torch.bool
 
 
 def _is_float(node: fx.Node, rank: int) -> bool:

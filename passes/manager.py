@@ -15,8 +15,9 @@ runs ``normalize`` on the copy and asks ``kinds.classify`` what it is. ``run_pas
   every node the pass inserted or re-wired, and what their new values reach); a rewrite whose
   shapes no longer check fails here with the pass named, not inside the inner compiler
   (``normalize`` only respells calls and copies their fake values: lint and recompile);
-* with ``ERA_COMPILE_DUMP=dir``: the graph before and after it, numbered
-  (``<config>_graph<i>/<step>_<pass>_{before,after}.py``).
+* an INFO line on this module's logger (what it counted, its time), and, when someone listens
+  (``era_compile.logs``: ``TORCH_LOGS="+era_compile"``, the ``era_graphs`` artifact, ``TORCH_TRACE``,
+  ``ERA_COMPILE_DUMP=dir``), the graph before and after it, numbered (``<step>_<pass>_{before,after}``).
 
 A pass that declares a record but returns none (it found nothing to do) ends the pipeline:
 what follows needs that record. Dead nodes go in a fixed tail (``dce``), after the last pass,
@@ -26,10 +27,9 @@ since a pass may insert a node only a later one uses.
 from __future__ import annotations
 
 import dataclasses
-import os
+import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +39,9 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv, compute_unbacked_bin
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from era_compile.config import ERAConfig
+from era_compile.logs import GraphDump
 
+from .analysis import forget
 from .attention import rectify_attention
 from .fx_utils import same_shape, same_size
 from .graph_pass import GraphPass, MissingRecord, PassContext, PassError, PassResult, frozen
@@ -85,6 +87,8 @@ def check_pipeline(passes: Sequence[GraphPass]) -> None:
 for _passes in PIPELINES.values():
     check_pipeline(_passes)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class PassTiming:
@@ -102,6 +106,7 @@ class Prepared:
     graph_index: int
     normalize: PassResult
     timing: PassTiming
+    classified: PassTiming = PassTiming("classify", 0.0, 0.0)
 
 
 @dataclass
@@ -149,9 +154,12 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
     work = copy_graph(gm)
     mark_side_effects(work)
     ctx = PassContext(config, GraphKind.TEXT, graph_index, tuple(example_inputs))
-    dumper = _Dumper(config, dump_name or f"graph{graph_index}")
-    result, timing = _run_one(normalize, work, ctx, example_inputs, dumper, 0)
-    return Prepared(work, classify(work, example_inputs=example_inputs), graph_index, result, timing)
+    dump = GraphDump(config.cache_key(), dump_name or f"graph{graph_index}")
+    result, timing = _run_one(normalize, work, ctx, example_inputs, dump, 0)
+    start = time.perf_counter()
+    kind = classify(work, example_inputs=example_inputs)  # its facts stay for the backend's questions
+    classified = PassTiming("classify", 1e3 * (time.perf_counter() - start), 0.0)
+    return Prepared(work, kind, graph_index, result, timing, classified)
 
 
 def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[Any],
@@ -165,16 +173,16 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
         kind = GraphKind.of_layer_step(step.role)
     else:
         kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
-    result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing],
+    result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing, prepared.classified],
                             example_inputs=list(example_inputs))
-    dumper = _Dumper(config, dump_name or f"graph{prepared.graph_index}")
+    dump = GraphDump(config.cache_key(), dump_name or f"graph{prepared.graph_index}")
     for number, p in enumerate(PIPELINES[kind], start=1):
         ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried,
                           frozen(result.records), step)
         missing = [t.__name__ for t in p.requires if t not in result.records]
         if missing:
             raise MissingRecord(f"pass {p.name!r} needs {missing}, which no earlier pass provided")
-        outcome, timing = _run_one(p, gm, ctx, result.example_inputs, dumper, number)
+        outcome, timing = _run_one(p, gm, ctx, result.example_inputs, dump, number)
         result.results.append((p.name, outcome))
         result.timings.append(timing)
         result.rewrote = result.rewrote or (outcome.changed and p.rewrites)
@@ -197,19 +205,20 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
     gm.recompile()
     result.timings.append(PassTiming("dce", 1e3 * (time.perf_counter() - start), 0.0))
     if result.changed:
-        dumper.write(gm, len(PIPELINES[kind]) + 1, "dce", "after")
+        dump.write(gm, f"{len(PIPELINES[kind]) + 1:02d}_dce_after")
     return result
 
 
 def _run_one(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, example_inputs: List[Any],
-             dumper: "_Dumper", step: int) -> Tuple[PassResult, PassTiming]:
+             dump: GraphDump, step: int) -> Tuple[PassResult, PassTiming]:
     before = {node: (node.args, node.kwargs) for node in gm.graph.nodes}
-    text_before = dumper.render(gm)
+    text_before = dump.render(gm)
     start = time.perf_counter()
     outcome = p(gm, ctx)
     ms = 1e3 * (time.perf_counter() - start)
     upkeep = 0.0
     if outcome.changed:
+        forget(gm)  # what was known of the graph before this pass
         touched = set()  # inserted, or given other arguments (FX stores new argument tuples)
         for node in gm.graph.nodes:
             if node not in before:
@@ -228,37 +237,12 @@ def _run_one(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, example_inputs:
                             f"{type(e).__name__}: {e}") from e
         upkeep = 1e3 * (time.perf_counter() - start)
         if text_before is not None:
-            dumper.write_text(text_before, step, p.name, "before")
-            dumper.write(gm, step, p.name, "after")
+            dump.write_text(text_before, f"{step:02d}_{p.name}_before")
+            dump.write(gm, f"{step:02d}_{p.name}_after")
+    log.info("%s: %s %.1f ms%s%s", dump.label, p.name, ms, f" (+{upkeep:.1f} ms checks)" if outcome.changed else "",
+             "".join(f", {k}={v}" for k, v in outcome.counts.items())
+             + (f"; skipped: {outcome.skipped}" if outcome.skipped else ""))
     return outcome, PassTiming(p.name, ms, upkeep)
-
-
-class _Dumper:
-    """Numbered before/after graphs of each pass that changed something, under ERA_COMPILE_DUMP."""
-
-    def __init__(self, config: ERAConfig, name: str):
-        folder = os.environ.get("ERA_COMPILE_DUMP")
-        self.folder = Path(folder) / f"{config.cache_key()}_{name}" if folder else None
-
-    def render(self, gm: fx.GraphModule) -> Optional[str]:
-        if self.folder is None:
-            return None
-        code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
-        inserted: Dict[str, List[str]] = {}
-        for node in gm.graph.nodes:
-            if "era_pass" in node.meta:
-                inserted.setdefault(node.meta["era_pass"], []).append(node.name)
-        header = "".join(f"# inserted by {p}: {', '.join(names)}\n" for p, names in inserted.items())
-        return header + code
-
-    def write(self, gm: fx.GraphModule, step: int, name: str, stage: str) -> None:
-        text = self.render(gm)
-        if text is not None:
-            self.write_text(text, step, name, stage)
-
-    def write_text(self, text: str, step: int, name: str, stage: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"{step:02d}_{name}_{stage}.py").write_text(text)
 
 
 def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:

@@ -19,7 +19,7 @@ def test_explain_prints_what_was_rewritten(capsys, tmp_path):
     assert "pruned at the input of layer 1: 36 -> 9 visual tokens" in out
     assert "layer  0: full sequence (48), SDPA unchanged" in out
     assert "layer  3: 21 tokens, era::biased_attention (sdpa)" in out
-    assert list(tmp_path.glob("*_after.py"))
+    assert list(tmp_path.glob("*/compiled.py"))
 
 
 def test_explain_gives_each_graphs_kind_and_pass_times(capsys):

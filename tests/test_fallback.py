@@ -175,14 +175,14 @@ TOWER, DECODER, DECODE = (GraphPlan(graph=1, image_inputs=(0,)), GraphPlan(graph
 
 
 def _call(runtime, plan, *args):
-    runtime.check_pending_image(plan)
+    runtime.before_call(plan)
     return runtime.record([torch.ones(1)], plan, args)
 
 
 def test_decoder_layers_on_an_unpruned_image_are_the_verdict():
     """The prompt's visual tokens went through decoder layers unpruned: no later graph can prune
     them. Told once: the decode steps that follow have nothing more to tell."""
-    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    runtime = Runtime(Report(config={}), lambda: torch.ones(()), strict=True)
     pixels = torch.randn(1, 3, 8, 8)
     _call(runtime, TOWER, pixels)
     with pytest.raises(EraCompileError, match=r"graph\(s\) 1 encoded an image prompt and graph 2 ran decoder layers"):
@@ -197,7 +197,7 @@ def test_decoder_layers_on_an_unpruned_image_are_the_verdict():
 def test_an_image_no_decoder_ran_on_is_dropped():
     """A request that failed between its vision tower and its prefill (HF's own check that image
     tokens and features agree): no decoder ran, so there is nothing to tell, then or later."""
-    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    runtime = Runtime(Report(config={}), lambda: torch.ones(()), strict=True)
     pixels = torch.randn(1, 3, 8, 8)
     _call(runtime, TOWER, pixels)  # and the request raised
     _call(runtime, TOWER, pixels)  # the next request: its tower, its prefill
@@ -222,7 +222,7 @@ def test_a_decoder_split_into_layers_on_the_unpruned_prompt_is_the_verdict():
     its own (no layer index in it, no token ids): hidden states of the prompt's [B, N] reaching
     a layer are the proof. The tower's pixels, copied outside the graphs, die before the decoder
     runs: the features the tower made keep the image waiting. A tower layer's patches do not match."""
-    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    runtime = Runtime(Report(config={}), lambda: torch.ones(()), strict=True)
     ids = torch.ones(1, 12, dtype=torch.long)
     _call(runtime, EMBED, ids)
     features = runtime.record([torch.ones(3, 5, 8)], TOWER, (torch.randn(3, 3, 8, 8),))  # its input dies here
@@ -250,7 +250,7 @@ def test_merged_embeddings_changed_outside_a_graph_are_told_at_the_decoder(decod
     mask, so the first layer on hidden states of its [B, N] tells (strict: raises), and the
     handed-on tensor's death does not tell again. (A layer's own graph on the shape of the handed-on
     mask takes the mask up instead: ``Runtime.layer_step``, which this plain call does not ask.)"""
-    runtime = Runtime(Report(config={}), torch.ones(()), strict=True)
+    runtime = Runtime(Report(config={}), lambda: torch.ones(()), strict=True)
     pixels = torch.randn(1, 3, 8, 8)
     _call(runtime, TOWER, pixels)
     merged = runtime.record([torch.randn(1, 12, 8), torch.zeros(1, 12, dtype=torch.bool)], MERGE, ())[0]

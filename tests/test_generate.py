@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build
 
-from era_compile import ERAConfig, make_era_backend
+from era_compile import ERAConfig, make_era_backend, recompile_headroom
 from era_compile.reference import EagerReference
 
 NEW_TOKENS = 16
@@ -166,7 +166,8 @@ def test_prompts_of_other_lengths_and_batch_sizes_stay_pruned(layer):
     expected = [EagerReference(model, config).generate(**p, **greedy) for p in prompts]
     backend = make_era_backend(config)
     model.compile(backend=backend)
-    with torch.no_grad():
+    limit = torch._dynamo.config.recompile_limit
+    with torch.no_grad(), recompile_headroom():  # a server's opt-in: four shapes' prefills and decodes
         for p, ref in zip(prompts, expected):
             out = model.generate(**p, **greedy)
             assert torch.equal(out.sequences, ref.sequences)
@@ -174,7 +175,7 @@ def test_prompts_of_other_lengths_and_batch_sizes_stay_pruned(layer):
     report = backend.report
     assert {p.seq_len_before for p in report.pruning} >= {48, 51}  # the static and a dynamic prefill
     assert not any("did not happen" in s for s in report.skipped)
-    assert torch._dynamo.config.recompile_limit >= 64
+    assert torch._dynamo.config.recompile_limit == limit  # the headroom was the block's alone
 
 
 def test_static_cache_is_refused_by_name_and_runs_unpruned():
@@ -222,3 +223,32 @@ def test_a_hand_called_decode_step_over_the_compact_cache():
     assert [stored_rows(layer.keys) for layer in cache.layers] == [N + 1] * 2 + [site.seq_len_after + 1] * 2
     assert backend.report.decode_rewrites == 2
     assert (out[:, -1] - expected[:, -1]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_rectify_false_generates_as_the_reference_without_lar_in_prefill_and_decode(layer):
+    """``rectify=False``: greedy generate() equals the eager reference run with rectify=False, token
+    for token and logit for logit, in the prefill and in every decode step over the pruned caches
+    (which hold the kept tokens and carry no LAR bias). The rectified reference decodes otherwise,
+    so a bias that reached the decode would be seen."""
+    from era_compile.compact_kv import CompactKV
+    from era_compile.compat import output_cache
+
+    model, inputs = build("llava")
+    config = ERAConfig(layer=layer, keep_ratio=0.25, rectify=False, compiler="eager", strict=True)
+    greedy = dict(GREEDY, max_new_tokens=4)
+    expected = EagerReference(model, config).generate(**inputs, **greedy)
+    rectified = EagerReference(model, config.replace(rectify=True)).generate(**inputs, **greedy)
+    out, report = _compiled_generate(model, inputs, config, **greedy)
+    assert torch.equal(out.sequences, expected.sequences)
+    decode = slice(1, None)  # logits[0] is the prefill's last position; the rest are decode steps
+    assert len(out.logits[decode]) == 3
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, expected.logits)) <= TOL
+    teeth = max((a - b).abs().max().item() for a, b in zip(rectified.logits[decode], expected.logits[decode]))
+    assert teeth > 10 * TOL, "the LAR bias should change the decode; the check would pass anyway"
+    N = inputs["input_ids"].shape[1]
+    site = report.pruning[0]
+    pruned_layers = output_cache(out).layers[layer:]
+    assert site.seq_len_after < N and all(isinstance(c.keys, CompactKV) for c in pruned_layers)
+    assert all(c.keys.stored_rows == site.seq_len_after + 3 for c in pruned_layers)  # kept + generated rows
+    assert all(bool((c.keys.bias == 0).all()) for c in pruned_layers)  # no bias reaches the decode
