@@ -86,6 +86,24 @@ def attention_args(node: fx.Node) -> Dict[str, Any]:
     return args
 
 
+def known_scalar(arg: Any) -> Any:
+    """An attention argument (scale, causality, dropout) as a Python value where the graph fixes it:
+    a literal, or a node whose fake value is a symbolic bool the shape environment decides without a
+    guard. Otherwise the node itself: a value of the graph (``dynamic=True`` makes the scale a
+    ``.item()`` of an input, and ``q_len > 1`` a SymBool), to be passed on as one."""
+    if not isinstance(arg, fx.Node):
+        return arg
+    value = fake_value(arg)
+    if isinstance(value, torch.SymBool):
+        if statically_known_true(value):
+            return True
+        if statically_known_true(torch.sym_not(value)):
+            return False
+    elif isinstance(value, (bool, int, float)):
+        return value
+    return arg
+
+
 # --------------------------------------------------------------------------- fake values
 
 def fake_value(node: Any) -> Any:

@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from era_compile.ops.attention import default_scale
 
-from .fx_utils import (ancestors_of, attention_args, hint, hints, is_weight, placeholders,
+from .fx_utils import (ancestors_of, attention_args, hint, hints, is_weight, known_scalar, placeholders,
                        reachable_from, same_size, tensor_meta)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import BudgetInput, DecoderLayers, PruneSite, VisualSpan
@@ -96,10 +96,13 @@ def insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, cut: f
     of layer 0's on the unpruned input; the mask, causality and scale of ``source``, that call's
     arguments), then era::recycle of ``cut``: keep_index, hidden_kept, log_bias, samples."""
     cfg = ctx.config
-    scale = source["scale"] if source["scale"] is not None else default_scale(tensor_meta(queries).shape[-1])
+    # a graph value (dynamic=True) goes in as one; a literal as the op's Python scalar
+    scale, causal = known_scalar(source["scale"]), known_scalar(source["is_causal"])
+    scale = default_scale(tensor_meta(queries).shape[-1]) if scale is None else scale
     sel = insert_call(graph, torch.ops.era.select.default, (), dict(
         hidden=cut, visual_mask=span.visual_mask, queries=queries, keys=keys, attn_mask=source["attn_mask"],
-        is_causal=bool(source["is_causal"]), scale=float(scale), budget=budget, strategy=cfg.strategy,
+        is_causal=causal if isinstance(causal, fx.Node) else bool(causal),
+        scale=scale if isinstance(scale, fx.Node) else float(scale), budget=budget, strategy=cfg.strategy,
         options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
     anchors, confidence = getitem(graph, sel, 0, "anchor_mask"), getitem(graph, sel, 1, "confidence")
     rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from era_compile.ops.attention import resolve_kernel
 
-from .fx_utils import BIASED_ATTENTION, attention_args, placeholders, tensor_meta
+from .fx_utils import BIASED_ATTENTION, attention_args, known_scalar, placeholders, tensor_meta
 from .graph_pass import PassError
 
 _KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
@@ -57,10 +57,18 @@ def replace_with_biased_attention(graph: fx.Graph, call: fx.Node, bias: fx.Node,
     """Swap an SDPA call for ``era::biased_attention`` with the same q, k, v, mask, causality and
     scale plus a per-key ``bias``; returns the new node (which keeps the call's module stack)."""
     args = attention_args(call)
-    if float(args.get("dropout_p") or 0.0) != 0.0:
+    dropout = known_scalar(args.get("dropout_p"))
+    if isinstance(dropout, fx.Node):
+        raise PassError(f"layer {layer}: the attention's dropout is a value of the graph, perhaps not 0 (training?): "
+                        "it cannot be rectified")
+    if float(dropout or 0.0) != 0.0:
         raise PassError(f"layer {layer}: attention with dropout (training?) cannot be rectified")
-    q, k, mask, causal = args["query"], args["key"], args["attn_mask"], bool(args["is_causal"])
-    kernel = resolve_kernel(kernel_name, tensor_meta(q), tensor_meta(k), tensor_meta(mask), causal)
+    q, k, mask, causal = args["query"], args["key"], args["attn_mask"], known_scalar(args["is_causal"])
+    if isinstance(causal, fx.Node):  # decided per call: a kernel that runs either way
+        kernel = _kernel_for_both(kernel_name, tensor_meta(q), tensor_meta(k), tensor_meta(mask))
+    else:
+        causal = bool(causal)
+        kernel = resolve_kernel(kernel_name, tensor_meta(q), tensor_meta(k), tensor_meta(mask), causal)
     with graph.inserting_before(call):
         biased = insert_call(graph, BIASED_ATTENTION, (),
                              dict(q=q, k=k, v=args["value"], bias=bias, attn_mask=mask, causal=causal,
@@ -70,3 +78,10 @@ def replace_with_biased_attention(graph: fx.Graph, call: fx.Node, bias: fx.Node,
     call.replace_all_uses_with(biased)
     graph.erase_node(call)
     return biased
+
+
+def _kernel_for_both(kernel_name: str, q, k, mask) -> str:
+    """The kernel for a call whose causality is a graph value: the one ``kernel_name`` resolves to
+    when it runs both causal and not (an explicit kernel that cannot is refused by the op itself)."""
+    either = {resolve_kernel(kernel_name, q, k, mask, causal) for causal in (False, True)}
+    return either.pop() if len(either) == 1 else "sdpa"
