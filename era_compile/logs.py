@@ -2,12 +2,12 @@
 
 * **Logs.** Every module logs under its own name (``logging.getLogger(__name__)``), all below
   ``era_compile``, which is registered with ``torch._logging``: ``TORCH_LOGS="+era_compile"``
-  (or ``torch._logging.set_logs(era_compile=logging.DEBUG)``) shows everything, ``"era_compile"``
+  (or ``torch._logging.set_logs(modules={"era_compile": logging.DEBUG})``) shows everything, ``"era_compile"``
   the INFO lines (what each pass counted, and its time), a module name one module.
 * **Graphs.** ``GraphDump`` is the one writer of graph dumps: the graph as Dynamo handed it over,
   before and after each pass that changed it (numbered), and what the inner compiler received.
   Each goes to the ``era_graphs`` artifact (at DEBUG: ``TORCH_LOGS="+era_compile"``, or
-  ``torch._logging.set_logs(era_graphs=True)`` alone), to ``trace_structured`` (``TORCH_TRACE``:
+  ``torch._logging.set_logs(modules={"era_graphs": True})`` alone), to ``trace_structured`` (``TORCH_TRACE``:
   tlparse lists each under the Dynamo frame it came from) and, with ``ERA_COMPILE_DUMP=<dir>``, to
   numbered files. Nothing is rendered when nobody listens.
 

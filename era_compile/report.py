@@ -158,8 +158,9 @@ def last_report() -> Optional[Report]:
 
 
 def register_model(module: torch.nn.Module, report: Report) -> None:
-    """``module`` (a frame's ``self`` that Dynamo compiled a graph of) belongs to ``report``'s model."""
-    _by_module.setdefault(module, report)
+    """``module`` (a frame's ``self`` that Dynamo compiled a graph of) belongs to ``report``'s model
+    (the latest compile of it wins: a model compiled again reports afresh)."""
+    _by_module[module] = report
 
 
 def report_of(model: torch.nn.Module) -> Optional[Report]:

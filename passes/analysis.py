@@ -46,13 +46,14 @@ class GraphAnalysis:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
         self.gm, self.graph = gm, gm.graph
-        self.example_inputs = tuple(example_inputs)
+        # what the facts read of the inputs, not the inputs: a kept example would keep a call's
+        # tensors (a variant compiled on its first call's arguments) alive with the graph
+        self.inputs = _describe(example_inputs)
         self._reach: Dict[Tuple[FrozenSet[fx.Node], bool], FrozenSet[fx.Node]] = {}
         self._memo: Dict[str, Any] = {}
 
     def describes(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
-        return gm.graph is self.graph and len(example_inputs) == len(self.example_inputs) and all(
-            a is b for a, b in zip(example_inputs, self.example_inputs))
+        return gm.graph is self.graph and _describe(example_inputs) == self.inputs
 
     def memo(self, name: str, compute: Callable[[], Any]) -> Any:
         """A fact another module defines (a pattern of ``kinds``), computed once like the rest."""
@@ -75,8 +76,9 @@ class GraphAnalysis:
     def data_inputs(self) -> List[fx.Node]:
         """The tensor placeholders bound to data, not to a parameter or buffer (nor a size)."""
         inputs = self.placeholders
-        examples = list(self.example_inputs) + [None] * (len(inputs) - len(self.example_inputs))
-        return [n for n, x in zip(inputs, examples) if tensor_meta(n) is not None and not is_weight(n, x)]
+        parameters = list(self.inputs) + [(0, False)] * (len(inputs) - len(self.inputs))
+        return [n for n, (_, parameter) in zip(inputs, parameters)
+                if tensor_meta(n) is not None and not parameter and not is_weight(n, None)]
 
     @functools.cached_property
     def image_values(self) -> List[fx.Node]:
@@ -140,6 +142,11 @@ class GraphAnalysis:
         text = set(self.text_embeddings)
         floats = [n for n in self.data_inputs if tensor_meta(n).is_floating_point() and n not in text]
         return self.reach(floats, through_sizes=False) | frozenset(floats)
+
+
+def _describe(example_inputs: Sequence[Any]) -> Tuple[Tuple[int, bool], ...]:
+    """Per example input its identity and whether it is a parameter (all ``is_weight`` reads of it)."""
+    return tuple((id(x), isinstance(x, torch.nn.Parameter)) for x in example_inputs)
 
 
 def convolution_weight_rank(node: fx.Node):

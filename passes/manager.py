@@ -159,6 +159,7 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
     start = time.perf_counter()
     kind = classify(work, example_inputs=example_inputs)  # its facts stay for the backend's questions
     classified = PassTiming("classify", 1e3 * (time.perf_counter() - start), 0.0)
+    log.info("%s: classify %.1f ms, kind=%s", dump.label, classified.ms, kind.value)
     return Prepared(work, kind, graph_index, result, timing, classified)
 
 

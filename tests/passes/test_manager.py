@@ -66,14 +66,14 @@ def test_dead_nodes_go_in_the_tail(monkeypatch):
 
     result = _run_text_graph_through(monkeypatch, leaves_a_dead_node)
     assert not any(n.name.startswith("era_dead") for n in result.gm.graph.nodes)
-    assert [t.name for t in result.timings] == ["normalize", "leaves_a_dead_node", "dce"]
+    assert [t.name for t in result.timings] == ["normalize", "classify", "leaves_a_dead_node", "dce"]
 
 
 def test_timing_and_provenance_of_every_pass():
     torch.manual_seed(0)
     rec = PassRecorder(ToyVLM().eval(), *prompt())
     names = [t.name for t in rec.result.timings]
-    assert names == ["normalize", "span", "layers", "kvcache", "prune", "attention", "publish", "dce"]
+    assert names == ["normalize", "classify", "span", "layers", "kvcache", "prune", "attention", "publish", "dce"]
     counts = rec.result.counts()
     assert all(counts[name]["ms"] >= 0 for name in names)
     assert counts["prune"]["ms"] > 0
