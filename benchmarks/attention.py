@@ -43,6 +43,7 @@ SHAPES = {  # name: (Lq, Lk, regime)
 
 def timer(device: torch.device):
     if device.type == "cuda":
+
         def measure(fn) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -51,10 +52,12 @@ def timer(device: torch.device):
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3
     else:
+
         def measure(fn) -> float:
             begin = time.perf_counter()
             fn()
             return time.perf_counter() - begin
+
     return measure
 
 
@@ -77,7 +80,7 @@ def bench_shape(Lq, Lk, kernels, runs, warmup, dtype, device):
         if why is not None:
             skipped[kernel] = why
             continue
-        calls[kernel] = (lambda kernel=kernel: biased_attention(q, k, v, bias, causal=causal, kernel=kernel))
+        calls[kernel] = lambda kernel=kernel: biased_attention(q, k, v, bias, causal=causal, kernel=kernel)
     measure = timer(device)
     for fn in calls.values():
         for _ in range(warmup):
@@ -136,8 +139,11 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--update-ranking", action="store_true",
-                        help=f"record this device type's ranking in {RANKING_FILE.name} (what kernel='auto' reads)")
+    parser.add_argument(
+        "--update-ranking",
+        action="store_true",
+        help=f"record this device type's ranking in {RANKING_FILE.name} (what kernel='auto' reads)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 20:
         parser.error("--runs must be >= 20: medians of fewer runs are not recorded")
@@ -154,26 +160,42 @@ def main(argv=None) -> None:
     name = device_description(device)
     slug = device_slug(device.type, name)
     record = {
-        "device": name, "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
-        "torch": torch.__version__, "heads": HEADS, "head_dim": HEAD_DIM, "batch": 1, "runs": args.runs,
+        "device": name,
+        "device_type": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "batch": 1,
+        "runs": args.runs,
         "date": datetime.date.today().isoformat(),
-        "shapes": {s: {"q_len": SHAPES[s][0], "k_len": SHAPES[s][1], "regime": SHAPES[s][2], **results[s]}
-                   for s in results},
+        "shapes": {
+            s: {"q_len": SHAPES[s][0], "k_len": SHAPES[s][1], "regime": SHAPES[s][2], **results[s]} for s in results
+        },
         "ranking": ranking(results),
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"attention-{slug}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
-    plot(results, f"biased attention / plain SDPA, {name}, {record['dtype']}, median of {args.runs}",
-         out.with_suffix(".png"))
+    plot(
+        results,
+        f"biased attention / plain SDPA, {name}, {record['dtype']}, median of {args.runs}",
+        out.with_suffix(".png"),
+    )
     print(f"wrote {out} and {out.with_suffix('.png').name}")
 
     if args.update_ranking:
         table = json.loads(RANKING_FILE.read_text()) if RANKING_FILE.exists() else {"devices": {}}
         table["devices"][device.type] = {
-            regime: {"ranking": r["ranking"], "measured_on": name, "source": f"benchmarks/results/{out.name}",
-                     "date": record["date"]}
-            for regime, r in record["ranking"].items() if r["ranking"]}
+            regime: {
+                "ranking": r["ranking"],
+                "measured_on": name,
+                "source": f"benchmarks/results/{out.name}",
+                "date": record["date"],
+            }
+            for regime, r in record["ranking"].items()
+            if r["ranking"]
+        }
         RANKING_FILE.write_text(json.dumps(table, indent=2) + "\n")
         print(f"updated {RANKING_FILE}")
 

@@ -43,8 +43,9 @@ print(json.dumps({"first_s": first, "steady_s": second, "compile_s": first - sec
 
 def measure(model: str, mode: str, cache_dir: str) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    done = subprocess.run([sys.executable, "-c", CHILD, model, mode], env=env, capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, model, mode], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -67,20 +68,30 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as cache:
                 runs[mode]["cold"].append(measure(args.model, mode, cache))
                 runs[mode]["warm"].append(measure(args.model, mode, cache))
-    summary = {mode: {state: statistics.median(r["compile_s"] for r in rows) for state, rows in states.items()}
-               for mode, states in runs.items()}
+    summary = {
+        mode: {state: statistics.median(r["compile_s"] for r in rows) for state, rows in states.items()}
+        for mode, states in runs.items()
+    }
     ratio = {state: summary["era"][state] / summary["plain"][state] for state in ("cold", "warm")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    record = {"model": args.model, "device": device_description(device), "torch": torch.__version__,
-              "transformers": transformers.__version__, "repeats": args.repeats, "compile_s": summary,
-              "era_over_plain": ratio, "runs": runs}
+    record = {
+        "model": args.model,
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "repeats": args.repeats,
+        "compile_s": summary,
+        "era_over_plain": ratio,
+        "runs": runs,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"compile-time-{args.model}-{device_slug(device.type, record['device'])}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     for state in ("cold", "warm"):
-        print(f"{state}: plain {summary['plain'][state]:.1f} s, era {summary['era'][state]:.1f} s "
-              f"({ratio[state]:.2f}x)")
+        print(
+            f"{state}: plain {summary['plain'][state]:.1f} s, era {summary['era'][state]:.1f} s ({ratio[state]:.2f}x)"
+        )
     print(f"wrote {path}")
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import time
@@ -43,16 +44,30 @@ def main(argv=None) -> None:
     results = {}
     for name, (T, H, d) in SHAPES.items():
         m = torch.randn(T, H, d, generator=torch.Generator().manual_seed(0))
-        dual = median_seconds(lambda: head_gram_eigenvalues(m), args.runs)
-        direct = median_seconds(lambda: covariance_eigenvalues(m), args.runs)
+        dual = median_seconds(functools.partial(head_gram_eigenvalues, m), args.runs)
+        direct = median_seconds(functools.partial(covariance_eigenvalues, m), args.runs)
         error = (head_gram_eigenvalues(m) - covariance_eigenvalues(m)[:, -H:]).abs().max().item()
-        results[name] = {"tokens": T, "heads": H, "head_dim": d, "dual_ms": 1e3 * dual, "direct_ms": 1e3 * direct,
-                         "speedup": direct / dual, "max_eigenvalue_difference": error}
-        print(f"{name}: dual {1e3 * dual:.1f} ms, direct {1e3 * direct:.1f} ms, {direct / dual:.1f}x "
-              f"(eigenvalues agree to {error:.1e})")
-    record = {"device": device_description(torch.device("cpu")),
-              "torch": torch.__version__, "dtype": "float64", "runs": args.runs,
-              "date": datetime.date.today().isoformat(), "shapes": results}
+        results[name] = {
+            "tokens": T,
+            "heads": H,
+            "head_dim": d,
+            "dual_ms": 1e3 * dual,
+            "direct_ms": 1e3 * direct,
+            "speedup": direct / dual,
+            "max_eigenvalue_difference": error,
+        }
+        print(
+            f"{name}: dual {1e3 * dual:.1f} ms, direct {1e3 * direct:.1f} ms, {direct / dual:.1f}x "
+            f"(eigenvalues agree to {error:.1e})"
+        )
+    record = {
+        "device": device_description(torch.device("cpu")),
+        "torch": torch.__version__,
+        "dtype": "float64",
+        "runs": args.runs,
+        "date": datetime.date.today().isoformat(),
+        "shapes": results,
+    }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "dual_gram-cpu.json"
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -62,8 +62,7 @@ def main() -> int:
     record = {
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "repeats": args.repeats,
-        "per_graph_ms": {g: round(statistics.median(r["per_graph_ms"].get(g, 0.0) for r in runs), 1)
-                         for g in graphs},
+        "per_graph_ms": {g: round(statistics.median(r["per_graph_ms"].get(g, 0.0) for r in runs), 1) for g in graphs},
         "kinds": runs[0]["kinds"],
         "per_pass_ms": {p: round(statistics.median(r["per_pass_ms"].get(p, 0.0) for r in runs), 1) for p in passes},
         "all_graphs_ms": round(statistics.median(sum(r["per_graph_ms"].values()) for r in runs), 1),

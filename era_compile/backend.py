@@ -22,7 +22,8 @@ import logging
 import time
 import warnings
 import weakref
-from typing import Any, Callable, List, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -33,13 +34,28 @@ from era_compile.logs import GraphDump
 from era_compile.ops.prune import budget_tensor
 from era_compile.passes.fx_utils import data_dependent_dims
 from era_compile.passes.graph_pass import PassError
-from era_compile.passes.kinds import (GraphKind, decoder_layers_fed, hidden_inputs_into_layers, image_inputs, image_values,
-                                      is_layer_forward, runs_decoder_layers, token_id_inputs)
+from era_compile.passes.kinds import (
+    GraphKind,
+    decoder_layers_fed,
+    hidden_inputs_into_layers,
+    image_inputs,
+    image_values,
+    is_layer_forward,
+    runs_decoder_layers,
+    token_id_inputs,
+)
 from era_compile.passes.manager import PipelineResult, Prepared, prepare, run_passes
 from era_compile.passes.records import CarriedVisual, KVCache, LayerStep, PruneSite, RectifiedAttention
 from era_compile.recompiles import RecompileLimitWatch
 from era_compile.report import Report, register_model, set_last
-from era_compile.runtime import EraCompileError, GraphPlan, Runtime, Variants, Watched, plan_for  # the error: exported here
+from era_compile.runtime import (  # the error: exported here
+    EraCompileError,
+    GraphPlan,
+    Runtime,
+    Variants,
+    Watched,
+    plan_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +70,7 @@ class EraBackend:
     the first model's runtime: so an ``EraBackend`` never equals another backend, itself included,
     and each compiled model compiles its own graphs."""
 
-    def __init__(self, config: Optional[ERAConfig] = None):
+    def __init__(self, config: ERAConfig | None = None):
         config = config if config is not None else ERAConfig()
         if not isinstance(config, ERAConfig):
             raise TypeError(f"make_era_backend expects an ERAConfig, got {type(config).__name__}")
@@ -62,9 +78,9 @@ class EraBackend:
         layer, self.layer_note = config.resolve_layer()  # layer="auto": the profile's layer, or the default
         self.config = config.replace(layer=layer, profile=None)
         self._budget = budget_tensor(self.config.keep_ratio, self.config.keep_tokens)
-        self._models: "weakref.WeakKeyDictionary[Any, CompiledModel]" = weakref.WeakKeyDictionary()
-        self._unnamed: Optional[CompiledModel] = None  # graphs compiled outside a Dynamo frame we can name
-        self._latest: Optional[Report] = None  # the report outlives its model: it is the user's to read
+        self._models: weakref.WeakKeyDictionary[Any, CompiledModel] = weakref.WeakKeyDictionary()
+        self._unnamed: CompiledModel | None = None  # graphs compiled outside a Dynamo frame we can name
+        self._latest: Report | None = None  # the report outlives its model: it is the user's to read
         self._unclaimed = False  # ``report`` was read before any compile: the first model fills that one
         # Dynamo and the inner compiler's caches see a distinct backend per config.
         self.__name__ = f"era_{self.config.cache_key()}"
@@ -86,13 +102,13 @@ class EraBackend:
         return self._latest
 
     @property
-    def reports(self) -> List[Report]:
+    def reports(self) -> list[Report]:
         """Every living compiled model's report, in the order the models were first compiled."""
         models = list(self._models.values()) + ([self._unnamed] if self._unnamed is not None else [])
         return [m.report for m in sorted(models, key=lambda m: m.serial)]
 
     @contextlib.contextmanager
-    def budget(self, *, keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None):
+    def budget(self, *, keep_ratio: float | None = None, keep_tokens: int | None = None):
         """Within the block, every pruned prefill of every model compiled with this backend keeps
         this budget instead of the config's (one of ``keep_ratio``, ``keep_tokens``, checked as
         ``ERAConfig`` checks them). The budget is an input of the compiled graphs, so a sweep over
@@ -117,7 +133,7 @@ class EraBackend:
         set_last(model.report)
         return model.compile_graph(gm, example_inputs)
 
-    def _model_being_compiled(self) -> "CompiledModel":
+    def _model_being_compiled(self) -> CompiledModel:
         """The ``CompiledModel`` of the ``torch.compile`` call Dynamo is compiling a graph for: its
         backend wrapper, one per call, names it (``OutputGraph.compiler_fn``). Outside a Dynamo frame
         (the backend called by hand), one model per backend."""
@@ -135,7 +151,7 @@ class EraBackend:
         return model
 
     def _report_for_a_new_model(self) -> Report:
-        if self._unclaimed:
+        if self._unclaimed and self._latest is not None:  # (read before any compile: then made)
             self._unclaimed = False
             return self._latest
         return self._new_report()
@@ -165,8 +181,15 @@ class CompiledModel:
         self.report = backend._report_for_a_new_model()
         if backend.layer_note:
             log.info(backend.layer_note)
-        budget = weakref.ref(backend)
-        self.runtime = Runtime(self.report, lambda: budget()._budget, strict=self.config.strict)
+        backend_ref = weakref.ref(backend)
+
+        def budget() -> torch.Tensor:
+            owner = backend_ref()
+            if owner is None:
+                raise RuntimeError("era_compile: a graph of a compiled model whose backend is gone was called")
+            return owner._budget
+
+        self.runtime = Runtime(self.report, budget, strict=self.config.strict)
         self.recompiles = RecompileLimitWatch(self.runtime.recompile_limit_hit)
 
     def traced(self, frame: Any) -> None:
@@ -189,23 +212,33 @@ class CompiledModel:
         try:
             prepared = prepare(gm, self.config, index, example_inputs)
             images = image_values(prepared.gm, example_inputs)
-            watched = Watched(image_inputs=tuple(image_inputs(prepared.gm, images, example_inputs)),
-                              runs_decoder=runs_decoder_layers(prepared.gm, example_inputs),
-                              hidden_inputs=tuple(hidden_inputs_into_layers(prepared.gm, example_inputs)),
-                              token_inputs=tuple(token_id_inputs(prepared.gm, example_inputs)),
-                              layer_forward=is_layer_forward(prepared.gm))
-            unknown_merge = decoder_layers_fed(prepared.gm, images, example_inputs) \
-                if prepared.kind is GraphKind.TEXT else []
+            watched = Watched(
+                image_inputs=tuple(image_inputs(prepared.gm, images, example_inputs)),
+                runs_decoder=runs_decoder_layers(prepared.gm, example_inputs),
+                hidden_inputs=tuple(hidden_inputs_into_layers(prepared.gm, example_inputs)),
+                token_inputs=tuple(token_id_inputs(prepared.gm, example_inputs)),
+                layer_forward=is_layer_forward(prepared.gm),
+            )
+            unknown_merge = (
+                decoder_layers_fed(prepared.gm, images, example_inputs) if prepared.kind is GraphKind.TEXT else []
+            )
         except _DYNAMO_CONTROL_FLOW:
             raise
         except Exception as e:  # normalising or classifying failed: a bug of ours, never the user's model
-            return self._fall_back(gm, example_inputs, index, f"pruning did not happen: internal error "
-                                   f"{type(e).__name__}: {e}", e)
+            return self._fall_back(
+                gm, example_inputs, index, f"pruning did not happen: internal error {type(e).__name__}: {e}", e
+            )
         else:  # outside the handler: a strict error here is the verdict, not an internal error
             if unknown_merge:
-                return self._fall_back(gm, example_inputs, index, (
-                    f"it encodes images and feeds them to decoder layers ({', '.join(unknown_merge)}), but merges "
-                    "them by no pattern the passes know: pruning did not happen"))
+                return self._fall_back(
+                    gm,
+                    example_inputs,
+                    index,
+                    (
+                        f"it encodes images and feeds them to decoder layers ({', '.join(unknown_merge)}), but merges "
+                        "them by no pattern the passes know: pruning did not happen"
+                    ),
+                )
         finally:
             self.report.compile_seconds += time.perf_counter() - start
         key_of = self._variant_key(prepared, example_inputs, watched)
@@ -214,7 +247,7 @@ class CompiledModel:
 
         owner = weakref.ref(self)
 
-        def build(args: List[Any], carried: Union[CarriedVisual, LayerStep, None]) -> Callable:
+        def build(args: list[Any], carried: CarriedVisual | LayerStep | None) -> Callable:
             compiler = _alive(owner)
             if isinstance(carried, LayerStep):
                 return compiler._compile(gm, prepared, args, watched=watched, step=carried)
@@ -222,7 +255,7 @@ class CompiledModel:
 
         return Variants(self.runtime, index, key_of, build, example_inputs)
 
-    def _variant_key(self, prepared: Prepared, example_inputs: List[Any], watched: Watched):
+    def _variant_key(self, prepared: Prepared, example_inputs: list[Any], watched: Watched):
         """How a graph that may receive merged embeddings picks its compiled variant (by the input
         that carries them, or none; a decoder layer's own graph by its part on the prompt's way
         through the layers, ``Runtime.layer_step``), or None for a graph compiled once (a prefill
@@ -230,7 +263,7 @@ class CompiledModel:
         receivers = _receivers(example_inputs) if prepared.kind.may_receive_embeddings else []
         if not receivers:
             return None
-        runtime, layer = self.runtime, self.config.layer
+        runtime, layer = self.runtime, self.config.resolved_layer
         if watched.layer_forward:
             return lambda args: runtime.layer_step(args, receivers, layer)
 
@@ -245,18 +278,30 @@ class CompiledModel:
 
     # ------------------------------------------------------------------ internals
 
-    def _compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                 carried: Optional[CarriedVisual] = None, watched: Watched = Watched(),
-                 step: Optional[LayerStep] = None) -> Callable:
+    def _compile(
+        self,
+        gm: fx.GraphModule,
+        prepared: Prepared,
+        example_inputs: list[Any],
+        carried: CarriedVisual | None = None,
+        watched: Watched = Watched(),
+        step: LayerStep | None = None,
+    ) -> Callable:
         start = time.perf_counter()
         try:
             return self._rewrite_and_compile(gm, prepared, example_inputs, carried, watched, step)
         finally:
             self.report.compile_seconds += time.perf_counter() - start
 
-    def _rewrite_and_compile(self, gm: fx.GraphModule, prepared: Prepared, example_inputs: List[Any],
-                             carried: Optional[CarriedVisual], watched: Watched,
-                             step: Optional[LayerStep]) -> Callable:
+    def _rewrite_and_compile(
+        self,
+        gm: fx.GraphModule,
+        prepared: Prepared,
+        example_inputs: list[Any],
+        carried: CarriedVisual | None,
+        watched: Watched,
+        step: LayerStep | None,
+    ) -> Callable:
         index = prepared.graph_index
         if step is not None:
             label, kind = f"graph{index}_layer{step.layer}_{step.role}", GraphKind.of_layer_step(step.role)
@@ -271,13 +316,26 @@ class CompiledModel:
         except PassError as e:
             return self._fall_back(gm, example_inputs, index, f"pruning did not happen: {e}", e, kind=kind)
         except Exception as e:  # a bug of ours must not take the user's model down with it
-            return self._fall_back(gm, example_inputs, index,
-                                   f"pruning did not happen: internal error {type(e).__name__}: {e}", e, kind=kind)
+            return self._fall_back(
+                gm,
+                example_inputs,
+                index,
+                f"pruning did not happen: internal error {type(e).__name__}: {e}",
+                e,
+                kind=kind,
+            )
 
         entry = {"graph": index, "kind": result.kind.value, **result.counts()}
         self.report.passes.append(entry)
-        plan = plan_for(result.kind, result.records, self.config, index, result.added_inputs,
-                        data_dependent_dims(result.gm), watched)
+        plan = plan_for(
+            result.kind,
+            result.records,
+            self.config,
+            index,
+            result.added_inputs,
+            data_dependent_dims(result.gm),
+            watched,
+        )
         if not result.changed:
             if not self._reads_pruned_caches(result, index):
                 self._skip(index, _unchanged_reason(result))
@@ -289,9 +347,14 @@ class CompiledModel:
         except _DYNAMO_CONTROL_FLOW:  # Dynamo retraces the frame (a float it must specialise): not a failure
             raise
         except Exception as e:  # the inner compiler rejected the rewritten graph
-            return self._fall_back(gm, example_inputs, index,
-                                   f"the rewritten graph failed to compile ({type(e).__name__}: {e}); "
-                                   "pruning did not happen", e, kind=kind)
+            return self._fall_back(
+                gm,
+                example_inputs,
+                index,
+                f"the rewritten graph failed to compile ({type(e).__name__}: {e}); pruning did not happen",
+                e,
+                kind=kind,
+            )
         self._account(result, index)
         context = torch._guards.TracingContext.try_get()  # Dynamo's, for a late compile of the original
 
@@ -300,9 +363,16 @@ class CompiledModel:
         def run_unpruned(error: Exception) -> Callable:
             compiler, start = _alive(owner), time.perf_counter()
             try:
-                return compiler._fall_back(gm, example_inputs, index, f"the rewritten graph failed on its first "
-                                           f"run ({type(error).__name__}: {error}); pruning did not happen", error,
-                                           kind=kind, context=context)
+                return compiler._fall_back(
+                    gm,
+                    example_inputs,
+                    index,
+                    f"the rewritten graph failed on its first "
+                    f"run ({type(error).__name__}: {error}); pruning did not happen",
+                    error,
+                    kind=kind,
+                    context=context,
+                )
             finally:
                 compiler.report.compile_seconds += time.perf_counter() - start
 
@@ -325,34 +395,56 @@ class CompiledModel:
             self.report.kernel = rectified.kernel
         if result.kind is GraphKind.HANDOFF:
             self.report.handoffs += 1
-            log.info("graph %d: merges visual tokens but runs no decoder layer: their mask is handed on with "
-                        "the merged embeddings", index)
+            log.info(
+                "graph %d: merges visual tokens but runs no decoder layer: their mask is handed on with "
+                "the merged embeddings",
+                index,
+            )
         elif result.kind in (GraphKind.LAYER_SALIENCY, GraphKind.LAYER_MASKED):
             self.report.attention_rewrites += len(rectified.calls) if rectified is not None else 0
-            log.info("graph %d: a decoder layer's own graph, %s", index,
-                        "hands its queries and keys to the next layer's selection"
-                        if result.kind is GraphKind.LAYER_SALIENCY else "masks the pruned tokens out of its keys")
+            log.info(
+                "graph %d: a decoder layer's own graph, %s",
+                index,
+                "hands its queries and keys to the next layer's selection"
+                if result.kind is GraphKind.LAYER_SALIENCY
+                else "masks the pruned tokens out of its keys",
+            )
         else:
             if result.kind is GraphKind.LAYER_PRUNE:
-                note = (f"the decoder is split into per-layer graphs: layers >= {self.config.layer} run the prefill at "
-                        "full length with the pruned tokens masked out of their keys (no prefill saving there); "
-                        "their KV cache keeps only the kept tokens")
+                note = (
+                    f"the decoder is split into per-layer graphs: layers >= {self.config.layer} run the prefill at "
+                    "full length with the pruned tokens masked out of their keys (no prefill saving there); "
+                    "their KV cache keeps only the kept tokens"
+                )
                 if note not in self.report.notes:
                     self.report.notes.append(note)
             site = result.record(PruneSite)
             rewrites = len(rectified.calls) if rectified is not None else 0
             self.report.attention_rewrites += rewrites
-            log.info("graph %d: prunes at layer %d (every image size: the budget and the pruned length are the "
-                        "data's), %d attention calls rectified (%s)", index, site.layer, rewrites,
-                        rectified.kernel if rectified is not None and rectified.kernel else "no bias")
+            log.info(
+                "graph %d: prunes at layer %d (every image size: the budget and the pruned length are the "
+                "data's), %d attention calls rectified (%s)",
+                index,
+                site.layer,
+                rewrites,
+                rectified.kernel if rectified is not None and rectified.kernel else "no bias",
+            )
 
     def _skip(self, index: int, reason: str) -> None:
         self.report.skipped.append(f"graph {index}: {reason}")
         log.info("graph %d: left unchanged: %s", index, reason)
 
-    def _fall_back(self, gm, example_inputs, index: int, reason: str, error: Optional[Exception] = None, *,
-                   kind: Optional[GraphKind] = None, context: Optional[torch._guards.TracingContext] = None
-                   ) -> Callable:
+    def _fall_back(
+        self,
+        gm,
+        example_inputs,
+        index: int,
+        reason: str,
+        error: Exception | None = None,
+        *,
+        kind: GraphKind | None = None,
+        context: torch._guards.TracingContext | None = None,
+    ) -> Callable:
         """The graph as Dynamo gave it, loudly. ``kind``: what the passes took it for; ``context``:
         Dynamo's tracing context of a graph compiled earlier (a fallback at run time)."""
         tells_of_image = kind is not None and kind.has_image
@@ -363,14 +455,16 @@ class CompiledModel:
         self.report.skipped.append(f"graph {index}: {reason}")
         self.report.fallbacks.append(index)
         warnings.warn(f"era_compile, graph {index}: {reason}; running it unpruned", RuntimeWarning, stacklevel=3)
-        compiled = (self._inner(gm, example_inputs) if context is None
-                    else self._compile_late(gm, example_inputs, context))
+        compiled = (
+            self._inner(gm, example_inputs) if context is None else self._compile_late(gm, example_inputs, context)
+        )
         if tells_of_image:  # this warning told of its images: the runtime does not tell them again
             return self.runtime.wrap(compiled, GraphPlan(graph=index, kind=kind, fell_back=True))
         return compiled
 
-    def _compile_late(self, gm: fx.GraphModule, example_inputs: List[Any],
-                      context: torch._guards.TracingContext) -> Callable:
+    def _compile_late(
+        self, gm: fx.GraphModule, example_inputs: list[Any], context: torch._guards.TracingContext
+    ) -> Callable:
         """The inner compiler after Dynamo built the graph's guards: in the graph's own tracing
         context, so its dynamic sizes stay symbolic. A guard the compiler adds now would never
         be checked: then the graph runs as Dynamo gave it, right for every input."""
@@ -383,7 +477,7 @@ class CompiledModel:
             return gm.forward
         return compiled
 
-    def _timed_inner(self, gm: fx.GraphModule, example_inputs: List[Any], entry: dict) -> Callable:
+    def _timed_inner(self, gm: fx.GraphModule, example_inputs: list[Any], entry: dict) -> Callable:
         """The inner compiler, its wall time in the graph's report entry (``inner_compile_ms``)."""
         start = time.perf_counter()
         try:
@@ -391,7 +485,7 @@ class CompiledModel:
         finally:
             entry["inner_compile_ms"] = round(1e3 * (time.perf_counter() - start), 3)
 
-    def _inner(self, gm: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+    def _inner(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         return inner_compile(gm, example_inputs, self.config.compiler)
 
 
@@ -404,7 +498,8 @@ class FirstRunFallback:
     example inputs, is let go."""
 
     def __init__(self, rewritten: Callable, run_unpruned: Callable[[Exception], Callable]):
-        self.rewritten, self.run_unpruned = rewritten, run_unpruned
+        self.rewritten = rewritten
+        self.run_unpruned: Callable[[Exception], Callable] | None = run_unpruned  # let go after the first run
         self.run = self._first_run
 
     def __call__(self, *args):
@@ -416,21 +511,23 @@ class FirstRunFallback:
         except EraCompileError:  # the runtime's strict verdict on an unpruned image, not this rewrite failing
             raise
         except Exception as e:
-            self.run = self.run_unpruned(e)
+            run_unpruned = self.run_unpruned
+            assert run_unpruned is not None  # let go only where ``run`` stops being this first run
+            self.run = run_unpruned(e)
             self.run_unpruned = None
             return self.run(*args)
         self.run, self.run_unpruned = self.rewritten, None
         return outputs
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs: List[Any], compiler: str) -> Callable:
+def inner_compile(gm: fx.GraphModule, example_inputs: list[Any], compiler: str) -> Callable:
     """What runs a graph after the passes (and a plain baseline with the same compiler): Inductor,
     or the graph's own forward for ``compiler="eager"``."""
     if compiler == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return cast(Callable, compile_fx(gm, example_inputs))  # a callable: the other return types are AOT mode's
 
 
 def _unchanged_reason(result: PipelineResult) -> str:
@@ -444,7 +541,7 @@ def _unchanged_reason(result: PipelineResult) -> str:
 _DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis,)
 
 
-def _alive(owner: "weakref.ref[CompiledModel]") -> "CompiledModel":
+def _alive(owner: weakref.ref[CompiledModel]) -> CompiledModel:
     compiler = owner()
     if compiler is None:  # Dynamo matches a graph only to its own torch.compile call, which holds this
         raise RuntimeError("era_compile: a graph of a compiled model that is gone was called")
@@ -462,7 +559,7 @@ def _dynamo_frame() -> Any:
         return None
 
 
-def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:
+def make_era_backend(config: ERAConfig | None = None) -> EraBackend:
     """A backend for ``torch.compile`` / ``model.compile`` with this configuration."""
     return EraBackend(config)
 
@@ -470,8 +567,13 @@ def make_era_backend(config: Optional[ERAConfig] = None) -> EraBackend:
 era_backend = EraBackend()
 
 
-def _receivers(example_inputs: List[Any]) -> List[int]:
+def _receivers(example_inputs: list[Any]) -> list[int]:
     """Inputs that could be merged embeddings [B, N, D] handed on by an earlier graph."""
-    return [i for i, x in enumerate(example_inputs)
-            if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
-            and x.dim() == 3 and x.is_floating_point()]
+    return [
+        i
+        for i, x in enumerate(example_inputs)
+        if isinstance(x, torch.Tensor)
+        and not isinstance(x, torch.nn.Parameter)
+        and x.dim() == 3
+        and x.is_floating_point()
+    ]

@@ -34,12 +34,13 @@ Prefill time is a ``generate`` of one token (time to first token); decode time p
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,8 +75,13 @@ def _sync(device: torch.device) -> None:
 
 def _generate(model, inputs: dict, new_tokens: int):
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              return_dict_in_generate=True)
+        return model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
 
 
 def timed(fn: Callable, device: torch.device) -> float:
@@ -86,17 +92,24 @@ def timed(fn: Callable, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_times(models: Dict[str, torch.nn.Module], inputs: dict, *, runs: int, new_tokens: int,
-                      device: torch.device, progress: Optional[Callable[[], None]] = None) -> Dict[str, dict]:
+def interleaved_times(
+    models: dict[str, torch.nn.Module],
+    inputs: dict,
+    *,
+    runs: int,
+    new_tokens: int,
+    device: torch.device,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, dict]:
     """Median prefill seconds and decode seconds per token of each model, runs interleaved."""
     for model in models.values():  # warm-up: compiles prefill and the decode graphs
         _generate(model, inputs, 3)
         _generate(model, inputs, new_tokens)
-    samples = {name: {"prefill": [], "generate": []} for name in models}
+    samples: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "generate": []} for name in models}
     for _ in range(runs):
         for name, model in models.items():
-            samples[name]["prefill"].append(timed(lambda: _generate(model, inputs, 1), device))
-            samples[name]["generate"].append(timed(lambda: _generate(model, inputs, new_tokens), device))
+            samples[name]["prefill"].append(timed(functools.partial(_generate, model, inputs, 1), device))
+            samples[name]["generate"].append(timed(functools.partial(_generate, model, inputs, new_tokens), device))
         if progress:
             progress()
     out = {}
@@ -126,7 +139,7 @@ def register_cpu_sdpa_flops() -> None:
         return 2 * b * h * lq * key_shape[2] * d + 2 * b * h * lq * key_shape[2] * value_shape[3]
 
 
-def language_model_flops(model, inputs: dict, config: Optional[ERAConfig]) -> int:
+def language_model_flops(model, inputs: dict, config: ERAConfig | None) -> int:
     """Prefill FLOPs of the decoder stack and LM head (vision tower excluded), eager, with the
     pruning of ``config`` (None: unpruned)."""
     register_cpu_sdpa_flops()
@@ -156,8 +169,12 @@ def selection_overhead(model, inputs: dict) -> dict:
             _generate(model, inputs, 1)
         wall = time.perf_counter() - start
     ops = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in ("era::select", "era::recycle")}
-    return {"select_s": ops.get("era::select", 0.0), "recycle_s": ops.get("era::recycle", 0.0),
-            "profiled_prefill_s": wall, "fraction": sum(ops.values()) / wall if wall else 0.0}
+    return {
+        "select_s": ops.get("era::select", 0.0),
+        "recycle_s": ops.get("era::recycle", 0.0),
+        "profiled_prefill_s": wall,
+        "fraction": sum(ops.values()) / wall if wall else 0.0,
+    }
 
 
 def linear_throughput(model, rows: int, *, repeats: int = 10) -> float:
@@ -185,10 +202,15 @@ def kv_cache_saving(unpruned, pruned, inputs: dict, *, layer: int, removed: int,
         theory = sum(stored_bytes(c.keys, c.values) * removed / c.keys.shape[-2] for c in full.layers[layer:])
         unpruned_bytes, pruned_bytes = cache_bytes(full), cache_bytes(mine)
         saved = unpruned_bytes - pruned_bytes
-        out[label] = {"unpruned": unpruned_bytes, "pruned": pruned_bytes, "saved": saved,
-                      "theoretical_saved": int(theory), "share_of_theory": saved / theory,
-                      "cached_positions": full.layers[0].keys.shape[-2],
-                      "stored_rows_per_layer": [stored_rows(c.keys) for c in mine.layers]}
+        out[label] = {
+            "unpruned": unpruned_bytes,
+            "pruned": pruned_bytes,
+            "saved": saved,
+            "theoretical_saved": int(theory),
+            "share_of_theory": saved / theory,
+            "cached_positions": full.layers[0].keys.shape[-2],
+            "stored_rows_per_layer": [stored_rows(c.keys) for c in mine.layers],
+        }
     return out
 
 
@@ -206,24 +228,24 @@ def kept_text_prompt(inputs: dict, kept_lengths: Sequence[int], pad_id: int, voc
     ids = torch.full((len(kept_lengths), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, n in enumerate(kept_lengths):
-        ids[b, width - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[b, width - n:] = 1
+        ids[b, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[b, width - n :] = 1
     device = inputs["input_ids"].device
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def prompt_lengths(inputs: dict) -> List[int]:
+def prompt_lengths(inputs: dict) -> list[int]:
     """Each sample's prompt length N_b (its attention mask's ones; without a mask, the width)."""
     if "attention_mask" in inputs:
         return [int(n) for n in inputs["attention_mask"].sum(-1).tolist()]
     return [int(inputs["input_ids"].shape[1])] * int(inputs["input_ids"].shape[0])
 
 
-def kept_lengths_of(inputs: dict, entry) -> List[int]:
+def kept_lengths_of(inputs: dict, entry) -> list[int]:
     """Each sample's kept length n'_b = N_b - T_b + k_b, from a report's pruning entry."""
     lengths = prompt_lengths(inputs)
     samples = entry.samples or [[entry.visual_tokens, entry.kept]] * len(lengths)
-    return [int(n) - t + k for n, (t, k) in zip(lengths, samples)]
+    return [int(n) - t + k for n, (t, k) in zip(lengths, samples, strict=True)]
 
 
 def ideal_prefill(compiled, eager, inputs: dict, entry, *, runs: int, compiler: str, device: torch.device) -> dict:
@@ -243,13 +265,22 @@ def ideal_prefill(compiled, eager, inputs: dict, entry, *, runs: int, compiler: 
             _generate(compiled, full, 1)
         vision = statistics.median(timed(lambda: tower(**image), device) for _ in range(runs))
         text = statistics.median(timed(lambda: _generate(compiled, kept, 1), device) for _ in range(runs))
-        text_full = (statistics.median(timed(lambda: _generate(compiled, full, 1), device) for _ in range(runs))
-                     if entry.layer else text)
+        text_full = (
+            statistics.median(timed(lambda: _generate(compiled, full, 1), device) for _ in range(runs))
+            if entry.layer
+            else text
+        )
     before = entry.layer / layers
     ideal_text = before * text_full + (1 - before) * text
-    return {"vision_s": vision, "text_prefill_s": text, "text_prefill_full_s": text_full,
-            "layers_before_cut": entry.layer, "layers": layers, "prefill_s": vision + ideal_text,
-            "kept_lengths": [int(x) for x in kept["attention_mask"].sum(-1).tolist()]}
+    return {
+        "vision_s": vision,
+        "text_prefill_s": text,
+        "text_prefill_full_s": text_full,
+        "layers_before_cut": entry.layer,
+        "layers": layers,
+        "prefill_s": vision + ideal_text,
+        "kept_lengths": [int(x) for x in kept["attention_mask"].sum(-1).tolist()],
+    }
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -261,21 +292,37 @@ class Point:
     keep_tokens: int
 
 
-def run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequence[Point], *, runs: int = 5,
-              new_tokens: int = 8, base: Optional[ERAConfig] = None, progress=None) -> dict:
+def run_bench(
+    build: Callable[[], torch.nn.Module],
+    inputs: dict,
+    points: Sequence[Point],
+    *,
+    runs: int = 5,
+    new_tokens: int = 8,
+    base: ERAConfig | None = None,
+    progress=None,
+) -> dict:
     """The bench record for a model factory (each call: the same weights) and one input."""
     with recompile_headroom():  # three compiled models of one class, and their generate()s
         return _run_bench(build, inputs, points, runs=runs, new_tokens=new_tokens, base=base, progress=progress)
 
 
-def _run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Sequence[Point], *, runs: int,
-               new_tokens: int, base: Optional[ERAConfig], progress) -> dict:
+def _run_bench(
+    build: Callable[[], torch.nn.Module],
+    inputs: dict,
+    points: Sequence[Point],
+    *,
+    runs: int,
+    new_tokens: int,
+    base: ERAConfig | None,
+    progress,
+) -> dict:
     base = base or ERAConfig()
     eager, compiled = build(), build()
     compiled.compile(backend=base.compiler)  # the same inner compiler as the pruned model
     device = next(eager.parameters()).device
     flops_unpruned = language_model_flops(eager, inputs, None)
-    results: List[dict] = []
+    results: list[dict] = []
     for point in points:
         config = base.replace(layer=point.layer, keep_ratio=None, keep_tokens=point.keep_tokens)
         pruned = build()
@@ -283,45 +330,77 @@ def _run_bench(build: Callable[[], torch.nn.Module], inputs: dict, points: Seque
         pruned.compile(backend=backend)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = interleaved_times({"eager": eager, "compiled": compiled, "pruned": pruned}, inputs, runs=runs,
-                                  new_tokens=new_tokens, device=device, progress=progress)
+        times = interleaved_times(
+            {"eager": eager, "compiled": compiled, "pruned": pruned},
+            inputs,
+            runs=runs,
+            new_tokens=new_tokens,
+            device=device,
+            progress=progress,
+        )
         if not backend.report.pruned:
             raise RuntimeError(f"bench: the backend did not prune at {point}:\n{backend.report}")
         site = backend.report.pruning[0]
         ideal = ideal_prefill(compiled, eager, inputs, site, runs=runs, compiler=base.compiler, device=device)
         flops_pruned = language_model_flops(eager, inputs, config)
-        results.append({
-            "layer": point.layer, "keep_tokens": point.keep_tokens, "visual_tokens": site.visual_tokens,
-            "kept": site.kept, "seq_len_before": site.seq_len_before, "seq_len_after": site.seq_len_after,
-            "times": times,
-            "measured_prefill_speedup": times["compiled"]["prefill_s"] / times["pruned"]["prefill_s"],
-            "measured_decode_speedup": times["compiled"]["decode_s_per_token"] / times["pruned"]["decode_s_per_token"],
-            "lm_prefill_flops": {"unpruned": flops_unpruned, "pruned": flops_pruned},
-            "theoretical_prefill_speedup": flops_unpruned / flops_pruned,
-            "ideal": ideal, "ideal_prefill_speedup": times["compiled"]["prefill_s"] / ideal["prefill_s"],
-            "measured_vs_ideal": ideal["prefill_s"] / times["pruned"]["prefill_s"],
-            "compile": {"seconds": round(backend.report.compile_seconds, 3), "pass_ms": backend.report.ms_per_pass()},
-            "selection_overhead": selection_overhead(pruned, inputs),
-            "kv_cache": kv_cache_saving(compiled, pruned, inputs, layer=point.layer,
-                                        removed=site.seq_len_before - site.seq_len_after, new_tokens=new_tokens),
-            "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "kernel": backend.report.kernel,
-            "linear_gflops": {"before": linear_throughput(eager, site.seq_len_before),
-                              "after": linear_throughput(eager, site.seq_len_after)},
-        })
-        results[-1]["prefill_speedup_vs_theory"] = (results[-1]["measured_prefill_speedup"]
-                                                    / results[-1]["theoretical_prefill_speedup"])
+        results.append(
+            {
+                "layer": point.layer,
+                "keep_tokens": point.keep_tokens,
+                "visual_tokens": site.visual_tokens,
+                "kept": site.kept,
+                "seq_len_before": site.seq_len_before,
+                "seq_len_after": site.seq_len_after,
+                "times": times,
+                "measured_prefill_speedup": times["compiled"]["prefill_s"] / times["pruned"]["prefill_s"],
+                "measured_decode_speedup": times["compiled"]["decode_s_per_token"]
+                / times["pruned"]["decode_s_per_token"],
+                "lm_prefill_flops": {"unpruned": flops_unpruned, "pruned": flops_pruned},
+                "theoretical_prefill_speedup": flops_unpruned / flops_pruned,
+                "ideal": ideal,
+                "ideal_prefill_speedup": times["compiled"]["prefill_s"] / ideal["prefill_s"],
+                "measured_vs_ideal": ideal["prefill_s"] / times["pruned"]["prefill_s"],
+                "compile": {
+                    "seconds": round(backend.report.compile_seconds, 3),
+                    "pass_ms": backend.report.ms_per_pass(),
+                },
+                "selection_overhead": selection_overhead(pruned, inputs),
+                "kv_cache": kv_cache_saving(
+                    compiled,
+                    pruned,
+                    inputs,
+                    layer=point.layer,
+                    removed=site.seq_len_before - site.seq_len_after,
+                    new_tokens=new_tokens,
+                ),
+                "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                "kernel": backend.report.kernel,
+                "linear_gflops": {
+                    "before": linear_throughput(eager, site.seq_len_before),
+                    "after": linear_throughput(eager, site.seq_len_after),
+                },
+            }
+        )
+        results[-1]["prefill_speedup_vs_theory"] = (
+            results[-1]["measured_prefill_speedup"] / results[-1]["theoretical_prefill_speedup"]
+        )
         del pruned, backend
         gc.collect()
-    return {"device": device_description(device), "device_type": device.type, "torch": torch.__version__,
-            "runs": runs, "new_tokens": new_tokens,
-            "config": base.to_dict(), "batch": int(inputs["input_ids"].shape[0]),
-            "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "prompt_lengths": inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None,
-            "points": results}
+    return {
+        "device": device_description(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "runs": runs,
+        "new_tokens": new_tokens,
+        "config": base.to_dict(),
+        "batch": int(inputs["input_ids"].shape[0]),
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "prompt_lengths": inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None,
+        "points": results,
+    }
 
 
-def plot(record: dict, stem) -> List[str]:
+def plot(record: dict, stem) -> list[str]:
     """Latency vs kept tokens, and measured vs theoretical prefill speedup; returns the files."""
     import matplotlib
 
@@ -333,10 +412,18 @@ def plot(record: dict, stem) -> List[str]:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for layer in sorted({p["layer"] for p in points}):
         row = sorted((p for p in points if p["layer"] == layer), key=lambda p: p["kept"])
-        ax.plot([p["kept"] for p in row], [1e3 * p["times"]["pruned"]["prefill_s"] for p in row], marker="o",
-                label=f"pruned, K={layer}")
-    ax.axhline(1e3 * statistics.median(p["times"]["compiled"]["prefill_s"] for p in points), color="black",
-               linestyle="--", label="compiled, unpruned")
+        ax.plot(
+            [p["kept"] for p in row],
+            [1e3 * p["times"]["pruned"]["prefill_s"] for p in row],
+            marker="o",
+            label=f"pruned, K={layer}",
+        )
+    ax.axhline(
+        1e3 * statistics.median(p["times"]["compiled"]["prefill_s"] for p in points),
+        color="black",
+        linestyle="--",
+        label="compiled, unpruned",
+    )
     ax.set_xlabel("visual tokens kept")
     ax.set_ylabel("prefill (ms)")
     ax.set_title(record["device"], fontsize=8)
@@ -350,11 +437,19 @@ def plot(record: dict, stem) -> List[str]:
     theory = [p["theoretical_prefill_speedup"] for p in points]
     ax.scatter(theory, [p["measured_prefill_speedup"] for p in points], label="measured")
     if all("ideal_prefill_speedup" in p for p in points):
-        ax.scatter(theory, [p["ideal_prefill_speedup"] for p in points], marker="x", color="black",
-                   label="ideal (compiled, kept tokens only)")
+        ax.scatter(
+            theory,
+            [p["ideal_prefill_speedup"] for p in points],
+            marker="x",
+            color="black",
+            label="ideal (compiled, kept tokens only)",
+        )
     for p in points:
-        ax.annotate(f"K={p['layer']},k={p['kept']}", (p["theoretical_prefill_speedup"], p["measured_prefill_speedup"]),
-                    fontsize=7)
+        ax.annotate(
+            f"K={p['layer']},k={p['kept']}",
+            (p["theoretical_prefill_speedup"], p["measured_prefill_speedup"]),
+            fontsize=7,
+        )
     top = max(theory + [p["measured_prefill_speedup"] for p in points]) * 1.1
     ax.plot([1, top], [1, top], color="gray", linestyle=":", label="measured = FLOPs bound")
     ax.set_xlabel("theoretical prefill speedup (LM FLOPs)")

@@ -14,8 +14,8 @@ plot beside it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, List, Optional
 
 import torch
 
@@ -30,11 +30,12 @@ def layer_entropies(model, samples: Iterable[dict]) -> tuple:
     """(mean entropy per decoder layer input, number of samples) over ``samples`` (model inputs)."""
     layers = model.get_decoder().layers
     ids = torch.tensor(visual_token_ids(model))
-    captured: List[Optional[torch.Tensor]] = [None] * len(layers)
+    captured: list[torch.Tensor | None] = [None] * len(layers)
 
     def capture(index):
         def hook(module, args, kwargs):
             captured[index] = args[0] if args else kwargs["hidden_states"]
+
         return hook
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -47,6 +48,7 @@ def layer_entropies(model, samples: Iterable[dict]) -> tuple:
                 if int(visual[b].sum()) < 2:
                     continue
                 for i, hidden in enumerate(captured):
+                    assert hidden is not None  # the forward ran every decoder layer, and its hook
                     totals[i] += visual_matrix_entropy(hidden[b][visual[b]])
                 count += 1
     finally:
@@ -60,8 +62,14 @@ def layer_entropies(model, samples: Iterable[dict]) -> tuple:
 def calibrate(model, samples: Iterable[dict], *, model_name: str = "") -> dict:
     """The profile ``ERAConfig(layer="auto", profile=...)`` reads."""
     entropy, count = layer_entropies(model, samples)
-    return {"model": model_name, "layers": len(entropy), "samples": count, "entropy": entropy,
-            "layer": entropy_collapse_layer(entropy), "rule": RULE}
+    return {
+        "model": model_name,
+        "layers": len(entropy),
+        "samples": count,
+        "entropy": entropy,
+        "layer": entropy_collapse_layer(entropy),
+        "rule": RULE,
+    }
 
 
 def zoo_samples(model, name: str, count: int):

@@ -52,8 +52,11 @@ class _HeldBack(logging.Filter):
         if not self.records:
             return
         if not everything:
-            print(f"({len(self.records)} Dynamo warning(s) held back, graph breaks at transformers' own checks among "
-                  "them: --graph-breaks shows them)", file=sys.stderr)
+            print(
+                f"({len(self.records)} Dynamo warning(s) held back, graph breaks at transformers' own checks among "
+                "them: --graph-breaks shows them)",
+                file=sys.stderr,
+            )
             return
         print(f"\nDynamo warnings during this command ({len(self.records)}):", file=sys.stderr)
         for record in self.records:
@@ -95,7 +98,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from era_compile import calibrate as cal
-
     from era_compile.loading import load
 
     model, processor, _ = load(args.model)
@@ -118,8 +120,13 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace, **changes) -> ERAConfig:
-    options = dict(keep_ratio=args.keep_ratio, layer=args.layer, strategy=args.strategy, attention=args.attention,
-                   compiler=args.compiler)
+    options = dict(
+        keep_ratio=args.keep_ratio,
+        layer=args.layer,
+        strategy=args.strategy,
+        attention=args.attention,
+        compiler=args.compiler,
+    )
     return ERAConfig(**{**options, **changes})
 
 
@@ -141,8 +148,11 @@ def _explain(args: argparse.Namespace) -> int:
         entry = passes.get(index)
         _explain_graph(index, entry, sites.get(index), report)
         if entry:
-            times = ", ".join(f"{name} {value['ms']:.1f}" for name, value in entry.items()
-                              if isinstance(value, dict) and "ms" in value)
+            times = ", ".join(
+                f"{name} {value['ms']:.1f}"
+                for name, value in entry.items()
+                if isinstance(value, dict) and "ms" in value
+            )
             print(f"{'':>5}  {entry['kind']} graph; passes (ms): {times}")
     for note in report.notes:
         print(f"note: {note}")
@@ -157,10 +167,14 @@ def _explain_graph(index: int, entry, site, report) -> None:
         span = entry["span"]
         count = span["visual_tokens"]
         count = f"{count} visual tokens" if isinstance(count, int) else "visual tokens counted per call"
-        print(f"{index:>5}  image merge: {count} per sample in {span['seq_len']} "
-              f"positions{' (carried from an earlier graph)' if 'carried_by_input' in span else ''}")
-        print(f"{'':>5}  pruned at the input of layer {site.layer}: {site.visual_tokens} -> {site.kept} visual "
-              f"tokens, sequence {site.seq_len_before} -> {site.seq_len_after}")
+        print(
+            f"{index:>5}  image merge: {count} per sample in {span['seq_len']} "
+            f"positions{' (carried from an earlier graph)' if 'carried_by_input' in span else ''}"
+        )
+        print(
+            f"{'':>5}  pruned at the input of layer {site.layer}: {site.visual_tokens} -> {site.kept} visual "
+            f"tokens, sequence {site.seq_len_before} -> {site.seq_len_after}"
+        )
         layers = entry["layers"]["decoder_layers"]
         rewritten = set(entry.get("attention", {}).get("layers", []))
         for layer in range(layers):
@@ -174,10 +188,12 @@ def _explain_graph(index: int, entry, site, report) -> None:
     elif entry and "handoff" in entry:
         print(f"{index:>5}  image merge without a decoder layer: visual mask handed to the next graph")
     elif entry and entry.get("kvcache", {}).get("compact") and entry.get("kind") == "decode":
-        print(f"{index:>5}  decode step: layers {entry['kvcache']['compact']} attend over pruned caches, "
-              "which add the anchors' bias")
+        print(
+            f"{index:>5}  decode step: layers {entry['kvcache']['compact']} attend over pruned caches, "
+            "which add the anchors' bias"
+        )
     else:
-        reason = next((s.split(': ', 1)[1] for s in report.skipped if s.startswith(f"graph {index}:")), "unchanged")
+        reason = next((s.split(": ", 1)[1] for s in report.skipped if s.startswith(f"graph {index}:")), "unchanged")
         print(f"{index:>5}  left alone: {reason}")
 
 
@@ -190,7 +206,9 @@ def _fidelity_record(args, model, inputs) -> dict:
 def _print_fidelity(record: dict) -> None:
     print(f"{'setting':<15} {'KL(next token)':>15} {'top-1 agreement':>16}  vision share of the last token, by layer")
     for name, r in record["settings"].items():
-        shares = " ".join(f"{r['attention_mass'][l]['last']['vision']:.2f}" for l in sorted(r["attention_mass"], key=int))
+        shares = " ".join(
+            f"{r['attention_mass'][layer]['last']['vision']:.2f}" for layer in sorted(r["attention_mass"], key=int)
+        )
         print(f"{name:<15} {r['kl_next_token']:>15.4f} {r['top1_agreement']:>16.2f}  {shares}")
 
 
@@ -220,26 +238,35 @@ def _bench(args: argparse.Namespace) -> int:
 
     points = [bench.Point(layer, keep) for layer in args.layers for keep in args.keep]
     with bench.progress_bar(len(points) * args.runs, f"bench {args.model}") as tick:
-        record = bench.run_bench(build, inputs, points, runs=args.runs, new_tokens=args.new_tokens,
-                                 base=_config(args), progress=tick)
+        record = bench.run_bench(
+            build, inputs, points, runs=args.runs, new_tokens=args.new_tokens, base=_config(args), progress=tick
+        )
     record["model"] = args.model
-    print(f"{'K':>3} {'kept':>5} {'prefill ms (eager / compiled / pruned / ideal)':>48} {'speedup':>8} "
-          f"{'FLOPs bound':>11} {'vs ideal':>8} {'decode ms/token (compiled / pruned)':>36} {'select+recycle':>15}")
+    print(
+        f"{'K':>3} {'kept':>5} {'prefill ms (eager / compiled / pruned / ideal)':>48} {'speedup':>8} "
+        f"{'FLOPs bound':>11} {'vs ideal':>8} {'decode ms/token (compiled / pruned)':>36} {'select+recycle':>15}"
+    )
     for p in record["points"]:
         t = p["times"]
-        print(f"{p['layer']:>3} {p['kept']:>5} {1e3 * t['eager']['prefill_s']:>14.1f} / {1e3 * t['compiled']['prefill_s']:>9.1f}"
-              f" / {1e3 * t['pruned']['prefill_s']:>9.1f} / {1e3 * p['ideal']['prefill_s']:>7.1f} "
-              f"{p['measured_prefill_speedup']:>7.2f}x {p['theoretical_prefill_speedup']:>10.2f}x "
-              f"{p['measured_vs_ideal']:>8.2f} {1e3 * t['compiled']['decode_s_per_token']:>21.1f} / "
-              f"{1e3 * t['pruned']['decode_s_per_token']:>9.1f} {100 * p['selection_overhead']['fraction']:>14.1f}%")
+        print(
+            f"{p['layer']:>3} {p['kept']:>5} {1e3 * t['eager']['prefill_s']:>14.1f}"
+            f" / {1e3 * t['compiled']['prefill_s']:>9.1f} / {1e3 * t['pruned']['prefill_s']:>9.1f}"
+            f" / {1e3 * p['ideal']['prefill_s']:>7.1f} "
+            f"{p['measured_prefill_speedup']:>7.2f}x {p['theoretical_prefill_speedup']:>10.2f}x "
+            f"{p['measured_vs_ideal']:>8.2f} {1e3 * t['compiled']['decode_s_per_token']:>21.1f} / "
+            f"{1e3 * t['pruned']['decode_s_per_token']:>9.1f} {100 * p['selection_overhead']['fraction']:>14.1f}%"
+        )
     if args.fidelity:
         model, _, _ = load(args.model, image=args.image)
         record["fidelity"] = _fidelity_record(args, model, inputs)
         _print_fidelity(record["fidelity"])
     batch = f"-batch{args.batch}" if args.batch > 1 else ""
-    _write_record(record, args.out,
-                  f"{Path(args.model).name}{batch}-{bench.device_slug(record['device_type'], record['device'])}",
-                  bench.plot)
+    _write_record(
+        record,
+        args.out,
+        f"{Path(args.model).name}{batch}-{bench.device_slug(record['device_type'], record['device'])}",
+        bench.plot,
+    )
     return 0
 
 
@@ -247,16 +274,27 @@ def _serve_bench(args: argparse.Namespace) -> int:
     from era_compile import bench, serve_bench
 
     with bench.progress_bar(2 * args.requests, f"serve-bench {args.model}") as tick:
-        record = serve_bench.run_serve_bench(args.model, lambda: zoo.build(args.model, seed=args.seed)[0],
-                                             requests=args.requests, max_batch=args.max_batch,
-                                             new_tokens=args.new_tokens, seed=args.seed, config=_config(args),
-                                             progress=tick)
+        record = serve_bench.run_serve_bench(
+            args.model,
+            lambda: zoo.build(args.model, seed=args.seed)[0],
+            requests=args.requests,
+            max_batch=args.max_batch,
+            new_tokens=args.new_tokens,
+            seed=args.seed,
+            config=_config(args),
+            progress=tick,
+        )
     print(serve_bench.table(record))
-    _write_record(record, args.out, f"serve-{args.model}-{bench.device_slug(record['device_type'], record['device'])}",
-                  serve_bench.plot)
+    _write_record(
+        record,
+        args.out,
+        f"serve-{args.model}-{bench.device_slug(record['device_type'], record['device'])}",
+        serve_bench.plot,
+    )
     if record["pruned_share"] not in (None, 1.0):
-        print(f"era-compile: only {100 * record['pruned_share']:.0f}% of the image requests were pruned",
-              file=sys.stderr)
+        print(
+            f"era-compile: only {100 * record['pruned_share']:.0f}% of the image requests were pruned", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -269,9 +307,17 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.weights or WEIGHTS)
     total = 1 + len(args.strategies) * len(args.settings) * len(args.ratios)
     with bench.progress_bar(total, "eval shapes-vqa") as tick:
-        record = evaluate.run_eval(model, tokenizer, questions=args.questions, layer=args.layer,
-                                   strategies=args.strategies, settings=args.settings, ratios=args.ratios,
-                                   compiler=args.compiler, progress=tick)
+        record = evaluate.run_eval(
+            model,
+            tokenizer,
+            questions=args.questions,
+            layer=args.layer,
+            strategies=args.strategies,
+            settings=args.settings,
+            ratios=args.ratios,
+            compiler=args.compiler,
+            progress=tick,
+        )
     record["benchmark"] = args.benchmark
     print(f"accuracy (%) on {record['questions']} shapes-vqa test questions, pruning at layer {record['layer']}:")
     print(evaluate.table(record))
@@ -316,13 +362,17 @@ def _add_model_options(p: argparse.ArgumentParser, keep_ratio=0.25, compiler="ea
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="era-compile", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass did")
-    parser.add_argument("--graph-breaks", action="store_true",
-                        help="show Dynamo's warnings (graph breaks) after the output; TORCH_LOGS shows them as usual")
+    parser.add_argument(
+        "--graph-breaks",
+        action="store_true",
+        help="show Dynamo's warnings (graph breaks) after the output; TORCH_LOGS shows them as usual",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compile a tiny random-init VLM with the backend and print the report")
     demo.add_argument("--model", default="llava", choices=zoo.names())
-    demo.add_argument("--layer", type=_layer, default=ERAConfig.layer,
-                      help="K, or 'auto' (with --profile, or the default)")
+    demo.add_argument(
+        "--layer", type=_layer, default=ERAConfig.layer, help="K, or 'auto' (with --profile, or the default)"
+    )
     demo.add_argument("--profile", help="a calibration profile from `era-compile calibrate` (with --layer auto)")
     demo.add_argument("--keep-ratio", type=float, default=0.25)
     demo.add_argument("--strategy", default=ERAConfig.strategy)
@@ -348,12 +398,19 @@ def main(argv=None) -> int:
     bench_p.add_argument("--keep", type=int, nargs="+", default=[64], help="visual tokens kept (sweep)")
     bench_p.add_argument("--runs", type=int, default=5)
     bench_p.add_argument("--new-tokens", type=int, default=8)
-    bench_p.add_argument("--batch", type=int, default=1,
-                         help="a left-padded batch of this many prompts of different lengths (zoo LLaVA models)")
+    bench_p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="a left-padded batch of this many prompts of different lengths (zoo LLaVA models)",
+    )
     bench_p.add_argument("--out", default="benchmarks/results")
     bench_p.add_argument("--fidelity", action="store_true", help="also measure fidelity (see the fidelity command)")
-    serve = sub.add_parser("serve-bench", help="a seeded request stream through generate(): eager vs compiled "
-                           "vs pruned (TTFT, tokens/s, compiles, KV cache)")
+    serve = sub.add_parser(
+        "serve-bench",
+        help="a seeded request stream through generate(): eager vs compiled "
+        "vs pruned (TTFT, tokens/s, compiles, KV cache)",
+    )
     _add_model_options(serve, compiler="inductor")
     serve.add_argument("--requests", type=int, default=24)
     serve.add_argument("--max-batch", type=int, default=8, help="each request a batch of 1 to this many prompts")
@@ -369,14 +426,25 @@ def main(argv=None) -> int:
     ev.add_argument("--strategies", nargs="+", default=list(evaluate.STRATEGIES))
     ev.add_argument("--settings", nargs="+", default=list(evaluate.SETTINGS), choices=list(evaluate.SETTINGS))
     ev.add_argument("--ratios", type=float, nargs="+", default=list(evaluate.KEEP_RATIOS), help="keep ratios")
-    ev.add_argument("--compiler", default="eager", choices=("inductor", "eager"),
-                    help="the inner compiler after the era passes (eager: 60 configurations compile in minutes)")
+    ev.add_argument(
+        "--compiler",
+        default="eager",
+        choices=("inductor", "eager"),
+        help="the inner compiler after the era passes (eager: 60 configurations compile in minutes)",
+    )
     ev.add_argument("--weights", help="a trained model folder (default: the one shipped in the package)")
     ev.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    command = {"demo": _demo, "calibrate": _calibrate, "explain": _explain, "bench": _bench,
-               "fidelity": _fidelity, "eval": _eval, "serve-bench": _serve_bench}[args.command]
+    command = {
+        "demo": _demo,
+        "calibrate": _calibrate,
+        "explain": _explain,
+        "bench": _bench,
+        "fidelity": _fidelity,
+        "eval": _eval,
+        "serve-bench": _serve_bench,
+    }[args.command]
     held = _HeldBack() if not os.environ.get("TORCH_LOGS") else contextlib.nullcontext()
     try:
         with held, recompile_headroom():  # a command meets many prompt shapes in a process of its own

@@ -13,13 +13,14 @@ longer mask inside SDPA while Dynamo traces the next decode step, before any bac
                               generated tokens; a blocked value where a row holds no token).
 
 What Hugging Face does to a cache tensor is done to ``rows``: ``cat([cache, new], dim=-2)``
-appends (the row's position is the logical length so far), repeat_kv's index/expand/reshape
-and dtype or device casts apply to the rows, ``index_select`` on the batch (beam search)
-reorders rows, positions and bias together; a sliding-window layer's ``x[..., -(W - 1):, :]`` keeps
-the rows, blocks those before the window and counts positions from its start (``window``). ``scaled_dot_product_attention`` over CompactKV
-keys gathers the model's mask at the rows' positions and adds the bias: exactly attention over
-the original positions with the dropped tokens gone. The bias travels inside the cache, so a
-decode step needs no lookup, and a reordered cache keeps it.
+appends (the row's position is the logical length so far), repeat_kv's index/expand/reshape and
+dtype or device casts apply to the rows, ``index_select`` on the batch (beam search) reorders
+rows, positions and bias together; a sliding-window layer's ``x[..., -(W - 1):, :]`` keeps the
+rows, blocks those before the window and counts positions from its start (``window``).
+``scaled_dot_product_attention`` over CompactKV keys gathers the model's mask at the rows'
+positions and adds the bias: exactly attention over the original positions with the dropped
+tokens gone. The bias travels inside the cache, so a decode step needs no lookup, and a
+reordered cache keeps it.
 
 It is a traceable wrapper subclass (``__tensor_flatten__``): Dynamo traces Hugging Face's code
 with it, AOTAutograd and Inductor compile its inner tensors. Anything else done to it fails
@@ -30,7 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from era_compile.algorithms.sequence import BLOCKED
 
 aten = torch.ops.aten
-_COPIES = {aten.clone.default, aten.detach.default, aten.alias.default, aten._to_copy.default,
-           aten.contiguous.default}
+_COPIES = {aten.clone.default, aten.detach.default, aten.alias.default, aten._to_copy.default, aten.contiguous.default}
 
 
 class CompactKV(Tensor):
@@ -53,16 +54,18 @@ class CompactKV(Tensor):
     def __new__(cls, rows: Tensor, positions: Tensor, bias: Tensor, length, seq_dim: int = 2):
         shape = list(rows.shape)
         shape[seq_dim] = length
-        return Tensor._make_wrapper_subclass(cls, shape, dtype=rows.dtype, device=rows.device,
-                                             requires_grad=False)
+        return Tensor._make_wrapper_subclass(cls, shape, dtype=rows.dtype, device=rows.device, requires_grad=False)
 
     @torch._disable_dynamo
     def __init__(self, rows: Tensor, positions: Tensor, bias: Tensor, length, seq_dim: int = 2):
         self.rows, self.positions, self.bias, self.seq_dim = rows, positions, bias, seq_dim
 
-    def __repr__(self) -> str:
-        return (f"CompactKV(logical {tuple(self.shape)}, {self.rows.shape[self.seq_dim]} rows stored, "
-                f"dtype={self.dtype})")
+    # Tensor's signature (the contents are never shown); ignored override: mypy reads Tensor.__repr__'s
+    # keyword argument without its name, so that no annotated override matches it
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        return (
+            f"CompactKV(logical {tuple(self.shape)}, {self.rows.shape[self.seq_dim]} rows stored, dtype={self.dtype})"
+        )
 
     def __tensor_flatten__(self):
         return ["rows", "positions", "bias"], (self.seq_dim,)
@@ -85,10 +88,15 @@ class CompactKV(Tensor):
     def stored_rows(self) -> int:
         return self.rows.shape[self.seq_dim]
 
-    def _with_rows(self, rows: Tensor, seq_dim: Optional[int] = None, positions=None, bias=None) -> "CompactKV":
+    def _with_rows(self, rows: Tensor, seq_dim: int | None = None, positions=None, bias=None) -> CompactKV:
         seq_dim = self.seq_dim if seq_dim is None else seq_dim
-        return CompactKV(rows, self.positions if positions is None else positions,
-                         self.bias if bias is None else bias, self.shape[self.seq_dim], seq_dim)
+        return CompactKV(
+            rows,
+            self.positions if positions is None else positions,
+            self.bias if bias is None else bias,
+            self.shape[self.seq_dim],
+            seq_dim,
+        )
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -98,8 +106,9 @@ class CompactKV(Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
+    # ignored override: torch annotates Tensor.__torch_dispatch__ as its disabled C default, not this classmethod
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func is aten.cat.default:
             return _append(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
@@ -111,12 +120,13 @@ class CompactKV(Tensor):
             moved = {k: v for k, v in kwargs.items() if k == "device"}
             return x._with_rows(rows, positions=x.positions.to(**moved), bias=x.bias.to(**moved))
         if func is aten.slice.Tensor:
-            dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
+            dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1 :])[:4]
             dim = dim % x.dim()
             if dim != x.seq_dim:
                 return x._with_rows(func(x.rows, dim, start, end, step))
-            to_the_end = end is None or (isinstance(end, int) and end >= 2 ** 62) or statically_known_true(
-                end >= x.shape[dim])  # ``x[..., :]`` slices to sys.maxsize
+            to_the_end = (
+                end is None or (isinstance(end, int) and end >= 2**62) or statically_known_true(end >= x.shape[dim])
+            )  # ``x[..., :]`` slices to sys.maxsize
             if step == 1 and to_the_end:  # x[..., :, :] keeps the whole sequence; a sliding-window
                 # cache's x[..., -(W - 1):, :] its last W - 1 positions
                 return x._with_rows(x.rows) if start in (0, None) else window(x, start)
@@ -133,8 +143,11 @@ class CompactKV(Tensor):
             return x._with_rows(x.rows.reshape(size), seq_dim)
         elif func is aten.index_select.default and args[1] == 0:
             index = args[2]
-            return x._with_rows(x.rows.index_select(0, index), positions=x.positions.index_select(0, index),
-                                bias=x.bias.index_select(0, index))
+            return x._with_rows(
+                x.rows.index_select(0, index),
+                positions=x.positions.index_select(0, index),
+                bias=x.bias.index_select(0, index),
+            )
         raise NotImplementedError(f"CompactKV does not support {func} (arguments {args[1:]}, {kwargs})")
 
 
@@ -160,7 +173,7 @@ def _sizes_with_stored_rows(x: CompactKV, size: list):
     """A view's target sizes in terms of the stored rows: the dimension that carries the logical
     length (the same product of dimensions before it) gets the stored count instead."""
     logical = list(x.shape)
-    before = math.prod(logical[:x.seq_dim]) if x.seq_dim else 1
+    before = math.prod(logical[: x.seq_dim]) if x.seq_dim else 1
     if -1 in size:
         known = math.prod(s for s in size if s != -1)
         size[size.index(-1)] = math.prod(logical) // known
@@ -171,9 +184,16 @@ def _sizes_with_stored_rows(x: CompactKV, size: list):
     raise NotImplementedError(f"CompactKV: a view {size} that splits or merges the sequence of {logical}")
 
 
-def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-               enable_gqa: bool = False) -> Tensor:
+def _attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
     """SDPA over CompactKV keys and values: the model's mask gathered at the rows' original
     positions, plus the rows' bias; causal is over the original positions too."""
     if not (isinstance(key, CompactKV) and isinstance(value, CompactKV)) or isinstance(query, CompactKV):
@@ -198,14 +218,13 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
     return kernel(query, key.rows, value.rows, None, mask, False, scale, "sdpa")
 
 
-def compact(rows: Tensor, positions: Tensor, bias: Tensor, length: int, window_start: Optional[int] = None
-            ) -> CompactKV:
+def compact(rows: Tensor, positions: Tensor, bias: Tensor, length: int, window_start: int | None = None) -> CompactKV:
     """A fresh CompactKV: ``rows`` [B, H, R, d] at ``positions`` [B, R] of ``length`` original ones.
     ``window_start``: ``rows`` are the last R rows only, what a sliding-window layer cached of them
     (``keys[..., window_start:, :]``); positions and bias are the last R too, and the window is
     taken in original positions."""
     cached = rows.shape[-2]
-    positions, bias = positions[:, positions.shape[1] - cached:], bias[:, bias.shape[1] - cached:]
+    positions, bias = positions[:, positions.shape[1] - cached :], bias[:, bias.shape[1] - cached :]
     kv = CompactKV(rows.contiguous(), positions.contiguous(), bias.to(torch.float32).contiguous(), length)
     return kv if window_start is None else window(kv, window_start)
 
@@ -236,7 +255,7 @@ def stored_rows(cache_tensor: Any) -> int:
     return cache_tensor.stored_rows if isinstance(cache_tensor, CompactKV) else cache_tensor.shape[-2]
 
 
-def _storages(cache_tensor: Any) -> List[Tensor]:
+def _storages(cache_tensor: Any) -> list[Tensor]:
     if isinstance(cache_tensor, CompactKV):
         return [cache_tensor.rows, cache_tensor.positions, cache_tensor.bias]
     return [cache_tensor]
@@ -245,7 +264,7 @@ def _storages(cache_tensor: Any) -> List[Tensor]:
 def stored_bytes(*cache_tensors: Any) -> int:
     """Bytes the cache tensors' storage holds (rows, positions and bias of a CompactKV), each
     storage counted once: a layer's keys and values may share their positions and bias."""
-    seen: Dict[Tuple[int, int], int] = {}
+    seen: dict[tuple[int, int], int] = {}
     for t in (s for c in cache_tensors for s in _storages(c)):
         seen[(t.untyped_storage().data_ptr(), t.device.index or 0)] = t.untyped_storage().nbytes()
     return sum(seen.values())

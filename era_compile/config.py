@@ -8,9 +8,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import NoReturn, TypeGuard
 
 from era_compile.ops.attention import KERNELS as ATTENTION_KERNELS
+
 COMPILERS = ("inductor", "eager")
 WEIGHT_NORMS = ("mean", "none", "max")
 DEFAULT_KEEP_RATIO = 0.25
@@ -28,10 +29,10 @@ class ERAConfig:
     with neither, ``keep_ratio=0.25``. ``keep_ratio=1.0`` keeps every visual token.
     """
 
-    keep_ratio: Optional[float] = None
-    keep_tokens: Optional[int] = None
-    layer: Union[int, str] = 2
-    profile: Optional[str] = None
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    layer: int | str = 2
+    profile: str | None = None
     strategy: str = "era"
     recycle: bool = True
     rectify: bool = True
@@ -87,19 +88,34 @@ class ERAConfig:
 
     def strategy_options(self) -> dict:
         """The knobs a selection strategy receives (JSON-able, so they can ride in an op's schema)."""
-        return {"lam": float(self.dep_lambda), "beta": float(self.dep_beta), "seed": int(self.seed),
-                "trace_normalize": bool(self.trace_normalize)}
+        return {
+            "lam": float(self.dep_lambda),
+            "beta": float(self.dep_beta),
+            "seed": int(self.seed),
+            "trace_normalize": bool(self.trace_normalize),
+        }
 
-    def resolve_layer(self) -> Tuple[int, Optional[str]]:
+    def resolve_layer(self) -> tuple[int, str | None]:
         """K as an int, and for ``layer="auto"`` a note on where it came from (for the report)."""
-        if self.layer != "auto":
+        if isinstance(self.layer, int):  # validated: an int, or "auto"
             return self.layer, None
         if self.profile is None:
-            return AUTO_LAYER_DEFAULT, (f"layer='auto' without a calibration profile: K={AUTO_LAYER_DEFAULT}, the "
-                                        "documented default (run `era-compile calibrate` for this model's own)")
+            return AUTO_LAYER_DEFAULT, (
+                f"layer='auto' without a calibration profile: K={AUTO_LAYER_DEFAULT}, the "
+                "documented default (run `era-compile calibrate` for this model's own)"
+            )
         profile = _read_profile(self.profile)
-        return profile["layer"], (f"layer='auto': K={profile['layer']}, the Entropy Collapse Layer in profile "
-                                  f"{self.profile} ({profile.get('model', 'model not named')})")
+        return profile["layer"], (
+            f"layer='auto': K={profile['layer']}, the Entropy Collapse Layer in profile "
+            f"{self.profile} ({profile.get('model', 'model not named')})"
+        )
+
+    @property
+    def resolved_layer(self) -> int:
+        """K of a config whose ``layer`` is resolved (the backend's own: ``resolve_layer`` turns "auto" into K)."""
+        if not isinstance(self.layer, int):
+            raise ValueError(f"ERAConfig.layer={self.layer!r} is not resolved: ERAConfig.resolve_layer() gives K")
+        return self.layer
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,7 +125,7 @@ class ERAConfig:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def replace(self, **changes) -> "ERAConfig":
+    def replace(self, **changes) -> ERAConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -121,8 +137,10 @@ def keep_tokens_for_layer_average(avg_tokens: float, num_visual: int, layer: int
         raise ValueError(f"layer must be in [0, {num_layers}), got {layer}")
     k = math.floor((num_layers * avg_tokens - layer * num_visual) / (num_layers - layer))
     if k < 1:
-        raise ValueError(f"an average of {avg_tokens} tokens over {num_layers} layers cannot be met when the first "
-                         f"{layer} layers hold all {num_visual}: lower the layer or raise the average")
+        raise ValueError(
+            f"an average of {avg_tokens} tokens over {num_layers} layers cannot be met when the first "
+            f"{layer} layers hold all {num_visual}: lower the layer or raise the average"
+        )
     return min(k, num_visual)
 
 
@@ -137,7 +155,7 @@ def _read_profile(path: str) -> dict:
     return profile
 
 
-def _fail(field: str, why: str) -> None:
+def _fail(field: str, why: str) -> NoReturn:
     raise ValueError(f"ERAConfig.{field}: {why}")
 
 
@@ -146,10 +164,9 @@ def _check_choice(field: str, value: object, choices: tuple) -> None:
         _fail(field, f"must be one of {list(choices)}, got {value!r}")
 
 
-def _is_int(x: object) -> bool:
+def _is_int(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x: object) -> bool:
+def _is_number(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-

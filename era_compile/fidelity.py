@@ -23,7 +23,7 @@ holds every compiled graph to (within 1e-4), so the attention probabilities can 
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from era_compile.config import ERAConfig
 from era_compile.reference import EagerReference
 
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "unpruned": dict(keep_ratio=1.0, recycle=False, rectify=False),
     "prune": dict(recycle=False, rectify=False),
     "prune+recycle": dict(recycle=True, rectify=False),
@@ -46,10 +46,10 @@ class AttentionMass:
 
     def __init__(self, visual_mask: torch.Tensor):
         positions = torch.arange(visual_mask.shape[1], device=visual_mask.device)
-        first = torch.where(visual_mask, positions, visual_mask.shape[1]).min(dim=1).values   # [B]
+        first = torch.where(visual_mask, positions, visual_mask.shape[1]).min(dim=1).values  # [B]
         last = torch.where(visual_mask, positions, -1).max(dim=1).values
         self.first, self.last_visual = first, last
-        self.mass: Dict[int, Dict[str, List[float]]] = {}
+        self.mass: dict[int, dict[str, list[float]]] = {}
 
     def __call__(self, layer, query, key, attention_mask, bias, scale, key_positions):
         if query.shape[2] == 1:  # a decode step: not part of this picture
@@ -60,16 +60,21 @@ class AttentionMass:
         if bias is not None:
             logits = logits + bias.float()[:, None, None, :]
         if attention_mask is not None:
-            logits = (logits.masked_fill(~attention_mask, -math.inf) if attention_mask.dtype == torch.bool
-                      else logits + attention_mask.float())
+            logits = (
+                logits.masked_fill(~attention_mask, -math.inf)
+                if attention_mask.dtype == torch.bool
+                else logits + attention_mask.float()
+            )
         else:
             causal = torch.ones(Lq, key.shape[2], dtype=torch.bool, device=query.device).tril(key.shape[2] - Lq)
             logits = logits.masked_fill(~causal, -math.inf)
         probs = torch.nan_to_num(F.softmax(logits, dim=-1)).mean(dim=1)  # [B, Lq, Lk], head mean
         first, last = self.first[:, None], self.last_visual[:, None]
-        group = {"system": key_positions < first,
-                 "vision": (key_positions >= first) & (key_positions <= last),
-                 "instruction": key_positions > last}
+        group = {
+            "system": key_positions < first,
+            "vision": (key_positions >= first) & (key_positions <= last),
+            "instruction": key_positions > last,
+        }
         query_positions = key_positions[:, -Lq:]  # prefill: queries are the same tokens as the keys
         rows = {"last": query_positions == query_positions[:, -1:], "instruction": query_positions > last}
         entry = self.mass.setdefault(layer, {})
@@ -85,7 +90,7 @@ def fidelity(model, inputs: dict, base: ERAConfig, *, new_tokens: int = 16) -> d
     unpruned = model(**inputs)
     p_ref = F.log_softmax(unpruned.logits[:, -1].float(), dim=-1)
     generated = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    continuation = generated[:, inputs["input_ids"].shape[1]:]
+    continuation = generated[:, inputs["input_ids"].shape[1] :]
     forced = dict(inputs, input_ids=generated)  # the prompt and the unpruned model's continuation
     if "attention_mask" in inputs:
         forced["attention_mask"] = torch.ones_like(generated)
@@ -99,11 +104,16 @@ def fidelity(model, inputs: dict, base: ERAConfig, *, new_tokens: int = 16) -> d
         logits = probe(**inputs).logits[:, -1].float()
         kl = F.kl_div(F.log_softmax(logits, -1), p_ref, log_target=True, reduction="batchmean").item()
         probe.attention_observer = None
-        predicted = probe(**forced).logits[:, -new_tokens - 1:-1].argmax(-1)
+        predicted = probe(**forced).logits[:, -new_tokens - 1 : -1].argmax(-1)
         agreement = float((predicted == continuation).float().mean())
-        results[name] = {"kl_next_token": kl, "top1_agreement": agreement,
-                         "attention_mass": {str(layer): {q: dict(zip(GROUPS, shares)) for q, shares in by_q.items()}
-                                            for layer, by_q in sorted(mass.mass.items())}}
+        results[name] = {
+            "kl_next_token": kl,
+            "top1_agreement": agreement,
+            "attention_mass": {
+                str(layer): {q: dict(zip(GROUPS, shares, strict=True)) for q, shares in by_q.items()}
+                for layer, by_q in sorted(mass.mass.items())
+            },
+        }
     return {"settings": results, "new_tokens": new_tokens, "groups": list(GROUPS), "query_sets": list(QUERY_SETS)}
 
 
@@ -116,11 +126,15 @@ def plot_attention_mass(record: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(GROUPS), figsize=(11, 3.4), sharey=True)
-    for ax, group in zip(axes, GROUPS):
+    for ax, group in zip(axes, GROUPS, strict=True):
         for name, result in record["settings"].items():
             layers = sorted(result["attention_mass"], key=int)
-            ax.plot([int(l) for l in layers], [result["attention_mass"][l]["last"][group] for l in layers],
-                    marker="o", label=name)
+            ax.plot(
+                [int(layer) for layer in layers],
+                [result["attention_mass"][layer]["last"][group] for layer in layers],
+                marker="o",
+                label=name,
+            )
         ax.set_title(f"{group} keys", fontsize=9)
         ax.set_xlabel("decoder layer")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch.fx as fx
 
@@ -69,12 +68,12 @@ class GraphDump:
     def listening(self) -> bool:
         return self.folder is not None or _graphs_log.isEnabledFor(logging.DEBUG) or _tracing()
 
-    def render(self, gm: fx.GraphModule) -> Optional[str]:
+    def render(self, gm: fx.GraphModule) -> str | None:
         """The graph's code headed by the nodes each pass inserted; None when nobody listens."""
         if not self.listening:
             return None
         code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
-        inserted: Dict[str, List[str]] = {}
+        inserted: dict[str, list[str]] = {}
         for node in gm.graph.nodes:
             if "era_pass" in node.meta:
                 inserted.setdefault(node.meta["era_pass"], []).append(node.name)
@@ -91,8 +90,10 @@ class GraphDump:
 
         _graphs_log.debug("%s %s:\n%s", self.label, name, text)
         torch._logging.trace_structured(
-            "artifact", metadata_fn=lambda: {"name": f"era_{self.label}_{name}", "encoding": "string"},
-            payload_fn=lambda: text)
+            "artifact",
+            metadata_fn=lambda: {"name": f"era_{self.label}_{name}", "encoding": "string"},
+            payload_fn=lambda: text,
+        )
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / f"{name}.py").write_text(text)

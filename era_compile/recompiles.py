@@ -24,7 +24,7 @@ import contextlib
 import logging
 import types
 import weakref
-from typing import Callable, Dict, Iterator, Tuple
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -45,8 +45,10 @@ def recompile_headroom(limit: int = DEFAULT_HEADROOM) -> Iterator[None]:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ValueError(f"recompile_headroom: limit must be an int >= 1, got {limit!r}")
     config = torch._dynamo.config
-    with config.patch(recompile_limit=max(limit, config.recompile_limit),
-                      accumulated_recompile_limit=max(config.accumulated_recompile_limit, 4 * limit)):
+    with config.patch(
+        recompile_limit=max(limit, config.recompile_limit),
+        accumulated_recompile_limit=max(config.accumulated_recompile_limit, 4 * limit),
+    ):
         yield
 
 
@@ -55,13 +57,14 @@ class RecompileLimitWatch:
     Dynamo gives up recompiling one of them (it may raise: strict mode's error)."""
 
     def __init__(self, told: Callable[[str], None]):
-        self.functions: Dict[Tuple[str, int], str] = {}  # (file, first line) -> how Dynamo names it
+        self.functions: dict[tuple[str, int], str] = {}  # (file, first line) -> how Dynamo names it
         self.told = told
         _listener.watch(self)
 
     def traced(self, code: types.CodeType) -> None:
-        self.functions.setdefault((code.co_filename, code.co_firstlineno),
-                                  f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})")
+        self.functions.setdefault(
+            (code.co_filename, code.co_firstlineno), f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
+        )
 
     def hit(self, message: str) -> bool:
         """Whether Dynamo's line names one of this model's functions; if so, tell it."""
@@ -76,7 +79,7 @@ class _Listener(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.watches: "weakref.WeakSet[RecompileLimitWatch]" = weakref.WeakSet()
+        self.watches: weakref.WeakSet[RecompileLimitWatch] = weakref.WeakSet()
         self.alive = 0
 
     def watch(self, watch: RecompileLimitWatch) -> None:

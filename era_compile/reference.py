@@ -3,49 +3,57 @@
 The oracle every compiled result is compared with (tests), and what `era-compile fidelity`
 runs to look inside attention.
 
-Plain PyTorch, no compile. Forward pre-hooks on the decoder layers cut the sequence at
-layer K in prefill (the same algorithm functions the ops call: selection, BTR, sequence
-assembly, per sample: a ragged batch is left-padded to its longest kept sequence) and gather
-every per-token argument of the later layers (cos/sin, mask, position ids). A registered attention function reads layer K-1's queries and keys for the
-saliency and adds the LAR bias in layers >= K. In decode steps the pruned layers' caches
-hold the kept tokens plus the generated ones: their bias is the prefill bias extended by 0,
-and Hugging Face's mask (over original positions) is gathered onto those keys. The cache
-stays compact here whatever the padding: the compiled runtime's layout is its own business,
-the attention it computes must match this.
+Plain PyTorch, no compile. Forward pre-hooks on the decoder layers cut the sequence at layer
+K in prefill (the same algorithm functions the ops call: selection, BTR, sequence assembly,
+per sample: a ragged batch is left-padded to its longest kept sequence) and gather every
+per-token argument of the later layers (cos/sin, mask, position ids). A registered attention
+function reads layer K-1's queries and keys for the saliency and adds the LAR bias in layers
+>= K. In decode steps the pruned layers' caches hold the kept tokens plus the generated
+ones: their bias is the prefill bias extended by 0, and Hugging Face's mask (over original
+positions) is gathered onto those keys. The cache stays compact here whatever the padding:
+the compiled runtime's layout is its own business, the attention it computes must match
+this.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from era_compile.compat import cache_kwarg
 from era_compile.config import ERAConfig
 from era_compile.ops.attention import default_scale
 from era_compile.ops.prune import recycle_kept, select_anchors
 
-_ACTIVE: Optional["EagerReference"] = None
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+_ACTIVE: EagerReference | None = None
 
 
-def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                         is_causal=None, **kwargs):
+def _reference_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     ref, idx = _ACTIVE, getattr(module, "layer_idx", None)
     if ref is None or idx is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     ref.observe(idx, query, key, attention_mask, scaling)
     if ref.attention_observer is not None:
         ref.report_attention(idx, query, key, attention_mask, scaling)
     if not ref.pruned_layer(idx):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     k_len = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] != k_len:  # decode: original positions
         attention_mask = _take(attention_mask, ref.cached_positions(k_len), 3)
@@ -75,17 +83,17 @@ def register_reference_attention() -> None:
         AttentionMaskInterface.register("era_reference", sdpa_mask)
 
 
-def visual_token_ids(model) -> List[int]:
+def visual_token_ids(model) -> list[int]:
     """The placeholder ids of image and video features, from the model's config. The eager side
     (this oracle, calibration) reads them; the compiled passes find the merge instead."""
-    ids = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
-    ids = [i for i in ids if i is not None]
+    named = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
+    ids: list[int] = [i for i in named if i is not None]
     if not ids:
         raise ValueError("the model config names no image_token_id or video_token_id")
     return ids
 
 
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+def decoder_of(model: PreTrainedModel) -> torch.nn.Module:
     """The module holding the language model's ``layers`` (``get_decoder`` of a VLM may return a
     whole causal LM, e.g. BLIP-2's OPT, whose own decoder holds them)."""
     decoder = model.get_decoder()
@@ -99,13 +107,28 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
 class EagerReference:
     """``EagerReference(model, config)(**inputs)`` runs ``model`` eagerly with the pruning of ``config``."""
 
-    def __init__(self, model: torch.nn.Module, config: ERAConfig, *, drop_decode_bias: bool = False,
-                 attention_observer: Optional[Callable] = None):
+    # set while the hooks are on (``_hooked``)
+    _visual_mask: torch.Tensor  # bool [B, N]
+    _capture: int | None  # the layer whose queries and keys the selection reads
+    _seen: tuple[Any, Any, Any, Any] | None  # that layer's (query, key, attention_mask, scaling)
+    _keep: torch.Tensor | None  # after the prefill's cut: the kept positions [B, n']
+    _bias: torch.Tensor | None  # their LAR bias
+    _seq_len: int  # N
+    _pruning: bool  # this forward is the prefill that prunes
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: ERAConfig,
+        *,
+        drop_decode_bias: bool = False,
+        attention_observer: Callable | None = None,
+    ):
         register_reference_attention()
         self.model = model
         self.config = config.replace(layer=config.resolve_layer()[0], profile=None)  # layer="auto" resolved
-        self.decoder = decoder_of(model)
-        self.layers = self.decoder.layers
+        self.decoder: Any = decoder_of(model)  # Hugging Face's: its layers and DeepStack hook are read by name
+        self.layers = cast(torch.nn.ModuleList, self.decoder.layers)  # Hugging Face's decoder layers
         self.visual_token_ids = torch.tensor(visual_token_ids(model))
         self.drop_decode_bias = drop_decode_bias
         # observer(layer, query, key, attention_mask, bias or None, scale, key_positions [B, Lk]):
@@ -120,6 +143,9 @@ class EagerReference:
             self._seen = (query, key, attention_mask, scaling)
 
     def report_attention(self, layer: int, query, key, attention_mask, scaling) -> None:
+        observer = self.attention_observer
+        if observer is None:  # nobody listens
+            return
         k_len = key.shape[2]
         if self.pruned_layer(layer):
             positions, bias = self.cached_positions(k_len), self.bias_for(k_len)
@@ -129,14 +155,21 @@ class EagerReference:
             positions = torch.arange(k_len, device=key.device).expand(key.shape[0], k_len)
             bias = None
         scale = scaling if scaling is not None else default_scale(query.shape[-1])
-        self.attention_observer(layer, query, key, attention_mask, bias, scale, positions)
+        observer(layer, query, key, attention_mask, bias, scale, positions)
+
+    def _after_cut(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept positions [B, n'] and their LAR bias, which the prefill's cut set (asked only after it)."""
+        if self._keep is None or self._bias is None:
+            raise RuntimeError("EagerReference: the prefill has not cut the sequence yet")
+        return self._keep, self._bias
 
     def pruned_layer(self, layer: int) -> bool:
-        return self._keep is not None and layer >= self.config.layer
+        return self._keep is not None and layer >= self.config.resolved_layer
 
     def bias_for(self, k_len: int):
         """LAR bias of the k_len keys of a pruned layer: prefill's, then 0 for generated tokens."""
-        bias = self._bias if self.config.rectify else torch.zeros_like(self._bias)
+        _, prefill_bias = self._after_cut()
+        bias = prefill_bias if self.config.rectify else torch.zeros_like(prefill_bias)
         if k_len > bias.shape[1]:
             extra = torch.zeros(bias.shape[0], k_len - bias.shape[1], device=bias.device)
             bias = torch.cat([torch.zeros_like(bias) if self.drop_decode_bias else bias, extra], -1)
@@ -144,7 +177,7 @@ class EagerReference:
 
     def cached_positions(self, k_len: int) -> torch.Tensor:
         """Original positions of a pruned layer's cached keys: the kept ones, then the generated."""
-        keep = self._keep
+        keep, _ = self._after_cut()
         generated = torch.arange(self._seq_len, self._seq_len + k_len - keep.shape[1], device=keep.device)
         return torch.cat([keep, generated.expand(keep.shape[0], -1)], -1)
 
@@ -154,25 +187,44 @@ class EagerReference:
             self._pruning = False
             return None
         self._pruning = True  # the prefill: the layers after this one run on the kept tokens
-        K, cfg = self.config.layer, self.config
+        K, cfg = self.config.resolved_layer, self.config
         if K == 0:  # layer 0's queries and keys on the unpruned input, cache untouched
             self._capture = 0
             rotary = {"position_embeddings": kwargs["position_embeddings"]} if "position_embeddings" in kwargs else {}
-            module.self_attn(hidden_states=module.input_layernorm(hidden), attention_mask=kwargs.get("attention_mask"),
-                             **rotary, **{cache_kwarg(module.self_attn.forward): None})
+            module.self_attn(
+                hidden_states=module.input_layernorm(hidden),
+                attention_mask=kwargs.get("attention_mask"),
+                **rotary,
+                **{cache_kwarg(module.self_attn.forward): None},
+            )
+        if self._seen is None:
+            raise RuntimeError(f"EagerReference: layer {max(K - 1, 0)}'s attention did not run through the reference's")
         query, key, attn_mask, scaling = self._seen
         self._capture = None
         if hidden.shape[0] != self._visual_mask.shape[0]:  # beam search expanded every prompt into its beams
             self._visual_mask = self._visual_mask.repeat_interleave(hidden.shape[0] // self._visual_mask.shape[0], 0)
         is_causal = attn_mask is None and query.shape[2] > 1
         scale = scaling if scaling is not None else default_scale(query.shape[-1])
-        anchor_mask, confidence = select_anchors(hidden, self._visual_mask, query, key, attn_mask, is_causal, scale,
-                                                 cfg.keep_ratio, cfg.keep_tokens, cfg.strategy,
-                                                 json.loads(json.dumps(cfg.strategy_options())))
-        keep, hidden_kept, bias = recycle_kept(hidden, self._visual_mask, anchor_mask, confidence,
-                                               cfg.recycle, cfg.weight_norm)
+        anchor_mask, confidence = select_anchors(
+            hidden,
+            self._visual_mask,
+            query,
+            key,
+            attn_mask,
+            is_causal,
+            scale,
+            cfg.keep_ratio,
+            cfg.keep_tokens,
+            cfg.strategy,
+            json.loads(json.dumps(cfg.strategy_options())),
+        )
+        keep, hidden_kept, bias = recycle_kept(
+            hidden, self._visual_mask, anchor_mask, confidence, cfg.recycle, cfg.weight_norm
+        )
         self._keep, self._bias, self._seq_len = keep, bias, hidden.shape[1]
-        anchors = [torch.nonzero(a[v]).flatten() for a, v in zip(anchor_mask, self._visual_mask)]  # per sample
+        anchors = [  # per sample
+            torch.nonzero(a[v]).flatten() for a, v in zip(anchor_mask, self._visual_mask, strict=True)
+        ]
         self.last = {"keep_index": keep, "log_bias": bias, "anchors": anchors, "anchor_mask": anchor_mask}
         args = (hidden_kept,) + tuple(args[1:]) if args else args
         if not args:
@@ -185,15 +237,24 @@ class EagerReference:
 
     def _per_token(self, x):
         """x at the kept positions if it runs along the prompt ([B, N, ...]), else as it is."""
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == self._seq_len \
-                and x.shape[0] in (1, self._keep.shape[0]):
-            return _take(x, self._keep, 1)
+        keep, _ = self._after_cut()
+        if (
+            isinstance(x, torch.Tensor)
+            and x.dim() >= 2
+            and x.shape[1] == self._seq_len
+            and x.shape[0] in (1, keep.shape[0])
+        ):
+            return _take(x, keep, 1)
         return x
 
     def _gather_kwargs(self, kwargs):
-        keep = self._keep
-        kwargs = {name: value if name in ("attention_mask", "position_embeddings", "position_ids", "hidden_states")
-                  else self._per_token(value) for name, value in kwargs.items()}
+        keep, _ = self._after_cut()
+        kwargs = {
+            name: value
+            if name in ("attention_mask", "position_embeddings", "position_ids", "hidden_states")
+            else self._per_token(value)
+            for name, value in kwargs.items()
+        }
         if kwargs.get("position_embeddings") is not None:  # learned positions (OPT) were added before layer 0
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (_take(cos, keep, 1), _take(sin, keep, 1))
@@ -232,13 +293,13 @@ class EagerReference:
     def _hooked(self, input_ids: torch.Tensor):
         global _ACTIVE
         self._visual_mask = self.visual_positions(input_ids)
-        self._capture = self.config.layer - 1 if self.config.layer > 0 else None
+        K = self.config.resolved_layer
+        self._capture = K - 1 if K > 0 else None
         self._seen, self._keep, self._bias, self._pruning = None, None, None, False
         text_config = self.model.config.get_text_config()
         previous = text_config._attn_implementation
-        handles = [self.layers[self.config.layer].register_forward_pre_hook(self._prune, with_kwargs=True)]
-        handles += [layer.register_forward_pre_hook(self._later, with_kwargs=True)
-                    for layer in self.layers[self.config.layer + 1:]]
+        handles = [self.layers[K].register_forward_pre_hook(self._prune, with_kwargs=True)]
+        handles += [layer.register_forward_pre_hook(self._later, with_kwargs=True) for layer in self.layers[K + 1 :]]
         text_config._attn_implementation = "era_reference"
         added = self._gather_added_features()
         _ACTIVE = self

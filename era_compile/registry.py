@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -41,7 +41,7 @@ class Refusal(Exception):
         return f"{self.model_type}: {self.reason}"
 
 
-def model_types() -> Dict[str, str]:
+def model_types() -> dict[str, str]:
     """model type -> model class name, as the installed transformers registers them."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -50,22 +50,76 @@ def model_types() -> Dict[str, str]:
 
 # --------------------------------------------------------------------------- tiny configs
 
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, max_window_layers=4, num_experts=4, num_local_experts=4, n_routed_experts=4,
-            num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
-            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, sliding_window=16, attention_chunk_size=16,
-            max_position_embeddings=2048, ffn_hidden_size=128, d_model=64, num_layers=4, d_ff=128,
-            word_embed_proj_dim=64)
-VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, depth=2,
-              embed_dim=64, num_heads=4, head_dim=16, out_hidden_size=64, projection_dim=64,
-              vision_output_dim=64, num_key_value_heads=4, out_features=64, text_hidden_size=64,
-              deepstack_visual_indexes=[0, 1])  # DeepStack: both tower layers feed the decoder
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, depth=2,
-             head_dim=16, num_key_value_heads=4, codebook_dim=64, text_hidden_size=64)
-TOP = dict(projector_hidden_size=64, projection_dim=64, mm_hidden_size=64, text_hidden_size=64,
-           vision_hidden_size=64, mm_tokens_per_image=16, num_query_tokens=8,
-           image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]])
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_window_layers=4,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    sliding_window=16,
+    attention_chunk_size=16,
+    max_position_embeddings=2048,
+    ffn_hidden_size=128,
+    d_model=64,
+    num_layers=4,
+    d_ff=128,
+    word_embed_proj_dim=64,
+)
+VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    depth=2,
+    embed_dim=64,
+    num_heads=4,
+    head_dim=16,
+    out_hidden_size=64,
+    projection_dim=64,
+    vision_output_dim=64,
+    num_key_value_heads=4,
+    out_features=64,
+    text_hidden_size=64,
+    deepstack_visual_indexes=[0, 1],
+)  # DeepStack: both tower layers feed the decoder
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    depth=2,
+    head_dim=16,
+    num_key_value_heads=4,
+    codebook_dim=64,
+    text_hidden_size=64,
+)
+TOP = dict(
+    projector_hidden_size=64,
+    projection_dim=64,
+    mm_hidden_size=64,
+    text_hidden_size=64,
+    vision_hidden_size=64,
+    mm_tokens_per_image=16,
+    num_query_tokens=8,
+    image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]],
+)
 
 # What the generic shrink cannot infer, per model type: {sub-config name or "": {field: value}}.
 # These are builders' facts (a tower's layer indices, a projector's table), never read by a pass.
@@ -73,10 +127,18 @@ TOP = dict(projector_hidden_size=64, projection_dim=64, mm_hidden_size=64, text_
 # patches that SAM's two stride-2 convolutions bring to 2 x 2, whose last width must be the second
 # encoder's; one global layer of SAM's 2 (their mlp_dim is stored, not derived); SAM's default init std
 # (1e-10, a checkpoint's placeholder) would leave a random tower blind to its pixels, every view's tokens alike.
-_TINY_SAM = {"image_size": 64, "patch_size": 8, "output_channels": 32, "mlp_dim": 128, "downsample_channels": [32, 64],
-             "window_size": 4, "global_attn_indexes": [1], "initializer_range": 0.02}
+_TINY_SAM = {
+    "image_size": 64,
+    "patch_size": 8,
+    "output_channels": 32,
+    "mlp_dim": 128,
+    "downsample_channels": [32, 64],
+    "window_size": 4,
+    "global_attn_indexes": [1],
+    "initializer_range": 0.02,
+}
 
-OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
+OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "vipllava": {"": {"vision_feature_layers": [-2, -1]}},
     "aria": {"": {"projector_patch_to_query_dict": {64: 16}}},
     "blip-2": {"": {"image_token_index": 50265}},  # as the processors of current checkpoints expand it
@@ -84,19 +146,29 @@ OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "glm5_next": {"text_config": {"num_key_value_heads": 4, "qk_rope_head_dim": 0}},  # MLA without RoPE (DSA)
     "llama4": {"vision_config": {"intermediate_size": 256, "projector_input_dim": 64, "projector_output_dim": 64}},
     "step3p7": {"text_config": {"sliding_window": 16}},
-    "molmo2": {"adapter_config": {"vision_feature_layer": [-1, -2]},
-               "vision_config": {"num_position_embeddings": 64}},  # one position per patch of a crop
-    "hy_v4_vl": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                     "mrope_section": [1, 1, 2]}}},
+    "molmo2": {
+        "adapter_config": {"vision_feature_layer": [-1, -2]},
+        "vision_config": {"num_position_embeddings": 64},
+    },  # one position per patch of a crop
+    "hy_v4_vl": {
+        "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}
+    },
     # its default config names no RoPE per layer type, which the rotary embedding looks up
-    "cohere_compass": {"text_config": {"rope_parameters": {"full_attention": {
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}}},
+    "cohere_compass": {
+        "text_config": {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+            }
+        }
+    },
     # Ernie interleaves the h and w sections pairwise: they must be equal
-    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
-                                                            "mrope_section": [3, 3, 2]}}},
+    "ernie4_5_vl_moe": {
+        "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]}}
+    },
     # M-RoPE whose default sections live in the modeling code, not the config
-    "paddleocr_vl": {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
-                                                         "mrope_section": [2, 3, 3]}}},
+    "paddleocr_vl": {
+        "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 3, 3]}}
+    },
     # the merger windows run after this tower layer; the image token id is the tokenizer's, not the config's
     "minicpm_ocr": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
     "minicpmv4_6": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
@@ -106,46 +178,72 @@ OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "qwen3_omni_moe_thinker": {"": {"vision_start_token_id": 151652}},
     "mistral_large4": {"text_config": {"num_key_value_heads": 4}},  # MLA: a key per query head
     "hunyuan_vl": {"text_config": {"head_dim": 16}},  # None in its default, derived from widths not shrunk
-    "kimi_k25": {"": {"projection_hidden_size": 64},  # the tower's width, as the projector reads it
-                 # MLA: a key per query head; head_dim = qk_rope_head_dim, the rotary width DeepSeek-V3 derives
-                 "text_config": {"num_key_value_heads": 4, "head_dim": 8}},
+    "kimi_k25": {
+        "": {"projection_hidden_size": 64},  # the tower's width, as the projector reads it
+        # MLA: a key per query head; head_dim = qk_rope_head_dim, the rotary width DeepSeek-V3 derives
+        "text_config": {"num_key_value_heads": 4, "head_dim": 8},
+    },
     "nemotron_h_omni": {"": {"image_token_id": 1000}},  # the tokenizer's, not the config's
     # the adapter reads the tower's 2 x 2 pixel-shuffled width and writes the text width
     "muse_glimmer": {"": {"out_hidden_size": 256, "projector_hidden_size": 64}},
     # an audio pyramid: one patch size, width and depth per level, as many as its layers
-    "muse_spark": {"": {"out_hidden_size": 256, "projector_hidden_size": 64},
-                   "audio_config": {"patch_sizes": [16, 6], "hidden_sizes": [32, 64], "depths": [1, 1],
-                                    "out_hidden_size": 64}},
+    "muse_spark": {
+        "": {"out_hidden_size": 256, "projector_hidden_size": 64},
+        "audio_config": {"patch_sizes": [16, 6], "hidden_sizes": [32, 64], "depths": [1, 1], "out_hidden_size": 64},
+    },
     "inkling_mm_model": {"vision_config": {"n_layers": 4}},  # its tower's layer count, by another name
     # its default leaves out the sparse-attention indexer its attention layers build
-    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
-                                  "indexer_budget": 16, "indexer_compress_ratio": 4}},
+    "qwen4_exp": {
+        "text_config": {
+            "indexer_n_heads": 2,
+            "indexer_kv_heads": 1,
+            "indexer_head_dim": 16,
+            "indexer_budget": 16,
+            "indexer_compress_ratio": 4,
+        }
+    },
     "deepseek_vl_hybrid": {"high_res_vision_config": {"global_attn_indexes": [1]}},  # of its 2 layers
     # MLA: a key per query head; its sliding-window layers (2 and 3 of 4) have attention sizes of their own
-    "dots3_note": {"text_config": {"num_key_value_heads": 4, "per_layer_config": {layer: dict(
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, head_dim=16,
-        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16) for layer in (2, 3)}},
-                   # the towers' adapters: from their own width to the text width
-                   "vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
-                   "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64}},
+    "dots3_note": {
+        "text_config": {
+            "num_key_value_heads": 4,
+            "per_layer_config": {
+                layer: dict(
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    q_lora_rank=32,
+                    kv_lora_rank=16,
+                    head_dim=16,
+                    qk_nope_head_dim=8,
+                    qk_rope_head_dim=8,
+                    v_head_dim=16,
+                )
+                for layer in (2, 3)
+            },
+        },
+        # the towers' adapters: from their own width to the text width
+        "vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
+        "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64},
+    },
     # its defaults leave out the tower layers it injects into which decoder layers (DeepStack)
-    "granite4_vision": {"": {"downsample_rate": "1/2", "deepstack_layer_map": [[-2, 1], [-1, 2]],
-                             "spatial_target_layers": [0, 1, 2, 3]}},
+    "granite4_vision": {
+        "": {"downsample_rate": "1/2", "deepstack_layer_map": [[-2, 1], [-1, 2]], "spatial_target_layers": [0, 1, 2, 3]}
+    },
     "fuyu": {"": {"patch_size": 8, "image_size": 64}},  # its patches are the text model's inputs: no tower
     "gemma4_unified": {"vision_config": {"mm_embed_dim": 64, "output_proj_dims": 64}},  # no tower: a projection
     # DeepSeek-OCR-2's second encoder appends its 144 learned queries (the 768-pixel set, which any view this
     # small selects); its decoder's default lists no dense/sparse MLP layers and routes to no number of
     # experts (None, which the generic shrink leaves alone).
-    "deepseek_ocr2": {"sam_config": _TINY_SAM,
-                      "text_config": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
-                                      "num_experts_per_tok": 2}},
+    "deepseek_ocr2": {
+        "sam_config": _TINY_SAM,
+        "text_config": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"], "num_experts_per_tok": 2},
+    },
     # Unlimited-OCR's second encoder (CLIP) takes SAM's 2 x 2 map as its patches: a position per cell
-    "unlimited_ocr": {"sam_config": _TINY_SAM,
-                      "encoder_config": {"image_size": 16, "patch_size": 8}},
+    "unlimited_ocr": {"sam_config": _TINY_SAM, "encoder_config": {"image_size": 16, "patch_size": 8}},
 }
 
 
-def _role(name: str) -> Optional[Dict[str, Any]]:
+def _role(name: str) -> dict[str, Any] | None:
     if "text" in name or name in ("decoder", "vlm_config"):
         return TEXT
     if "vision" in name or "vq" in name:
@@ -155,7 +253,7 @@ def _role(name: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _shrunk(config, sizes: Dict[str, Any], overrides: Dict[str, Dict[str, Any]], name: str = ""):
+def _shrunk(config, sizes: dict[str, Any], overrides: dict[str, dict[str, Any]], name: str = ""):
     """``config`` rebuilt with the fields of ``sizes`` it has (its derived fields recomputed)."""
     fields = config.to_dict()
     layers = fields.get("num_hidden_layers")
@@ -178,8 +276,9 @@ def _shrunk(config, sizes: Dict[str, Any], overrides: Dict[str, Dict[str, Any]],
     if isinstance(rope, dict) and "rope_type" in rope and ("mrope_section" in rope or mrope):
         partial = fields.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
         half = int(sizes.get("head_dim", 16) * partial) // 2  # M-RoPE's (t, h, w) split of the rotary half
-        fields["rope_parameters"] = dict(rope, mrope_section=[2, 3, 3] if half == 8 else
-                                         [half - 2 * (half // 3), half // 3, half // 3])
+        fields["rope_parameters"] = dict(
+            rope, mrope_section=[2, 3, 3] if half == 8 else [half - 2 * (half // 3), half // 3, half // 3]
+        )
     _shrink_vision_grid(fields, sizes is VISION)
     fields.update(overrides.get(name, {}))
     for sub_name in list(fields):
@@ -213,10 +312,13 @@ def _shrink_vision_grid(fields: dict, vision: bool) -> None:
         fields["num_patches"] = 64
 
 
-def special_token_ids(config) -> List[int]:
+def special_token_ids(config) -> list[int]:
     """The config's own token ids (image, video, boundaries...): the vocabulary must hold them."""
-    return [v for k, v in config.to_dict().items() if isinstance(v, int) and not isinstance(v, bool)
-            and (k.endswith("_token_id") or k.endswith("_token_index"))]
+    return [
+        v
+        for k, v in config.to_dict().items()
+        if isinstance(v, int) and not isinstance(v, bool) and (k.endswith("_token_id") or k.endswith("_token_index"))
+    ]
 
 
 def tiny_config(model_type: str):
@@ -238,6 +340,7 @@ def tiny_config(model_type: str):
 
 # --------------------------------------------------------------------------- prompts
 
+
 def image_token_id(config) -> int:
     for holder in (config, getattr(config, "text_config", None)):
         for name in ("image_token_id", "image_token_index"):
@@ -247,52 +350,61 @@ def image_token_id(config) -> int:
     raise Refusal(config.model_type, "its config names no image token id (image_token_id / image_token_index)")
 
 
-def _forward_args(model) -> List[str]:
+def _forward_args(model) -> list[str]:
     return list(inspect.signature(model.forward).parameters)
 
 
-def _packed_patches(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+def _packed_patches(vision, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """MiniCPM-V's NaViT packing: every image's patches side by side in one [1, C, P, n * P] strip,
     their grids (in patches) in ``target_sizes``."""
     side = 16  # the tower's 2 x 2 windows, then the merger's 2 x 2: 16 tokens an image
     patch = vision.patch_size
-    return {"pixel_values": torch.randn(1, vision.num_channels, patch, batch * side * side * patch, generator=g),
-            "target_sizes": torch.tensor([[side, side]] * batch, dtype=torch.int32)}
+    return {
+        "pixel_values": torch.randn(1, vision.num_channels, patch, batch * side * side * patch, generator=g),
+        "target_sizes": torch.tensor([[side, side]] * batch, dtype=torch.int32),
+    }
 
 
-def _pooled_crops(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+def _pooled_crops(vision, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Molmo2: each image a low-res crop and one high-res crop of flattened patches; each token pools a
     2 x 2 window of patches (``image_token_pooling`` indexes them), ``image_grids`` its token grids."""
     side = vision.image_size[0] // vision.patch_size
-    patch_dim = vision.num_channels * vision.patch_size ** 2
+    patch_dim = vision.num_channels * vision.patch_size**2
     crops = 2 * batch
     windows = torch.arange(side * side).reshape(side // 2, 2, side // 2, 2).permute(0, 2, 1, 3).reshape(-1, 4)
-    return {"pixel_values": torch.randn(crops, side * side, patch_dim, generator=g),
-            "image_token_pooling": torch.cat([windows + crop * side * side for crop in range(crops)]),
-            "image_grids": torch.tensor([[side // 2] * 4] * batch),
-            "image_num_crops": torch.tensor([2] * batch)}
+    return {
+        "pixel_values": torch.randn(crops, side * side, patch_dim, generator=g),
+        "image_token_pooling": torch.cat([windows + crop * side * side for crop in range(crops)]),
+        "image_grids": torch.tensor([[side // 2] * 4] * batch),
+        "image_num_crops": torch.tensor([2] * batch),
+    }
 
 
-def _positioned_patches(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+def _positioned_patches(vision, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Gemma 4: flattened patches with their (x, y) positions, a grid the pooling kernel divides
     (16 tokens an image); a processor that merges them first hands one patch a token."""
     merged = getattr(vision, "model_patch_size", None)
     patch, side = (merged, 4) if merged else (vision.patch_size, 4 * vision.pooling_kernel_size)
     y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     positions = torch.stack([x, y], dim=-1).reshape(side * side, 2)
-    return {"pixel_values": torch.rand(batch, side * side, 3 * patch ** 2, generator=g),
-            "image_position_ids": positions.expand(batch, -1, -1).clone()}
+    return {
+        "pixel_values": torch.rand(batch, side * side, 3 * patch**2, generator=g),
+        "image_position_ids": positions.expand(batch, -1, -1).clone(),
+    }
 
 
-def _patch_clips(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+def _patch_clips(vision, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Inkling: an image cut into P x P tiles, each repeated over the temporal patch as a clip
     [T, P, P, C]; the tower folds each clip into one token (16 an image here)."""
     tiles = 16 * batch
-    return {"pixel_values": torch.randn(tiles, vision.temporal_patch_size, vision.patch_size, vision.patch_size,
-                                        vision.num_channels, generator=g)}
+    return {
+        "pixel_values": torch.randn(
+            tiles, vision.temporal_patch_size, vision.patch_size, vision.patch_size, vision.num_channels, generator=g
+        )
+    }
 
 
-def _tiled_views(vision, batch: int, g: torch.Generator, *, grid: bool = False) -> Dict[str, torch.Tensor]:
+def _tiled_views(vision, batch: int, g: torch.Generator, *, grid: bool = False) -> dict[str, Any]:
     """DeepSeek-OCR's processors: each image a global view and, cropped from it, local tiles (here a row of
     2), each tile a view of its own through the SAM tower, all tiles of the batch in one ``pixel_values_local``;
     ``num_local_patches`` counts each image's tiles (a tensor, as DeepSeek-OCR-2's processor hands it).
@@ -300,22 +412,28 @@ def _tiled_views(vision, batch: int, g: torch.Generator, *, grid: bool = False) 
     both as lists (its processor skips their tensor conversion)."""
     size = vision.sam_config.image_size
     columns, rows = 2, 1
-    out = {"pixel_values": torch.randn(batch, 3, size, size, generator=g),
-           "pixel_values_local": torch.randn(batch * columns * rows, 3, size, size, generator=g)}
+    out = {
+        "pixel_values": torch.randn(batch, 3, size, size, generator=g),
+        "pixel_values_local": torch.randn(batch * columns * rows, 3, size, size, generator=g),
+    }
     if grid:
         return dict(out, num_local_patches=[columns * rows] * batch, patches_grid=[[columns, rows]] * batch)
     return dict(out, num_local_patches=torch.tensor([columns * rows] * batch))
 
 
-def _tiled_grid_views(vision, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+def _tiled_grid_views(vision, batch: int, g: torch.Generator) -> dict[str, Any]:
     return _tiled_views(vision, batch, g, grid=True)
 
 
 # A forward argument that names a patch layout of its own -> the builder of that layout (the first that
 # matches: ``patches_grid`` before the ``pixel_values_local`` it comes with).
-_PATCH_LAYOUTS = (("target_sizes", _packed_patches), ("image_token_pooling", _pooled_crops),
-                  ("image_position_ids", _positioned_patches),
-                  ("patches_grid", _tiled_grid_views), ("pixel_values_local", _tiled_views))
+_PATCH_LAYOUTS = (
+    ("target_sizes", _packed_patches),
+    ("image_token_pooling", _pooled_crops),
+    ("image_position_ids", _positioned_patches),
+    ("patches_grid", _tiled_grid_views),
+    ("pixel_values_local", _tiled_views),
+)
 # Tiled views through a SAM tower, where the vision config has one (Step3p7 names ``pixel_values_local``
 # too, for crops of a tower of its own)
 _SAM_LAYOUTS = (_tiled_grid_views, _tiled_views)
@@ -328,12 +446,12 @@ _TYPE_LAYOUTS = {"inkling_mm_model": _patch_clips}
 UNFLATTENED_PATCHES = frozenset({"paddleocr_vl", "kimi_k25"})
 
 
-def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
+def _vision_inputs(model, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     """One image per sample, in the form the forward's signature asks for."""
     config = model.config
     args = _forward_args(model)
     if "image_patches" in args:  # Fuyu: the decoder embeds raw patches, the config holds their size
-        patch_dim = config.num_channels * config.patch_size ** 2
+        patch_dim = config.num_channels * config.patch_size**2
         side = config.image_size // config.patch_size
         return {"pixel_values": torch.randn(batch, side * side, patch_dim, generator=g)}
     vision = config.vision_config
@@ -348,7 +466,7 @@ def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Ten
         side = 4 * merge
         channels = getattr(vision, "in_channels", getattr(vision, "num_channels", 3))
         frames = getattr(vision, "temporal_patch_size", getattr(vision, "patch_temporal", 1))
-        patch_dim = channels * frames * vision.patch_size ** 2
+        patch_dim = channels * frames * vision.patch_size**2
         patches = torch.randn(batch * side * side, patch_dim, generator=g)
         if config.model_type in UNFLATTENED_PATCHES:
             patches = patches.reshape(batch * side * side, channels, vision.patch_size, vision.patch_size)
@@ -358,19 +476,25 @@ def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Ten
             out["image_merge_sizes"] = torch.tensor([merge] * batch)
         return out
     if getattr(vision, "image_size", None) is None and isinstance(getattr(vision, "num_patches", None), int):
-        side = int(vision.num_patches ** 0.5)  # NaFlex (SigLIP2): flattened patches, their grid and mask
-        patch_dim = getattr(vision, "num_channels", 3) * vision.patch_size ** 2
-        return {"pixel_values": torch.randn(batch, side * side, patch_dim, generator=g),
-                "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long),
-                "spatial_shapes": torch.tensor([[side, side]] * batch)}
+        side = int(vision.num_patches**0.5)  # NaFlex (SigLIP2): flattened patches, their grid and mask
+        patch_dim = getattr(vision, "num_channels", 3) * vision.patch_size**2
+        return {
+            "pixel_values": torch.randn(batch, side * side, patch_dim, generator=g),
+            "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[side, side]] * batch),
+        }
     size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     if "pixel_attention_mask" in args:
         tiled = "tile_fine_mask" in args  # the mask marks real tiles, not pixels (Granite Docling)
-        return {"pixel_values": torch.randn(batch, 1, 3, size, size, generator=g),
-                "pixel_attention_mask": torch.ones((batch, 1) if tiled else (batch, 1, size, size), dtype=torch.bool)}
+        return {
+            "pixel_values": torch.randn(batch, 1, 3, size, size, generator=g),
+            "pixel_attention_mask": torch.ones((batch, 1) if tiled else (batch, 1, size, size), dtype=torch.bool),
+        }
     if "image_sizes" in args and getattr(config, "image_grid_pinpoints", None):
-        return {"pixel_values": torch.randn(batch, 5, 3, size, size, generator=g),
-                "image_sizes": torch.tensor([[size, size * 2]] * batch)}
+        return {
+            "pixel_values": torch.randn(batch, 5, 3, size, size, generator=g),
+            "image_sizes": torch.tensor([[size, size * 2]] * batch),
+        }
     out = {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
     if "image_sizes" in args and "pixtral" in getattr(vision, "model_type", ""):
         out["image_sizes"] = torch.tensor([[size, size]] * batch)  # a tower that reads them
@@ -380,12 +504,12 @@ def _vision_inputs(model, batch: int, g: torch.Generator) -> Dict[str, torch.Ten
     return out
 
 
-def visual_tokens_per_image(model, vision_inputs: Dict[str, torch.Tensor], batch: int) -> int:
+def visual_tokens_per_image(model, vision_inputs: dict[str, torch.Tensor], batch: int) -> int:
     """How many placeholder tokens one image takes: the features the model itself computes."""
     query_tokens = getattr(model.config, "num_query_tokens", None)
     if isinstance(query_tokens, int):
         return query_tokens  # a Q-Former's queries stand for the image, whatever its size
-    get = getattr(getattr(model, "model", model), "get_image_features")
+    get = getattr(model, "model", model).get_image_features
     parameters = inspect.signature(get).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     extra = {k: v for k, v in vision_inputs.items() if takes_any or k in parameters}
@@ -405,7 +529,7 @@ def visual_tokens_per_image(model, vision_inputs: Dict[str, torch.Tensor], batch
     return total // batch
 
 
-def make_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0) -> Dict[str, torch.Tensor]:
+def make_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     config = model.config
     g = torch.Generator().manual_seed(seed)
     image = image_token_id(config)  # first: a type that names none is refused before its inputs are built
@@ -432,40 +556,59 @@ def make_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed
     return inputs
 
 
-def structural_refusal(model_type: str, config, model_class: type) -> Optional[Refusal]:
+def structural_refusal(model_type: str, config, model_class: type) -> Refusal | None:
     """A type whose architecture is not the one era_compile prunes, read off its config and class."""
     from transformers import GenerationMixin
 
     fields = config.to_dict()
     if getattr(config, "is_encoder_decoder", False):
-        return Refusal(model_type, "encoder-decoder: the image feeds an encoder; era_compile prunes the visual "
-                                   "tokens of a decoder-only sequence")
+        return Refusal(
+            model_type,
+            "encoder-decoder: the image feeds an encoder; era_compile prunes the visual "
+            "tokens of a decoder-only sequence",
+        )
     if not issubclass(model_class, GenerationMixin):
-        return Refusal(model_type, f"not a token-by-token text generator ({model_class.__name__} has no generate(): "
-                                   "an action or diffusion head decodes); era_compile prunes the prompt of an "
-                                   "autoregressive decoder")
+        return Refusal(
+            model_type,
+            f"not a token-by-token text generator ({model_class.__name__} has no generate(): "
+            "an action or diffusion head decodes); era_compile prunes the prompt of an "
+            "autoregressive decoder",
+        )
     # the text model's own cross-attention layers, when it has some (not a Q-Former's, nor a False flag)
     text_fields = [k for k, v in config.get_text_config().to_dict().items() if v]
     if any("cross_attention" in k or "cross_layer" in k for k in list(fields) + text_fields):
-        return Refusal(model_type, "cross-attention: the encoder's features enter through cross-attention layers, "
-                                   "not as tokens of the sequence")
+        return Refusal(
+            model_type,
+            "cross-attention: the encoder's features enter through cross-attention layers, "
+            "not as tokens of the sequence",
+        )
     if "vq_config" in fields and "vision_config" not in fields:
-        return Refusal(model_type, "images enter as discrete VQ codes (token ids): no visual features are merged "
-                                   "into the sequence")
-    if not any(k.endswith("vision_config") or k == "vlm_config" for k in fields) and "image_token_id" not in fields \
-            and "image_token_index" not in fields:
+        return Refusal(
+            model_type, "images enter as discrete VQ codes (token ids): no visual features are merged into the sequence"
+        )
+    if (
+        not any(k.endswith("vision_config") or k == "vlm_config" for k in fields)
+        and "image_token_id" not in fields
+        and "image_token_index" not in fields
+    ):
         return Refusal(model_type, "no vision tower in its config: nothing visual to prune")
     return None
 
 
 # What transformers raises when a model cannot be built the way era_compile needs it.
-_UNBUILDABLE = (("does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention",
-                 "transformers has no SDPA attention for it: the passes rewrite scaled_dot_product_attention calls"),
-                ("requires the timm library", "its vision tower needs timm, whose torchvision dependency has no CPU "
-                                              "wheel on PyPI here"))
+_UNBUILDABLE = (
+    (
+        "does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention",
+        "transformers has no SDPA attention for it: the passes rewrite scaled_dot_product_attention calls",
+    ),
+    (
+        "requires the timm library",
+        "its vision tower needs timm, whose torchvision dependency has no CPU wheel on PyPI here",
+    ),
+)
 
 
-def build(model_type: str, *, seed: int = 0, batch: int = 1, **input_kwargs) -> Tuple[torch.nn.Module, dict]:
+def build(model_type: str, *, seed: int = 0, batch: int = 1, **input_kwargs) -> tuple[torch.nn.Module, dict]:
     """A tiny ``model_type`` model (eval, fp32, seeded) and a prompt with one image per sample;
     raises ``Refusal`` for a type era_compile does not prune."""
     import transformers

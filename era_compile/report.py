@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -18,11 +18,11 @@ class PruningEntry:
 
     graph: int
     layer: int
-    visual_tokens: int      # T of the sample with the most visual tokens
-    kept: int               # its k
-    seq_len_before: int     # N
-    seq_len_after: int      # n'
-    samples: List[List[int]] = field(default_factory=list)  # a ragged batch: [T_b, k_b] per sample
+    visual_tokens: int  # T of the sample with the most visual tokens
+    kept: int  # its k
+    seq_len_before: int  # N
+    seq_len_after: int  # n'
+    samples: list[list[int]] = field(default_factory=list)  # a ragged batch: [T_b, k_b] per sample
     calls: int = 1
 
 
@@ -51,25 +51,25 @@ class Report:
 
     config: dict
     graphs: int = 0
-    pruning: List[PruningEntry] = field(default_factory=list)
+    pruning: list[PruningEntry] = field(default_factory=list)
     pruned_calls: int = 0
     attention_rewrites: int = 0
     decode_rewrites: int = 0
     handoffs: int = 0
-    variants: Dict[int, List[str]] = field(default_factory=dict)
-    kernel: Optional[str] = None
-    skipped: List[str] = field(default_factory=list)
-    fallbacks: List[int] = field(default_factory=list)
-    unpruned_images: List[str] = field(default_factory=list)
-    passes: List[Dict[str, dict]] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
+    variants: dict[int, list[str]] = field(default_factory=dict)
+    kernel: str | None = None
+    skipped: list[str] = field(default_factory=list)
+    fallbacks: list[int] = field(default_factory=list)
+    unpruned_images: list[str] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
 
     @property
     def pruned(self) -> bool:
         return bool(self.pruning)
 
-    def record_prefill(self, graph: int, layer: int, samples: List[List[int]], seq_len: int, kept_len: int) -> None:
+    def record_prefill(self, graph: int, layer: int, samples: list[list[int]], seq_len: int, kept_len: int) -> None:
         """A pruned prefill call: each sample's [T_b, k_b], and N -> n'."""
         self.pruned_calls += 1
         widest = max(samples, key=lambda s: s[0])
@@ -81,17 +81,17 @@ class Report:
             same = entry
         same.calls += 1
 
-    def pass_ms(self) -> Dict[int, float]:
+    def pass_ms(self) -> dict[int, float]:
         """Wall time of the passes per graph (all its variants together), in ms."""
-        totals: Dict[int, float] = {}
+        totals: dict[int, float] = {}
         for entry in self.passes:
             ms = sum(v.get("ms", 0.0) for v in entry.values() if isinstance(v, dict))
             totals[entry["graph"]] = totals.get(entry["graph"], 0.0) + ms
         return totals
 
-    def ms_per_pass(self) -> Dict[str, float]:
+    def ms_per_pass(self) -> dict[str, float]:
         """Wall time of each pass summed over every graph (and variant) compiled, in ms."""
-        totals: Dict[str, float] = {}
+        totals: dict[str, float] = {}
         for entry in self.passes:
             for name, counts in entry.items():
                 if isinstance(counts, dict) and "ms" in counts:
@@ -105,27 +105,41 @@ class Report:
         lines = [f"era_compile report: {self.graphs} graph(s) compiled in {self.compile_seconds:.1f} s"]
         shown = self.pruning[:SHOWN_LAYOUTS]
         for p in shown:
-            tokens = (f"{p.visual_tokens} visual tokens -> {p.kept} kept" if not p.samples else
-                      "visual tokens -> kept per sample " + ", ".join(f"{t}->{k}" for t, k in p.samples))
+            tokens = (
+                f"{p.visual_tokens} visual tokens -> {p.kept} kept"
+                if not p.samples
+                else "visual tokens -> kept per sample " + ", ".join(f"{t}->{k}" for t, k in p.samples)
+            )
             calls = f" ({p.calls} calls)" if p.calls > 1 else ""
-            lines.append(f"  graph {p.graph}: pruned at layer {p.layer}: {tokens}; sequence {p.seq_len_before} -> "
-                         f"{p.seq_len_after}{calls}")
+            lines.append(
+                f"  graph {p.graph}: pruned at layer {p.layer}: {tokens}; sequence {p.seq_len_before} -> "
+                f"{p.seq_len_after}{calls}"
+            )
         if len(self.pruning) > len(shown):
-            lines.append(f"  ... {len(self.pruning) - len(shown)} more layout(s); {self.pruned_calls} pruned prefill "
-                         "calls in all (to_dict() has every one)")
-        lines.append(f"  attention rewrites: {self.attention_rewrites} in prefill, {self.decode_rewrites} over a "
-                     f"cache (kernel: {self.kernel or '-'})")
+            lines.append(
+                f"  ... {len(self.pruning) - len(shown)} more layout(s); {self.pruned_calls} pruned prefill "
+                "calls in all (to_dict() has every one)"
+            )
+        lines.append(
+            f"  attention rewrites: {self.attention_rewrites} in prefill, {self.decode_rewrites} over a "
+            f"cache (kernel: {self.kernel or '-'})"
+        )
         if self.handoffs:
-            lines.append(f"  {self.handoffs} graph(s) merged the image without a decoder layer and handed the "
-                         "visual mask on to the next graph")
+            lines.append(
+                f"  {self.handoffs} graph(s) merged the image without a decoder layer and handed the "
+                "visual mask on to the next graph"
+            )
         for graph, variants in self.variants.items():
             if len(variants) > 1:
                 lines.append(f"  graph {graph}: {len(variants)} variants ({', '.join(variants)})")
         timed = self.pass_ms()
         if timed:
             busiest = sorted(timed.items(), key=lambda kv: -kv[1])[:3]
-            lines.append("  pass time: " + ", ".join(f"graph {g} {ms:.1f} ms" for g, ms in busiest)
-                         + f" (all graphs {sum(timed.values()):.1f} ms; per pass: era-compile explain)")
+            lines.append(
+                "  pass time: "
+                + ", ".join(f"graph {g} {ms:.1f} ms" for g, ms in busiest)
+                + f" (all graphs {sum(timed.values()):.1f} ms; per pass: era-compile explain)"
+            )
         for s in self.skipped:
             lines.append(f"  skipped: {s}")
         if self.fallbacks:
@@ -141,8 +155,8 @@ class Report:
 
 # Which report ``last_report`` and ``report_of`` answer with (the modules weakly: a report outlives
 # its model only while someone holds it).
-_last: Optional[Report] = None
-_by_module: "weakref.WeakKeyDictionary[torch.nn.Module, Report]" = weakref.WeakKeyDictionary()
+_last: Report | None = None
+_by_module: weakref.WeakKeyDictionary[torch.nn.Module, Report] = weakref.WeakKeyDictionary()
 
 
 def set_last(report: Report) -> None:
@@ -150,7 +164,7 @@ def set_last(report: Report) -> None:
     _last = report
 
 
-def last_report() -> Optional[Report]:
+def last_report() -> Report | None:
     """The report of the compiled model that most recently compiled a graph or ran a pruned
     prefill (None before any compile). With several compiled models in a process,
     ``report_of(model)`` names the one you mean."""
@@ -163,7 +177,7 @@ def register_model(module: torch.nn.Module, report: Report) -> None:
     _by_module[module] = report
 
 
-def report_of(model: torch.nn.Module) -> Optional[Report]:
+def report_of(model: torch.nn.Module) -> Report | None:
     """The report of the compiled model ``model`` is (or holds one of the modules of), or None if
     no era backend has compiled a graph of it."""
     if not isinstance(model, torch.nn.Module):

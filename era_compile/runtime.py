@@ -37,8 +37,9 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,8 +48,20 @@ from torch.utils.weak import WeakIdKeyDictionary
 from era_compile.compact_kv import compact
 from era_compile.ops.prune import without_lar
 from era_compile.passes.kinds import GraphKind
-from era_compile.passes.records import (AddedInput, BudgetInput, CarriedVisual, Handoff, HandoffOutputs, KVCache,
-                                        LayerStep, PrefillOutputs, PruneSite, SaliencyOutputs, VisualMaskInput, WalkInput)
+from era_compile.passes.records import (
+    AddedInput,
+    BudgetInput,
+    CarriedVisual,
+    Handoff,
+    HandoffOutputs,
+    KVCache,
+    LayerStep,
+    PrefillOutputs,
+    PruneSite,
+    SaliencyOutputs,
+    VisualMaskInput,
+    WalkInput,
+)
 from era_compile.report import Report, set_last
 
 log = logging.getLogger(__name__)
@@ -62,8 +75,8 @@ class EraCompileError(RuntimeError):
 class HandedOnMask:
     """A merged-embeddings tensor's visual mask, waiting for the graph that runs the decoder."""
 
-    mask: Tensor            # bool [B, N]
-    graph: int              # that graph's index, for messages
+    mask: Tensor  # bool [B, N]
+    graph: int  # that graph's index, for messages
     claimed: bool = False
 
 
@@ -71,11 +84,11 @@ class HandedOnMask:
 class PendingImage:
     """An image some graphs encoded and no graph has pruned yet."""
 
-    graphs: List[int]                 # the graphs that encoded it, in call order
-    anchors: int = 0                  # living inputs and outputs of those calls: at 0 the request is over
-    resolved: bool = False            # pruned, reported, or dropped
-    handoff: Optional[HandedOnMask] = None  # its merge, handed on to the graph that should prune it
-    walked: Optional["LayerWalk"] = None     # a split decoder's walk over its layers that ended unpruned
+    graphs: list[int]  # the graphs that encoded it, in call order
+    anchors: int = 0  # living inputs and outputs of those calls: at 0 the request is over
+    resolved: bool = False  # pruned, reported, or dropped
+    handoff: HandedOnMask | None = None  # its merge, handed on to the graph that should prune it
+    walked: LayerWalk | None = None  # a split decoder's walk over its layers that ended unpruned
 
 
 @dataclass(eq=False)
@@ -87,16 +100,16 @@ class LayerWalk:
     the kept positions and the key bias that masks the pruned tokens. It ends with the forward
     (the merged embeddings die), at the next prompt's embedding or image, or at a decode step."""
 
-    visual_mask: Tensor                   # bool [B, N], from the merge's handoff
+    visual_mask: Tensor  # bool [B, N], from the merge's handoff
     merge_graph: int
-    prune_layer: int                      # K
-    layer: int = 0                        # the layer whose graph was called last
-    last_input: Callable[[], Optional[Tensor]] = lambda: None  # weakref to that call's hidden states
-    queries: Optional[Tensor] = None      # layer K - 1's, for layer K's selection
-    keys: Optional[Tensor] = None
-    keep_index: Optional[Tensor] = None   # after layer K: the kept positions [B, n']
-    log_bias: Optional[Tensor] = None     # their bias [B, n'] (0 without LAR), for the caches
-    key_bias: Optional[Tensor] = None     # float32 [B, N]: the later layers' attention bias
+    prune_layer: int  # K
+    layer: int = 0  # the layer whose graph was called last
+    last_input: Callable[[], Tensor | None] = lambda: None  # weakref to that call's hidden states
+    queries: Tensor | None = None  # layer K - 1's, for layer K's selection
+    keys: Tensor | None = None
+    keep_index: Tensor | None = None  # after layer K: the kept positions [B, n']
+    log_bias: Tensor | None = None  # their bias [B, n'] (0 without LAR), for the caches
+    key_bias: Tensor | None = None  # float32 [B, N]: the later layers' attention bias
     over: bool = False
 
     @property
@@ -110,24 +123,24 @@ class GraphPlan:
 
     graph: int = 0
     kind: GraphKind = GraphKind.TEXT
-    layer: Optional[int] = None                 # where a pruned prefill prunes
-    data_dependent: Dict[int, Tuple[int, ...]] = field(default_factory=dict)  # output -> dims of length n'
-    keys_outputs: Dict[int, int] = field(default_factory=dict)    # pruned layer -> output index
-    values_outputs: Dict[int, int] = field(default_factory=dict)
-    windows: Dict[int, int] = field(default_factory=dict)        # sliding-window layer -> window start
-    added_inputs: Tuple[AddedInput, ...] = ()   # supplied on every call, in order
-    prefill_outputs: int = 0                    # trailing ``PrefillOutputs`` fields
-    handoff: Optional[Handoff] = None           # merged embeddings handed on, their mask trailing
+    layer: int | None = None  # where a pruned prefill prunes
+    data_dependent: dict[int, tuple[int, ...]] = field(default_factory=dict)  # output -> dims of length n'
+    keys_outputs: dict[int, int] = field(default_factory=dict)  # pruned layer -> output index
+    values_outputs: dict[int, int] = field(default_factory=dict)
+    windows: dict[int, int] = field(default_factory=dict)  # sliding-window layer -> window start
+    added_inputs: tuple[AddedInput, ...] = ()  # supplied on every call, in order
+    prefill_outputs: int = 0  # trailing ``PrefillOutputs`` fields
+    handoff: Handoff | None = None  # merged embeddings handed on, their mask trailing
     rectify: bool = True
-    image_inputs: Tuple[int, ...] = ()          # the inputs an image enters by (``kinds.image_inputs``)
-    decode_step: bool = False                   # attends over a past KV cache: the prompt is done
-    runs_decoder: bool = False                  # ``kinds.runs_decoder_layers``: a language model runs here
-    hidden_inputs: Tuple[int, ...] = ()         # ``kinds.hidden_inputs_into_layers``: [B, N, D] into layers
-    token_inputs: Tuple[int, ...] = ()          # ``kinds.token_id_inputs``: the prompt's [B, N] token ids
-    layer_forward: bool = False                 # ``kinds.is_layer_forward``: one decoder layer's own graph
-    masked: bool = False                        # a split decoder's layer >= K: its caches hold every position
-    saliency_outputs: int = 0                   # trailing ``SaliencyOutputs`` fields (layer K - 1 of a split decoder)
-    fell_back: bool = False                     # runs unpruned, as reported when it fell back: the image is told
+    image_inputs: tuple[int, ...] = ()  # the inputs an image enters by (``kinds.image_inputs``)
+    decode_step: bool = False  # attends over a past KV cache: the prompt is done
+    runs_decoder: bool = False  # ``kinds.runs_decoder_layers``: a language model runs here
+    hidden_inputs: tuple[int, ...] = ()  # ``kinds.hidden_inputs_into_layers``: [B, N, D] into layers
+    token_inputs: tuple[int, ...] = ()  # ``kinds.token_id_inputs``: the prompt's [B, N] token ids
+    layer_forward: bool = False  # ``kinds.is_layer_forward``: one decoder layer's own graph
+    masked: bool = False  # a split decoder's layer >= K: its caches hold every position
+    saliency_outputs: int = 0  # trailing ``SaliencyOutputs`` fields (layer K - 1 of a split decoder)
+    fell_back: bool = False  # runs unpruned, as reported when it fell back: the image is told
 
     @property
     def encodes_images(self) -> bool:
@@ -140,9 +153,20 @@ class GraphPlan:
 
     @property
     def needed(self) -> bool:
-        return (bool(self.added_inputs or self.prefill_outputs or self.handoff or self.hidden_inputs
-                     or self.token_inputs or self.keys_outputs or self.saliency_outputs)
-                or self.watches_images or self.runs_decoder or self.fell_back)
+        return (
+            bool(
+                self.added_inputs
+                or self.prefill_outputs
+                or self.handoff
+                or self.hidden_inputs
+                or self.token_inputs
+                or self.keys_outputs
+                or self.saliency_outputs
+            )
+            or self.watches_images
+            or self.runs_decoder
+            or self.fell_back
+        )
 
 
 @dataclass(frozen=True)
@@ -150,28 +174,45 @@ class Watched:
     """What the runtime watches of a graph for an unpruned image, read off it once (``passes.kinds``)
     whatever variants it is compiled in."""
 
-    image_inputs: Tuple[int, ...] = ()   # ``image_inputs``: an image enters by these
-    runs_decoder: bool = False           # ``runs_decoder_layers``: the text's embeddings reach a layer
-    hidden_inputs: Tuple[int, ...] = ()  # ``hidden_inputs_into_layers``: [B, N, ...] into layers
-    token_inputs: Tuple[int, ...] = ()   # ``token_id_inputs``: the prompt's [B, N] token ids
-    layer_forward: bool = False          # ``is_layer_forward``: a decoder layer's own graph
+    image_inputs: tuple[int, ...] = ()  # ``image_inputs``: an image enters by these
+    runs_decoder: bool = False  # ``runs_decoder_layers``: the text's embeddings reach a layer
+    hidden_inputs: tuple[int, ...] = ()  # ``hidden_inputs_into_layers``: [B, N, ...] into layers
+    token_inputs: tuple[int, ...] = ()  # ``token_id_inputs``: the prompt's [B, N] token ids
+    layer_forward: bool = False  # ``is_layer_forward``: a decoder layer's own graph
 
 
-def plan_for(kind: GraphKind, records: Dict[type, Any], config, graph: int,
-             added_inputs: Sequence[AddedInput] = (), data_dependent: Optional[Dict[int, Tuple[int, ...]]] = None,
-             watched: Watched = Watched()) -> GraphPlan:
+def plan_for(
+    kind: GraphKind,
+    records: dict[type, Any],
+    config,
+    graph: int,
+    added_inputs: Sequence[AddedInput] = (),
+    data_dependent: dict[int, tuple[int, ...]] | None = None,
+    watched: Watched = Watched(),
+) -> GraphPlan:
     """The runtime plan of a graph, from what its passes recorded (no records: a fallback);
     ``data_dependent``: the outputs' dimensions of the pruned length (``fx_utils.data_dependent_dims``).
     Only a text-kind variant can run the decoder on an unpruned image: the others prune it."""
     text = kind is GraphKind.TEXT
-    plan = GraphPlan(graph=graph, kind=kind, rectify=config.rectify, added_inputs=tuple(added_inputs),
-                     data_dependent=dict(data_dependent or {}), image_inputs=watched.image_inputs,
-                     runs_decoder=text and watched.runs_decoder, hidden_inputs=watched.hidden_inputs if text else (),
-                     token_inputs=watched.token_inputs, layer_forward=watched.layer_forward)
+    plan = GraphPlan(
+        graph=graph,
+        kind=kind,
+        rectify=config.rectify,
+        added_inputs=tuple(added_inputs),
+        data_dependent=dict(data_dependent or {}),
+        image_inputs=watched.image_inputs,
+        runs_decoder=text and watched.runs_decoder,
+        hidden_inputs=watched.hidden_inputs if text else (),
+        token_inputs=watched.token_inputs,
+        layer_forward=watched.layer_forward,
+    )
     cache = records.get(KVCache)
     # a decode step reads a past cache; a vision tower split at its attention looks like decode but writes none
-    plan.decode_step = kind is GraphKind.DECODE and cache is not None and (
-        any(c.past_keys is not None for c in cache.layers) or bool(cache.written_in_place))
+    plan.decode_step = (
+        kind is GraphKind.DECODE
+        and cache is not None
+        and (any(c.past_keys is not None for c in cache.layers) or bool(cache.written_in_place))
+    )
     plan.masked = kind in (GraphKind.LAYER_PRUNE, GraphKind.LAYER_MASKED)
     if kind is GraphKind.HANDOFF:
         plan.handoff = records.get(Handoff)
@@ -198,9 +239,9 @@ class Runtime:
         self.report = report
         self.budget = budget  # what every pruned prefill keeps now (``EraBackend.budget`` changes it)
         self.strict = strict
-        self.pending: Optional[PendingImage] = None  # an image encoded since the last pruned prefill
-        self.prompt_shape: Optional[Tuple[int, ...]] = None  # [B, N] of the token ids last embedded
-        self.walk: Optional[LayerWalk] = None  # an image prompt in a decoder split per layer
+        self.pending: PendingImage | None = None  # an image encoded since the last pruned prefill
+        self.prompt_shape: tuple[int, ...] | None = None  # [B, N] of the token ids last embedded
+        self.walk: LayerWalk | None = None  # an image prompt in a decoder split per layer
 
     def wrap(self, compiled: Callable, plan: GraphPlan) -> Callable:
         return RuntimeWrapper(self, compiled, plan) if plan.needed else compiled
@@ -220,7 +261,7 @@ class Runtime:
             return value
         raise TypeError(f"era_compile runtime: no value for added input {added!r}")
 
-    def record(self, outputs: List, plan: GraphPlan, args: tuple = ()) -> tuple:
+    def record(self, outputs: list, plan: GraphPlan, args: tuple = ()) -> tuple:
         """Strip what a graph published after its outputs and act on it (``args``: the call's inputs)."""
         if plan.token_inputs:
             self.prompt_shape = tuple(args[plan.token_inputs[0]].shape)
@@ -228,10 +269,15 @@ class Runtime:
             self._end_walk(self.walk)  # a new prompt, or the decode after this one's prefill
         if plan.saliency_outputs:
             handed = SaliencyOutputs.take(outputs, plan.saliency_outputs)
+            walk = self.walk
+            assert walk is not None  # ``layer_step`` gives the saliency variant to a walk's layer K - 1 only
             # contiguous, as the placeholders layer K's graph was compiled with (Inductor checks strides)
-            self.walk.queries, self.walk.keys = handed.queries.contiguous(), handed.keys.contiguous()
+            walk.queries, walk.keys = handed.queries.contiguous(), handed.keys.contiguous()
         elif plan.masked and not plan.prefill_outputs:  # a split decoder's layer after K
             walk = self.walk
+            # ``layer_step`` gives the masked variant to a pruned walk's layers only
+            assert walk is not None and walk.keep_index is not None and walk.log_bias is not None
+            assert walk.key_bias is not None
             self._compact_caches(outputs, plan, walk.keep_index, walk.log_bias, walk.key_bias.shape[-1])
         elif plan.handoff is not None:
             handed = HandoffOutputs.take(outputs, len(plan.handoff.outputs.values()))
@@ -247,19 +293,31 @@ class Runtime:
                 self._pruned_on_the_walk(published, bias)
             else:
                 self._mark_pruned_lengths(outputs, plan)
-            self.report.record_prefill(plan.graph, plan.layer, published.samples.tolist(),
-                                       published.key_visible.shape[-1], published.keep_index.shape[-1])
+            assert plan.layer is not None  # ``plan_for`` sets it with ``prefill_outputs``
+            self.report.record_prefill(
+                plan.graph,
+                plan.layer,
+                published.samples.tolist(),
+                published.key_visible.shape[-1],
+                published.keep_index.shape[-1],
+            )
             set_last(self.report)
             self.resolve_pending_image()
         elif plan.fell_back:
             self.resolve_pending_image()
         else:
             if plan.encodes_images:
-                self._image_encoded(plan.graph, [args[i] for i in plan.image_inputs]
-                                    + [x for x in outputs if isinstance(x, Tensor)])
+                self._image_encoded(
+                    plan.graph, [args[i] for i in plan.image_inputs] + [x for x in outputs if isinstance(x, Tensor)]
+                )
             walking = plan.layer_forward and self.walk is not None
-            if self.pending is not None and not walking and (plan.runs_decoder or self._runs_on_the_prompt(plan, args)):
-                self._not_pruned(self.pending, plan)
+            pending = self.pending
+            if (
+                pending is not None
+                and not walking
+                and (plan.runs_decoder or self._runs_on_the_prompt(pending, plan, args))
+            ):
+                self._not_pruned(pending, plan)
         return tuple(outputs)
 
     # ------------------------------------------------------------------ images left unpruned
@@ -274,10 +332,13 @@ class Runtime:
     def recompile_limit_hit(self, function: str) -> None:
         """Dynamo gave up recompiling ``function``, one of this model's (``era_compile.recompiles``)."""
         limit = torch._dynamo.config.recompile_limit
-        self.tell(f"Dynamo hit its recompile limit ({limit}) for {function}: it compiles that function no more, "
-                  "so a prompt that needs a new graph there runs eagerly, unpruned. Give Dynamo headroom while "
-                  "serving (`with era_compile.recompile_headroom(): ...`, or torch.compile(..., recompile_limit=64) "
-                  "on torch >= 2.13); TORCH_LOGS=recompiles says what recompiles", note=True)
+        self.tell(
+            f"Dynamo hit its recompile limit ({limit}) for {function}: it compiles that function no more, "
+            "so a prompt that needs a new graph there runs eagerly, unpruned. Give Dynamo headroom while "
+            "serving (`with era_compile.recompile_headroom(): ...`, or torch.compile(..., recompile_limit=64) "
+            "on torch >= 2.13); TORCH_LOGS=recompiles says what recompiles",
+            note=True,
+        )
 
     def tell(self, why: str, note: bool = False) -> None:
         """A verdict the user must hear, once: a ``RuntimeWarning`` (strict: an ``EraCompileError``),
@@ -287,7 +348,7 @@ class Runtime:
             raise EraCompileError(f"era_compile: {why}")
         warnings.warn(f"era_compile: {why}", RuntimeWarning, stacklevel=3)
 
-    def _image_encoded(self, graph: int, anchors: List[Tensor]) -> None:
+    def _image_encoded(self, graph: int, anchors: list[Tensor]) -> None:
         pending = self.pending
         if pending is None:
             pending = self.pending = PendingImage([])
@@ -300,13 +361,14 @@ class Runtime:
             pending.anchors += 1
             weakref.finalize(x if x._base is None else x._base, self._anchor_died, pending)
 
-    def _runs_on_the_prompt(self, plan: GraphPlan, args: tuple) -> bool:
+    def _runs_on_the_prompt(self, pending: PendingImage, plan: GraphPlan, args: tuple) -> bool:
         """Decoder layers ran on hidden states of the waiting image's sequence ([B, N] of its merge,
         or of the prompt last embedded), computed by an earlier graph: the image went on unpruned."""
-        handoff = self.pending.handoff
+        handoff = pending.handoff
         shape = tuple(handoff.mask.shape) if handoff is not None and not handoff.claimed else self.prompt_shape
         return shape is not None and any(
-            isinstance(args[i], Tensor) and tuple(args[i].shape[:2]) == shape for i in plan.hidden_inputs)
+            isinstance(args[i], Tensor) and tuple(args[i].shape[:2]) == shape for i in plan.hidden_inputs
+        )
 
     def _image_handed_on(self, handoff: HandedOnMask) -> None:
         """Merged, not yet pruned: the graph that receives the merged embeddings prunes it (or falls
@@ -340,28 +402,36 @@ class Runtime:
         self._forget(pending)
         graphs = ", ".join(str(g) for g in dict.fromkeys(pending.graphs))
         decoder = plan.graph
-        handed_on = pending.handoff is not None and not pending.handoff.claimed
-        if handed_on:
-            pending.handoff.claimed = True  # told here: its tensor's death need not tell it again
-        if plan.layer_forward and not handed_on:  # a split decoder, and no mask to walk its layers with
-            why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder}, a decoder layer's own forward (the "
-                   "decoder is split into per-layer graphs), ran on it unpruned: no graph handed the image's visual "
-                   "mask on to its layers (merged outside any graph, or by a pattern the passes do not know)")
+        handed_on = pending.handoff if pending.handoff is not None and not pending.handoff.claimed else None
+        if handed_on is not None:
+            handed_on.claimed = True  # told here: its tensor's death need not tell it again
+        if plan.layer_forward and handed_on is None:  # a split decoder, and no mask to walk its layers with
+            why = (
+                f"graph(s) {graphs} encoded an image prompt and graph {decoder}, a decoder layer's own forward (the "
+                "decoder is split into per-layer graphs), ran on it unpruned: no graph handed the image's visual "
+                "mask on to its layers (merged outside any graph, or by a pattern the passes do not know)"
+            )
         elif pending.walked is not None:
-            why = (f"graph {decoder} ran on the image prompt after {pending.walked.layer + 1} layers of its decoder, "
-                   f"which is split into per-layer graphs, and none was layer {pending.walked.prune_layer} "
-                   "(ERAConfig.layer): its visual tokens were not pruned")
-        elif handed_on:
-            why = (f"graph {pending.handoff.graph} merged an image prompt and handed its visual mask on, but graph "
-                   f"{decoder} ran the language model on other hidden states of its sequence (the merged embeddings "
-                   "changed outside a graph): its visual tokens were not pruned")
+            why = (
+                f"graph {decoder} ran on the image prompt after {pending.walked.layer + 1} layers of its decoder, "
+                f"which is split into per-layer graphs, and none was layer {pending.walked.prune_layer} "
+                "(ERAConfig.layer): its visual tokens were not pruned"
+            )
+        elif handed_on is not None:
+            why = (
+                f"graph {handed_on.graph} merged an image prompt and handed its visual mask on, but graph "
+                f"{decoder} ran the language model on other hidden states of its sequence (the merged embeddings "
+                "changed outside a graph): its visual tokens were not pruned"
+            )
         else:
-            why = (f"graph(s) {graphs} encoded an image prompt and graph {decoder} ran decoder layers on it, but no "
-                   "graph pruned it: its visual tokens were not pruned (merged by a pattern the passes do not know, "
-                   "or in code outside a graph)")
+            why = (
+                f"graph(s) {graphs} encoded an image prompt and graph {decoder} ran decoder layers on it, but no "
+                "graph pruned it: its visual tokens were not pruned (merged by a pattern the passes do not know, "
+                "or in code outside a graph)"
+            )
         self.tell(why)
 
-    def _compact_caches(self, outputs: List, plan: GraphPlan, keep_index: Tensor, bias: Tensor, length: int) -> None:
+    def _compact_caches(self, outputs: list, plan: GraphPlan, keep_index: Tensor, bias: Tensor, length: int) -> None:
         """The pruned layers' new keys and values [B, H, n', d] become CompactKV of the original
         length N, each row at its original position with its bias (0 everywhere without LAR); a
         sliding-window layer's, the last W - 1 original positions of them. A split decoder's
@@ -379,7 +449,7 @@ class Runtime:
                 outputs[k] = compact(rows, keep_index.clone(), bias.clone(), length, plan.windows.get(layer))
 
     @staticmethod
-    def _mark_pruned_lengths(outputs: List, plan: GraphPlan) -> None:
+    def _mark_pruned_lengths(outputs: list, plan: GraphPlan) -> None:
         """The pruned length is data: say so to the graph Dynamo compiles next from these outputs (the
         LM head after a split decoder), which would otherwise start static in it and recompile at the
         first new length. ``maybe_mark_dynamic``: a hint, never an error if that graph specialises."""
@@ -397,40 +467,46 @@ class Runtime:
             return
         if self.pending is not None and self.pending.handoff is handoff:
             self._forget(self.pending)
-        why = (f"graph {handoff.graph} merged {handoff.mask.sum(-1).tolist()} visual tokens per sample and handed "
-               "them on, "
-               "but no compiled graph received the merged embeddings (changed outside a graph?): "
-               "pruning did not happen")
+        why = (
+            f"graph {handoff.graph} merged {handoff.mask.sum(-1).tolist()} visual tokens per sample and handed "
+            "them on, "
+            "but no compiled graph received the merged embeddings (changed outside a graph?): "
+            "pruning did not happen"
+        )
         self.report.skipped.append(why)
-        warnings.warn(f"era_compile: {why}", RuntimeWarning)  # at a tensor's death: never raised, even strict
+        # at a tensor's death (a finalizer): no caller's frame to point at, and never raised, even strict
+        warnings.warn(f"era_compile: {why}", RuntimeWarning, stacklevel=1)
 
     # ------------------------------------------------------------------ a decoder split per layer
 
-    def layer_step(self, args: Sequence[Any], receivers: Sequence[int], prune_layer: int
-                   ) -> Tuple[Any, Optional[LayerStep]]:
+    def layer_step(
+        self, args: Sequence[Any], receivers: Sequence[int], prune_layer: int
+    ) -> tuple[Any, LayerStep | None]:
         """The variant key and part of a call of a decoder layer's own graph (``passes/masked.py``):
         layer 0 of a new walk when an input carries a handed-on mask, the next layer when one holds
         hidden states of the walking prompt's [B, N]; (None, None) for the unpruned variant. Asked
         twice for one call (when its graph is compiled, then run), it answers the same."""
-        walk = self.walk
-        walking = walk is not None  # an ended walk is no longer the runtime's
-        again = next((i for i in receivers if walking and walk.last_input() is args[i]), None)
+        walk = self.walk  # an ended walk is no longer the runtime's
+        again = None if walk is None else next((i for i in receivers if walk.last_input() is args[i]), None)
         # layer 0 receives the merged embeddings; or, changed outside a graph by an op that kept their
         # [B, N, D] (Granite's embedding multiplier), hidden states of their shape
-        start = None if again is not None else (self.carried(args, receivers)
-                                                or self._handed_on_by_shape(args, receivers))
-        if again is not None:  # the same call, asked when compiling its variant, then running it
+        start = (
+            None if again is not None else (self.carried(args, receivers) or self._handed_on_by_shape(args, receivers))
+        )
+        if walk is not None and again is not None:  # the same call, asked when compiling its variant, then running it
             index = again
         elif start is not None:
             index, handoff = start
             handoff.claimed = True  # the walk takes it up: its tensor's death tells nothing
             walk = self.walk = LayerWalk(handoff.mask, handoff.graph, prune_layer)
             weakref.finalize(args[index], self._end_walk, walk)  # the forward holds them until it returns
-        elif walking:
-            index = next((i for i in receivers if tuple(args[i].shape[:2]) == tuple(walk.visual_mask.shape)), None)
-            if index is None:  # another prompt's hidden states
+        elif walk is not None:
+            same_prompt = (i for i in receivers if tuple(args[i].shape[:2]) == tuple(walk.visual_mask.shape))
+            found = next(same_prompt, None)
+            if found is None:  # another prompt's hidden states
                 self._end_walk(walk)
                 return None, None
+            index = found
             walk.layer += 1
         else:
             return None, None
@@ -438,15 +514,18 @@ class Runtime:
         if walk.layer < prune_layer - 1 or (walk.layer > prune_layer and not walk.pruned):
             return None, None  # before the layers that prune; or after a prune that fell back, told then
         role = "saliency" if walk.layer == prune_layer - 1 else "prune" if walk.layer == prune_layer else "masked"
-        step = LayerStep(walk.layer, role, index,
-                         visual_mask=walk.visual_mask if role == "prune" else None,
-                         queries=walk.queries if role == "prune" else None,
-                         keys=walk.keys if role == "prune" else None,
-                         key_bias=walk.key_bias if role == "masked" else None)
+        step = LayerStep(
+            walk.layer,
+            role,
+            index,
+            visual_mask=walk.visual_mask if role == "prune" else None,
+            queries=walk.queries if role == "prune" else None,
+            keys=walk.keys if role == "prune" else None,
+            key_bias=walk.key_bias if role == "masked" else None,
+        )
         return (role, index), step
 
-    def _handed_on_by_shape(self, args: Sequence[Any], receivers: Sequence[int]
-                            ) -> Optional[Tuple[int, HandedOnMask]]:
+    def _handed_on_by_shape(self, args: Sequence[Any], receivers: Sequence[int]) -> tuple[int, HandedOnMask] | None:
         """The waiting image's handed-on mask and the input of its [B, N], when no graph has claimed it."""
         handoff = self.pending.handoff if self.pending is not None else None
         if handoff is None or handoff.claimed:
@@ -456,6 +535,7 @@ class Runtime:
 
     def _pruned_on_the_walk(self, published: PrefillOutputs, bias: Tensor) -> None:
         walk = self.walk
+        assert walk is not None  # ``layer_step`` gives the prune variant to a walk's layer K only
         walk.queries = walk.keys = None
         walk.keep_index, walk.log_bias, walk.key_bias = published.keep_index, bias, published.key_bias
 
@@ -467,13 +547,15 @@ class Runtime:
         if self.walk is walk:
             self.walk = None
 
-    def carried(self, args: Sequence[Any], receivers: Sequence[int]) -> Optional[Tuple[int, HandedOnMask]]:
+    def carried(self, args: Sequence[Any], receivers: Sequence[int]) -> tuple[int, HandedOnMask] | None:
         """The one input of ``args`` that carries a handed-on visual mask, if any."""
         found = [(i, self.handoffs.get(args[i])) for i in receivers]
         found = [(i, h) for i, h in found if h is not None]
         if len(found) > 1:
-            raise RuntimeError(f"era_compile: inputs {[i for i, _ in found]} of one graph all carry merged "
-                               "image embeddings; expected one")
+            raise RuntimeError(
+                f"era_compile: inputs {[i for i, _ in found]} of one graph all carry merged "
+                "image embeddings; expected one"
+            )
         return found[0] if found else None
 
 
@@ -497,12 +579,16 @@ class Variants:
     The image's size is not part of the key: the pruned shapes are the data's. ``variants``
     maps each key to its compiled callable."""
 
-    def __init__(self, runtime: Runtime, graph: int,
-                 key_of: Callable[[Sequence[Any]], Tuple[Any, Optional[CarriedVisual]]],
-                 build: Callable[[List[Any], Optional[CarriedVisual]], Callable],
-                 example_inputs: Sequence[Any]):
+    def __init__(
+        self,
+        runtime: Runtime,
+        graph: int,
+        key_of: Callable[[Sequence[Any]], tuple[Any, CarriedVisual | None]],
+        build: Callable[[list[Any], CarriedVisual | None], Callable],
+        example_inputs: Sequence[Any],
+    ):
         self.runtime, self.graph, self.key_of, self.build = runtime, graph, key_of, build
-        self.variants: Dict[Any, Callable] = {}
+        self.variants: dict[Any, Callable] = {}
         self.variant_for(example_inputs)
 
     def variant_for(self, args: Sequence[Any]) -> Callable:
@@ -510,7 +596,8 @@ class Variants:
         if key not in self.variants:
             self.variants[key] = self.build(list(args), carried)
             self.runtime.report.variants.setdefault(self.graph, []).append(
-                "unpruned" if carried is None else carried.describe())
+                "unpruned" if carried is None else carried.describe()
+            )
         return self.variants[key]
 
     def __call__(self, *args):

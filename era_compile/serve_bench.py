@@ -24,8 +24,9 @@ import gc
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -35,8 +36,8 @@ from era_compile.backend import inner_compile, make_era_backend
 from era_compile.bench import _sync, device_description
 from era_compile.compact_kv import cache_bytes
 from era_compile.compat import output_cache
-from era_compile.recompiles import recompile_headroom
 from era_compile.config import ERAConfig
+from era_compile.recompiles import recompile_headroom
 
 # Qwen-class grids (t, h, w) in patches; h * w / 4 visual tokens after the 2 x 2 merge
 QWEN_GRIDS = [(1, h, w) for h in (4, 6, 8, 10, 12, 14, 16) for w in (4, 6, 8, 10, 12, 14, 16)]
@@ -47,7 +48,7 @@ MODELS = ("eager", "compiled", "pruned")
 class Request:
     inputs: dict
     batch: int
-    visual_tokens: List[int]  # per sample
+    visual_tokens: list[int]  # per sample
 
 
 def check_model(name: str) -> None:
@@ -56,7 +57,7 @@ def check_model(name: str) -> None:
         raise ValueError(f"serve-bench: MODEL must be a zoo model ({', '.join(zoo.names())}), got {name!r}")
 
 
-def make_stream(name: str, model, *, requests: int, max_batch: int, seed: int) -> List[Request]:
+def make_stream(name: str, model, *, requests: int, max_batch: int, seed: int) -> list[Request]:
     """The seeded request stream for a zoo model: batch sizes in [1, max_batch], per sample a prompt
     length (and, for Qwen-class models, an image size) of its own."""
     check_model(name)
@@ -67,7 +68,7 @@ def make_stream(name: str, model, *, requests: int, max_batch: int, seed: int) -
     qwen = "grid" in entry.make_inputs.__code__.co_varnames
     for i in range(requests):
         batch = rng.randint(1, max_batch)
-        options = dict(seed=seed + i, batch=batch)
+        options: dict[str, Any] = dict(seed=seed + i, batch=batch)
         if qwen:
             options["grid"] = [rng.choice(QWEN_GRIDS) for _ in range(batch)]
             options["suffix"] = rng.randint(3, 12)
@@ -83,7 +84,8 @@ class _FirstToken(BaseStreamer):
     """Records when generate() produced its first new token (the prompt is put first)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.puts, self.first = device, 0, None
+        self.device, self.puts = device, 0
+        self.first: float | None = None  # perf_counter() at the first new token
 
     def put(self, value):
         self.puts += 1
@@ -115,30 +117,64 @@ def _serve(model, request: Request, new_tokens: int, device: torch.device) -> di
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**request.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             return_dict_in_generate=True, streamer=streamer)
+        out = model.generate(
+            **request.inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            streamer=streamer,
+        )
     _sync(device)
     end = time.perf_counter()
     first = streamer.first if streamer.first is not None else end
     decoded = request.batch * (new_tokens - 1)
-    return {"wall_s": end - start, "ttft_s": first - start,
-            "decode_tokens_per_s": decoded / (end - first) if end > first and decoded else None,
-            "kv_cache_bytes": cache_bytes(output_cache(out)), "tokens": out.sequences[:, -new_tokens:]}
+    return {
+        "wall_s": end - start,
+        "ttft_s": first - start,
+        "decode_tokens_per_s": decoded / (end - first) if end > first and decoded else None,
+        "kv_cache_bytes": cache_bytes(output_cache(out)),
+        "tokens": out.sequences[:, -new_tokens:],
+    }
 
 
-def run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, requests: int = 24, max_batch: int = 8,
-                    new_tokens: int = 8, seed: int = 0, config: Optional[ERAConfig] = None,
-                    progress: Optional[Callable[[], None]] = None) -> dict:
+def run_serve_bench(
+    name: str,
+    build: Callable[[], torch.nn.Module],
+    *,
+    requests: int = 24,
+    max_batch: int = 8,
+    new_tokens: int = 8,
+    seed: int = 0,
+    config: ERAConfig | None = None,
+    progress: Callable[[], None] | None = None,
+) -> dict:
     """The serve-bench record (see the module docstring). ``build()`` gives the model, the same
     weights on every call."""
     with recompile_headroom():  # a stream of prompt shapes through three compiled models of one class
-        return _run_serve_bench(name, build, requests=requests, max_batch=max_batch, new_tokens=new_tokens,
-                                seed=seed, config=config, progress=progress)
+        return _run_serve_bench(
+            name,
+            build,
+            requests=requests,
+            max_batch=max_batch,
+            new_tokens=new_tokens,
+            seed=seed,
+            config=config,
+            progress=progress,
+        )
 
 
-def _run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, requests: int, max_batch: int,
-                     new_tokens: int, seed: int, config: Optional[ERAConfig],
-                     progress: Optional[Callable[[], None]]) -> dict:
+def _run_serve_bench(
+    name: str,
+    build: Callable[[], torch.nn.Module],
+    *,
+    requests: int,
+    max_batch: int,
+    new_tokens: int,
+    seed: int,
+    config: ERAConfig | None,
+    progress: Callable[[], None] | None,
+) -> dict:
     check_model(name)
     config = config or ERAConfig()
     models = {label: build() for label in MODELS}
@@ -148,7 +184,7 @@ def _run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, request
     models["compiled"].compile(backend=plain)
     models["pruned"].compile(backend=backend)
     graphs = {"eager": lambda: 0, "compiled": lambda: plain.graphs, "pruned": lambda: backend.report.graphs}
-    passes: Dict[str, Dict[str, List[dict]]] = {}
+    passes: dict[str, dict[str, list[dict]]] = {}
     pruned_image_requests = image_requests = agree = 0
     for name_of_pass in ("first", "replay"):
         per_request = passes[name_of_pass] = {label: [] for label in MODELS}
@@ -166,8 +202,9 @@ def _run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, request
             if progress:
                 progress()
     compile_seconds = {"eager": 0.0, "compiled": plain.compile_seconds, "pruned": backend.report.compile_seconds}
-    summary = {label: _summary(passes["first"][label], passes["replay"][label], compile_seconds[label])
-               for label in MODELS}
+    summary = {
+        label: _summary(passes["first"][label], passes["replay"][label], compile_seconds[label]) for label in MODELS
+    }
     for per_request in passes.values():
         for rows in per_request.values():
             for row in rows:
@@ -175,64 +212,90 @@ def _run_serve_bench(name: str, build: Callable[[], torch.nn.Module], *, request
     import transformers
 
     record = {
-        "model": name, "device": device_description(device), "device_type": device.type,
-        "torch": torch.__version__, "transformers": transformers.__version__, "config": config.to_dict(),
-        "requests": requests, "max_batch": max_batch, "new_tokens": new_tokens, "seed": seed,
+        "model": name,
+        "device": device_description(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "config": config.to_dict(),
+        "requests": requests,
+        "max_batch": max_batch,
+        "new_tokens": new_tokens,
+        "seed": seed,
         "distinct_visual_token_counts": len({t for r in stream for t in r.visual_tokens if t}),
-        "batch_sizes": [r.batch for r in stream], "visual_tokens": [r.visual_tokens for r in stream],
+        "batch_sizes": [r.batch for r in stream],
+        "visual_tokens": [r.visual_tokens for r in stream],
         "prompt_tokens": [int(r.inputs["input_ids"].shape[1]) for r in stream],
-        "image_requests": image_requests, "pruned_image_requests": pruned_image_requests,
+        "image_requests": image_requests,
+        "pruned_image_requests": pruned_image_requests,
         "pruned_share": pruned_image_requests / image_requests if image_requests else None,
         "greedy_tokens_equal_to_unpruned": agree / (2 * len(stream)),
-        "summary": summary, "per_request": passes["first"], "replay": passes["replay"],
-        "pruned_report": {"graphs": backend.report.graphs, "pruned_calls": backend.report.pruned_calls,
-                          "layouts": len(backend.report.pruning), "skipped": backend.report.skipped,
-                          "notes": backend.report.notes},
+        "summary": summary,
+        "per_request": passes["first"],
+        "replay": passes["replay"],
+        "pruned_report": {
+            "graphs": backend.report.graphs,
+            "pruned_calls": backend.report.pruned_calls,
+            "layouts": len(backend.report.pruning),
+            "skipped": backend.report.skipped,
+            "notes": backend.report.notes,
+        },
     }
     del models
     gc.collect()
     return record
 
 
-def _percentile(values: List[float], q: float) -> Optional[float]:
+def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _summary(first: List[dict], replay: List[dict], compile_seconds: float) -> dict:
+def _summary(first: list[dict], replay: list[dict], compile_seconds: float) -> dict:
     """The first pass's cost of warming up, the replay's latency and throughput."""
     ttft = [r["ttft_s"] for r in replay]
     rates = [r["decode_tokens_per_s"] for r in replay if r["decode_tokens_per_s"]]
-    return {"wall_s": sum(r["wall_s"] for r in first), "replay_wall_s": sum(r["wall_s"] for r in replay),
-            "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95),
-            "decode_tokens_per_s": statistics.median(rates) if rates else None,
-            "graphs_compiled": sum(r["compiled_graphs"] for r in first), "compile_seconds": round(compile_seconds, 3),
-            "requests_that_compiled": sum(1 for r in first if r["compiled_graphs"]),
-            "replay_graphs_compiled": sum(r["compiled_graphs"] for r in replay),
-            "peak_kv_cache_bytes": max(r["kv_cache_bytes"] for r in first + replay)}
+    return {
+        "wall_s": sum(r["wall_s"] for r in first),
+        "replay_wall_s": sum(r["wall_s"] for r in replay),
+        "ttft_p50_s": _percentile(ttft, 0.5),
+        "ttft_p95_s": _percentile(ttft, 0.95),
+        "decode_tokens_per_s": statistics.median(rates) if rates else None,
+        "graphs_compiled": sum(r["compiled_graphs"] for r in first),
+        "compile_seconds": round(compile_seconds, 3),
+        "requests_that_compiled": sum(1 for r in first if r["compiled_graphs"]),
+        "replay_graphs_compiled": sum(r["compiled_graphs"] for r in replay),
+        "peak_kv_cache_bytes": max(r["kv_cache_bytes"] for r in first + replay),
+    }
 
 
 def table(record: dict) -> str:
     """The README table: one row per model."""
-    lines = ["| model | first pass: wall (s) / graphs / compile (s) | replay: wall (s) / graphs | TTFT p50 / p95 (ms) "
-             "| decode tokens/s | peak KV cache |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | first pass: wall (s) / graphs / compile (s) | replay: wall (s) / graphs | TTFT p50 / p95 (ms) "
+        "| decode tokens/s | peak KV cache |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for label in MODELS:
         s = record["summary"][label]
         rate = f"{s['decode_tokens_per_s']:.0f}" if s["decode_tokens_per_s"] else "-"
-        lines.append(f"| {label} | {s['wall_s']:.1f} / {s['graphs_compiled']} / {s['compile_seconds']:.1f} | "
-                     f"{s['replay_wall_s']:.1f} / {s['replay_graphs_compiled']} | {1e3 * s['ttft_p50_s']:.1f} / "
-                     f"{1e3 * s['ttft_p95_s']:.1f} | {rate} | {s['peak_kv_cache_bytes'] / 1e6:.2f} MB |")
+        lines.append(
+            f"| {label} | {s['wall_s']:.1f} / {s['graphs_compiled']} / {s['compile_seconds']:.1f} | "
+            f"{s['replay_wall_s']:.1f} / {s['replay_graphs_compiled']} | {1e3 * s['ttft_p50_s']:.1f} / "
+            f"{1e3 * s['ttft_p95_s']:.1f} | {rate} | {s['peak_kv_cache_bytes'] / 1e6:.2f} MB |"
+        )
     share = record["pruned_share"]
-    lines.append(f"\n{record['image_requests']} image requests over both passes, {record['pruned_image_requests']} pruned "
-                 f"({'-' if share is None else f'{100 * share:.0f}%'}); {record['distinct_visual_token_counts']} "
-                 f"distinct image sizes; batches {min(record['batch_sizes'])}-{max(record['batch_sizes'])}")
+    lines.append(
+        f"\n{record['image_requests']} image requests over both passes, {record['pruned_image_requests']} pruned "
+        f"({'-' if share is None else f'{100 * share:.0f}%'}); {record['distinct_visual_token_counts']} "
+        f"distinct image sizes; batches {min(record['batch_sizes'])}-{max(record['batch_sizes'])}"
+    )
     return "\n".join(lines)
 
 
-def plot(record: dict, stem: str) -> List[str]:
+def plot(record: dict, stem: str) -> list[str]:
     """Time to first token per request of the three models, and the summary bars."""
     import matplotlib
 
@@ -246,8 +309,10 @@ def plot(record: dict, stem: str) -> List[str]:
     ax.set_yscale("log")
     ax.set_xlabel("request")
     ax.set_ylabel("time to first token (ms, log)")
-    ax.set_title(f"{record['model']}: {record['requests']} requests, "
-                 f"{record['distinct_visual_token_counts']} image sizes", fontsize=9)
+    ax.set_title(
+        f"{record['model']}: {record['requests']} requests, {record['distinct_visual_token_counts']} image sizes",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     for label in MODELS:
         rows = record["replay"][label]
@@ -256,8 +321,13 @@ def plot(record: dict, stem: str) -> List[str]:
     values = [1e3 * (summary[label]["ttft_p50_s"] or 0) for label in MODELS]
     bars.bar(MODELS, values, color=["gray", "tab:blue", "tab:green"])
     for i, label in enumerate(MODELS):
-        bars.annotate(f"{summary[label]['graphs_compiled']} graphs\n{summary[label]['compile_seconds']:.0f} s compile",
-                      (i, values[i]), ha="center", va="bottom", fontsize=7)
+        bars.annotate(
+            f"{summary[label]['graphs_compiled']} graphs\n{summary[label]['compile_seconds']:.0f} s compile",
+            (i, values[i]),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     bars.set_ylabel("TTFT p50 of the replay (ms)")
     bars.set_title(record["device"], fontsize=8)
     fig.tight_layout()

@@ -11,14 +11,14 @@ The demo and the tests use these; real checkpoints load from a local path instea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence, Tuple, Union
 
 import torch
 
 IMAGE_TOKEN_ID = 250  # inside the tiny vocabulary, never produced by the text sampler below
 VIDEO_TOKEN_ID = 251
-TEXT_VOCAB = 240      # text tokens are drawn from [3, TEXT_VOCAB)
+TEXT_VOCAB = 240  # text tokens are drawn from [3, TEXT_VOCAB)
 
 
 @dataclass(frozen=True)
@@ -30,30 +30,61 @@ class ZooEntry:
     benchmark: bool = False  # a benchmark shape, not another architecture (not in the support matrix)
 
 
-def llava_config(text: dict, vision: dict, image_token_id: int = IMAGE_TOKEN_ID, vision_feature_layer: int = -2,
-                 **extra):
+def llava_config(
+    text: dict, vision: dict, image_token_id: int = IMAGE_TOKEN_ID, vision_feature_layer: int = -2, **extra
+):
     """A ``LlavaConfig`` as LLaVA-1.5 has it (Llama text model, CLIP tower, GELU projector, SDPA
     attention), from the fields of the two towers."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    config = LlavaConfig(text_config=LlamaConfig(**text), vision_config=CLIPVisionConfig(**vision),
-                         image_token_id=image_token_id, vision_feature_layer=vision_feature_layer,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu", **extra)
+    config = LlavaConfig(
+        text_config=LlamaConfig(**text),
+        vision_config=CLIPVisionConfig(**vision),
+        image_token_id=image_token_id,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        **extra,
+    )
     config._attn_implementation = "sdpa"
     return config
 
 
-def _tiny_llava(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                image_size: int = 48, patch: int = 8, intermediate: int = 0, sharpen: bool = True):
+def _tiny_llava(
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    image_size: int = 48,
+    patch: int = 8,
+    intermediate: int = 0,
+    sharpen: bool = True,
+):
     from transformers import LlavaForConditionalGeneration
 
     config = llava_config(
-        text=dict(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
-                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                  max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        text=dict(
+            vocab_size=256,
+            hidden_size=hidden,
+            intermediate_size=intermediate or 2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
         # a small tower: the language model is what pruning speeds up
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=image_size, patch_size=patch, projection_dim=32),
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=32,
+        ),
     )
     model = LlavaForConditionalGeneration(config).eval()
     if sharpen:
@@ -64,8 +95,9 @@ def _tiny_llava(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int
 def _llava_bench():
     """LLaVA-1.5's sequence shape on a CPU budget: 576 visual tokens (336 px, 14 px patches),
     an 8-layer, 1024-wide Llama with 16 heads (MHA, as LLaVA-1.5), random weights."""
-    return _tiny_llava(hidden=1024, layers=8, heads=16, kv_heads=16, image_size=336, patch=14, intermediate=2816,
-                       sharpen=False)
+    return _tiny_llava(
+        hidden=1024, layers=8, heads=16, kv_heads=16, image_size=336, patch=14, intermediate=2816, sharpen=False
+    )
 
 
 def _llava_7b_shape():
@@ -76,11 +108,27 @@ def _llava_7b_shape():
     if not torch.cuda.is_available():
         raise ValueError("zoo model 'llava-7b-shape' needs a CUDA device (7B parameters, created on the GPU in bf16)")
     config = llava_config(
-        text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768),
+        text=dict(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
     )
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # created in bf16: a float32 copy would be 28 GB
@@ -98,8 +146,9 @@ def _llava_bench_inputs(model, **kwargs) -> dict:
     return _llava_inputs(model, **kwargs)
 
 
-def _left_padded(rows: Sequence[torch.Tensor], pad_id: int, masks: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor,
-                                                                                                     torch.Tensor]:
+def _left_padded(
+    rows: Sequence[torch.Tensor], pad_id: int, masks: Sequence[torch.Tensor] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths as one batch, left-padded (attention_mask 0), as tokenizers pad
     for generation: (input_ids, attention_mask)."""
     masks = list(masks) or [torch.ones(len(r), dtype=torch.long) for r in rows]
@@ -117,8 +166,16 @@ def _per_sample(value, batch: int, name: str) -> list:
     return values
 
 
-def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, images=1,
-                  left_pad: Union[Sequence[int], str] = (), seed: int = 0) -> dict:
+def _llava_inputs(
+    model,
+    *,
+    batch: int = 1,
+    prefix: int = 5,
+    suffix: int = 7,
+    images=1,
+    left_pad: Sequence[int] | str = (),
+    seed: int = 0,
+) -> dict:
     """Per sample: ``prefix`` text tokens, then for each of ``images`` images (one count for every
     sample, or a list of one per sample: a ragged batch) its placeholder tokens followed by ``suffix`` text
     tokens. ``left_pad[b]`` shortens sample b's last text run by that many tokens and pads it on
@@ -129,7 +186,9 @@ def _llava_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, im
     num_visual = (vcfg.image_size // vcfg.patch_size) ** 2
     pad_id = model.config.text_config.pad_token_id
     counts = _per_sample(images, batch, "images")
-    if left_pad == "spread":
+    if isinstance(left_pad, str):
+        if left_pad != "spread":
+            raise ValueError(f"left_pad={left_pad!r}: a pad per sample, or 'spread'")
         left_pad = [round(b * (suffix - 1) / max(1, batch - 1)) for b in range(batch)]
     g = torch.Generator().manual_seed(seed)
     rows, masks = [], []
@@ -155,21 +214,42 @@ def _tiny_llava_next():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     text = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    config = LlavaNextConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
-                             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], vision_feature_layer=-2)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    config = LlavaNextConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-2,
+    )
     config._attn_implementation = "sdpa"
     model = LlavaNextForConditionalGeneration(config).eval()
     _sharpen_attention(model)
     return model
 
 
-def _llava_next_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0,
-                       image_size=(40, 60)) -> dict:
+def _llava_next_inputs(
+    model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0, image_size=(40, 60)
+) -> dict:
     """Anyres: a base view plus crops of one ``image_size`` image per sample (a list: one size per
     sample, other aspect ratios, so other token counts); the image-token count (crops and
     image_newline rows) comes from the model itself, as a processor computes it. Samples of
@@ -181,18 +261,41 @@ def _llava_next_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes)
     counts = [f.shape[0] for f in features.pooler_output]
-    rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g), torch.full((n,), IMAGE_TOKEN_ID),
-                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for n in counts]
+    rows = [
+        torch.cat(
+            [
+                torch.randint(3, TEXT_VOCAB, (prefix,), generator=g),
+                torch.full((n,), IMAGE_TOKEN_ID),
+                torch.randint(3, TEXT_VOCAB, (suffix,), generator=g),
+            ]
+        )
+        for n in counts
+    ]
     input_ids, attention_mask = _left_padded(rows, model.config.text_config.pad_token_id)
-    return {"input_ids": input_ids, "pixel_values": pixel_values, "image_sizes": sizes,
-            "attention_mask": attention_mask}
+    return {
+        "input_ids": input_ids,
+        "pixel_values": pixel_values,
+        "image_sizes": sizes,
+        "attention_mask": attention_mask,
+    }
 
 
-QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=252,
-                   vision_end_token_id=253)
-_QWEN_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+QWEN_TOKENS = dict(
+    image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=252, vision_end_token_id=253
+)
+_QWEN_TEXT = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+)
 
 
 def _tiny_qwen2_5_vl():
@@ -200,10 +303,20 @@ def _tiny_qwen2_5_vl():
 
     config = Qwen2_5_VLConfig(
         text_config=_QWEN_TEXT,
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=16,
-                           fullatt_block_indexes=[1]),
-        **QWEN_TOKENS)
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=64,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        ),
+        **QWEN_TOKENS,
+    )
     config._attn_implementation = "sdpa"
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     _sharpen_attention(model)
@@ -215,17 +328,25 @@ def _tiny_qwen2_vl():
 
     config = Qwen2VLConfig(
         text_config=_QWEN_TEXT,
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        **QWEN_TOKENS)
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        **QWEN_TOKENS,
+    )
     config._attn_implementation = "sdpa"
     model = Qwen2VLForConditionalGeneration(config).eval()
     _sharpen_attention(model)
     return model
 
 
-def _qwen_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0,
-                 grid=(1, 12, 12)) -> dict:
+def _qwen_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0, grid=(1, 12, 12)) -> dict:
     """Per sample: text, <|vision_start|>, the image's pad tokens (t*h*w / merge^2 of them),
     <|vision_end|>, text; flattened patches and ``image_grid_thw`` as Qwen's processor gives them.
     ``grid`` is one (t, h, w) for every sample or a list of one per sample (other image sizes);
@@ -233,47 +354,77 @@ def _qwen_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, see
     vcfg = model.config.vision_config
     merge = vcfg.spatial_merge_size
     grids = _per_sample(grid, batch, "grid")
-    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
     g = torch.Generator().manual_seed(seed)
-    rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g),
-                       torch.tensor([QWEN_TOKENS["vision_start_token_id"]]),
-                       torch.full((t * h * w // (merge * merge),), IMAGE_TOKEN_ID),
-                       torch.tensor([QWEN_TOKENS["vision_end_token_id"]]),
-                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for t, h, w in grids]
+    rows = [
+        torch.cat(
+            [
+                torch.randint(3, TEXT_VOCAB, (prefix,), generator=g),
+                torch.tensor([QWEN_TOKENS["vision_start_token_id"]]),
+                torch.full((t * h * w // (merge * merge),), IMAGE_TOKEN_ID),
+                torch.tensor([QWEN_TOKENS["vision_end_token_id"]]),
+                torch.randint(3, TEXT_VOCAB, (suffix,), generator=g),
+            ]
+        )
+        for t, h, w in grids
+    ]
     input_ids, attention_mask = _left_padded(rows, model.config.text_config.pad_token_id)
     patches = sum(t * h * w for t, h, w in grids)
-    return {"input_ids": input_ids, "pixel_values": torch.randn(patches, patch_dim, generator=g),
-            "image_grid_thw": torch.tensor([list(grid) for grid in grids]), "attention_mask": attention_mask,
-            # what the processor returns beside input_ids: 1 marks image tokens (M-RoPE needs it)
-            "mm_token_type_ids": (input_ids == IMAGE_TOKEN_ID).long()}
+    return {
+        "input_ids": input_ids,
+        "pixel_values": torch.randn(patches, patch_dim, generator=g),
+        "image_grid_thw": torch.tensor([list(grid) for grid in grids]),
+        "attention_mask": attention_mask,
+        # what the processor returns beside input_ids: 1 marks image tokens (M-RoPE needs it)
+        "mm_token_type_ids": (input_ids == IMAGE_TOKEN_ID).long(),
+    }
 
 
 def _tiny_llava_onevision():
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     config = LlavaOnevisionConfig(
-        text_config=dict(_QWEN_TEXT, model_type="qwen2", rope_parameters={"rope_type": "default",
-                                                                          "rope_theta": 10000.0}),
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=8),
-        image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
-        image_grid_pinpoints=[[48, 48], [48, 96], [96, 48]])
+        text_config=dict(
+            _QWEN_TEXT, model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=48,
+            patch_size=8,
+        ),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=[[48, 48], [48, 96], [96, 48]],
+    )
     config._attn_implementation = "sdpa"
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     _sharpen_attention(model)
     return model
 
 
-def _onevision_video_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, frames: int = 4,
-                            seed: int = 0) -> dict:
+def _onevision_video_inputs(
+    model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, frames: int = 4, seed: int = 0
+) -> dict:
     """Per sample a ``frames``-frame video: each frame's patches pooled 2x2, then one
     image_newline row after the last frame, as LLaVA-OneVision's video path packs them."""
     vcfg = model.config.vision_config
     side = -(-(vcfg.image_size // vcfg.patch_size) // 2)  # ceil: the 2x2 bilinear pooling
     num_visual = frames * side * side + 1
     g = torch.Generator().manual_seed(seed)
-    rows = [torch.cat([torch.randint(3, TEXT_VOCAB, (prefix,), generator=g), torch.full((num_visual,), VIDEO_TOKEN_ID),
-                       torch.randint(3, TEXT_VOCAB, (suffix,), generator=g)]) for _ in range(batch)]
+    rows = [
+        torch.cat(
+            [
+                torch.randint(3, TEXT_VOCAB, (prefix,), generator=g),
+                torch.full((num_visual,), VIDEO_TOKEN_ID),
+                torch.randint(3, TEXT_VOCAB, (suffix,), generator=g),
+            ]
+        )
+        for _ in range(batch)
+    ]
     input_ids = torch.stack(rows)
     videos = torch.randn(batch, frames, 3, vcfg.image_size, vcfg.image_size, generator=g)
     return {"input_ids": input_ids, "pixel_values_videos": videos, "attention_mask": torch.ones_like(input_ids)}
@@ -293,7 +444,7 @@ def num_visual_tokens(model) -> int:
     return (vcfg.image_size // vcfg.patch_size) ** 2
 
 
-ZOO: Dict[str, ZooEntry] = {
+ZOO: dict[str, ZooEntry] = {
     "llava": ZooEntry(
         "llava",
         "tiny LLaVA-1.5 (CLIP 2x32, Llama 4x64, GQA 4:2, 36 visual tokens)",
@@ -341,19 +492,19 @@ ZOO: Dict[str, ZooEntry] = {
 }
 
 
-def names() -> Tuple[str, ...]:
+def names() -> tuple[str, ...]:
     return tuple(ZOO)
 
 
 PADDABLE = (_llava_inputs, _llava_bench_inputs)  # input builders that take left_pad
 
 
-def paddable_names() -> Tuple[str, ...]:
+def paddable_names() -> tuple[str, ...]:
     """Zoo models whose inputs can be a left-padded batch of prompts of different lengths."""
     return tuple(name for name, entry in ZOO.items() if entry.make_inputs in PADDABLE)
 
 
-def architectures() -> Tuple[str, ...]:
+def architectures() -> tuple[str, ...]:
     """One entry per supported architecture family (the support matrix's rows)."""
     return tuple(name for name, entry in ZOO.items() if not entry.benchmark)
 
@@ -367,4 +518,6 @@ def build(name: str = "llava", *, seed: int = 0, batch: int = 1, **input_kwargs)
     model = entry.make_model()
     device = next(model.parameters()).device
     inputs = entry.make_inputs(model, batch=batch, seed=seed, **input_kwargs)
-    return model, {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+    return model, {
+        name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()
+    }

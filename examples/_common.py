@@ -28,8 +28,12 @@ def load(args, zoo_name: str, media: str = "image"):
     ``media``: "image" (one --image) or "video" (--frames, one image file per frame)."""
     if args.model_path and not (args.image if media == "image" else args.frames):
         raise SystemExit(f"--{'image' if media == 'image' else 'frames'} is required with --model-path")
-    return era_load(args.model_path or zoo_name, image=args.image, frames=args.frames if media == "video" else None,
-                    question=args.question)
+    return era_load(
+        args.model_path or zoo_name,
+        image=args.image,
+        frames=args.frames if media == "video" else None,
+        question=args.question,
+    )
 
 
 def run(description: str, zoo_name: str, media: str = "image") -> None:
@@ -39,7 +43,7 @@ def run(description: str, zoo_name: str, media: str = "image") -> None:
     model.compile(backend=backend)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    new_tokens = out[:, inputs["input_ids"].shape[1] :]
     if processor is not None:
         print(processor.batch_decode(new_tokens, skip_special_tokens=True)[0])
     else:

@@ -23,5 +23,5 @@ if __name__ == "__main__":
     model.compile(backend=backend)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    print(f"generated token ids (random weights): {out[0, inputs['input_ids'].shape[1]:].tolist()}")
+    print(f"generated token ids (random weights): {out[0, inputs['input_ids'].shape[1] :].tolist()}")
     print(backend.report)

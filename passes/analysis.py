@@ -10,25 +10,35 @@ each fact on first use and keeps it. The pass manager drops it whenever a pass c
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_utils import is_weight, placeholders, reachable_from, tensor_meta
+from .fx_utils import is_weight, placeholders, reachable_from, tensor_meta, tensor_value
 
 _KEY = "era_analysis"
 _EMBEDDING_LOOKUPS = {torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default}
 # What a vision tower's patch embedding runs: a 2-D (images) or 3-D (video, Qwen's patches)
 # convolution. Not 1-D ones: audio encoders and some language models (short convolutions) run
 # those on what is no image.
-CONVOLUTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution, torch._convolution,
-                torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
-                torch.ops.aten.convolution.default, torch.ops.aten._convolution.default}
+CONVOLUTIONS = {
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    torch.convolution,
+    torch._convolution,
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv3d.default,
+    torch.ops.aten.convolution.default,
+    torch.ops.aten._convolution.default,
+}
 
 
-def analysis_of(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> "GraphAnalysis":
+def analysis_of(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> GraphAnalysis:
     """The graph's analysis for these example inputs: kept until a pass changes the graph."""
     kept = gm.meta.get(_KEY)
     if kept is None or not kept.describes(gm, example_inputs):
@@ -49,8 +59,8 @@ class GraphAnalysis:
         # what the facts read of the inputs, not the inputs: a kept example would keep a call's
         # tensors (a variant compiled on its first call's arguments) alive with the graph
         self.inputs = _describe(example_inputs)
-        self._reach: Dict[Tuple[FrozenSet[fx.Node], bool], FrozenSet[fx.Node]] = {}
-        self._memo: Dict[str, Any] = {}
+        self._reach: dict[tuple[frozenset[fx.Node], bool], frozenset[fx.Node]] = {}
+        self._memo: dict[str, Any] = {}
 
     def describes(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
         return gm.graph is self.graph and _describe(example_inputs) == self.inputs
@@ -61,7 +71,7 @@ class GraphAnalysis:
             self._memo[name] = compute()
         return self._memo[name]
 
-    def reach(self, roots: Iterable[fx.Node], *, through_sizes: bool = True) -> FrozenSet[fx.Node]:
+    def reach(self, roots: Iterable[fx.Node], *, through_sizes: bool = True) -> frozenset[fx.Node]:
         """``fx_utils.reachable_from``, remembered per set of roots."""
         key = (frozenset(roots), through_sizes)
         if key not in self._reach:
@@ -69,31 +79,36 @@ class GraphAnalysis:
         return self._reach[key]
 
     @functools.cached_property
-    def placeholders(self) -> List[fx.Node]:
+    def placeholders(self) -> list[fx.Node]:
         return placeholders(self.gm)
 
     @functools.cached_property
-    def data_inputs(self) -> List[fx.Node]:
+    def data_inputs(self) -> list[fx.Node]:
         """The tensor placeholders bound to data, not to a parameter or buffer (nor a size)."""
         inputs = self.placeholders
+        # padded to the placeholders: one past the examples (a pass added it) is no parameter
         parameters = list(self.inputs) + [(0, False)] * (len(inputs) - len(self.inputs))
-        return [n for n, (_, parameter) in zip(inputs, parameters)
-                if tensor_meta(n) is not None and not parameter and not is_weight(n, None)]
+        return [
+            n
+            for n, (_, parameter) in zip(inputs, parameters, strict=False)
+            if tensor_meta(n) is not None and not parameter and not is_weight(n, None)
+        ]
 
     @functools.cached_property
-    def image_values(self) -> List[fx.Node]:
+    def image_values(self) -> list[fx.Node]:
         """Where images enter: inputs named like pixels, and 2-D/3-D convolutions of a graph input (or
         of a value computed from one: a weight's own convolution is no image). Empty: the graph
         encodes no image (a text-only prompt skips the vision tower, so none of this runs)."""
         data = self.data_inputs
         from_data = self.reach(data, through_sizes=False) | set(data)
         pixels = [n for n in data if "pixel" in n.name]
-        convolutions = [n for n in self.graph.nodes
-                        if convolution_weight_rank(n) in (4, 5) and _first_argument(n) in from_data]
+        convolutions = [
+            n for n in self.graph.nodes if convolution_weight_rank(n) in (4, 5) and _first_argument(n) in from_data
+        ]
         return pixels + convolutions
 
     @functools.cached_property
-    def image_sources(self) -> FrozenSet[fx.Node]:
+    def image_sources(self) -> frozenset[fx.Node]:
         """Every node the image values are computed from."""
         seen: set = set()
         todo = [a for n in self.image_values for a in n.all_input_nodes]
@@ -105,7 +120,7 @@ class GraphAnalysis:
         return frozenset(seen)
 
     @functools.cached_property
-    def token_lookups(self) -> List[Tuple[fx.Node, fx.Node]]:
+    def token_lookups(self) -> list[tuple[fx.Node, fx.Node]]:
         """(embedding lookup, the [B, N] token-id data input it reads), for every lookup of token ids."""
         data = set(self.data_inputs)
         found = []
@@ -116,35 +131,39 @@ class GraphAnalysis:
         return found
 
     @functools.cached_property
-    def text_embeddings(self) -> List[fx.Node]:
+    def text_embeddings(self) -> list[fx.Node]:
         """Token embeddings (a lookup of an integer graph input), and [B, N, D] float inputs (embeddings
         computed before the graph) that an integer input of length N comes with (token ids, a mask,
         positions), none of them where an image comes from: a vision tower's patches split across
         graphs come with no token-length input but the image's own (SigLIP2's ``pixel_attention_mask``)."""
         images = set(self.image_values)
         data = [n for n in self.data_inputs if n not in self.image_sources and n not in images]
-        lengths = [tensor_meta(n).shape[-1] for n in data
-                   if tensor_meta(n).dim() and not tensor_meta(n).is_floating_point()]
-        embedded = [n for n in data if _is_float(n, rank=3)
-                    and any(statically_known_true(tensor_meta(n).shape[1] == length) for length in lengths)]
+        values = [tensor_value(n) for n in data]  # data inputs are tensors
+        lengths = [v.shape[-1] for v in values if v.dim() and not v.is_floating_point()]
+        embedded = [
+            n
+            for n in data
+            if _is_float(n, rank=3)
+            and any(statically_known_true(tensor_value(n).shape[1] == length) for length in lengths)
+        ]
         kept = set(data)
         return embedded + [lookup for lookup, ids in self.token_lookups if ids in kept]
 
     @functools.cached_property
-    def reach_of_text(self) -> FrozenSet[fx.Node]:
+    def reach_of_text(self) -> frozenset[fx.Node]:
         """What the text's embeddings reach, them included."""
         text = self.text_embeddings
         return self.reach(text, through_sizes=False) | frozenset(text)
 
     @functools.cached_property
-    def reach_of_float_data(self) -> FrozenSet[fx.Node]:
+    def reach_of_float_data(self) -> frozenset[fx.Node]:
         """What the float data inputs that are not the text reach (an image, features handed in)."""
         text = set(self.text_embeddings)
-        floats = [n for n in self.data_inputs if tensor_meta(n).is_floating_point() and n not in text]
+        floats = [n for n in self.data_inputs if tensor_value(n).is_floating_point() and n not in text]
         return self.reach(floats, through_sizes=False) | frozenset(floats)
 
 
-def _describe(example_inputs: Sequence[Any]) -> Tuple[Tuple[int, bool], ...]:
+def _describe(example_inputs: Sequence[Any]) -> tuple[tuple[int, bool], ...]:
     """Per example input its identity and whether it is a parameter (all ``is_weight`` reads of it)."""
     return tuple((id(x), isinstance(x, torch.nn.Parameter)) for x in example_inputs)
 

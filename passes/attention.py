@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .fx_utils import attention_args, call_arguments, same_size, tensor_meta
+from .fx_utils import attention_args, call_arguments, same_size, tensor_value
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import DecoderLayers, PruneSite, RectifiedAttention
 from .rewrite import replace_with_biased_attention
@@ -29,18 +29,22 @@ from .rewrite import replace_with_biased_attention
 def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     site, layers = ctx.get(PruneSite), ctx.get(DecoderLayers)
     if not ctx.config.rectify:
-        return PassResult(record=RectifiedAttention(),
-                          skipped="rectify=False: attention of the pruned layers left as plain SDPA")
+        return PassResult(
+            record=RectifiedAttention(), skipped="rectify=False: attention of the pruned layers left as plain SDPA"
+        )
     calls, kernel = [], None
-    for layer in layers.layers[site.layer:]:
+    for layer in layers.layers[site.layer :]:
         call = layer.attention
-        key_len = tensor_meta(attention_args(call)["key"]).shape[-2]
-        if not same_size(key_len, tensor_meta(site.hidden_kept).shape[1]):
-            raise PassError(f"layer {layer.index}: its keys are not the kept tokens (a non-empty KV cache in prefill "
-                            "is not supported yet)")
+        key_len = tensor_value(attention_args(call)["key"]).shape[-2]
+        if not same_size(key_len, tensor_value(site.hidden_kept).shape[1]):
+            raise PassError(
+                f"layer {layer.index}: its keys are not the kept tokens (a non-empty KV cache in prefill "
+                "is not supported yet)"
+            )
         biased = replace_with_biased_attention(gm.graph, call, site.log_bias, ctx.config.attention, layer.index)
         kernel = call_arguments(biased)["kernel"]
         calls.append((layer.index, biased))
     record = RectifiedAttention(tuple(calls), kernel)
-    return PassResult(record=record, changed=bool(calls),
-                      counts={"attention_rewrites": len(calls), "layers": record.layers})
+    return PassResult(
+        record=record, changed=bool(calls), counts={"attention_rewrites": len(calls), "layers": record.layers}
+    )

@@ -9,7 +9,8 @@ Node tests match the one spelling ``normalize`` leaves (``call_method masked_sca
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -25,6 +26,7 @@ SHAPE_METHODS = ("view", "reshape", "expand")
 
 
 # --------------------------------------------------------------------------- node tests
+
 
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is SDPA
@@ -54,35 +56,41 @@ def is_shape_op(node: fx.Node) -> bool:
 
 def is_size_query(node: fx.Node) -> bool:
     """``x.size(d)`` / ``sym_size(x, d)``: reads a shape, not values."""
-    return ((node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size))
-            or (node.op == "call_method" and node.target == "size"))
+    return (node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size)) or (
+        node.op == "call_method" and node.target == "size"
+    )
 
 
 def is_in_place(node: fx.Node) -> bool:
     """A call that writes into its first argument (``x.index_copy_(...)``, ``x.copy_(y)``)."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return (node.op in ("call_method", "call_function") and isinstance(name, str)
-            and name.endswith("_") and not name.startswith("_"))
+    return (
+        node.op in ("call_method", "call_function")
+        and isinstance(name, str)
+        and name.endswith("_")
+        and not name.startswith("_")
+    )
 
 
 # --------------------------------------------------------------------------- arguments by name
 
-def call_arguments(node: fx.Node) -> Dict[str, Any]:
+
+def call_arguments(node: fx.Node) -> dict[str, Any]:
     """Every argument of a call, by its schema name (defaults filled in). For torch functions and
     ``torch.ops`` overloads alike; the one way passes read the arguments of what they match."""
-    normalized = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
-                                    normalize_to_only_use_kwargs=True)
+    if isinstance(node.target, str):  # a method or attribute: no schema to read
+        raise TypeError(f"cannot read the arguments of {node.format_node()} by name")
+    normalized = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
     if normalized is None:
         raise TypeError(f"cannot read the arguments of {node.format_node()} by name")
     return dict(normalized.kwargs)
 
 
-def attention_args(node: fx.Node) -> Dict[str, Any]:
+def attention_args(node: fx.Node) -> dict[str, Any]:
     """query/key/value/attn_mask/is_causal/scale (and dropout_p for SDPA, bias/kernel for ours)."""
     args = call_arguments(node)
     if is_biased_attention(node):  # our schema's names, in SDPA's words
-        args = dict(args, query=args.pop("q"), key=args.pop("k"), value=args.pop("v"),
-                    is_causal=args.pop("causal"))
+        args = dict(args, query=args.pop("q"), key=args.pop("k"), value=args.pop("v"), is_causal=args.pop("causal"))
     return args
 
 
@@ -106,6 +114,7 @@ def known_scalar(arg: Any) -> Any:
 
 # --------------------------------------------------------------------------- fake values
 
+
 def fake_value(node: Any) -> Any:
     """The fake (meta) value Dynamo or a propagation recorded for a node."""
     if not isinstance(node, fx.Node):
@@ -115,28 +124,39 @@ def fake_value(node: Any) -> Any:
     return node.meta.get("example_value")
 
 
-def tensor_meta(node: Any) -> Optional[torch.Tensor]:
+def tensor_meta(node: Any) -> torch.Tensor | None:
     v = fake_value(node)
     return v if isinstance(v, torch.Tensor) else None
 
 
-def placeholders(gm: fx.GraphModule) -> List[fx.Node]:
+def tensor_value(node: Any) -> torch.Tensor:
+    """``tensor_meta`` of a node known to hold a tensor (a node that does not is a bug of ours)."""
+    v = tensor_meta(node)
+    if v is None:
+        raise TypeError(f"{node} has no tensor value")
+    return v
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def graph_outputs(gm: fx.GraphModule) -> List[Any]:
-    return list(gm.graph.output_node().args[0])
+def graph_outputs(gm: fx.GraphModule) -> list[Any]:
+    return list(cast(Sequence[Any], gm.graph.output_node().args[0]))  # Dynamo's output node holds a tuple
 
 
-def data_dependent_dims(gm: fx.GraphModule) -> Dict[int, Tuple[int, ...]]:
+def data_dependent_dims(gm: fx.GraphModule) -> dict[int, tuple[int, ...]]:
     """Per graph output, the dimensions whose size is data (an unbacked symbol, like the pruned
     length era::recycle gives), from the outputs' fake values."""
     dims = {}
     for i, node in enumerate(graph_outputs(gm)):
         value = tensor_meta(node) if isinstance(node, fx.Node) else None
         if value is not None:
-            found = tuple(d for d, size in enumerate(value.shape)
-                          if isinstance(size, torch.SymInt) and has_free_unbacked_symbols(size))
+            found = tuple(
+                d
+                for d, size in enumerate(value.shape)
+                if isinstance(size, torch.SymInt) and has_free_unbacked_symbols(size)
+            )
             if found:
                 dims[i] = found
     return dims
@@ -147,12 +167,13 @@ def data_dependent_dims(gm: fx.GraphModule) -> Dict[int, Tuple[int, ...]]:
 # installs a guard in Dynamo's ShapeEnv and specialises the graph): it asks whether a fact
 # is statically known, plans on the current values (hints), and writes size *nodes*.
 
+
 def hint(size: Any) -> int:
     """The current concrete value of a size (the example's, for a SymInt)."""
     return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
 
 
-def hints(shape) -> Tuple[int, ...]:
+def hints(shape) -> tuple[int, ...]:
     return tuple(hint(d) for d in shape)
 
 
@@ -161,10 +182,13 @@ def same_size(a: Any, b: Any) -> bool:
     return statically_known_true(sym_eq(a, b))
 
 
-def same_shape(value: Optional[torch.Tensor], shape: Sequence[Any]) -> bool:
+def same_shape(value: torch.Tensor | None, shape: Sequence[Any]) -> bool:
     """True when ``value`` is a tensor known to have ``shape``, without installing a guard."""
-    return (value is not None and value.dim() == len(shape)
-            and all(same_size(a, b) for a, b in zip(value.shape, shape)))
+    return (
+        value is not None
+        and value.dim() == len(shape)
+        and all(same_size(a, b) for a, b in zip(value.shape, shape, strict=True))
+    )
 
 
 def is_static(*sizes: Any) -> bool:
@@ -176,12 +200,12 @@ def is_static(*sizes: Any) -> bool:
 _INDEXED_MODULE = re.compile(r"\.(\d+)$")
 
 
-def module_stack_paths(node: fx.Node) -> List[str]:
+def module_stack_paths(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
     return [entry[0] if isinstance(entry, tuple) else str(entry) for entry in stack.values()]
 
 
-def layer_module_path(node: fx.Node) -> Optional[str]:
+def layer_module_path(node: fx.Node) -> str | None:
     """The deepest enclosing module that is an element of a ModuleList (``...layers.3``)."""
     for path in reversed(module_stack_paths(node)):
         if _INDEXED_MODULE.search(path):
@@ -189,9 +213,10 @@ def layer_module_path(node: fx.Node) -> Optional[str]:
     return None
 
 
-def layer_index(node: fx.Node) -> Optional[int]:
+def layer_index(node: fx.Node) -> int | None:
     path = layer_module_path(node)
-    return int(_INDEXED_MODULE.search(path).group(1)) if path else None
+    match = _INDEXED_MODULE.search(path) if path else None  # a layer's path always matches
+    return int(match.group(1)) if match else None
 
 
 def is_weight(node: fx.Node, example: Any) -> bool:
@@ -204,13 +229,14 @@ def is_weight(node: fx.Node, example: Any) -> bool:
 
 # --------------------------------------------------------------------------- reachability
 
-def reachable_from(roots: Iterable[fx.Node], *, through_sizes: bool = True) -> Set[fx.Node]:
+
+def reachable_from(roots: Iterable[fx.Node], *, through_sizes: bool = True) -> set[fx.Node]:
     """Every node that (transitively) uses one of ``roots``, the roots excluded.
 
     ``through_sizes=False`` does not follow a root's size queries: what is computed from the
     length of a tensor (HF's positions and masks in a dynamic graph) does not depend on its values.
     """
-    seen: Set[fx.Node] = set()
+    seen: set[fx.Node] = set()
     todo = [u for r in roots for u in r.users if through_sizes or not is_size_query(u)]
     while todo:
         n = todo.pop()
@@ -221,9 +247,9 @@ def reachable_from(roots: Iterable[fx.Node], *, through_sizes: bool = True) -> S
     return seen
 
 
-def ancestors_of(node: fx.Node, within: Set[fx.Node]) -> List[fx.Node]:
+def ancestors_of(node: fx.Node, within: set[fx.Node]) -> list[fx.Node]:
     """Nodes of ``within`` that ``node`` depends on (itself included), in graph order."""
-    seen: Set[fx.Node] = set()
+    seen: set[fx.Node] = set()
     todo = [node]
     while todo:
         n = todo.pop()
@@ -245,7 +271,7 @@ def sequence_source(node: Any, seq_dim: int = -2) -> Any:
         out = tensor_meta(node)
         if len(inputs) != 1 or out is None or out.dim() < 2:
             return node
-        src = tensor_meta(inputs[0])
+        src = tensor_value(inputs[0])
         if src.dim() < 2 or not same_size(out.shape[seq_dim], src.shape[seq_dim]):
             return node
         node = inputs[0]

@@ -16,9 +16,10 @@ supplies the value on every call.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type, TypeVar
+from typing import Any, TypeVar
 
 import torch.fx as fx
 
@@ -46,8 +47,8 @@ class PassResult:
     record: Any = None
     changed: bool = False
     counts: Mapping[str, Any] = field(default_factory=dict)
-    skipped: Optional[str] = None
-    added_inputs: Tuple[AddedInput, ...] = ()
+    skipped: str | None = None
+    added_inputs: tuple[AddedInput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,18 +60,18 @@ class PassContext:
     config: ERAConfig
     kind: GraphKind
     graph_index: int = 0
-    example_inputs: Tuple[Any, ...] = ()
-    carried: Optional[CarriedVisual] = None
+    example_inputs: tuple[Any, ...] = ()
+    carried: CarriedVisual | None = None
     records: Mapping[type, Any] = field(default_factory=lambda: MappingProxyType({}))
-    step: Optional[LayerStep] = None  # a decoder layer's own graph: its place on an image prompt's way
+    step: LayerStep | None = None  # a decoder layer's own graph: its place on an image prompt's way
 
-    def get(self, record_type: Type[R]) -> R:
+    def get(self, record_type: type[R]) -> R:
         """The record of that type an earlier pass provided; raises ``MissingRecord``."""
         if record_type not in self.records:
             raise MissingRecord(f"no {record_type.__name__} record: no earlier pass provided one")
         return self.records[record_type]
 
-    def find(self, record_type: Type[R]) -> Optional[R]:
+    def find(self, record_type: type[R]) -> R | None:
         return self.records.get(record_type)
 
 
@@ -84,17 +85,23 @@ class GraphPass:
 
     name: str
     run: Callable[[fx.GraphModule, PassContext], PassResult]
-    requires: Tuple[type, ...] = ()
-    provides: Optional[type] = None
+    requires: tuple[type, ...] = ()
+    provides: type | None = None
     keeps_meta: bool = False  # a respelling: every node it creates carries its fake value already
-    rewrites: bool = True     # False: its changes alone (a respelling, an analysis node) leave nothing to compile
+    rewrites: bool = True  # False: its changes alone (a respelling, an analysis node) leave nothing to compile
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return self.run(gm, ctx)
 
 
-def graph_pass(name: str, *, requires: Tuple[type, ...] = (), provides: Optional[type] = None,
-               keeps_meta: bool = False, rewrites: bool = True):
+def graph_pass(
+    name: str,
+    *,
+    requires: tuple[type, ...] = (),
+    provides: type | None = None,
+    keeps_meta: bool = False,
+    rewrites: bool = True,
+):
     """Declare a function as a pass (see the module docstring)."""
 
     def wrap(fn: Callable[[fx.GraphModule, PassContext], PassResult]) -> GraphPass:
@@ -103,5 +110,5 @@ def graph_pass(name: str, *, requires: Tuple[type, ...] = (), provides: Optional
     return wrap
 
 
-def frozen(mapping: Dict[type, Any]) -> Mapping[type, Any]:
+def frozen(mapping: dict[type, Any]) -> Mapping[type, Any]:
     return MappingProxyType(dict(mapping))

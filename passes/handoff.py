@@ -29,11 +29,14 @@ def hand_off_visual_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # norm) no longer holds the merged embeddings the decoder's graph will receive
     carriers = [i for i, o in enumerate(outputs) if o is span.merge]
     if len(carriers) != 1:
-        raise PassError("no decoder layer after the image merge in this graph, and the merged embeddings are "
-                        f"{'not an output' if not carriers else 'returned more than once'}: the visual "
-                        "positions cannot be handed on to the graph that runs the decoder")
+        raise PassError(
+            "no decoder layer after the image merge in this graph, and the merged embeddings are "
+            f"{'not an output' if not carriers else 'returned more than once'}: the visual "
+            "positions cannot be handed on to the graph that runs the decoder"
+        )
     trailing = HandoffOutputs(span.visual_mask)
     gm.graph.output_node().args = (tuple(outputs) + trailing.values(),)
     record = Handoff(carriers[0], trailing)
-    return PassResult(record=record, changed=True, counts={"handoff_output": carriers[0],
-                                                           "visual_tokens": span.visual_tokens})
+    return PassResult(
+        record=record, changed=True, counts={"handoff_output": carriers[0], "visual_tokens": span.visual_tokens}
+    )

@@ -29,14 +29,26 @@ from __future__ import annotations
 
 import enum
 import operator
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from .analysis import analysis_of, convolution_weight_rank
-from .fx_utils import (attention_args, call_arguments, is_attention, is_cat, is_masked_scatter, is_weight,
-                       layer_module_path, same_shape, same_size, sequence_source, tensor_meta)
+from .fx_utils import (
+    attention_args,
+    call_arguments,
+    is_attention,
+    is_cat,
+    is_masked_scatter,
+    is_weight,
+    layer_module_path,
+    same_shape,
+    same_size,
+    sequence_source,
+    tensor_meta,
+)
 
 _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
 
@@ -63,12 +75,13 @@ class GraphKind(enum.Enum):
         return self in (GraphKind.DECODE, GraphKind.TEXT)
 
     @staticmethod
-    def of_layer_step(role: str) -> "GraphKind":
-        return {"saliency": GraphKind.LAYER_SALIENCY, "prune": GraphKind.LAYER_PRUNE,
-                "masked": GraphKind.LAYER_MASKED}[role]
+    def of_layer_step(role: str) -> GraphKind:
+        return {"saliency": GraphKind.LAYER_SALIENCY, "prune": GraphKind.LAYER_PRUNE, "masked": GraphKind.LAYER_MASKED}[
+            role
+        ]
 
 
-def classify(gm: fx.GraphModule, carried: Optional[Any] = None, example_inputs=()) -> GraphKind:
+def classify(gm: fx.GraphModule, carried: Any | None = None, example_inputs=()) -> GraphKind:
     """The kind of a normalised graph; ``carried``: the visual mask that reached one of its inputs."""
     if carried is not None:
         return GraphKind.CARRIED
@@ -89,11 +102,16 @@ def is_unfolded_assignment(node: fx.Node) -> bool:
     if not (node.op == "call_function" and node.target is operator.setitem):
         return False
     target, index = tensor_meta(node.args[0]), tensor_meta(node.args[1])
-    return (target is not None and index is not None and target.dim() == 3 and target.is_floating_point()
-            and index.dtype == torch.bool)
+    return (
+        target is not None
+        and index is not None
+        and target.dim() == 3
+        and target.is_floating_point()
+        and index.dtype == torch.bool
+    )
 
 
-def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict[fx.Node, bool]:
+def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> dict[fx.Node, bool]:
     """The ``torch.where(is_image, features, embeds)`` calls that merge image features, given at
     full length, into the text's embeddings; each with whether its condition is inverted (True at
     the text: ``where(is_text, embeds, features)``). Of the two [B, N, D] branches one comes from
@@ -102,12 +120,12 @@ def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict
     against zeros or a constant row is no merge."""
     analysis = analysis_of(gm, example_inputs)
 
-    def find() -> Dict[fx.Node, bool]:
+    def find() -> dict[fx.Node, bool]:
         candidates = [n for n in gm.graph.nodes if _selects_sequence_rows(n)]
         if not candidates:
             return {}
         from_text, from_data = analysis.reach_of_text, analysis.reach_of_float_data
-        found: Dict[fx.Node, bool] = {}
+        found: dict[fx.Node, bool] = {}
         for node in candidates:
             _, selected, other = node.args
             for features, embeds, inverted in ((selected, other, False), (other, selected, True)):
@@ -118,20 +136,23 @@ def where_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict
     return analysis.memo("where_merges", find)
 
 
-def scatter_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Dict[fx.Node, tuple]:
+def scatter_merges(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> dict[fx.Node, tuple]:
     """The ``embeds.scatter(1, index, features)`` calls that write image features [B, T, D] at the
     positions ``index`` [B, T, D] into the text's embeddings [B, N, D]; each with its (embeds, index,
     features). As for ``where``: the written-into tensor comes from the text's embeddings, the
     features do not but from data."""
     analysis = analysis_of(gm, example_inputs)
 
-    def find() -> Dict[fx.Node, tuple]:
+    def find() -> dict[fx.Node, tuple]:
         candidates = {n: args for n in gm.graph.nodes if (args := scatter_arguments(n)) is not None}
         if not candidates:
             return {}
         from_text, from_data = analysis.reach_of_text, analysis.reach_of_float_data
-        return {node: (embeds, index, features) for node, (embeds, index, features) in candidates.items()
-                if embeds in from_text and features not in from_text and features in from_data}
+        return {
+            node: (embeds, index, features)
+            for node, (embeds, index, features) in candidates.items()
+            if embeds in from_text and features not in from_text and features in from_data
+        }
 
     return analysis.memo("scatter_merges", find)
 
@@ -140,20 +161,29 @@ def scatter_arguments(node: fx.Node):
     """(self, index, src) of a ``scatter`` along dim 1 that writes [B, T, D] rows of a float src
     into a float [B, N, D] tensor (method, ``torch.scatter`` or ``aten.scatter.src``; no reduction),
     else None."""
-    if not ((node.op == "call_method" and node.target == "scatter")
-            or (node.op == "call_function" and node.target in (torch.scatter, torch.ops.aten.scatter.src))):
+    if not (
+        (node.op == "call_method" and node.target == "scatter")
+        or (node.op == "call_function" and node.target in (torch.scatter, torch.ops.aten.scatter.src))
+    ):
         return None
     names = ("self", "dim", "index", "src")
-    bound = dict(zip(names, node.args), **node.kwargs)
+    # the positional args stop short where the rest are passed by keyword
+    bound = dict(zip(names, node.args, strict=False), **node.kwargs)
     if set(bound) != set(names) or not all(isinstance(bound[k], fx.Node) for k in ("self", "index", "src")):
         return None
     embeds, index, src = (tensor_meta(bound[k]) for k in ("self", "index", "src"))
     out = tensor_meta(node)
     if out is None or embeds is None or index is None or src is None or bound["dim"] not in (1, -2):
         return None
-    if not (out.dim() == embeds.dim() == index.dim() == src.dim() == 3 and out.is_floating_point()
-            and src.is_floating_point() and not index.is_floating_point() and same_shape(embeds, out.shape)
-            and same_shape(index, src.shape) and same_size(src.shape[2], out.shape[2])):
+    if not (
+        out.dim() == embeds.dim() == index.dim() == src.dim() == 3
+        and out.is_floating_point()
+        and src.is_floating_point()
+        and not index.is_floating_point()
+        and same_shape(embeds, out.shape)
+        and same_shape(index, src.shape)
+        and same_size(src.shape[2], out.shape[2])
+    ):
         return None
     return bound["self"], bound["index"], bound["src"]
 
@@ -162,8 +192,12 @@ def _selects_sequence_rows(node: fx.Node) -> bool:
     """``torch.where(condition, a, b)`` (as ``normalize`` spells it) over float [B, N, D] branches
     of the result's own shape, the condition a bool [B, N, 1] (or [B, N, D]): rows of a sequence
     taken from one tensor or the other."""
-    if not (node.op == "call_function" and node.target is torch.where and len(node.args) == 3
-            and all(isinstance(a, fx.Node) for a in node.args)):
+    if not (
+        node.op == "call_function"
+        and node.target is torch.where
+        and len(node.args) == 3
+        and all(isinstance(a, fx.Node) for a in node.args)
+    ):
         return False
     out = tensor_meta(node)
     condition, a, b = (tensor_meta(x) for x in node.args)
@@ -171,16 +205,20 @@ def _selects_sequence_rows(node: fx.Node) -> bool:
         return False
     if not (same_shape(a, out.shape) and same_shape(b, out.shape)):
         return False
-    return (condition.dtype == torch.bool and condition.dim() == 3
-            and all(same_size(condition.shape[i], out.shape[i]) for i in (0, 1))
-            and (same_size(condition.shape[2], 1) or same_size(condition.shape[2], out.shape[2])))
+    return (
+        condition.dtype == torch.bool
+        and condition.dim() == 3
+        and all(same_size(condition.shape[i], out.shape[i]) for i in (0, 1))
+        and (same_size(condition.shape[2], 1) or same_size(condition.shape[2], out.shape[2]))
+    )
 
 
 def attends_over_past_cache(gm: fx.GraphModule, example_inputs=()) -> bool:
     """Some attention's keys are, or are concatenated from, a non-weight 4-D graph input."""
     inputs = analysis_of(gm, example_inputs).placeholders
+    # padded to the placeholders: one a pass added has no example
     examples = list(example_inputs) + [None] * (len(inputs) - len(example_inputs))
-    cache_inputs = {n for n, x in zip(inputs, examples) if _is_cache_like(n) and not is_weight(n, x)}
+    cache_inputs = {n for n, x in zip(inputs, examples, strict=False) if _is_cache_like(n) and not is_weight(n, x)}
     for node in gm.graph.nodes:
         if not is_attention(node):
             continue
@@ -196,12 +234,12 @@ def _is_cache_like(node: fx.Node) -> bool:
     return t is not None and t.dim() == 4 and t.is_floating_point()
 
 
-def image_values(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[fx.Node]:
+def image_values(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> list[fx.Node]:
     """Where images enter a graph (``GraphAnalysis.image_values``): empty when it encodes none."""
     return analysis_of(gm, example_inputs).image_values
 
 
-def image_inputs(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()) -> List[int]:
+def image_inputs(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()) -> list[int]:
     """Positions of the graph inputs that ``images`` come from: what a call receives as its image."""
     analysis = analysis_of(gm, example_inputs)
     sources = (analysis.image_sources if list(images) == analysis.image_values else _ancestors(images)) | set(images)
@@ -209,8 +247,7 @@ def image_inputs(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: 
     return [i for i, n in enumerate(analysis.placeholders) if n in sources and n in data]
 
 
-def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()
-                       ) -> List[str]:
+def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()) -> list[str]:
     """The indexed layers (``...layers.3``) whose attention both ``images`` and the text's
     embeddings reach: a language model's, run on a sequence the image was merged into. A vision
     tower's own layers see no text, so they are not named."""
@@ -219,7 +256,7 @@ def decoder_layers_fed(gm: fx.GraphModule, images: Sequence[fx.Node], example_in
     if not images or not text:
         return []
     both = analysis.reach(images, through_sizes=False) & analysis.reach_of_text
-    paths: List[str] = []
+    paths: list[str] = []
     for node in gm.graph.nodes:
         path = layer_module_path(node) if is_attention(node) and node in both else None
         if path is not None and path not in paths:
@@ -241,7 +278,7 @@ def is_layer_forward(gm: fx.GraphModule) -> bool:
     return any(is_attention(n) for n in nodes) and not any(layer_module_path(n) is not None for n in nodes)
 
 
-def hidden_inputs_into_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[int]:
+def hidden_inputs_into_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> list[int]:
     """The positions of the float [B, N, ...] inputs (rank 3, or 4: parallel residual streams) that
     reach an attention call or a linear layer: hidden states an earlier graph computed (a decoder
     split between or inside its layers, whose graphs name no layer index). While an image waits
@@ -252,14 +289,19 @@ def hidden_inputs_into_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] 
     data = set(analysis.data_inputs)
     found = []
     for i, node in enumerate(analysis.placeholders):
-        if node in data and (_is_float(node, rank=3) or _is_float(node, rank=4)) and any(
+        if (
+            node in data
+            and (_is_float(node, rank=3) or _is_float(node, rank=4))
+            and any(
                 is_attention(n) or (n.op == "call_function" and n.target in _LINEAR)
-                for n in analysis.reach([node], through_sizes=False)):
+                for n in analysis.reach([node], through_sizes=False)
+            )
+        ):
             found.append(i)
     return found
 
 
-def token_id_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> List[int]:
+def token_id_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> list[int]:
     """The positions of the [B, N] token-id inputs a graph embeds: the prompt's shape, per call."""
     analysis = analysis_of(gm, example_inputs)
     read = {i for _, i in analysis.token_lookups}

@@ -34,14 +34,23 @@ decode step.
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Tuple
 
 import torch.fx as fx
 
 from era_compile.compact_kv import CompactKV
 
-from .fx_utils import (attention_args, call_arguments, graph_outputs, is_attention, is_cat, is_in_place, layer_index,
-                       sequence_source, tensor_meta)
+from .fx_utils import (
+    attention_args,
+    call_arguments,
+    graph_outputs,
+    is_attention,
+    is_cat,
+    is_in_place,
+    layer_index,
+    sequence_source,
+    tensor_meta,
+    tensor_value,
+)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .kinds import GraphKind, is_layer_forward
 from .records import CachedLayer, KVCache
@@ -54,9 +63,10 @@ UNNUMBERED = -1
 @graph_pass("kvcache", provides=KVCache)
 def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     outputs = graph_outputs(gm)
-    layers: List[CachedLayer] = []
-    partly_cached: List[int] = []  # layers caching part of what they attend to, not a window
-    in_place = sorted({layer_index(n) for n in gm.graph.nodes if _writes_in_place(n)} - {None})
+    layers: list[CachedLayer] = []
+    partly_cached: list[int] = []  # layers caching part of what they attend to, not a window
+    written_in_place = (layer_index(n) for n in gm.graph.nodes if _writes_in_place(n))
+    in_place = sorted({i for i in written_in_place if i is not None})
     unnumbered_decode = ctx.kind is GraphKind.DECODE and is_layer_forward(gm)  # asked once, of decode graphs only
     for node in gm.graph.nodes:
         if not is_attention(node):
@@ -80,42 +90,70 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 cached_keys = cached_values = start = None
         past = sequence_source(call_arguments(keys)["tensors"][0])
         past = past if isinstance(past, fx.Node) and past.op == "placeholder" else None
-        layers.append(CachedLayer(index, keys, values, _position(outputs, cached_keys), _position(outputs, cached_values),
-                                  past, compact=past is not None and isinstance(tensor_meta(past), CompactKV),
-                                  window_start=start))
-    _refuse_if_pruned(ctx, in_place, "write their KV cache in place (index_copy_ into a preallocated cache: "
-                      "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
-                      "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
-                      "use the default dynamic cache")
-    _refuse_if_pruned(ctx, [c.index for c in layers if c.window_start is not None
-                            and not _fills_window(tensor_meta(c.keys).shape[2], c.window_start)],
-                      "have a sliding window that this prompt length does not fill (or a dynamic one might not): "
-                      "while a window is not full, Dynamo hands its bound to the pruned cache as a symbol it cannot "
-                      "window by; not supported yet (a static prompt of at least W - 1 tokens is)")
-    _refuse_if_pruned(ctx, partly_cached, "cache part of the keys they attend to, not as a sliding window "
-                      "(keys[..., -(W - 1):, :]) of them: the pruned layers' cache cannot be kept; not supported")
+        layers.append(
+            CachedLayer(
+                index,
+                keys,
+                values,
+                _position(outputs, cached_keys),
+                _position(outputs, cached_values),
+                past,
+                compact=past is not None and isinstance(tensor_meta(past), CompactKV),
+                window_start=start,
+            )
+        )
+    _refuse_if_pruned(
+        ctx,
+        in_place,
+        "write their KV cache in place (index_copy_ into a preallocated cache: "
+        "generate(cache_implementation='static') or a StaticCache), whose slots are the original "
+        "positions: the pruned layers' keys and their bias cannot be cached there; not supported, "
+        "use the default dynamic cache",
+    )
+    _refuse_if_pruned(
+        ctx,
+        [
+            c.index
+            for c in layers
+            if c.window_start is not None and not _fills_window(tensor_value(c.keys).shape[2], c.window_start)
+        ],
+        "have a sliding window that this prompt length does not fill (or a dynamic one might not): "
+        "while a window is not full, Dynamo hands its bound to the pruned cache as a symbol it cannot "
+        "window by; not supported yet (a static prompt of at least W - 1 tokens is)",
+    )
+    _refuse_if_pruned(
+        ctx,
+        partly_cached,
+        "cache part of the keys they attend to, not as a sliding window "
+        "(keys[..., -(W - 1):, :]) of them: the pruned layers' cache cannot be kept; not supported",
+    )
     if ctx.step is not None and ctx.step.role != "saliency":
         windowed = any(c.window_start is not None for c in layers)
         if windowed or partly_cached or any(_writes_in_place(n) for n in gm.graph.nodes):
-            raise PassError(f"layer {ctx.step.layer}, a graph of its own in a decoder split per layer, caches a "
-                            "window or a part of its keys or writes its cache in place: its pruned cache cannot be "
-                            "kept; not supported")
+            raise PassError(
+                f"layer {ctx.step.layer}, a graph of its own in a decoder split per layer, caches a "
+                "window or a part of its keys or writes its cache in place: its pruned cache cannot be "
+                "kept; not supported"
+            )
     record = KVCache(tuple(layers), tuple(in_place))
-    counts = {"cached_layers": len(layers), "with_past": sum(layer.past_keys is not None for layer in layers),
-              "compact": [layer.index for layer in layers if layer.compact]}
+    counts = {
+        "cached_layers": len(layers),
+        "with_past": sum(layer.past_keys is not None for layer in layers),
+        "compact": [layer.index for layer in layers if layer.compact],
+    }
     if in_place:
         counts["written_in_place"] = list(in_place)
     skipped = None if layers else "no KV-cache writes (use_cache=False, or not a decoder graph)"
     return PassResult(record=record, counts=counts, skipped=skipped)
 
 
-def _position(outputs: list, node: Optional[fx.Node]) -> Optional[int]:
+def _position(outputs: list, node: fx.Node | None) -> int | None:
     return None if node is None else outputs.index(node)
 
 
-def _refuse_if_pruned(ctx: PassContext, layers: List[int], why: str) -> None:
+def _refuse_if_pruned(ctx: PassContext, layers: list[int], why: str) -> None:
     """A prefill that prunes cannot keep these layers' caches when any of them is pruned (>= K)."""
-    pruned = [i for i in layers if i >= ctx.config.layer]
+    pruned = [i for i in layers if i >= ctx.config.resolved_layer]
     if ctx.kind.has_image and pruned:
         raise PassError(f"layers {pruned} {why}")
 
@@ -130,11 +168,19 @@ def _window_of(cat: fx.Node, outputs: list):
     else (None, None)."""
     for user in cat.users:
         index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
-        if user in outputs and isinstance(index, tuple) and len(index) in (3, 4) and all(
-                i == slice(None) for j, i in enumerate(index) if j != 2):
+        if (
+            user in outputs
+            and isinstance(index, tuple)
+            and len(index) in (3, 4)
+            and all(i == slice(None) for j, i in enumerate(index) if j != 2)
+        ):
             window = index[2]
-            if isinstance(window, slice) and isinstance(window.start, int) and window.stop is None \
-                    and window.step in (None, 1):
+            if (
+                isinstance(window, slice)
+                and isinstance(window.start, int)
+                and window.stop is None
+                and window.step in (None, 1)
+            ):
                 return user, window.start
     return None, None
 

@@ -14,11 +14,18 @@ attention are refused as hybrid too). The graph is not changed.
 
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch.fx as fx
 
-from .fx_utils import hints, is_sdpa, layer_module_path, placeholders, reachable_from, same_shape, tensor_meta
+from .fx_utils import (
+    hints,
+    is_sdpa,
+    layer_module_path,
+    placeholders,
+    reachable_from,
+    same_shape,
+    tensor_meta,
+    tensor_value,
+)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .kinds import is_layer_forward, is_sequence_convolution
 from .records import DecoderLayer, DecoderLayers, VisualSpan
@@ -31,16 +38,20 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     attention_calls = [n for n in gm.graph.nodes if is_sdpa(n) and n in after_merge]
     if not attention_calls:
         if any(layer_module_path(n) for n in after_merge):
-            raise PassError("decoder layers follow the image merge but none calls scaled_dot_product_attention: "
-                            "load the model with attn_implementation='sdpa' (eager attention is not supported)")
+            raise PassError(
+                "decoder layers follow the image merge but none calls scaled_dot_product_attention: "
+                "load the model with attn_implementation='sdpa' (eager attention is not supported)"
+            )
         raise PassError(f"{span.merge.name} carries visual tokens into this graph but no decoder layer uses it")
 
-    paths: List[str] = []
+    paths: list[str] = []
     for call in attention_calls:
         path = layer_module_path(call)
         if path is None and is_layer_forward(gm):  # the runtime walks such layers (``masked``), never here
-            raise PassError("this graph is a decoder layer's own forward (the decoder is split into per-layer "
-                            "graphs): its pruning is the split decoder's, layer by layer, not a carried prefill's")
+            raise PassError(
+                "this graph is a decoder layer's own forward (the decoder is split into per-layer "
+                "graphs): its pruning is the split decoder's, layer by layer, not a carried prefill's"
+            )
         if path is None:
             raise PassError(f"attention call {call.name} is not inside an indexed decoder layer module")
         if path in paths:
@@ -48,29 +59,30 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         paths.append(path)
 
     _refuse_layers_without_attention(after_merge, paths)
-    members: Dict[str, set] = {p: set() for p in paths}
+    members: dict[str, set] = {p: set() for p in paths}
     for node in gm.graph.nodes:
         path = layer_module_path(node)
         if path in members:
             members[path].add(node)
 
-    residual_shape = tuple(tensor_meta(span.merge).shape)  # may hold SymInts: compared without guards
+    residual_shape = tuple(tensor_value(span.merge).shape)  # may hold SymInts: compared without guards
     layers = []
-    for index, (path, call) in enumerate(zip(paths, attention_calls)):
+    for index, (path, call) in enumerate(zip(paths, attention_calls, strict=True)):
         nodes = members[path]
         inputs = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
         hidden = [a for a in inputs if _is_residual(a, residual_shape)]
         if len(hidden) != 1:
-            raise PassError(f"decoder layer {path}: expected one incoming residual stream of shape "
-                            f"{list(hints(residual_shape))}, found {len(hidden)}")
+            raise PassError(
+                f"decoder layer {path}: expected one incoming residual stream of shape "
+                f"{list(hints(residual_shape))}, found {len(hidden)}"
+            )
         layers.append(DecoderLayer(index, path, call, frozenset(nodes), hidden[0]))
 
-    k = ctx.config.layer
+    k = ctx.config.resolved_layer
     if k >= len(layers):
         raise PassError(f"ERAConfig.layer={k} but the language model has {len(layers)} decoder layers")
     _refuse_convolutions(layers[k:])
-    return PassResult(record=DecoderLayers(tuple(layers)),
-                      counts={"decoder_layers": len(layers), "prune_layer": k})
+    return PassResult(record=DecoderLayers(tuple(layers)), counts={"decoder_layers": len(layers), "prune_layer": k})
 
 
 @graph_pass("layer", provides=DecoderLayers, rewrites=False)
@@ -87,7 +99,7 @@ def find_layer_of_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     hidden = placeholders(gm)[step.hidden_input]
     nodes = frozenset(n for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
     layer = DecoderLayer(step.layer, "L['self']", calls[0], nodes, hidden)
-    if step.layer >= ctx.config.layer:
+    if step.layer >= ctx.config.resolved_layer:
         _refuse_convolutions([layer])
     return PassResult(record=DecoderLayers((layer,)), counts={"layer": step.layer, "role": step.role})
 
@@ -95,23 +107,30 @@ def find_layer_of_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def _refuse_convolutions(pruned_layers) -> None:
     convolving = [layer.index for layer in pruned_layers if any(is_sequence_convolution(n) for n in layer.nodes)]
     if convolving:
-        raise PassError(f"layers {convolving} run a 1-D convolution along the positions beside their attention "
-                        "(short convolutions, whose window and cached state run along the sequence): on the pruned "
-                        "sequence it would mix tokens the cut moved next to each other; pruning them is not supported")
+        raise PassError(
+            f"layers {convolving} run a 1-D convolution along the positions beside their attention "
+            "(short convolutions, whose window and cached state run along the sequence): on the pruned "
+            "sequence it would mix tokens the cut moved next to each other; pruning them is not supported"
+        )
 
 
-def _refuse_layers_without_attention(after_merge, paths: List[str]) -> None:
+def _refuse_layers_without_attention(after_merge, paths: list[str]) -> None:
     """A hybrid decoder (short convolutions or recurrences between attention layers): those layers
     carry a state along the positions, which a pruned sequence would change for every token after a
     dropped one. Their modules are the siblings of the attention layers that call no attention."""
     parents = {p.rsplit(".", 1)[0] for p in paths}
-    siblings = {path for n in after_merge if (path := layer_module_path(n)) is not None
-                and path.rsplit(".", 1)[0] in parents and path not in paths}
+    siblings = {
+        path
+        for n in after_merge
+        if (path := layer_module_path(n)) is not None and path.rsplit(".", 1)[0] in parents and path not in paths
+    }
     if siblings:
         names = sorted(siblings, key=lambda p: int(p.rsplit(".", 1)[1]))
-        raise PassError(f"hybrid decoder: {len(names)} of {len(names) + len(paths)} layers ({names[0].rsplit('.', 1)[1]}, ...) "
-                        "call no attention (convolution or recurrent layers, whose state runs along the positions): "
-                        "pruning them is not supported")
+        raise PassError(
+            f"hybrid decoder: {len(names)} of {len(names) + len(paths)} layers ({names[0].rsplit('.', 1)[1]}, ...) "
+            "call no attention (convolution or recurrent layers, whose state runs along the positions): "
+            "pruning them is not supported"
+        )
 
 
 def _is_residual(node: fx.Node, shape: tuple) -> bool:

@@ -29,8 +29,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -56,10 +57,16 @@ from .publish import publish_pruning
 from .records import AddedInput, CarriedVisual, LayerStep
 from .span import find_visual_span
 
-_PRUNING = (find_visual_span, find_decoder_layers, find_kv_cache, prune_visual_tokens, rectify_attention,
-            publish_pruning)
+_PRUNING = (
+    find_visual_span,
+    find_decoder_layers,
+    find_kv_cache,
+    prune_visual_tokens,
+    rectify_attention,
+    publish_pruning,
+)
 
-PIPELINES: Dict[GraphKind, Tuple[GraphPass, ...]] = {
+PIPELINES: dict[GraphKind, tuple[GraphPass, ...]] = {
     GraphKind.PREFILL: _PRUNING,
     GraphKind.CARRIED: _PRUNING,
     GraphKind.HANDOFF: (find_visual_span, hand_off_visual_mask),
@@ -67,8 +74,14 @@ PIPELINES: Dict[GraphKind, Tuple[GraphPass, ...]] = {
     GraphKind.TEXT: (),
     # a decoder split into per-layer graphs (``masked``)
     GraphKind.LAYER_SALIENCY: (find_layer_of_graph, hand_on_saliency),
-    GraphKind.LAYER_PRUNE: (find_visual_span, find_layer_of_graph, find_kv_cache, prune_by_masking, mask_pruned_keys,
-                            publish_pruning),
+    GraphKind.LAYER_PRUNE: (
+        find_visual_span,
+        find_layer_of_graph,
+        find_kv_cache,
+        prune_by_masking,
+        mask_pruned_keys,
+        publish_pruning,
+    ),
     GraphKind.LAYER_MASKED: (find_layer_of_graph, find_kv_cache, mask_pruned_keys),
 }
 
@@ -93,8 +106,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PassTiming:
     name: str
-    ms: float           # the pass itself
-    upkeep_ms: float    # lint, recompile and fake propagation after it (0 when it changed nothing)
+    ms: float  # the pass itself
+    upkeep_ms: float  # lint, recompile and fake propagation after it (0 when it changed nothing)
 
 
 @dataclass
@@ -113,13 +126,13 @@ class Prepared:
 class PipelineResult:
     kind: GraphKind
     gm: fx.GraphModule
-    results: List[Tuple[str, PassResult]] = field(default_factory=list)
-    timings: List[PassTiming] = field(default_factory=list)
-    records: Dict[type, Any] = field(default_factory=dict)
-    added_inputs: List[AddedInput] = field(default_factory=list)
-    example_inputs: List[Any] = field(default_factory=list)
-    stopped: Optional[str] = None  # why the pipeline ended before its last pass
-    rewrote: bool = False          # a pass that rewrites changed the graph
+    results: list[tuple[str, PassResult]] = field(default_factory=list)
+    timings: list[PassTiming] = field(default_factory=list)
+    records: dict[type, Any] = field(default_factory=dict)
+    added_inputs: list[AddedInput] = field(default_factory=list)
+    example_inputs: list[Any] = field(default_factory=list)
+    stopped: str | None = None  # why the pipeline ended before its last pass
+    rewrote: bool = False  # a pass that rewrites changed the graph
 
     @property
     def changed(self) -> bool:
@@ -129,7 +142,7 @@ class PipelineResult:
     def record(self, record_type):
         return self.records.get(record_type)
 
-    def counts(self) -> Dict[str, dict]:
+    def counts(self) -> dict[str, dict]:
         """Per pass what it counted, why it skipped, and its wall time: what the report keeps."""
         results = dict(self.results)
         out = {}
@@ -148,8 +161,13 @@ def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inputs: Sequence[Any] = (),
-            dump_name: Optional[str] = None) -> Prepared:
+def prepare(
+    gm: fx.GraphModule,
+    config: ERAConfig,
+    graph_index: int,
+    example_inputs: Sequence[Any] = (),
+    dump_name: str | None = None,
+) -> Prepared:
     """A copy of a Dynamo graph, normalised (step 0, timed and dumped like any pass), and its kind."""
     work = copy_graph(gm)
     mark_side_effects(work)
@@ -163,9 +181,15 @@ def prepare(gm: fx.GraphModule, config: ERAConfig, graph_index: int, example_inp
     return Prepared(work, kind, graph_index, result, timing, classified)
 
 
-def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[Any],
-               carried: Optional[CarriedVisual] = None, dump_name: Optional[str] = None,
-               until: Optional[str] = None, step: Optional[LayerStep] = None) -> PipelineResult:
+def run_passes(
+    prepared: Prepared,
+    config: ERAConfig,
+    example_inputs: Sequence[Any],
+    carried: CarriedVisual | None = None,
+    dump_name: str | None = None,
+    until: str | None = None,
+    step: LayerStep | None = None,
+) -> PipelineResult:
     """The kind's passes on a copy of the prepared graph (one variant of it: ``carried``, a mask
     an input brought; ``step``, a layer's part on an image prompt's way through a split decoder);
     ``until``: stop after the pass of that name, before the dead-code tail (tests, debugging)."""
@@ -174,12 +198,18 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
         kind = GraphKind.of_layer_step(step.role)
     else:
         kind = classify(gm, carried, example_inputs) if carried is not None else prepared.kind
-    result = PipelineResult(kind, gm, [("normalize", prepared.normalize)], [prepared.timing, prepared.classified],
-                            example_inputs=list(example_inputs))
+    result = PipelineResult(
+        kind,
+        gm,
+        [("normalize", prepared.normalize)],
+        [prepared.timing, prepared.classified],
+        example_inputs=list(example_inputs),
+    )
     dump = GraphDump(config.cache_key(), dump_name or f"graph{prepared.graph_index}")
     for number, p in enumerate(PIPELINES[kind], start=1):
-        ctx = PassContext(config, kind, prepared.graph_index, tuple(result.example_inputs), carried,
-                          frozen(result.records), step)
+        ctx = PassContext(
+            config, kind, prepared.graph_index, tuple(result.example_inputs), carried, frozen(result.records), step
+        )
         missing = [t.__name__ for t in p.requires if t not in result.records]
         if missing:
             raise MissingRecord(f"pass {p.name!r} needs {missing}, which no earlier pass provided")
@@ -195,8 +225,9 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
                 result.stopped = outcome.skipped or f"pass {p.name!r} provided no {p.provides.__name__}"
                 break
             if not isinstance(outcome.record, p.provides):
-                raise TypeError(f"pass {p.name!r} returned {type(outcome.record).__name__}, "
-                                f"declared {p.provides.__name__}")
+                raise TypeError(
+                    f"pass {p.name!r} returned {type(outcome.record).__name__}, declared {p.provides.__name__}"
+                )
             result.records[p.provides] = outcome.record
         if p.name == until:  # cut short: the graph as that pass left it, no tail
             return result
@@ -210,8 +241,9 @@ def run_passes(prepared: Prepared, config: ERAConfig, example_inputs: Sequence[A
     return result
 
 
-def _run_one(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, example_inputs: List[Any],
-             dump: GraphDump, step: int) -> Tuple[PassResult, PassTiming]:
+def _run_one(
+    p: GraphPass, gm: fx.GraphModule, ctx: PassContext, example_inputs: Sequence[Any], dump: GraphDump, step: int
+) -> tuple[PassResult, PassTiming]:
     before = {node: (node.args, node.kwargs) for node in gm.graph.nodes}
     text_before = dump.render(gm)
     start = time.perf_counter()
@@ -234,15 +266,20 @@ def _run_one(p: GraphPass, gm: fx.GraphModule, ctx: PassContext, example_inputs:
             if not p.keeps_meta:
                 update_fake(gm, list(example_inputs) + [a.example for a in outcome.added_inputs], touched)
         except Exception as e:
-            raise PassError(f"after pass {p.name!r} the graph no longer type-checks: "
-                            f"{type(e).__name__}: {e}") from e
+            raise PassError(f"after pass {p.name!r} the graph no longer type-checks: {type(e).__name__}: {e}") from e
         upkeep = 1e3 * (time.perf_counter() - start)
         if text_before is not None:
             dump.write_text(text_before, f"{step:02d}_{p.name}_before")
             dump.write(gm, f"{step:02d}_{p.name}_after")
-    log.info("%s: %s %.1f ms%s%s", dump.label, p.name, ms, f" (+{upkeep:.1f} ms checks)" if outcome.changed else "",
-             "".join(f", {k}={v}" for k, v in outcome.counts.items())
-             + (f"; skipped: {outcome.skipped}" if outcome.skipped else ""))
+    log.info(
+        "%s: %s %.1f ms%s%s",
+        dump.label,
+        p.name,
+        ms,
+        f" (+{upkeep:.1f} ms checks)" if outcome.changed else "",
+        "".join(f", {k}={v}" for k, v in outcome.counts.items())
+        + (f"; skipped: {outcome.skipped}" if outcome.skipped else ""),
+    )
     return outcome, PassTiming(p.name, ms, upkeep)
 
 
@@ -257,8 +294,7 @@ def propagate_fake(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     mode = next((f.fake_mode for f in fakes if isinstance(f, FakeTensor)), None)
     if mode is None or len(fakes) != len(example_inputs):
         mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
-        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
-                 for x in example_inputs]
+        fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     # Constants read by get_attr are real tensors (Dynamo makes module buffers constants when
     # Inductor freezing is on): the mode must accept them while it propagates.
     allow_data_dependent_lengths(mode)
@@ -304,7 +340,7 @@ def allow_data_dependent_lengths(mode: FakeTensorMode) -> None:
         shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
 
 
-def bind_unbacked(node: fx.Node, value: Any, shape_env: Optional[ShapeEnv]) -> None:
+def bind_unbacked(node: fx.Node, value: Any, shape_env: ShapeEnv | None) -> None:
     """Claim the unbacked sizes a node's fake run created (``era::recycle``'s pruned length) for
     that node, as tracing does: a size left pending would be blamed on the next traced op."""
     bindings = compute_unbacked_bindings(shape_env, value)
@@ -321,9 +357,10 @@ class _BindingFakeProp(FakeTensorProp):
 
 
 class _IncrementalFakeProp(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, touched: set, shape_env: Optional[ShapeEnv]):
+    def __init__(self, gm: fx.GraphModule, touched: set, shape_env: ShapeEnv | None):
         super().__init__(gm)
-        self.touched, self.moved, self.shape_env = touched, set(), shape_env
+        self.touched, self.shape_env = touched, shape_env
+        self.moved: set[fx.Node] = set()  # nodes whose value this propagation changed
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op == "output":
@@ -349,10 +386,15 @@ class _IncrementalFakeProp(fx.Interpreter):
 def _same_meta(a: Any, b: Any) -> bool:
     """Same type, dtype and (statically known) shape and strides, nested; no guard installed."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return (a.dtype == b.dtype and a.device == b.device and same_shape(a, b.shape)
-                and a.dim() == b.dim() and all(same_size(x, y) for x, y in zip(a.stride(), b.stride())))
+        return (
+            a.dtype == b.dtype
+            and a.device == b.device
+            and same_shape(a, b.shape)
+            and a.dim() == b.dim()
+            and all(same_size(x, y) for x, y in zip(a.stride(), b.stride(), strict=True))
+        )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_meta(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, (int, torch.SymInt)) and isinstance(b, (int, torch.SymInt)):
         return same_size(a, b)
     return type(a) is type(b) and a is b
@@ -371,5 +413,3 @@ def _is_impure(node: fx.Node) -> bool:
     if node.op in ("placeholder", "output") or node.meta.get("era_side_effect"):
         return True
     return node.is_impure()
-
-

@@ -38,15 +38,13 @@ part (``records.LayerStep``); the layers before K - 1 run as Dynamo gave them:
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.fx as fx
 
-from .fx_utils import attention_args, call_arguments, reachable_from, same_size, tensor_meta
+from .fx_utils import attention_args, call_arguments, graph_outputs, reachable_from, same_size, tensor_value
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .prune import append_budget, copy_unpruned, insert_selection, schedule_upstream_first
-from .records import DecoderLayers, PruneSite, RectifiedAttention, SaliencyOutputs, VisualSpan, WalkInput
+from .records import AddedInput, DecoderLayers, PruneSite, RectifiedAttention, SaliencyOutputs, VisualSpan, WalkInput
 from .rewrite import append_input, getitem, insert_call, replace_with_biased_attention
 
 
@@ -57,7 +55,7 @@ def hand_on_saliency(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     args = attention_args(layer.attention)
     outputs = SaliencyOutputs(args["query"], args["key"])
     output = gm.graph.output_node()
-    output.args = (tuple(output.args[0]) + outputs.values(),)
+    output.args = (tuple(graph_outputs(gm)) + outputs.values(),)
     return PassResult(record=outputs, changed=True, counts={"layer": layer.index})
 
 
@@ -65,35 +63,50 @@ def hand_on_saliency(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def prune_by_masking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Layer K: select and recycle at its input, then go on over all N positions (``era::unprune``)."""
     span, (layer,) = ctx.get(VisualSpan), ctx.get(DecoderLayers).layers
-    graph, step, K = gm.graph, ctx.step, ctx.config.layer
+    graph, step, K = gm.graph, ctx.step, ctx.config.resolved_layer
     cut = layer.hidden_in
     source = attention_args(layer.attention)  # the mask every layer receives from the loop, K - 1's too
     downstream = reachable_from([cut], through_sizes=False)
     downstream.discard(graph.output_node())
     first = schedule_upstream_first(graph, downstream)
     budget, budget_input = append_budget(gm, cut)
-    added = [budget_input]
+    added: list[AddedInput] = [budget_input]
     if K == 0:
         with graph.inserting_before(first):
             queries, keys = copy_unpruned(graph, [source["query"], source["key"]], downstream)
     else:
-        if step.queries is None or step.keys is None:
+        if step is None or step.queries is None or step.keys is None:
             raise PassError(f"layer {K}: layer {K - 1}'s queries and keys did not reach it (its graph handed none on)")
-        (queries, added_queries), (keys, added_keys) = (_walk_input(gm, cut, step.queries, "queries", seq_dim=2),
-                                                        _walk_input(gm, cut, step.keys, "keys", seq_dim=2))
+        (queries, added_queries), (keys, added_keys) = (
+            _walk_input(gm, cut, step.queries, "queries", seq_dim=2),
+            _walk_input(gm, cut, step.keys, "keys", seq_dim=2),
+        )
         added += [added_queries, added_keys]
     with graph.inserting_before(first):
-        keep_index, hidden_kept, log_bias, samples = insert_selection(graph, ctx, span, cut, queries, keys, source,
-                                                                      budget)
-        unpruned = insert_call(graph, torch.ops.era.unprune.default, (), dict(
-            hidden=cut, keep_index=keep_index, hidden_kept=hidden_kept, log_bias=log_bias, rectify=ctx.config.rectify),
-            stem="unprune")
+        keep_index, hidden_kept, log_bias, samples = insert_selection(
+            graph, ctx, span, cut, queries, keys, source, budget
+        )
+        unpruned = insert_call(
+            graph,
+            torch.ops.era.unprune.default,
+            (),
+            dict(
+                hidden=cut,
+                keep_index=keep_index,
+                hidden_kept=hidden_kept,
+                log_bias=log_bias,
+                rectify=ctx.config.rectify,
+            ),
+            stem="unprune",
+        )
         hidden_full, key_bias = getitem(graph, unpruned, 0, "hidden_full"), getitem(graph, unpruned, 1, "key_bias")
     cut.replace_all_uses_with(hidden_full, delete_user_cb=lambda user: user in downstream)
-    site = PruneSite(K, keep_index, hidden_full, log_bias, samples, frozenset(downstream), source["attn_mask"],
-                     key_bias=key_bias)
-    return PassResult(record=site, changed=True, counts={"layer": layer.index, "masked": True},
-                      added_inputs=tuple(added))
+    site = PruneSite(
+        K, keep_index, hidden_full, log_bias, samples, frozenset(downstream), source["attn_mask"], key_bias=key_bias
+    )
+    return PassResult(
+        record=site, changed=True, counts={"layer": layer.index, "masked": True}, added_inputs=tuple(added)
+    )
 
 
 @graph_pass("mask_attention", requires=(DecoderLayers,), provides=RectifiedAttention)
@@ -104,26 +117,34 @@ def mask_pruned_keys(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     added = []
     if site is not None:
         bias = site.key_bias
+        assert bias is not None  # the site of mask_prune, which always leaves a key bias
     else:
         if ctx.step is None or ctx.step.key_bias is None:
             raise PassError(f"layer {layer.index}: no key bias of the pruned tokens reached it")
         bias, added_bias = _walk_input(gm, layer.hidden_in, ctx.step.key_bias, "key_bias", seq_dim=1)
         added.append(added_bias)
     keys = attention_args(layer.attention)["key"]
-    if not same_size(tensor_meta(keys).shape[-2], tensor_meta(bias).shape[-1]):
-        raise PassError(f"layer {layer.index}: its keys are not the prompt's positions (a non-empty KV cache in "
-                        "prefill is not supported)")
+    if not same_size(tensor_value(keys).shape[-2], tensor_value(bias).shape[-1]):
+        raise PassError(
+            f"layer {layer.index}: its keys are not the prompt's positions (a non-empty KV cache in "
+            "prefill is not supported)"
+        )
     biased = replace_with_biased_attention(gm.graph, layer.attention, bias, ctx.config.attention, layer.index)
     record = RectifiedAttention(((layer.index, biased),), call_arguments(biased)["kernel"])
-    return PassResult(record=record, changed=True, counts={"attention_rewrites": 1, "layers": [layer.index]},
-                      added_inputs=tuple(added))
+    return PassResult(
+        record=record,
+        changed=True,
+        counts={"attention_rewrites": 1, "layers": [layer.index]},
+        added_inputs=tuple(added),
+    )
 
 
-def _walk_input(gm: fx.GraphModule, hidden: fx.Node, example: torch.Tensor, field: str,
-                seq_dim: int) -> Tuple[fx.Node, WalkInput]:
+def _walk_input(
+    gm: fx.GraphModule, hidden: fx.Node, example: torch.Tensor, field: str, seq_dim: int
+) -> tuple[fx.Node, WalkInput]:
     """A placeholder for what the runtime's walk holds (``field``), shaped as ``example`` with the
     hidden states' batch and length (symbolic in a dynamic graph) at dims 0 and ``seq_dim``."""
-    value = tensor_meta(hidden)
+    value = tensor_value(hidden)
     shape = list(example.shape)
     shape[0], shape[seq_dim] = value.shape[0], value.shape[1]
     node = append_input(gm, f"era_{field}", value, shape, example.dtype)

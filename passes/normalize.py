@@ -44,19 +44,24 @@ After::
 from __future__ import annotations
 
 import operator
-from typing import Dict, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .fx_utils import SDPA, call_arguments, same_size, tensor_meta
+from .fx_utils import SDPA, call_arguments, same_size, tensor_meta, tensor_value
 from .graph_pass import PassResult, graph_pass
 from .rewrite import insert_call, replace_node
 
 _VIEW_FUNCTIONS = {
-    torch.reshape: "reshape", torch.Tensor.reshape: "reshape", torch.Tensor.view: "view",
-    torch.Tensor.expand: "expand", torch.ops.aten.view.default: "view", torch.ops.aten._unsafe_view.default: "view",
-    torch.ops.aten.reshape.default: "reshape", torch.ops.aten.expand.default: "expand",
+    torch.reshape: "reshape",
+    torch.Tensor.reshape: "reshape",
+    torch.Tensor.view: "view",
+    torch.Tensor.expand: "expand",
+    torch.ops.aten.view.default: "view",
+    torch.ops.aten._unsafe_view.default: "view",
+    torch.ops.aten.reshape.default: "reshape",
+    torch.ops.aten.expand.default: "expand",
 }
 _MERGE_FUNCTIONS = {torch.Tensor.masked_scatter, torch.masked_scatter, torch.ops.aten.masked_scatter.default}
 _SDPA_FUNCTIONS = {SDPA, torch.ops.aten.scaled_dot_product_attention.default}
@@ -69,7 +74,7 @@ _SDPA_KEYWORDS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 @graph_pass("normalize", keeps_meta=True, rewrites=False)
 def normalize(gm: fx.GraphModule, ctx) -> PassResult:
     graph = gm.graph
-    folded: Dict[str, int] = {"views": 0, "merges": 0, "attention": 0, "cat": 0, "where": 0}
+    folded: dict[str, int] = {"views": 0, "merges": 0, "attention": 0, "cat": 0, "where": 0}
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
@@ -87,6 +92,7 @@ def normalize(gm: fx.GraphModule, ctx) -> PassResult:
 
 
 # --------------------------------------------------------------------------- views
+
 
 def _fold_view(graph: fx.Graph, node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
@@ -109,7 +115,7 @@ def _fold_view(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
-def _sizes(rest: tuple, kwargs: dict) -> Optional[list]:
+def _sizes(rest: tuple, kwargs: dict) -> list | None:
     if "size" in kwargs or "shape" in kwargs:
         rest = (kwargs.get("size", kwargs.get("shape")),)
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
@@ -120,6 +126,7 @@ def _sizes(rest: tuple, kwargs: dict) -> Optional[list]:
 
 
 # --------------------------------------------------------------------------- image merge
+
 
 def _fold_merge(graph: fx.Graph, node: fx.Node) -> bool:
     is_method = node.op == "call_method" and node.target == "masked_scatter"
@@ -137,8 +144,8 @@ def _fold_merge(graph: fx.Graph, node: fx.Node) -> bool:
         return False
     embeds, mask, features = assignment
     with graph.inserting_before(node.next):  # (inserting_after would put the two in reverse order)
-        if tensor_meta(mask).dim() == 2:
-            value = tensor_meta(mask).unsqueeze(-1)
+        if tensor_value(mask).dim() == 2:
+            value = tensor_value(mask).unsqueeze(-1)
             mask = insert_call(graph, torch.unsqueeze, (mask, -1), stem="merge_mask")
             mask.meta["val"] = value
         merged = graph.create_node("call_method", "masked_scatter", (embeds, mask, features), {})
@@ -163,7 +170,7 @@ def _positional(node: fx.Node, names: tuple) -> tuple:
     kwargs = dict(node.kwargs)
     if "input" in kwargs:
         kwargs["self"] = kwargs.pop("input")
-    return tuple(node.args) + tuple(kwargs[n] for n in names[len(node.args):])
+    return tuple(node.args) + tuple(kwargs[n] for n in names[len(node.args) :])
 
 
 def _assignment(node: fx.Node):
@@ -172,8 +179,9 @@ def _assignment(node: fx.Node):
     one bool [B, N] or [B, N, 1] mask, features as rows [T, D]."""
     if node.op == "call_function" and node.target is operator.setitem:
         embeds, index, features = node.args[:3]
-    elif (node.op == "call_method" and node.target == "index_put_") or \
-            (node.op == "call_function" and node.target in _INDEX_PUT):
+    elif (node.op == "call_method" and node.target == "index_put_") or (
+        node.op == "call_function" and node.target in _INDEX_PUT
+    ):
         embeds, indices, features = _positional(node, ("self", "indices", "values"))
         if node.kwargs.get("accumulate") or not isinstance(indices, (list, tuple)) or len(indices) != 1:
             return None
@@ -181,7 +189,13 @@ def _assignment(node: fx.Node):
     else:
         return None
     target, mask, source = tensor_meta(embeds), tensor_meta(index), tensor_meta(features)
-    if None in (target, mask, source) or embeds.op == "placeholder":
+    if (
+        target is None
+        or mask is None
+        or source is None
+        or not isinstance(embeds, fx.Node)
+        or embeds.op == "placeholder"
+    ):
         return None
     if target.dim() != 3 or not target.is_floating_point() or mask.dtype != torch.bool:
         return None
@@ -202,6 +216,7 @@ def _nodes_after(node: fx.Node) -> set:
 
 
 # --------------------------------------------------------------------------- attention and cat
+
 
 def _fold_sdpa(graph: fx.Graph, node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in _SDPA_FUNCTIONS:
@@ -236,8 +251,10 @@ def _fold_cat(graph: fx.Graph, node: fx.Node) -> bool:
 
 
 def _fold_where(graph: fx.Graph, node: fx.Node) -> bool:
-    if (node.op == "call_method" and node.target == "where") or \
-            (node.op == "call_function" and node.target is torch.Tensor.where):
+    canonical: tuple[Any, ...]  # (condition, self, other)
+    if (node.op == "call_method" and node.target == "where") or (
+        node.op == "call_function" and node.target is torch.Tensor.where
+    ):
         args = _positional(node, ("self", "condition", "other"))
         canonical = (args[1], args[0], args[2])
     elif node.op == "call_function" and node.target in _WHERE_FUNCTIONS:
@@ -245,7 +262,7 @@ def _fold_where(graph: fx.Graph, node: fx.Node) -> bool:
         kwargs = {("self" if k == "input" else k): v for k, v in node.kwargs.items()}
         if len(node.args) + len(kwargs) != 3:
             return False  # torch.where(condition) is nonzero's tuple of indices: no select
-        canonical = tuple(node.args) + tuple(kwargs[n] for n in names[len(node.args):])
+        canonical = tuple(node.args) + tuple(kwargs[n] for n in names[len(node.args) :])
     else:
         return False
     if node.op == "call_function" and node.target is torch.where and (node.args, node.kwargs) == (canonical, {}):

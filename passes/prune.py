@@ -28,15 +28,24 @@ from __future__ import annotations
 
 import json
 import operator
-from typing import Dict, List, Set, Tuple
 
 import torch
 import torch.fx as fx
 
 from era_compile.ops.attention import default_scale
 
-from .fx_utils import (ancestors_of, attention_args, hint, hints, is_weight, known_scalar, placeholders,
-                       reachable_from, same_size, tensor_meta)
+from .fx_utils import (
+    ancestors_of,
+    attention_args,
+    hint,
+    hints,
+    is_weight,
+    known_scalar,
+    placeholders,
+    reachable_from,
+    same_size,
+    tensor_value,
+)
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import BudgetInput, DecoderLayers, PruneSite, VisualSpan
 from .rewrite import append_input, getitem, insert_call
@@ -46,7 +55,7 @@ from .seqshape import SeqLen, plan_sequence_rewrite
 @graph_pass("prune", requires=(VisualSpan, DecoderLayers), provides=PruneSite)
 def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     span, layers = ctx.get(VisualSpan), ctx.get(DecoderLayers)
-    K = ctx.config.layer
+    K = ctx.config.resolved_layer
     cut = layers[K].hidden_in
     graph = gm.graph
     original_mask = attention_args(layers[K].attention)["attn_mask"]  # over the N positions: read before the gathers
@@ -62,15 +71,16 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         queries, keys = source["query"], source["key"]
         if K == 0:  # layer 0's own queries and keys, of the unpruned input
             queries, keys = copy_unpruned(graph, [queries, keys], downstream)
-        keep_index, hidden_kept, log_bias, samples = insert_selection(graph, ctx, span, cut, queries, keys, source,
-                                                                      budget)
+        keep_index, hidden_kept, log_bias, samples = insert_selection(
+            graph, ctx, span, cut, queries, keys, source, budget
+        )
 
     order = [n for n in graph.nodes if n in downstream]
-    frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs) if is_weight(n, x)}
+    # the budget input appended above has no example yet (and is no weight): the zip stops before it
+    frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs, strict=False) if is_weight(n, x)}
     # the pruned length is the data's (era::recycle's output size): planned with a sentinel
-    replacement_shape = (hint(span.batch), hint(span.seq_len), hint(tensor_meta(cut).shape[-1]))
-    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(span.seq_len),
-                                 frozen=frozen)
+    replacement_shape = (hint(span.batch), hint(span.seq_len), hint(tensor_value(cut).shape[-1]))
+    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(span.seq_len), frozen=frozen)
 
     cut.replace_all_uses_with(hidden_kept, delete_user_cb=lambda user: user in downstream)
     with graph.inserting_before(first):
@@ -78,43 +88,81 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         literals = _rewrite_lengths(graph, plan, hidden_kept)
 
     site = PruneSite(K, keep_index, hidden_kept, log_bias, samples, frozenset(downstream), original_mask)
-    return PassResult(record=site, changed=True, counts={"gathered_tensors": gathered, "rewritten_shapes": literals,
-                                                         "downstream_nodes": len(order)},
-                      added_inputs=(budget_input,))
+    return PassResult(
+        record=site,
+        changed=True,
+        counts={"gathered_tensors": gathered, "rewritten_shapes": literals, "downstream_nodes": len(order)},
+        added_inputs=(budget_input,),
+    )
 
 
-def append_budget(gm: fx.GraphModule, like: fx.Node) -> Tuple[fx.Node, BudgetInput]:
+def append_budget(gm: fx.GraphModule, like: fx.Node) -> tuple[fx.Node, BudgetInput]:
     """The keep budget: an input the runtime supplies on every call, so a new budget compiles nothing."""
-    budget = append_input(gm, "era_budget", tensor_meta(like), (2,), torch.float64, device="cpu")
+    budget = append_input(gm, "era_budget", tensor_value(like), (2,), torch.float64, device="cpu")
     return budget, BudgetInput(budget.name, budget.meta["val"])
 
 
-def insert_selection(graph: fx.Graph, ctx: PassContext, span: VisualSpan, cut: fx.Node, queries: fx.Node,
-                     keys: fx.Node, source: Dict[str, object], budget: fx.Node
-                     ) -> Tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
+def insert_selection(
+    graph: fx.Graph,
+    ctx: PassContext,
+    span: VisualSpan,
+    cut: fx.Node,
+    queries: fx.Node,
+    keys: fx.Node,
+    source: dict[str, object],
+    budget: fx.Node,
+) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     """era::select on the saliency source (``queries`` and ``keys`` of layer K - 1's attention, or
     of layer 0's on the unpruned input; the mask, causality and scale of ``source``, that call's
     arguments), then era::recycle of ``cut``: keep_index, hidden_kept, log_bias, samples."""
     cfg = ctx.config
     # a graph value (dynamic=True) goes in as one; a literal as the op's Python scalar
     scale, causal = known_scalar(source["scale"]), known_scalar(source["is_causal"])
-    scale = default_scale(tensor_meta(queries).shape[-1]) if scale is None else scale
-    sel = insert_call(graph, torch.ops.era.select.default, (), dict(
-        hidden=cut, visual_mask=span.visual_mask, queries=queries, keys=keys, attn_mask=source["attn_mask"],
-        is_causal=causal if isinstance(causal, fx.Node) else bool(causal),
-        scale=scale if isinstance(scale, fx.Node) else float(scale), budget=budget, strategy=cfg.strategy,
-        options=json.dumps(cfg.strategy_options(), sort_keys=True)), stem="select")
+    scale = default_scale(tensor_value(queries).shape[-1]) if scale is None else scale
+    sel = insert_call(
+        graph,
+        torch.ops.era.select.default,
+        (),
+        dict(
+            hidden=cut,
+            visual_mask=span.visual_mask,
+            queries=queries,
+            keys=keys,
+            attn_mask=source["attn_mask"],
+            is_causal=causal if isinstance(causal, fx.Node) else bool(causal),
+            scale=scale if isinstance(scale, fx.Node) else float(scale),
+            budget=budget,
+            strategy=cfg.strategy,
+            options=json.dumps(cfg.strategy_options(), sort_keys=True),
+        ),
+        stem="select",
+    )
     anchors, confidence = getitem(graph, sel, 0, "anchor_mask"), getitem(graph, sel, 1, "confidence")
-    rec = insert_call(graph, torch.ops.era.recycle.default, (), dict(
-        hidden=cut, visual_mask=span.visual_mask, anchor_mask=anchors, confidence=confidence,
-        merge=cfg.recycle, weight_norm=cfg.weight_norm), stem="recycle")
-    return (getitem(graph, rec, 0, "keep_index"), getitem(graph, rec, 1, "hidden_kept"),
-            getitem(graph, rec, 2, "log_bias"), getitem(graph, rec, 3, "samples"))
+    rec = insert_call(
+        graph,
+        torch.ops.era.recycle.default,
+        (),
+        dict(
+            hidden=cut,
+            visual_mask=span.visual_mask,
+            anchor_mask=anchors,
+            confidence=confidence,
+            merge=cfg.recycle,
+            weight_norm=cfg.weight_norm,
+        ),
+        stem="recycle",
+    )
+    return (
+        getitem(graph, rec, 0, "keep_index"),
+        getitem(graph, rec, 1, "hidden_kept"),
+        getitem(graph, rec, 2, "log_bias"),
+        getitem(graph, rec, 3, "samples"),
+    )
 
 
 def _gather_crossing_tensors(graph: fx.Graph, plan, keep_index: fx.Node, batch) -> int:
     """Each tensor made before the cut and read after it, at the kept positions (once per dims)."""
-    gathered: Dict[Tuple[fx.Node, Tuple[int, ...]], fx.Node] = {}
+    gathered: dict[tuple[fx.Node, tuple[int, ...]], fx.Node] = {}
     for (consumer, source_node), dims in plan.gathers.items():
         key = (source_node, dims)
         if key not in gathered:
@@ -127,7 +175,7 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
     """The pruned length in shape arguments: a size node read off the pruned stream (its length
     is the data's, so a symbol even in a graph static in N)."""
     kept_len = insert_call(graph, torch.ops.aten.sym_size.int, (hidden_kept, 1), stem="kept_len")
-    scaled: Dict[int, object] = {1: kept_len}
+    scaled: dict[int, object] = {1: kept_len}
 
     def resolve(a):
         if not isinstance(a, SeqLen):
@@ -142,14 +190,15 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
         literals += new_args != node.args or new_kwargs != node.kwargs
         node.args, node.kwargs = new_args, new_kwargs
     for (consumer, factory), (args, kwargs) in plan.remade.items():  # its upstream users keep the original
-        remade = graph.call_function(factory.target, fx.node.map_aggregate(args, resolve),
-                                     fx.node.map_aggregate(kwargs, resolve))
+        remade = graph.call_function(
+            factory.target, fx.node.map_aggregate(args, resolve), fx.node.map_aggregate(kwargs, resolve)
+        )
         consumer.replace_input_with(factory, remade)
         literals += 1
     return literals
 
 
-def schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.Node:
+def schedule_upstream_first(graph: fx.Graph, downstream: set[fx.Node]) -> fx.Node:
     """Move every node that does not depend on the cut before the first one that does.
 
     Valid because an upstream node never reads a downstream one. Returns the first
@@ -166,9 +215,9 @@ def schedule_upstream_first(graph: fx.Graph, downstream: Set[fx.Node]) -> fx.Nod
     return first
 
 
-def copy_unpruned(graph: fx.Graph, values: List[fx.Node], downstream: Set[fx.Node]) -> List[fx.Node]:
+def copy_unpruned(graph: fx.Graph, values: list[fx.Node], downstream: set[fx.Node]) -> list[fx.Node]:
     """Copies of the computation of ``values`` that read the unpruned cut, not the pruned one."""
-    copies: Dict[fx.Node, fx.Node] = {}
+    copies: dict[fx.Node, fx.Node] = {}
     for v in values:
         for n in ancestors_of(v, downstream):
             if n not in copies:
@@ -176,9 +225,9 @@ def copy_unpruned(graph: fx.Graph, values: List[fx.Node], downstream: Set[fx.Nod
     return [copies.get(v, v) for v in values]
 
 
-def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index: fx.Node, batch) -> fx.Node:
+def _gather(graph: fx.Graph, source: fx.Node, dims: tuple[int, ...], keep_index: fx.Node, batch) -> fx.Node:
     """``source`` at the kept positions along ``dims`` (dim 0 is the batch, or 1 to broadcast)."""
-    shape = tensor_meta(source).shape
+    shape = tensor_value(source).shape
     if not (same_size(shape[0], 1) or same_size(shape[0], batch)):
         raise PassError(f"cannot gather {source.name} {list(hints(shape))}: its first dimension is not the batch")
     if 0 in dims:
@@ -186,8 +235,12 @@ def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index:
     # a source shared by the batch (first dimension 1) is expanded to it; its sizes stay as they are
     # (aten.expand, not Tensor.expand: AOT autograd's cache cannot key a graph that calls a method descriptor)
     batch_size = insert_call(graph, torch.ops.aten.sym_size.int, (keep_index, 0), stem="batch")
-    out = insert_call(graph, torch.ops.aten.expand.default, (source, [batch_size] + [-1] * (len(shape) - 1)),
-                      stem=f"{source.name}_batch")
+    out = insert_call(
+        graph,
+        torch.ops.aten.expand.default,
+        (source, [batch_size] + [-1] * (len(shape) - 1)),
+        stem=f"{source.name}_batch",
+    )
     for d in dims:
         # keep_index [B, n'] -> [B, 1, .., n', .., 1] with n' at dim d, by unsqueezing, then expanded
         # to the source's sizes read from the graph: take_along_dim would broadcast with static
@@ -196,8 +249,10 @@ def _gather(graph: fx.Graph, source: fx.Node, dims: Tuple[int, ...], keep_index:
         for i in range(1, len(shape)):
             if i != d:
                 index = insert_call(graph, torch.unsqueeze, (index, i), stem="index")
-        sizes = [-1 if i == d else insert_call(graph, torch.ops.aten.sym_size.int, (out, i), stem="size")
-                 for i in range(len(shape))]
+        sizes = [
+            -1 if i == d else insert_call(graph, torch.ops.aten.sym_size.int, (out, i), stem="size")
+            for i in range(len(shape))
+        ]
         index = insert_call(graph, torch.ops.aten.expand.default, (index, sizes), stem="index")
         out = insert_call(graph, torch.gather, (out, d, index), stem=f"{source.name}_kept")
     return out

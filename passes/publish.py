@@ -24,7 +24,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .fx_utils import tensor_meta
+from .fx_utils import graph_outputs, tensor_value
 from .graph_pass import PassContext, PassResult, graph_pass
 from .records import PrefillOutputs, PruneSite, VisualSpan
 from .rewrite import insert_call
@@ -40,12 +40,14 @@ def publish_pruning(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if mask is None:  # every key visible: ones shaped like the [B, N] visual mask (its N may be symbolic)
             key_visible = insert_call(graph, torch.ones_like, (span.visual_mask,), stem="key_visible")
         else:
-            key_visible = insert_call(graph, operator.getitem, (mask, (slice(None), 0, -1, slice(None))),
-                                      stem="last_query_mask")
-            dtype = tensor_meta(mask).dtype
+            key_visible = insert_call(
+                graph, operator.getitem, (mask, (slice(None), 0, -1, slice(None))), stem="last_query_mask"
+            )
+            dtype = tensor_value(mask).dtype
             if dtype != torch.bool:  # an additive float mask: blocked keys are very negative
-                key_visible = insert_call(graph, torch.gt, (key_visible, torch.finfo(dtype).min / 2),
-                                          stem="last_query_visible")
+                key_visible = insert_call(
+                    graph, torch.gt, (key_visible, torch.finfo(dtype).min / 2), stem="last_query_visible"
+                )
     published = PrefillOutputs(site.keep_index, site.log_bias, key_visible, site.samples, site.key_bias)
-    output.args = (tuple(output.args[0]) + published.values(),)
+    output.args = (tuple(graph_outputs(gm)) + published.values(),)
     return PassResult(record=published, changed=True, counts={"extra_outputs": len(published.values())})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, FrozenSet, Generic, List, Optional, Tuple, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 import torch.fx as fx
@@ -27,13 +27,14 @@ V = TypeVar("V")  # fx.Node inside a pass, torch.Tensor in the runtime
 
 # --------------------------------------------------------------------------- from the runtime
 
+
 @dataclass(frozen=True)
 class CarriedVisual:
     """Visual positions that reached this graph with its input embeddings: the merge ran in an
     earlier graph, which handed its mask on (``handoff``, ``era_compile.runtime``)."""
 
-    input_index: int        # the placeholder holding the merged embeddings [B, N, D]
-    mask: torch.Tensor      # the example's bool [B, N] visual mask (a real tensor)
+    input_index: int  # the placeholder holding the merged embeddings [B, N, D]
+    mask: torch.Tensor  # the example's bool [B, N] visual mask (a real tensor)
 
     def describe(self) -> str:
         return f"visual tokens on input {self.input_index}"
@@ -50,17 +51,18 @@ class LayerStep:
 
     layer: int
     role: str
-    hidden_input: int                            # the placeholder holding the hidden states [B, N, D]
-    visual_mask: Optional[torch.Tensor] = None   # prune: the example's bool [B, N] (a real tensor)
-    queries: Optional[torch.Tensor] = None       # prune at K > 0: layer K - 1's, what the saliency reads
-    keys: Optional[torch.Tensor] = None
-    key_bias: Optional[torch.Tensor] = None      # masked: the example's float32 [B, N]
+    hidden_input: int  # the placeholder holding the hidden states [B, N, D]
+    visual_mask: torch.Tensor | None = None  # prune: the example's bool [B, N] (a real tensor)
+    queries: torch.Tensor | None = None  # prune at K > 0: layer K - 1's, what the saliency reads
+    keys: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None  # masked: the example's float32 [B, N]
 
     def describe(self) -> str:
         return f"layer {self.layer} of a split decoder: {self.role}"
 
 
 # --------------------------------------------------------------------------- added inputs
+
 
 @dataclass(frozen=True)
 class AddedInput:
@@ -92,18 +94,21 @@ class BudgetInput(AddedInput):
 
 # --------------------------------------------------------------------------- trailing outputs
 
+
 class TrailingOutputs(Generic[V]):
     """Outputs a graph returns after the model's own, one dataclass field each, in field order;
     a trailing optional field may be absent (None)."""
 
-    def values(self) -> Tuple[V, ...]:
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every subclass is a dataclass
+
+    def values(self) -> tuple[V, ...]:
         return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
 
     @classmethod
-    def take(cls, outputs: List[Any], count: int):
+    def take(cls, outputs: list[Any], count: int):
         """Strip the last ``count`` outputs (in place) into an instance of this contract."""
-        tail = outputs[len(outputs) - count:]
-        del outputs[len(outputs) - count:]
+        tail = outputs[len(outputs) - count :]
+        del outputs[len(outputs) - count :]
         return cls(*tail)
 
 
@@ -111,59 +116,60 @@ class TrailingOutputs(Generic[V]):
 class PrefillOutputs(TrailingOutputs[V]):
     """What a pruned prefill tells the runtime (appended by ``publish``)."""
 
-    keep_index: V                   # int64 [B, n'] original positions kept, ascending
-    log_bias: V                     # float32 [B, n'] LAR bias per kept key (0 off the anchors)
-    key_visible: V                  # bool [B, N]: which original positions the last query may see
-    samples: V                      # int64 [B, 2]: each sample's visual tokens T_b and kept ones k_b
-    key_bias: Optional[V] = None    # float32 [B, N], a split decoder's (``masked``): its later layers' bias
+    keep_index: V  # int64 [B, n'] original positions kept, ascending
+    log_bias: V  # float32 [B, n'] LAR bias per kept key (0 off the anchors)
+    key_visible: V  # bool [B, N]: which original positions the last query may see
+    samples: V  # int64 [B, 2]: each sample's visual tokens T_b and kept ones k_b
+    key_bias: V | None = None  # float32 [B, N], a split decoder's (``masked``): its later layers' bias
 
 
 @dataclass(frozen=True)
 class SaliencyOutputs(TrailingOutputs[V]):
     """What layer K - 1's own graph hands on for layer K's selection (appended by ``masked``)."""
 
-    queries: V                      # its attention call's queries [B, H, N, d]
-    keys: V                         # and keys [B, H_kv, N, d]
+    queries: V  # its attention call's queries [B, H, N, d]
+    keys: V  # and keys [B, H_kv, N, d]
 
 
 @dataclass(frozen=True)
 class HandoffOutputs(TrailingOutputs[V]):
     """What a merge-only graph hands on (appended by ``handoff``)."""
 
-    visual_mask: V                  # bool [B, N] of the merged embeddings it returns
+    visual_mask: V  # bool [B, N] of the merged embeddings it returns
 
 
 # --------------------------------------------------------------------------- pass records
+
 
 @dataclass(frozen=True)
 class VisualSpan:
     """Where the image features enter the sequence (``span``)."""
 
-    merge: fx.Node          # the merged embeddings: the masked_scatter, or the input that carries them
-    visual_mask: fx.Node    # bool [B, N], True at visual positions
-    batch: Any              # B (int, or SymInt in a dynamic graph)
-    seq_len: Any            # N (int, or SymInt)
-    visual_tokens: Optional[int]  # of the whole batch of the example, for the report (data, not a shape);
-                                  # None where no shape holds it (a ``where`` merge: features at full length)
-    carried_by_input: Optional[int] = None  # the input the merged embeddings arrived on
+    merge: fx.Node  # the merged embeddings: the masked_scatter, or the input that carries them
+    visual_mask: fx.Node  # bool [B, N], True at visual positions
+    batch: Any  # B (int, or SymInt in a dynamic graph)
+    seq_len: Any  # N (int, or SymInt)
+    visual_tokens: int | None  # of the whole batch of the example, for the report (data, not a shape);
+    # None where no shape holds it (a ``where`` merge: features at full length)
+    carried_by_input: int | None = None  # the input the merged embeddings arrived on
 
 
 @dataclass(frozen=True)
 class DecoderLayer:
     """One decoder layer of the language model."""
 
-    index: int              # position among the language model's layers, 0-based
-    module_path: str        # e.g. "L['self'].language_model.layers.3"
-    attention: fx.Node      # its scaled_dot_product_attention call (as found; ``attention`` replaces it)
-    nodes: FrozenSet[fx.Node]  # every node traced inside the layer's module
-    hidden_in: fx.Node      # the residual stream entering the layer, [B, N, D]
+    index: int  # position among the language model's layers, 0-based
+    module_path: str  # e.g. "L['self'].language_model.layers.3"
+    attention: fx.Node  # its scaled_dot_product_attention call (as found; ``attention`` replaces it)
+    nodes: frozenset[fx.Node]  # every node traced inside the layer's module
+    hidden_in: fx.Node  # the residual stream entering the layer, [B, N, D]
 
 
 @dataclass(frozen=True)
 class DecoderLayers:
     """The language model's decoder layers after the image merge (``layers``)."""
 
-    layers: Tuple[DecoderLayer, ...]
+    layers: tuple[DecoderLayer, ...]
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -176,24 +182,24 @@ class DecoderLayers:
 class CachedLayer:
     """A decoder layer's KV-cache write."""
 
-    index: int                      # module index: "...layers.3" is layer 3
-    keys: fx.Node                   # cat([past, new], dim=2): the cached keys after this call
+    index: int  # module index: "...layers.3" is layer 3
+    keys: fx.Node  # cat([past, new], dim=2): the cached keys after this call
     values: fx.Node
-    keys_output: Optional[int]      # position of the cached keys among the graph outputs; None where the
-    values_output: Optional[int]    # layer caches part of ``keys`` (a decode step over a two-part cache)
-    past_keys: Optional[fx.Node]    # the graph input holding the past keys (decode), else None
-    compact: bool = False           # the past keys are a CompactKV (a pruned layer's cache)
-    window_start: Optional[int] = None  # a sliding-window layer caches ``keys[..., window_start:, :]``
+    keys_output: int | None  # position of the cached keys among the graph outputs; None where the
+    values_output: int | None  # layer caches part of ``keys`` (a decode step over a two-part cache)
+    past_keys: fx.Node | None  # the graph input holding the past keys (decode), else None
+    compact: bool = False  # the past keys are a CompactKV (a pruned layer's cache)
+    window_start: int | None = None  # a sliding-window layer caches ``keys[..., window_start:, :]``
 
 
 @dataclass(frozen=True)
 class KVCache:
     """Every KV-cache write of the graph (``kvcache``)."""
 
-    layers: Tuple[CachedLayer, ...]
-    written_in_place: Tuple[int, ...] = ()  # layers whose cache is a graph input updated in place
+    layers: tuple[CachedLayer, ...]
+    written_in_place: tuple[int, ...] = ()  # layers whose cache is a graph input updated in place
 
-    def layer(self, index: int) -> Optional[CachedLayer]:
+    def layer(self, index: int) -> CachedLayer | None:
         return next((c for c in self.layers if c.index == index), None)
 
 
@@ -202,15 +208,15 @@ class PruneSite:
     """What ``prune`` inserted, for the passes after it."""
 
     layer: int
-    keep_index: fx.Node     # int64 [B, n'] original positions kept, ascending
-    hidden_kept: fx.Node    # [B, n', D] the residual stream entering layer K, pruned
-    log_bias: fx.Node       # float32 [B, n'] LAR bias per kept key (0 off the anchors)
-    samples: fx.Node        # int64 [B, 2] each sample's visual tokens T_b and kept ones k_b
-    downstream: FrozenSet[fx.Node]  # the nodes that ran on the cut when it was made
-    attention_mask: Optional[fx.Node]  # layer K's mask over the original positions, if any
-    key_bias: Optional[fx.Node] = None  # masked, not cut (a decoder split per layer): float32 [B, N] bias
-                                        # of every original position, BLOCKED at the pruned ones; then
-                                        # ``hidden_kept`` is [B, N, D], the recycled states written back
+    keep_index: fx.Node  # int64 [B, n'] original positions kept, ascending
+    hidden_kept: fx.Node  # [B, n', D] the residual stream entering layer K, pruned
+    log_bias: fx.Node  # float32 [B, n'] LAR bias per kept key (0 off the anchors)
+    samples: fx.Node  # int64 [B, 2] each sample's visual tokens T_b and kept ones k_b
+    downstream: frozenset[fx.Node]  # the nodes that ran on the cut when it was made
+    attention_mask: fx.Node | None  # layer K's mask over the original positions, if any
+    key_bias: fx.Node | None = None  # masked, not cut (a decoder split per layer): float32 [B, N] bias
+    # of every original position, BLOCKED at the pruned ones; then
+    # ``hidden_kept`` is [B, N, D], the recycled states written back
 
 
 @dataclass(frozen=True)
@@ -218,11 +224,11 @@ class RectifiedAttention:
     """Attention calls of a pruned prefill turned into ``era::biased_attention`` (``attention``):
     per layer index the new node, and the kernel chosen."""
 
-    calls: Tuple[Tuple[int, fx.Node], ...] = ()
-    kernel: Optional[str] = None
+    calls: tuple[tuple[int, fx.Node], ...] = ()
+    kernel: str | None = None
 
     @property
-    def layers(self) -> List[int]:
+    def layers(self) -> list[int]:
         return [index for index, _ in self.calls]
 
 

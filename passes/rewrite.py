@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -17,8 +18,7 @@ from .graph_pass import PassError
 _KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
-def insert_call(graph: fx.Graph, target: Any, args: tuple, kwargs: Optional[dict] = None,
-                *, stem: str) -> fx.Node:
+def insert_call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None, *, stem: str) -> fx.Node:
     """A call node named ``era_<stem>``: FX makes the name unique, and a name of our own
     cannot shadow the function it calls in the generated code (findings, pitfall 11)."""
     return graph.create_node("call_function", target, args, kwargs or {}, name=f"era_{stem}")
@@ -28,8 +28,14 @@ def getitem(graph: fx.Graph, node: fx.Node, i: int, stem: str) -> fx.Node:
     return insert_call(graph, operator.getitem, (node, i), stem=stem)
 
 
-def append_input(gm: fx.GraphModule, name: str, like: torch.Tensor, shape: Sequence[Any],
-                 dtype: torch.dtype, device: Optional[str] = None) -> fx.Node:
+def append_input(
+    gm: fx.GraphModule,
+    name: str,
+    like: torch.Tensor,
+    shape: Sequence[Any],
+    dtype: torch.dtype,
+    device: str | None = None,
+) -> fx.Node:
     """A new last placeholder whose fake value has ``shape`` (sizes of ``like``'s fake mode, so a
     symbolic batch or length stays symbolic), ``dtype`` and ``device`` (``like``'s by default)."""
     last = placeholders(gm)[-1]
@@ -41,8 +47,9 @@ def append_input(gm: fx.GraphModule, name: str, like: torch.Tensor, shape: Seque
     return node
 
 
-def replace_node(graph: fx.Graph, old: fx.Node, op: str, target: Any, args: tuple, kwargs: dict,
-                 *, name: Optional[str] = None) -> fx.Node:
+def replace_node(
+    graph: fx.Graph, old: fx.Node, op: str, target: Any, args: tuple, kwargs: dict, *, name: str | None = None
+) -> fx.Node:
     """Put a new call in place of ``old`` (same fake value and module stack), erase ``old``."""
     with graph.inserting_before(old):
         new = graph.create_node(op, target, args, kwargs, name=name)
@@ -52,15 +59,18 @@ def replace_node(graph: fx.Graph, old: fx.Node, op: str, target: Any, args: tupl
     return new
 
 
-def replace_with_biased_attention(graph: fx.Graph, call: fx.Node, bias: fx.Node, kernel_name: str,
-                                  layer: int) -> fx.Node:
+def replace_with_biased_attention(
+    graph: fx.Graph, call: fx.Node, bias: fx.Node, kernel_name: str, layer: int
+) -> fx.Node:
     """Swap an SDPA call for ``era::biased_attention`` with the same q, k, v, mask, causality and
     scale plus a per-key ``bias``; returns the new node (which keeps the call's module stack)."""
     args = attention_args(call)
     dropout = known_scalar(args.get("dropout_p"))
     if isinstance(dropout, fx.Node):
-        raise PassError(f"layer {layer}: the attention's dropout is a value of the graph, perhaps not 0 (training?): "
-                        "it cannot be rectified")
+        raise PassError(
+            f"layer {layer}: the attention's dropout is a value of the graph, perhaps not 0 (training?): "
+            "it cannot be rectified"
+        )
     if float(dropout or 0.0) != 0.0:
         raise PassError(f"layer {layer}: attention with dropout (training?) cannot be rectified")
     q, k, mask, causal = args["query"], args["key"], args["attn_mask"], known_scalar(args["is_causal"])
@@ -70,10 +80,15 @@ def replace_with_biased_attention(graph: fx.Graph, call: fx.Node, bias: fx.Node,
         causal = bool(causal)
         kernel = resolve_kernel(kernel_name, tensor_meta(q), tensor_meta(k), tensor_meta(mask), causal)
     with graph.inserting_before(call):
-        biased = insert_call(graph, BIASED_ATTENTION, (),
-                             dict(q=q, k=k, v=args["value"], bias=bias, attn_mask=mask, causal=causal,
-                                  scale=args["scale"], kernel=kernel),
-                             stem=f"biased_attention_{layer}")
+        biased = insert_call(
+            graph,
+            BIASED_ATTENTION,
+            (),
+            dict(
+                q=q, k=k, v=args["value"], bias=bias, attn_mask=mask, causal=causal, scale=args["scale"], kernel=kernel
+            ),
+            stem=f"biased_attention_{layer}",
+        )
     biased.meta.update({key: call.meta[key] for key in _KEPT_META if key in call.meta})
     call.replace_all_uses_with(biased)
     graph.erase_node(call)

@@ -34,8 +34,9 @@ import contextlib
 import itertools
 import logging
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Set, Tuple
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -57,15 +58,21 @@ class SeqPlan:
     """How to make the downstream nodes run on the pruned length."""
 
     # node -> (args, kwargs) with SeqLen placeholders where a length literal stood
-    shape_args: Dict[fx.Node, Tuple[tuple, dict]] = field(default_factory=dict)
+    shape_args: dict[fx.Node, tuple[tuple, dict]] = field(default_factory=dict)
     # (consumer, upstream input) -> dims of the input to gather with the kept positions
-    gathers: Dict[Tuple[fx.Node, fx.Node], Tuple[int, ...]] = field(default_factory=dict)
+    gathers: dict[tuple[fx.Node, fx.Node], tuple[int, ...]] = field(default_factory=dict)
     # (consumer, upstream factory) -> the factory's (args, kwargs) at the pruned length, for the consumer
-    remade: Dict[Tuple[fx.Node, fx.Node], Tuple[tuple, dict]] = field(default_factory=dict)
+    remade: dict[tuple[fx.Node, fx.Node], tuple[tuple, dict]] = field(default_factory=dict)
 
 
-def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replacement_shape: Tuple[int, ...],
-                          seq_dim: int, seq_len: int, frozen: Set[fx.Node]) -> SeqPlan:
+def plan_sequence_rewrite(
+    downstream: Sequence[fx.Node],
+    cut: fx.Node,
+    replacement_shape: tuple[int, ...],
+    seq_dim: int,
+    seq_len: int,
+    frozen: set[fx.Node],
+) -> SeqPlan:
     """Plan the rewrite of ``downstream`` (graph order) when ``cut`` is replaced by a tensor
     of ``replacement_shape`` whose ``seq_dim`` is pruned. ``frozen`` nodes (parameters,
     buffers) never carry a sequence dimension.
@@ -78,13 +85,13 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
     plan = SeqPlan()
     member = set(downstream)
     with mode, _quiet_fake_tensor_errors():
-        values: Dict[fx.Node, Any] = {}
+        values: dict[fx.Node, Any] = {}
         shape = list(replacement_shape)
         shape[seq_dim] = P
         ref = fake_value(cut)
         values[cut] = torch.empty(shape, dtype=ref.dtype, device=ref.device)
 
-        def upstream_value(node: fx.Node, dims: Tuple[int, ...] = ()) -> Any:
+        def upstream_value(node: fx.Node, dims: tuple[int, ...] = ()) -> Any:
             v = fake_value(node)
             if isinstance(v, torch.Tensor):
                 size = [P if d in dims else n for d, n in enumerate(hints(v.shape))]
@@ -106,8 +113,11 @@ def plan_sequence_rewrite(downstream: Sequence[fx.Node], cut: fx.Node, replaceme
             options = []
             for a in crossing:
                 v = fake_value(a)
-                dims = [] if a in frozen or not isinstance(v, torch.Tensor) else \
-                    [d for d, n in enumerate(hints(v.shape)) if n == seq_len]
+                dims = (
+                    []
+                    if a in frozen or not isinstance(v, torch.Tensor)
+                    else [d for d, n in enumerate(hints(v.shape)) if n == seq_len]
+                )
                 remade = _remade_factory(a, seq_len)
                 options.append(list(_subsets(dims)) + ([_Remade(*remade)] if remade else []))
             values[node] = _run_minimal(node, args, kwargs, crossing, options, values, upstream_value, P, plan)
@@ -139,7 +149,8 @@ def sentinel_length(graph: fx.Graph) -> int:
 
 def _next_prime(n: int) -> int:
     def is_prime(m: int) -> bool:
-        return m > 1 and all(m % p for p in range(2, int(m ** 0.5) + 1))
+        return m > 1 and all(m % p for p in range(2, int(m**0.5) + 1))
+
     while not is_prime(n):
         n += 1
     return n
@@ -193,15 +204,17 @@ def _remade_factory(node: fx.Node, seq_len: int):
 def _run_minimal(node, args, kwargs, crossing, options, values, upstream_value, P, plan):
     """Run ``node`` with its upstream inputs gathered along the fewest length-N dims that work (or an
     input-free factory made again at the pruned length)."""
-    by_size: Dict[int, list] = {}
+    by_size: dict[int, list] = {}
     for combo in itertools.product(*options) if options else [()]:
         by_size.setdefault(sum(len(c) for c in combo), []).append(combo)
     errors = []
     for size in sorted(by_size):
         found = []
         for combo in by_size[size]:
-            bound = {a: _run(a, c.args, c.kwargs, values, {}, P) if isinstance(c, _Remade) else upstream_value(a, c)
-                     for a, c in zip(crossing, combo)}
+            bound = {
+                a: _run(a, c.args, c.kwargs, values, {}, P) if isinstance(c, _Remade) else upstream_value(a, c)
+                for a, c in zip(crossing, combo, strict=True)
+            }
             try:
                 out = _run(node, args, kwargs, values, bound, P)
             except _Rejected as e:
@@ -209,17 +222,21 @@ def _run_minimal(node, args, kwargs, crossing, options, values, upstream_value, 
                 continue
             found.append((combo, out))
         if len(found) > 1:
-            raise PassError(f"cannot tell which dimensions of the inputs of {node.name} are the sequence: "
-                            f"{[dict(zip((a.name for a in crossing), c)) for c, _ in found]} all fit")
+            raise PassError(
+                f"cannot tell which dimensions of the inputs of {node.name} are the sequence: "
+                f"{[dict(zip((a.name for a in crossing), c, strict=True)) for c, _ in found]} all fit"
+            )
         if found:
             combo, out = found[0]
-            for a, dims in zip(crossing, combo):
+            for a, dims in zip(crossing, combo, strict=True):
                 if isinstance(dims, _Remade):
                     plan.remade[(node, a)] = (dims.args, dims.kwargs)
                 elif dims:
                     plan.gathers[(node, a)] = dims
             return out
-    raise PassError(f"{node.name} ({_describe(node)}) cannot run on the pruned sequence: {errors[-1] if errors else ''}")
+    raise PassError(
+        f"{node.name} ({_describe(node)}) cannot run on the pruned sequence: {errors[-1] if errors else ''}"
+    )
 
 
 class _Rejected(Exception):
@@ -252,7 +269,7 @@ def _run(node, args, kwargs, values, bound, P):
     raise PassError(f"unexpected {node.op} node {node.name} downstream of the cut")
 
 
-def _shape(v) -> Tuple[int, ...]:
+def _shape(v) -> tuple[int, ...]:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
@@ -265,7 +282,7 @@ def _as_fake(v):
     return v
 
 
-def _subsets(dims: List[int]):
+def _subsets(dims: list[int]):
     for r in range(len(dims) + 1):
         yield from itertools.combinations(dims, r)
 
@@ -276,26 +293,33 @@ def _describe(node: fx.Node) -> str:
 
 # --------------------------------------------------------------------------- shape literals
 
+
 def _slices_a_sequence(node: fx.Node, values, P: int) -> bool:
     """``x[..., a:b, :]`` (one tuple of slices, ``...``, ``None`` and ints: no tensor index, which
     may read several dims) on a pruned ``x``."""
-    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
-            and isinstance(node.args[1], tuple) and node.args[0] in values
-            and all(isinstance(i, (slice, int)) or i is None or i is Ellipsis for i in node.args[1])):
+    if not (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and len(node.args) == 2
+        and isinstance(node.args[1], tuple)
+        and node.args[0] in values
+        and all(isinstance(i, (slice, int)) or i is None or i is Ellipsis for i in node.args[1])
+    ):
         return False
     x = values[node.args[0]]
     return isinstance(x, torch.Tensor) and any(_is_seq(n, P) for n in x.shape)
 
 
-def _whole_sequence_slices(node: fx.Node, values, P: int) -> Tuple[tuple, dict]:
+def _whole_sequence_slices(node: fx.Node, values, P: int) -> tuple[tuple, dict]:
     """Open the end of each slice that spans a whole sequence dimension of the original input
     (start 0, step 1, end at or past the original length); any other slice of the sequence is
     left to the propagation's shape checks."""
     src, index = node.args
+    assert isinstance(index, tuple)  # _slices_a_sequence matched a tuple index
     original = hints(fake_value(src).shape)
     pruned = values[src].shape
     consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
-    dims: List[Any] = []  # the input dim each index entry reads (None: it reads none)
+    dims: list[Any] = []  # the input dim each index entry reads (None: it reads none)
     d = 0
     for i in index:
         if i is Ellipsis:
@@ -307,20 +331,27 @@ def _whole_sequence_slices(node: fx.Node, values, P: int) -> Tuple[tuple, dict]:
             dims.append(d)
             d += 1
     opened = []
-    for i, d in zip(index, dims):
-        whole = (isinstance(i, slice) and d is not None and _is_seq(pruned[d], P) and i.start in (None, 0)
-                 and i.step in (None, 1) and isinstance(i.stop, int) and i.stop >= original[d])
+    for i, d in zip(index, dims, strict=True):
+        whole = (
+            isinstance(i, slice)
+            and d is not None
+            and _is_seq(pruned[d], P)
+            and i.start in (None, 0)
+            and i.step in (None, 1)
+            and isinstance(i.stop, int)
+            and i.stop >= original[d]
+        )
         opened.append(slice(None) if whole else i)
     return (src, tuple(opened)), dict(node.kwargs)
 
 
-def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tuple, dict]:
+def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> tuple[tuple, dict]:
     src = node.args[0]
     original_in = hints(fake_value(src).shape)
     original_out = hints(fake_value(node).shape)
     new_in = values[src].shape if src in values else original_in
     seq_in = {d for d, n in enumerate(new_in) if _is_seq(n, P)}
-    sizes = list(node.args[1])  # normalize leaves one size tuple
+    sizes = list(cast(Sequence[Any], node.args[1]))  # normalize leaves one size tuple
     if not seq_in:
         return node.args, node.kwargs
     if node.target == "expand":
@@ -344,7 +375,7 @@ def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> Tuple[tu
     return (src, tuple(sizes)), {}
 
 
-def _sequence_part_of_split(node: fx.Node, sized: List[int], original_in, original_out, seq_len: int) -> List[int]:
+def _sequence_part_of_split(node: fx.Node, sized: list[int], original_in, original_out, seq_len: int) -> list[int]:
     """A view that splits a dim holding the sequence into the sequence and constant parts: batch and
     sequence flattened for a feed-forward and split back (OPT: (B * N, D) -> (B, N, D)), or an MoE's
     top-k copies of each token ((N * 2, D) -> (N, 2, D)). The one output dim that is a multiple of N
@@ -357,10 +388,10 @@ def _sequence_part_of_split(node: fx.Node, sized: List[int], original_in, origin
     return multiples
 
 
-def _view_groups(shape_in: Sequence[int], shape_out: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
+def _view_groups(shape_in: Sequence[int], shape_out: Sequence[int]) -> list[tuple[list[int], list[int]]]:
     """Pair runs of input and output dims with equal products: [1,43,64]->[1,43,4,16] gives
     ([0],[0]), ([1],[1]), ([2],[2,3])."""
-    groups: List[Tuple[List[int], List[int]]] = []
+    groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     while i < len(shape_in) and j < len(shape_out):
         gi, gj = [i], [j]

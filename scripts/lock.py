@@ -46,8 +46,10 @@ def closure(root: str, extras: tuple) -> dict:
 def main() -> int:
     pins = closure("era-compile", ("test",))
     lines = [f"{name}=={version}" for name, version in sorted(pins.items()) if name not in UNPINNED]
-    header = ("# What the suite last passed with (written by scripts/lock.py; torch is pinned in scripts/setup.sh).\n"
-              f"# Python {sys.version.split()[0]}, torch {metadata.version('torch')}\n")
+    header = (
+        "# What the suite last passed with (written by scripts/lock.py; torch is pinned in scripts/setup.sh).\n"
+        f"# Python {sys.version.split()[0]}, torch {metadata.version('torch')}\n"
+    )
     (ROOT / "constraints.txt").write_text(header + "\n".join(lines) + "\n")
     print(f"wrote constraints.txt: {len(lines)} packages")
     return 0

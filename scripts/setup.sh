@@ -16,7 +16,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet torch==2.13.0
 fi
 # triton (Linux only) lets the suite run our Triton kernel through its CPU interpreter
-if ! "$VPY" -c "import sys, era_compile, transformers, pytest, xdist, matplotlib; sys.platform != 'linux' or __import__('triton')" \
+if ! "$VPY" -c "import sys, era_compile, transformers, pytest, xdist, matplotlib, ruff, mypy; sys.platform != 'linux' or __import__('triton')" \
     >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet -c constraints.txt -e ".[test]"
 fi

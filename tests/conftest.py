@@ -48,13 +48,14 @@ def generate_matches_reference(model, inputs, config: ERAConfig, *, max_new_toke
     with torch.no_grad():
         generated = model.generate(**inputs, **greedy)
     assert torch.equal(generated.sequences, expected.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits)) <= tol
+    assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True)) <= tol
     return backend
 
 
 # ---------------------------------------------------------------------------- support matrix
 # When this session ran the whole matrix (tests/test_architectures.py::test_support_matrix),
 # the table in docs/support.md must be what scripts/support_matrix.py renders from these outcomes.
+
 
 def _support_matrix_module():
     path = Path(__file__).resolve().parent.parent / "scripts" / "support_matrix.py"
@@ -79,7 +80,9 @@ def pytest_sessionfinish(session, exitstatus):
     if module.doc_table() != module.render(collector.cells):
         session.config.get_terminal_writer().line(
             "\nThe support matrix in docs/support.md differs from this run's outcomes: run "
-            "`.venv/bin/python scripts/support_matrix.py --write`", red=True)
+            "`.venv/bin/python scripts/support_matrix.py --write`",
+            red=True,
+        )
         session.exitstatus = 1
 
 

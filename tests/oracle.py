@@ -17,7 +17,6 @@ knows which tokens are kept without asking the backend.
 from __future__ import annotations
 
 import contextlib
-from typing import List
 
 import torch
 
@@ -69,11 +68,13 @@ def dropped_tokens_hidden(model, keep: torch.Tensor):
     while not hasattr(decoder, "layers"):  # a whole causal LM (BLIP-2's OPT): its own decoder holds them
         decoder = decoder.get_decoder()
     layers = decoder.layers
-    seen: List[bool] = []
+    seen: list[bool] = []
 
     def hide(module, args, kwargs):
         if "attention_mask" not in kwargs:
-            raise ValueError(f"{type(module).__name__} takes its attention mask positionally: the oracle cannot reach it")
+            raise ValueError(
+                f"{type(module).__name__} takes its attention mask positionally: the oracle cannot reach it"
+            )
         hidden = args[0] if args else kwargs["hidden_states"]
         kwargs["attention_mask"] = _masked(kwargs["attention_mask"], keep, hidden.shape[1])
         seen.append(True)

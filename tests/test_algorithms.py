@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -47,6 +48,7 @@ def logdet(kernel: torch.Tensor, items: list) -> float:
 
 # --------------------------------------------------------------------------- greedy MAP (section 2.4, test 3)
 
+
 def test_greedy_map_matches_brute_force_logdet_sequence():
     n, k = 60, 12
     kernel = psd_kernel(n, rank=20, seed=0)
@@ -62,7 +64,7 @@ def test_greedy_map_batched_equals_per_item_and_is_sorted():
     assert bool((picks[..., 1:] > picks[..., :-1]).all())
     for a in range(2):
         for b in range(3):
-            expected = brute_force_greedy(lambda items: logdet(kernels[a, b], items), 40, 10)
+            expected = brute_force_greedy(functools.partial(logdet, kernels[a, b]), 40, 10)
             assert picks[a, b].tolist() == sorted(expected)
 
 
@@ -85,8 +87,9 @@ def test_host_loop_and_batched_torch_loop_pick_alike():
     rows = lambda j: kernel.gather(1, j.unsqueeze(-1).expand(-1, 1, 60)).squeeze(1)  # noqa: E731
     gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
     assert torch.equal(_batched_greedy(gains, rows, 15), greedy_map_sequence(kernel, 15))
-    assert torch.equal(_batched_greedy(gains.float(), lambda j: rows(j).float(), 15),
-                       greedy_map_sequence(kernel.float(), 15))
+    assert torch.equal(
+        _batched_greedy(gains.float(), lambda j: rows(j).float(), 15), greedy_map_sequence(kernel.float(), 15)
+    )
 
 
 def test_host_and_batched_loops_pick_alike_past_the_float32_rank():
@@ -99,7 +102,7 @@ def test_host_and_batched_loops_pick_alike_past_the_float32_rank():
         feats = centres.repeat_interleave(12, 0) + 1e-4 * torch.randn(n, 64, generator=g)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         kernel = (feats @ feats.T).unsqueeze(0)
-        rows = lambda j: kernel.gather(1, j.unsqueeze(-1).expand(-1, 1, n)).squeeze(1)  # noqa: E731
+        rows = lambda j, kernel=kernel: kernel.gather(1, j.unsqueeze(-1).expand(-1, 1, n)).squeeze(1)  # noqa: E731
         gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
         host = greedy_map_sequence(kernel, k)
         assert torch.equal(_batched_greedy(gains, rows, k), host)
@@ -107,6 +110,7 @@ def test_host_and_batched_loops_pick_alike_past_the_float32_rank():
 
 
 # --------------------------------------------------------------------------- DEP (section 5.2, test 4)
+
 
 def test_head_entropy_limits():
     b, h, t = 2, 8, 5
@@ -170,6 +174,7 @@ def test_era_strategy_through_registry():
 
 # --------------------------------------------------------------------------- BTR (section 5.3, tests 2, 7)
 
+
 def attention(q, k, v, key_bias=None):
     scores = q @ k.T / math.sqrt(q.shape[-1])
     if key_bias is not None:
@@ -224,8 +229,9 @@ def test_btr_mean_weights_preserve_visual_mass():
     assert bool((none_bias <= max_bias + 1e-6).all())
 
 
-UNIFORM_CASES = [(c, norm) for norm in ("mean", "none", "max") for c in (None, 0.37, 1.0, 0.0)
-                 if not (norm == "none" and c == 0.37)]  # "none" keeps w = s < 1: not a count
+UNIFORM_CASES = [
+    (c, norm) for norm in ("mean", "none", "max") for c in (None, 0.37, 1.0, 0.0) if not (norm == "none" and c == 0.37)
+]  # "none" keeps w = s < 1: not a count
 
 
 @pytest.mark.parametrize("confidence_value,weight_norm", UNIFORM_CASES)  # 0.0 triggers the guard
@@ -243,7 +249,7 @@ def test_btr_uniform_or_guarded_confidence_gives_log_count(confidence_value, wei
 def loop_recycle(x, anchors, confidence, weight_norm, cosine=True):
     """Reference BTR (section 5.3), one token at a time: centroids and biases b."""
     centroids, biases = [], []
-    for sample, picks, conf in zip(x, anchors, confidence):
+    for sample, picks, conf in zip(x, anchors, confidence, strict=True):
         feats = sample / sample.norm(dim=-1, keepdim=True) if cosine else sample
         members = {int(a): [int(a)] for a in picks}
         for u in range(sample.shape[0]):
@@ -293,6 +299,7 @@ def test_btr_without_merge_and_without_pruned_tokens():
 
 # --------------------------------------------------------------------------- Jensen gap (section 7, test 8)
 
+
 def test_count_bias_underestimates_cluster_mass():
     d, dim = 16, 32
     wk = torch.randn(dim, d, generator=gen(40), dtype=f64) / math.sqrt(dim)
@@ -311,6 +318,7 @@ def test_count_bias_underestimates_cluster_mass():
 
 # --------------------------------------------------------------------------- saliency (section 1.3, test 9)
 
+
 def reference_saliency(q, k, visual_mask, mask_bias, rows_per_sample, scale):
     """Eager attention: the full [B, H, N, N] softmax, then rows I and visual columns."""
     group = q.shape[1] // k.shape[1]
@@ -327,14 +335,16 @@ def causal_bias(n):
 
 
 def qk(b, hq, hkv, n, d, seed):
-    return (torch.randn(b, hq, n, d, generator=gen(seed), dtype=f64),
-            torch.randn(b, hkv, n, d, generator=gen(seed + 1), dtype=f64))
+    return (
+        torch.randn(b, hq, n, d, generator=gen(seed), dtype=f64),
+        torch.randn(b, hkv, n, d, generator=gen(seed + 1), dtype=f64),
+    )
 
 
 def span_mask(b, n, starts, t):
     mask = torch.zeros(b, n, dtype=torch.bool)
     for i, s in enumerate(starts):
-        mask[i, s:s + t] = True
+        mask[i, s : s + t] = True
     return mask
 
 
@@ -343,7 +353,7 @@ def test_instruction_saliency_matches_eager_attention_causal(hq, hkv):
     b, n, d, t = 2, 40, 16, 12
     q, k = qk(b, hq, hkv, n, d, seed=50)
     visual = span_mask(b, n, [5, 9], t)
-    scale = d ** -0.5
+    scale = d**-0.5
     got = instruction_saliency(q, k, visual, attn_mask=None, is_causal=True, scale=scale, num_visual=t)
     rows = [list(range(17, n)), list(range(21, n))]
     expected = reference_saliency(q, k, visual, causal_bias(n), rows, scale)
@@ -389,7 +399,8 @@ def test_instruction_saliency_right_padding_and_causal_plus_mask(as_float):
     attn_mask = key_padding
     if as_float:  # HF's additive form: the dtype's most negative value, not -inf
         attn_mask = torch.zeros(key_padding.shape, dtype=torch.float32).masked_fill(
-            ~key_padding, torch.finfo(torch.float32).min)
+            ~key_padding, torch.finfo(torch.float32).min
+        )
     got = instruction_saliency(q, k, visual, attn_mask=attn_mask, is_causal=True, scale=0.25, num_visual=t)
     bias = causal_bias(n) + torch.zeros(b, 1, 1, n, dtype=f64).masked_fill(~key_padding, -math.inf)
     rows = [list(range(11, 24)), list(range(11, n))]  # sample 0's padding queries are excluded
@@ -416,8 +427,7 @@ def test_instruction_saliency_chunked_rows_and_float32_inputs(monkeypatch):
     monkeypatch.setattr(saliency_module, "MAX_CHUNK_ELEMENTS", hq * n * 3)  # 3 query rows per chunk
     chunked = instruction_saliency(q, k, visual, attn_mask=None, is_causal=True, scale=0.3, num_visual=t)
     assert torch.allclose(chunked, whole, rtol=1e-6)
-    single = instruction_saliency(q.float(), k.float(), visual, attn_mask=None, is_causal=True, scale=0.3,
-                                  num_visual=t)
+    single = instruction_saliency(q.float(), k.float(), visual, attn_mask=None, is_causal=True, scale=0.3, num_visual=t)
     assert torch.allclose(single, whole, rtol=1e-4, atol=1e-7)
 
 
@@ -430,8 +440,9 @@ def test_instruction_saliency_rejects_bad_inputs():
     with pytest.raises(ValueError, match="num_visual"):
         instruction_saliency(q, k, visual, attn_mask=None, is_causal=True, scale=1.0, num_visual=5)
     with pytest.raises(ValueError, match="attn_mask"):
-        instruction_saliency(q, k, visual, attn_mask=torch.ones(1, 1, 9, 10, dtype=torch.bool),
-                             is_causal=False, scale=1.0, num_visual=4)
+        instruction_saliency(
+            q, k, visual, attn_mask=torch.ones(1, 1, 9, 10, dtype=torch.bool), is_causal=False, scale=1.0, num_visual=4
+        )
 
 
 def test_picks_past_the_numerical_rank_stay_distinct_and_finite_in_float32():
@@ -475,17 +486,21 @@ def test_entropyprune_pools_heads_wider_than_128_channels(d):
 # k = max(1, min(T, round(ratio * T))) with Python's round (halves to even), or max(1, min(keep_tokens, T));
 # no visual token, nothing kept. The expected counts are written out by hand, not computed by the rule.
 
-@pytest.mark.parametrize("T, ratio, k", [
-    (36, 0.3, 11),     # 10.8: to the nearest, up (rounding down would give 10)
-    (36, 0.11, 4),     # 3.96: up (down: 3)
-    (36, 0.2, 7),      # 7.2: down
-    (36, 0.125, 4),    # 4.5 exactly: a half goes to the even neighbour, down
-    (36, 0.375, 14),   # 13.5 exactly: a half goes to the even neighbour, up (floor: 13)
-    (8, 0.3125, 2),    # 2.5 exactly: even, down (half-up would give 3)
-    (36, 0.01, 1),     # 0.36 rounds to 0: the floor keeps one
-    (576, 1e-6, 1),    # 0.000576: the floor keeps one
-    (36, 1.0, 36),
-])
+
+@pytest.mark.parametrize(
+    "T, ratio, k",
+    [
+        (36, 0.3, 11),  # 10.8: to the nearest, up (rounding down would give 10)
+        (36, 0.11, 4),  # 3.96: up (down: 3)
+        (36, 0.2, 7),  # 7.2: down
+        (36, 0.125, 4),  # 4.5 exactly: a half goes to the even neighbour, down
+        (36, 0.375, 14),  # 13.5 exactly: a half goes to the even neighbour, up (floor: 13)
+        (8, 0.3125, 2),  # 2.5 exactly: even, down (half-up would give 3)
+        (36, 0.01, 1),  # 0.36 rounds to 0: the floor keeps one
+        (576, 1e-6, 1),  # 0.000576: the floor keeps one
+        (36, 1.0, 36),
+    ],
+)
 def test_kept_count_of_a_ratio_rounds_to_nearest_even_and_keeps_at_least_one(T, ratio, k):
     from era_compile import ERAConfig
     from era_compile.algorithms import kept_count
@@ -494,8 +509,9 @@ def test_kept_count_of_a_ratio_rounds_to_nearest_even_and_keeps_at_least_one(T, 
     assert ERAConfig(keep_ratio=ratio).kept(T) == k
 
 
-@pytest.mark.parametrize("T, tokens, k", [(36, 50, 36), (36, 37, 36), (36, 36, 36), (36, 8, 8), (36, 1, 1),
-                                          (5, 1000, 5)])
+@pytest.mark.parametrize(
+    "T, tokens, k", [(36, 50, 36), (36, 37, 36), (36, 36, 36), (36, 8, 8), (36, 1, 1), (5, 1000, 5)]
+)
 def test_kept_count_of_keep_tokens_is_capped_at_the_visual_tokens(T, tokens, k):
     from era_compile import ERAConfig
     from era_compile.algorithms import kept_count

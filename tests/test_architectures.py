@@ -6,9 +6,9 @@ import gc
 
 import pytest
 import torch
-from conftest import build, compiled_forward, generate_matches_reference
 
-from era_compile import ERAConfig, EraCompileError, make_era_backend, zoo
+from conftest import build, compiled_forward, generate_matches_reference
+from era_compile import EraCompileError, ERAConfig, make_era_backend, zoo
 from era_compile.compact_kv import stored_rows
 from era_compile.compat import output_cache
 from era_compile.reference import EagerReference
@@ -46,8 +46,9 @@ def check_forward(name, batch):
     # the pruned layers' cache stores the n' kept rows (a CompactKV as long as the original N:
     # what HF's one decode mask expects); the layers before K hold all N
     cache = output_cache(out).layers
-    assert [stored_rows(layer.keys) for layer in cache] == \
-        [site.seq_len_before] * config.layer + [site.seq_len_after] * (len(cache) - config.layer)
+    assert [stored_rows(layer.keys) for layer in cache] == [site.seq_len_before] * config.layer + [
+        site.seq_len_after
+    ] * (len(cache) - config.layer)
     assert all(layer.keys.shape[-2] == site.seq_len_before for layer in cache)
 
 
@@ -158,8 +159,9 @@ def test_llava_next_image_newline_tokens_are_pruned_like_visual_tokens():
     try:  # the same image packed without newline rows: fewer tokens, so newline rows are among the T
         model.model.image_newline = None
         with torch.no_grad():
-            features = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                      image_sizes=inputs["image_sizes"])
+            features = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+            )
     finally:
         model.model.image_newline = newline
     assert features.pooler_output[0].shape[0] < T

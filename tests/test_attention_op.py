@@ -238,8 +238,12 @@ def test_kernel_matches_float64_reference(name, kernel, dtype):
     assert out.dtype == dtype
     assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     assert torch.isfinite(out).all()
-    ref = reference(q.cpu(), k.cpu(), v.cpu(), **{key: val.cpu() if isinstance(val, torch.Tensor) else val
-                                                  for key, val in kw.items()})
+    ref = reference(
+        q.cpu(),
+        k.cpu(),
+        v.cpu(),
+        **{key: val.cpu() if isinstance(val, torch.Tensor) else val for key, val in kw.items()},
+    )
     assert rel_err(out.cpu(), ref) <= TOL[dtype]
 
 
@@ -280,15 +284,16 @@ def test_auto_follows_the_recorded_measurements():
     table = json.loads(RANKING_FILE.read_text())
     assert "cpu" in table["devices"]
     root = Path(__file__).resolve().parent.parent
-    for device_type, regimes in table["devices"].items():
+    for regimes in table["devices"].values():
         for regime, entry in regimes.items():
             recorded = json.loads((root / entry["source"]).read_text())
             geo = recorded["ranking"][regime]["geomean_ratio"]
             assert entry["ranking"] == sorted(geo, key=geo.get)
     for Lq, regime in ((5, "prefill"), (1, "decode")):
         q, k, v = _qkv(1, 4, 4, Lq, 12, 16)
-        runnable = [c for c in table["devices"]["cpu"][regime]["ranking"]
-                    if kernel_unsupported(c, q, k, None, True) is None]
+        runnable = [
+            c for c in table["devices"]["cpu"][regime]["ranking"] if kernel_unsupported(c, q, k, None, True) is None
+        ]
         assert resolve_kernel("auto", q, k, None, True) == (runnable[0] if runnable else "sdpa")
         # a mask rules out the augmented kernels: auto then picks the best kernel that takes one
         mask = torch.ones(1, 1, Lq, 12, dtype=torch.bool)
@@ -300,8 +305,12 @@ def test_auto_follows_the_recorded_measurements():
 
 @pytest.mark.parametrize(
     "name,kernel",
-    [("causal_chunk", "sdpa"), ("bool_mask_padded_key", "sdpa"), ("no_bias_custom_scale_dv", "sdpa"),
-     ("gqa_4to1", "flex")],
+    [
+        ("causal_chunk", "sdpa"),
+        ("bool_mask_padded_key", "sdpa"),
+        ("no_bias_custom_scale_dv", "sdpa"),
+        ("gqa_4to1", "flex"),
+    ],
 )
 def test_opcheck(name, kernel):
     q, k, v, kw = _case(name, torch.float32)

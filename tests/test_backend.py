@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
-from conftest import build, compiled_forward, raised_chain
 
-from era_compile import ERAConfig, EraCompileError, last_report, make_era_backend
+from conftest import build, compiled_forward, raised_chain
+from era_compile import EraCompileError, ERAConfig, last_report, make_era_backend
 
 
 class MergeWithoutDecoder(torch.nn.Module):
@@ -44,7 +44,8 @@ def test_merge_by_masked_assignment_is_named():
     expected = MergeByAssignment()(args[0].clone(), mask, args[2])
     with pytest.raises(Exception, match=r"masked assignment \(embeds\[mask\] = features\), not masked_scatter"):
         torch.compile(MergeByAssignment(), backend=make_era_backend(ERAConfig(compiler="eager", strict=True)))(
-            args[0].clone(), *args[1:])
+            args[0].clone(), *args[1:]
+        )
     torch._dynamo.reset()
     backend = make_era_backend(ERAConfig(compiler="eager"))
     with pytest.warns(RuntimeWarning, match="not masked_scatter"):
@@ -75,8 +76,10 @@ def test_non_strict_warns_reports_and_runs_unpruned(caplog):
     model = MergeWithoutDecoder()
     args = _merge_inputs()
     backend = make_era_backend(ERAConfig(compiler="eager"))
-    with caplog.at_level(logging.DEBUG, logger="era_compile"), \
-            pytest.warns(RuntimeWarning, match="pruning did not happen") as told:
+    with (
+        caplog.at_level(logging.DEBUG, logger="era_compile"),
+        pytest.warns(RuntimeWarning, match="pruning did not happen") as told,
+    ):
         out = torch.compile(model, backend=backend)(*args)
     assert torch.allclose(out, model(*args))
     assert not backend.report.pruned
@@ -119,11 +122,25 @@ def test_dump_writes_graphs_before_and_after(tmp_path, monkeypatch):
     assert "era.select" in text and "era.recycle" in text and "era.biased_attention" in text
 
 
-@pytest.mark.parametrize("field, value", [
-    ("keep_ratio", 0.0), ("keep_ratio", 1.5), ("keep_tokens", 0), ("layer", -1), ("layer", 1.5),
-    ("strategy", "nope"), ("recycle", "yes"), ("rectify", 1), ("dep_lambda", -1.0), ("dep_beta", 2.0),
-    ("weight_norm", "sum"), ("attention", "cuda"), ("compiler", "tvm"), ("strict", None),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("keep_ratio", 0.0),
+        ("keep_ratio", 1.5),
+        ("keep_tokens", 0),
+        ("layer", -1),
+        ("layer", 1.5),
+        ("strategy", "nope"),
+        ("recycle", "yes"),
+        ("rectify", 1),
+        ("dep_lambda", -1.0),
+        ("dep_beta", 2.0),
+        ("weight_norm", "sum"),
+        ("attention", "cuda"),
+        ("compiler", "tvm"),
+        ("strict", None),
+    ],
+)
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ERAConfig\.{field}"):
         ERAConfig(**{field: value})

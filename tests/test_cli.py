@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build
 
+from conftest import build
 from era_compile import ERAConfig
 from era_compile.bench import language_model_flops
 from era_compile.cli import main
@@ -51,23 +51,51 @@ def test_dynamo_warnings_are_held_back_until_asked_for(capsys):
 
 
 def test_bench_writes_its_record_and_plots(tmp_path, capsys):
-    code = main(["bench", "llava", "--compiler", "eager", "--layers", "1", "--keep", "9", "18", "--runs", "5",
-                 "--new-tokens", "3", "--batch", "3", "--out", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "llava",
+            "--compiler",
+            "eager",
+            "--layers",
+            "1",
+            "--keep",
+            "9",
+            "18",
+            "--runs",
+            "5",
+            "--new-tokens",
+            "3",
+            "--batch",
+            "3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     record = json.loads((tmp_path / "llava-batch3-cpu.json").read_text())
     assert record["model"] == "llava" and record["runs"] == 5 and "CPU" in record["device"]
     assert record["batch"] == 3 and len(set(record["prompt_lengths"])) == 3  # left-padded, all lengths differ
     assert [p["kept"] for p in record["points"]] == [9, 18]
     for p in record["points"]:
-        for key in ("measured_prefill_speedup", "theoretical_prefill_speedup", "prefill_speedup_vs_theory",
-                    "selection_overhead", "lm_prefill_flops", "kv_cache", "times", "ideal_prefill_speedup",
-                    "measured_vs_ideal"):
+        for key in (
+            "measured_prefill_speedup",
+            "theoretical_prefill_speedup",
+            "prefill_speedup_vs_theory",
+            "selection_overhead",
+            "lm_prefill_flops",
+            "kv_cache",
+            "times",
+            "ideal_prefill_speedup",
+            "measured_vs_ideal",
+        ):
             assert key in p
         # the ideal: the compiled unpruned model on each sample's kept length, plus the vision tower
         assert p["ideal"]["kept_lengths"] == [n - 36 + p["kept"] for n in record["prompt_lengths"]]
         ideal, share = p["ideal"], 1 / 4  # K = 1 of 4 layers runs on the whole prompt
-        assert ideal["prefill_s"] == pytest.approx(ideal["vision_s"] + share * ideal["text_prefill_full_s"]
-                                                   + (1 - share) * ideal["text_prefill_s"])
+        assert ideal["prefill_s"] == pytest.approx(
+            ideal["vision_s"] + share * ideal["text_prefill_full_s"] + (1 - share) * ideal["text_prefill_s"]
+        )
         assert p["compile"]["seconds"] > 0 and {"span", "prune", "attention"} <= set(p["compile"]["pass_ms"])
         for moment, t in (("after_prefill", 0), ("after_3_new_tokens", 2)):
             kv = p["kv_cache"][moment]
@@ -112,8 +140,9 @@ def test_fidelity_shares_sum_to_one(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["explain", "bench", "fidelity"])
 def test_a_path_that_is_not_a_vlm_is_refused(command, tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
-                                                      "num_attention_heads": 4}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4})
+    )
     assert main([command, str(tmp_path)]) == 2
     assert "is a LlamaConfig, not a vision-language model" in capsys.readouterr().err
     assert main([command, str(tmp_path / "missing")]) == 2
@@ -123,11 +152,11 @@ def test_a_path_that_is_not_a_vlm_is_refused(command, tmp_path, capsys):
 def _analytic_lm_flops(model, n_per_layer, n_out):
     """Matmul FLOPs of a Llama decoder (projections, MLP, QK^T and PV) and the LM head."""
     c = model.config.text_config
-    D, I, Hq, Hkv, V = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size
+    D, ffn, Hq, Hkv, V = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size
     d = D // Hq
 
     def layer(n):
-        return 2 * n * D * (Hq + 2 * Hkv) * d + 2 * n * Hq * d * D + 3 * 2 * n * D * I + 4 * Hq * n * n * d
+        return 2 * n * D * (Hq + 2 * Hkv) * d + 2 * n * Hq * d * D + 3 * 2 * n * D * ffn + 4 * Hq * n * n * d
 
     return sum(layer(n) for n in n_per_layer) + 2 * n_out * D * V
 

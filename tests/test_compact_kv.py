@@ -68,7 +68,9 @@ def test_cache_bytes_counts_shared_storage_once():
     _, keep, bias, k = _cache()
     v = compact(torch.randn(B, H, 6, D), k.positions, k.bias, N)
     plain = torch.zeros(B, H, N, D)
-    cache = SimpleNamespace(layers=[SimpleNamespace(keys=plain, values=plain.clone()), SimpleNamespace(keys=k, values=v)])
+    cache = SimpleNamespace(
+        layers=[SimpleNamespace(keys=plain, values=plain.clone()), SimpleNamespace(keys=k, values=v)]
+    )
     rows = B * H * 6 * D * 4
     assert stored_bytes(k, v) == 2 * rows + B * 6 * 8 + B * 6 * 4
     assert cache_bytes(cache) == 2 * plain.numel() * 4 + stored_bytes(k, v)
@@ -87,8 +89,9 @@ def test_append_then_attend_equals_attention_over_the_original_positions():
     out = F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
     expected = _dense_attention(q, dense_k, dense_v, keep, bias, mask, new_k, new_v)
     assert torch.allclose(out, expected, atol=1e-5)
-    without_bias = F.scaled_dot_product_attention(q, compact(k2.rows, k2.positions, torch.zeros_like(k2.bias), N + 1),
-                                                  v2, attn_mask=mask)
+    without_bias = F.scaled_dot_product_attention(
+        q, compact(k2.rows, k2.positions, torch.zeros_like(k2.bias), N + 1), v2, attn_mask=mask
+    )
     assert (without_bias - out).abs().max() > 1e-3  # the bias is what moved the output
 
 
@@ -105,7 +108,9 @@ def test_repeat_kv_index_select_and_casts_act_on_the_rows():
     assert torch.equal(k.clone().rows, k.rows) and torch.equal(k.detach().positions, keep)
 
 
-@pytest.mark.parametrize("op", [lambda k: k == 0, lambda k: k.sum(), lambda k: k[:, :, :3], lambda k: k @ k.transpose(-1, -2)])
+@pytest.mark.parametrize(
+    "op", [lambda k: k == 0, lambda k: k.sum(), lambda k: k[:, :, :3], lambda k: k @ k.transpose(-1, -2)]
+)
 def test_anything_else_fails_naming_the_op(op):
     with pytest.raises(NotImplementedError, match="CompactKV"):
         op(_cache()[3])
@@ -187,7 +192,8 @@ def test_is_causal_without_a_mask_lets_each_query_see_the_key_at_its_own_positio
     expected = F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=mask)
     assert torch.allclose(out, expected, atol=1e-5)
 
-    strictly_before = key_bias[:, None, None, :].masked_fill(~_end_aligned_causal(q_len, length, own=False)[None, None],
-                                                             float("-inf"))
+    strictly_before = key_bias[:, None, None, :].masked_fill(
+        ~_end_aligned_causal(q_len, length, own=False)[None, None], float("-inf")
+    )
     hidden_self = F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=strictly_before)
     assert (hidden_self - expected).abs().max() > 1e-3  # the check has teeth: one's own key matters

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build
 
+from conftest import build
 from era_compile import ERAConfig, make_era_backend
 from era_compile.reference import EagerReference
 
@@ -32,8 +32,9 @@ def _cast(inputs: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("name, dynamic, how, dtype, grad, compiler", ROWS,
-                         ids=["-".join(str(x) for x in row) for row in ROWS])
+@pytest.mark.parametrize(
+    "name, dynamic, how, dtype, grad, compiler", ROWS, ids=["-".join(str(x) for x in row) for row in ROWS]
+)
 def test_every_compile_option_prunes_and_equals_the_reference(name, dynamic, how, dtype, grad, compiler):
     model, inputs = build(name)
     dtype, tol = DTYPES[dtype]

@@ -36,6 +36,7 @@ def _top_k(scores, k):
 
 # --------------------------------------------------------------------------- EntropyPrune (§3.2)
 
+
 def _entropyprune_definition(queries, k, trace_normalize=False):
     """Per token: M = its query in every head [H, d]; R = M - head mean; A = R Rᵀ / H;
     ρ = eig(A) clamped to 1e-10 (divided by its sum if trace_normalize); s = -Σ ρ ln ρ / ln H."""
@@ -57,12 +58,17 @@ def _entropyprune_definition(queries, k, trace_normalize=False):
 @pytest.mark.parametrize("trace_normalize", [False, True])
 def test_entropyprune_keeps_the_largest_matrix_entropies(trace_normalize):
     queries = torch.randn(2, 6, 20, 16, generator=_gen(0)) * torch.rand(1, 1, 20, 1, generator=_gen(1)) * 3
-    sel = run_strategy("entropyprune", _inputs(hidden=torch.zeros(2, 20, 4), queries=queries), 7,
-                       dict(OPTIONS, trace_normalize=trace_normalize))
+    sel = run_strategy(
+        "entropyprune",
+        _inputs(hidden=torch.zeros(2, 20, 4), queries=queries),
+        7,
+        dict(OPTIONS, trace_normalize=trace_normalize),
+    )
     assert torch.equal(sel.anchors, _entropyprune_definition(queries, 7, trace_normalize))
 
 
 # --------------------------------------------------------------------------- FastV (§6.2)
+
 
 def test_fastv_keeps_what_the_last_prompt_token_attends_to_most():
     """Through the op's own input builder: softmax of the last query over all keys (causal: it sees
@@ -92,6 +98,7 @@ def test_fastv_keeps_what_the_last_prompt_token_attends_to_most():
 
 # --------------------------------------------------------------------------- DivPrune (§6.2)
 
+
 def _divprune_definition(x, k):
     """Cosine distance; first the token whose nearest other token is farthest, then repeatedly the
     unchosen token whose nearest chosen token is farthest (lower index on ties)."""
@@ -117,6 +124,7 @@ def test_divprune_is_greedy_max_min_diversity():
 
 # --------------------------------------------------------------------------- ERA / DEP (§5.2, §5.6)
 
+
 def _dep_definition(x, saliency, k, lam, beta):
     """Y = saliency normalised over heads per token; ê = -Σ y ln y / ln H; S = (1-β) cos(X) + β cos(Y);
     q = exp(-λ ê); greedily add the token that maximises log det of (q S q) on the chosen set."""
@@ -133,8 +141,11 @@ def _dep_definition(x, saliency, k, lam, beta):
         L = q[:, None] * S * q[None, :]
         chosen = []
         for _ in range(k):
-            gains = {i: float(torch.linalg.slogdet(L[chosen + [i]][:, chosen + [i]])[1])
-                     for i in range(L.shape[0]) if i not in chosen}
+            gains = {
+                i: float(torch.linalg.slogdet(L[chosen + [i]][:, chosen + [i]])[1])
+                for i in range(L.shape[0])
+                if i not in chosen
+            }
             chosen.append(max(gains, key=gains.get))
         anchors.append(sorted(chosen))
         entropies.append(e)
@@ -153,6 +164,7 @@ def test_era_is_entropy_penalised_greedy_log_det_over_the_dual_view(lam, beta):
 
 # --------------------------------------------------------------------------- random
 
+
 def test_random_is_a_seeded_uniform_choice():
     T, k, seeds = 12, 4, 600
     x = torch.zeros(1, T, 4)
@@ -169,6 +181,7 @@ def test_random_is_a_seeded_uniform_choice():
 
 # --------------------------------------------------------------------------- sequence assembly (§2.3)
 
+
 def test_assemble_keeps_text_puts_recycled_anchors_at_their_rows_and_biases_only_them():
     """Text before and after the image (at other offsets in each sample); the kept sequence is the
     text and the anchors at their original positions, in order; each anchor's row holds its
@@ -176,8 +189,8 @@ def test_assemble_keeps_text_puts_recycled_anchors_at_their_rows_and_biases_only
     B, N, D = 2, 11, 3
     hidden = torch.randn(B, N, D, generator=_gen(8))
     visual = torch.zeros(B, N, dtype=torch.bool)
-    visual[0, 2:7] = True   # text 0-1, image 2-6, text 7-10
-    visual[1, 4:9] = True   # text 0-3, image 4-8, text 9-10
+    visual[0, 2:7] = True  # text 0-1, image 2-6, text 7-10
+    visual[1, 4:9] = True  # text 0-3, image 4-8, text 9-10
     visual_pos = torch.stack([torch.nonzero(v).flatten() for v in visual])
     anchors = torch.tensor([[1, 4], [0, 2]])
     states = torch.randn(B, 2, D, generator=_gen(9))
@@ -195,4 +208,3 @@ def test_assemble_keeps_text_puts_recycled_anchors_at_their_rows_and_biases_only
                 assert torch.equal(kept[b, row], hidden[b, p])
                 assert float(bias[b, row]) == 0.0
     assert int((bias != 0).sum()) == 4
-

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import build, compiled_forward, generate_matches_reference
 
+from conftest import build, compiled_forward, generate_matches_reference
 from era_compile import ERAConfig, zoo
 from era_compile.compact_kv import CompactKV, stored_rows
 from era_compile.compat import output_cache
@@ -93,8 +93,9 @@ def test_keep_all_without_rectify_equals_plain_compile():
     with torch.no_grad():
         plain = torch.compile(model, backend="eager")(**inputs).logits
     torch._dynamo.reset()
-    out, report = compiled_forward(model, inputs, ERAConfig(keep_ratio=1.0, layer=1, rectify=False,
-                                                            compiler="eager", strict=True))
+    out, report = compiled_forward(
+        model, inputs, ERAConfig(keep_ratio=1.0, layer=1, rectify=False, compiler="eager", strict=True)
+    )
     assert report.pruned and report.pruning[0].kept == report.pruning[0].visual_tokens
     assert out.logits.shape == plain.shape
     assert (out.logits - plain).abs().max().item() <= 1e-6
@@ -105,8 +106,7 @@ def test_rectification_changes_the_output():
     model, inputs = build("llava")
     with_bias, _ = compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
     torch._dynamo.reset()
-    without, report = compiled_forward(model, inputs, ERAConfig(layer=1, rectify=False, compiler="eager",
-                                                                strict=True))
+    without, report = compiled_forward(model, inputs, ERAConfig(layer=1, rectify=False, compiler="eager", strict=True))
     assert report.attention_rewrites == 0
     assert (with_bias.logits - without.logits).abs().max().item() > 1e-3
 
@@ -171,7 +171,6 @@ def test_kernel_that_cannot_take_the_models_mask_is_refused_with_the_reason():
     model, inputs = build("llava")  # with attention_mask: SDPA gets a bool mask
     with pytest.raises(Exception, match="kernel='sdpa_flash' takes no attention mask"):
         compiled_forward(model, inputs, ERAConfig(layer=1, attention="sdpa_flash", compiler="eager", strict=True))
-
 
 
 def test_the_report_keeps_the_budget_rules_count_of_36_visual_tokens():

@@ -8,14 +8,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import build, raised_chain
 
 import era_compile.backend as backend_module
-from era_compile import ERAConfig, EraCompileError, make_era_backend
+from conftest import build, raised_chain
+from era_compile import EraCompileError, ERAConfig, make_era_backend
 from era_compile.backend import FirstRunFallback
 from era_compile.passes.kinds import image_values
-from era_compile.report import Report
 from era_compile.passes.records import Handoff, HandoffOutputs
+from era_compile.report import Report
 from era_compile.runtime import GraphPlan, Runtime
 
 VMAP_ERROR = "Either your tensor may have escaped from inside a function being vmapped"
@@ -34,6 +34,7 @@ def rewrites_fail_at_run_time(monkeypatch):
 
         def fails(*args):
             raise RuntimeError(VMAP_ERROR)
+
         return fails
 
     monkeypatch.setattr(backend_module, "inner_compile", compile_)
@@ -45,8 +46,11 @@ def test_a_rewrite_that_fails_on_its_first_run_runs_unpruned(rewrites_fail_at_ru
         expected = model(**inputs).logits
     backend = make_era_backend(ERAConfig(compiler="eager"))
     compiled = torch.compile(model, backend=backend)
-    with pytest.warns(RuntimeWarning, match=r"^era_compile, graph \d+: the rewritten graph failed on its first run "
-                                            rf"\(RuntimeError: {VMAP_ERROR}\).*running it unpruned"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"^era_compile, graph \d+: the rewritten graph failed on its first run "
+        rf"\(RuntimeError: {VMAP_ERROR}\).*running it unpruned",
+    ):
         with torch.no_grad():
             out = compiled(**inputs)
     torch.testing.assert_close(out.logits, expected)
@@ -72,8 +76,11 @@ def test_a_rewrite_that_fails_on_its_first_run_runs_unpruned(rewrites_fail_at_ru
 def test_strict_a_rewrite_that_fails_on_its_first_run_is_an_error(rewrites_fail_at_run_time):
     model, inputs = build("llava")
     compiled = torch.compile(model, backend=make_era_backend(ERAConfig(compiler="eager", strict=True)))
-    with pytest.raises(EraCompileError, match=rf"graph \d+: the rewritten graph failed on its first run "
-                                              rf"\(RuntimeError: {VMAP_ERROR}\)") as info:
+    with pytest.raises(
+        EraCompileError,
+        match=rf"graph \d+: the rewritten graph failed on its first run "
+        rf"\(RuntimeError: {VMAP_ERROR}\)",
+    ) as info:
         with torch.no_grad():
             compiled(**inputs)
     assert VMAP_ERROR in str(info.value.__cause__)
@@ -91,6 +98,7 @@ def test_after_a_first_success_the_rewritten_graph_is_called_directly():
 
 
 # ---------------------------------------------------------------------------- an image left unpruned
+
 
 class BlendMergeLlava(torch.nn.Module):
     """A LLaVA whose image features enter the text embeddings by arithmetic on the image mask
@@ -129,8 +137,11 @@ def test_an_unknown_merge_next_to_its_vision_tower_falls_back_at_compile_time():
     assert torch.equal(torch.compile(model, backend="eager")(*args), expected)  # what plain torch.compile gives
     torch._dynamo.reset()
     backend = make_era_backend(ERAConfig(compiler="eager"))
-    with pytest.warns(RuntimeWarning, match=r"graph 0: it encodes images and feeds them to decoder layers "
-                                            r"\(.*language_model\.layers\.0.*\), but merges them by no pattern"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"graph 0: it encodes images and feeds them to decoder layers "
+        r"\(.*language_model\.layers\.0.*\), but merges them by no pattern",
+    ):
         with torch.no_grad():
             out = torch.compile(model, backend=backend)(*args)
     torch.testing.assert_close(out, expected)
@@ -152,8 +163,10 @@ def test_an_image_that_no_graph_prunes_is_told_at_run_time():
     model, args, expected = _blend_merge(split=True)
     backend = make_era_backend(ERAConfig(compiler="eager"))
     compiled = torch.compile(model, backend=backend)
-    told = (r"graph\(s\) 0 encoded an image prompt and graph 1 ran decoder layers on it, but no graph pruned it: "
-            r"its visual tokens were not pruned")
+    told = (
+        r"graph\(s\) 0 encoded an image prompt and graph 1 ran decoder layers on it, but no graph pruned it: "
+        r"its visual tokens were not pruned"
+    )
     with pytest.warns(RuntimeWarning, match=f"era_compile: {told}"):
         with torch.no_grad():
             out = compiled(*args)
@@ -170,8 +183,11 @@ def test_an_image_that_no_graph_prunes_is_told_at_run_time():
     assert len(strict.report.unpruned_images) == 1
 
 
-TOWER, DECODER, DECODE = (GraphPlan(graph=1, image_inputs=(0,)), GraphPlan(graph=2, runs_decoder=True),
-                           GraphPlan(graph=3, decode_step=True))
+TOWER, DECODER, DECODE = (
+    GraphPlan(graph=1, image_inputs=(0,)),
+    GraphPlan(graph=2, runs_decoder=True),
+    GraphPlan(graph=3, decode_step=True),
+)
 
 
 def _call(runtime, plan, *args):
@@ -211,7 +227,7 @@ def test_an_image_no_decoder_ran_on_is_dropped():
     assert runtime.pending is None and not runtime.report.unpruned_images
 
 
-EMBED = GraphPlan(graph=0, token_inputs=(0,))                        # the prompt's token embedding
+EMBED = GraphPlan(graph=0, token_inputs=(0,))  # the prompt's token embedding
 MERGE = GraphPlan(graph=4, handoff=Handoff(0, HandoffOutputs(visual_mask=0)))  # merged, mask handed on
 LAYER = GraphPlan(graph=6, hidden_inputs=(0,), layer_forward=True)  # one decoder layer's own forward
 SPLIT = GraphPlan(graph=6, hidden_inputs=(0,))  # decoder layers on hidden states an earlier graph computed
@@ -229,21 +245,34 @@ def test_a_decoder_split_into_layers_on_the_unpruned_prompt_is_the_verdict():
     gc.collect()
     _call(runtime, LAYER, torch.randn(3, 5, 8))  # a tower layer: patches, not the prompt
     assert runtime.pending is not None
-    with pytest.raises(EraCompileError, match=r"graph\(s\) 1 encoded an image prompt and graph 6, a decoder layer's "
-                                              r"own forward \(the decoder is split into per-layer graphs\), ran on it "
-                                              "unpruned: no graph handed the image's visual mask on"):
+    with pytest.raises(
+        EraCompileError,
+        match=r"graph\(s\) 1 encoded an image prompt and graph 6, a decoder layer's "
+        r"own forward \(the decoder is split into per-layer graphs\), ran on it "
+        "unpruned: no graph handed the image's visual mask on",
+    ):
         _call(runtime, LAYER, torch.randn(1, 12, 8))
     del features
     gc.collect()
     assert len(runtime.report.unpruned_images) == 1 and runtime.pending is None
 
 
-@pytest.mark.parametrize("decoder, told", [
-    (SPLIT, "graph 4 merged an image prompt and handed its visual mask on, but graph 6 ran the language model on "
-            "other hidden states"),
-    (LAYER, "graph 4 merged an image prompt and handed its visual mask on, but graph 6 ran the language model on "
-            "other hidden states"),
-], ids=["decoder", "layer_forward"])
+@pytest.mark.parametrize(
+    "decoder, told",
+    [
+        (
+            SPLIT,
+            "graph 4 merged an image prompt and handed its visual mask on, but graph 6 ran the language model on "
+            "other hidden states",
+        ),
+        (
+            LAYER,
+            "graph 4 merged an image prompt and handed its visual mask on, but graph 6 ran the language model on "
+            "other hidden states",
+        ),
+    ],
+    ids=["decoder", "layer_forward"],
+)
 def test_merged_embeddings_changed_outside_a_graph_are_told_at_the_decoder(decoder, told):
     """Granite Docling's shape: the merge graph hands its mask on with the merged embeddings, the
     text model scales them outside a graph, and its layers run on the copy: no graph claims the
@@ -314,11 +343,14 @@ class _Conv(torch.nn.Module):
         return self.conv(x).relu()
 
 
-@pytest.mark.parametrize("conv, shape, encodes", [
-    (torch.nn.Conv2d(3, 4, 2, stride=2), (1, 3, 8, 8), True),    # a patch embedding
-    (torch.nn.Conv3d(3, 4, 2, stride=2), (1, 3, 2, 8, 8), True),  # video / Qwen's patches
-    (torch.nn.Conv1d(4, 4, 3, groups=4), (1, 4, 8), False),       # an audio encoder's, a short convolution's
-])
+@pytest.mark.parametrize(
+    "conv, shape, encodes",
+    [
+        (torch.nn.Conv2d(3, 4, 2, stride=2), (1, 3, 8, 8), True),  # a patch embedding
+        (torch.nn.Conv3d(3, 4, 2, stride=2), (1, 3, 2, 8, 8), True),  # video / Qwen's patches
+        (torch.nn.Conv1d(4, 4, 3, groups=4), (1, 4, 8), False),  # an audio encoder's, a short convolution's
+    ],
+)
 def test_image_values_are_2d_and_3d_convolutions_of_inputs(conv, shape, encodes):
     found = []
 

@@ -9,8 +9,8 @@ import sys
 import textwrap
 
 import torch
-from conftest import build
 
+from conftest import build
 from era_compile import ERAConfig, last_report, make_era_backend, recompile_headroom, report_of
 from era_compile.reference import EagerReference
 
@@ -97,14 +97,14 @@ def test_every_compiled_model_keeps_its_own_state():
         model.compile(backend=shared)
     with torch.no_grad(), recompile_headroom():  # every HF forward runs through one decorator: 3 models' entries
         for _ in range(2):  # a, b, c, a, b, c
-            for (model, inputs), ref in zip(models, expected):
+            for (model, inputs), ref in zip(models, expected, strict=True):
                 out = model.generate(**inputs, **greedy)
                 assert torch.equal(out.sequences, ref.sequences)
-                assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-4
+                assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits, strict=True)) <= 1e-4
                 assert last_report() is report_of(model)
     reports = [report_of(model) for model, _ in models]
     assert len({id(r) for r in reports}) == 3 and shared.reports == reports
-    for report, (_, inputs) in zip(reports, models):
+    for report, (_, inputs) in zip(reports, models, strict=True):
         assert report.pruned_calls == 2  # its own two prefills, nobody else's
         assert {p.seq_len_before for p in report.pruning} == {inputs["input_ids"].shape[1]}
     assert reports[0].graphs == reports[2].graphs > 0  # the second LLaVA compiled its own graphs

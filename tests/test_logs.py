@@ -20,8 +20,9 @@ PIPELINE = ("normalize", "classify", "span", "layers", "kvcache", "prune", "atte
 
 
 def _run(env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-c", COMPILE_LLAVA], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_LLAVA], capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -36,8 +37,12 @@ def test_torch_logs_shows_each_pass_and_its_graphs(tmp_path):
         assert any(f": {name} " in line for line in prefill), name
     assert "prune " in logged and "gathered_tensors=" in logged
     assert "04_prune_after:" in logged and "# inserted by prune:" in logged  # the artifact, at DEBUG
-    records = [json.loads(line.split("] ", 1)[1]) for f in tmp_path.iterdir() for line in f.read_text().splitlines()
-               if line.startswith("V") and '"artifact"' in line]
+    records = [
+        json.loads(line.split("] ", 1)[1])
+        for f in tmp_path.iterdir()
+        for line in f.read_text().splitlines()
+        if line.startswith("V") and '"artifact"' in line
+    ]
     names = {r["artifact"]["name"]: r for r in records if r["artifact"]["name"].startswith("era_")}
     prune = next(r for name, r in names.items() if name.endswith("_04_prune_after"))
     assert "frame_id" in prune and any(name.endswith("_compiled") for name in names)
@@ -51,9 +56,17 @@ def test_info_logs_say_what_each_pass_did_without_the_graphs():
 def test_the_artifact_alone_and_the_dump_folder(tmp_path):
     """``set_logs(modules={"era_graphs": True})``: only the graphs; ``ERA_COMPILE_DUMP``: the same texts as files.
     (In a process of its own: ``set_logs`` hands our logger to torch's handlers for good.)"""
-    done = subprocess.run([sys.executable, "-c", "import torch, era_compile; torch._logging.set_logs(modules={'era_graphs': True})\n"
-                           + COMPILE_LLAVA], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "ERA_COMPILE_DUMP": str(tmp_path)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, era_compile; torch._logging.set_logs(modules={'era_graphs': True})\n" + COMPILE_LLAVA,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ERA_COMPILE_DUMP": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "04_prune_after:" in done.stderr and ": prune " not in done.stderr  # the graphs, not the pass lines
     (folder,) = [p for p in tmp_path.iterdir() if (p / "compiled.py").exists()]

@@ -20,9 +20,13 @@ def _registered_ops():
 def _prefill(B=2, N=12, T=6, D=16, H=4, Hkv=2, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(B, N, dtype=torch.bool)
-    mask[:, 3:3 + T] = True
-    return (torch.randn(B, N, D, generator=g), mask, torch.randn(B, H, N, d, generator=g),
-            torch.randn(B, Hkv, N, d, generator=g))
+    mask[:, 3 : 3 + T] = True
+    return (
+        torch.randn(B, N, D, generator=g),
+        mask,
+        torch.randn(B, H, N, d, generator=g),
+        torch.randn(B, Hkv, N, d, generator=g),
+    )
 
 
 OPTIONS = json.dumps({"lam": 1.0, "beta": 0.5, "seed": 0, "trace_normalize": False})
@@ -43,7 +47,11 @@ def _recycle_args():
 
 def _attention_args():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    q, k, v = (
+        torch.randn(2, 4, 5, 8, generator=g),
+        torch.randn(2, 2, 7, 8, generator=g),
+        torch.randn(2, 2, 7, 8, generator=g),
+    )
     return q, k, v, torch.randn(2, 7, generator=g), None, True, None, "sdpa"
 
 
@@ -75,12 +83,12 @@ def test_select_and_recycle_are_functions_of_their_inputs():
     """Twice the same inputs, the same outputs; other inputs, other anchors (not a constant)."""
     a = torch.ops.era.select(*_select_args())
     b = torch.ops.era.select(*_select_args())
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     hidden, mask, q, k = _prefill(seed=3)
     c = torch.ops.era.select(hidden, mask, q, k, *_select_args()[4:])
     assert not torch.equal(a[0], c[0]) and int(a[0].sum()) == int(c[0].sum()) == 2 * 3  # 3 anchors a sample
     r1, r2 = torch.ops.era.recycle(*_recycle_args()), torch.ops.era.recycle(*_recycle_args())
-    assert all(torch.equal(x, y) for x, y in zip(r1, r2))
+    assert all(torch.equal(x, y) for x, y in zip(r1, r2, strict=True))
     assert r1[1].shape[1] == 12 - 6 + 3 and r1[3].tolist() == [[6, 3], [6, 3]]  # n' and [T_b, k_b]: the data's
 
 
@@ -122,8 +130,9 @@ def _select_with_known_confidence(keep_tokens=2, seed=0):
 
     register_strategy("test_known_confidence", _known_confidence, overwrite=True)
     hidden, mask, q, k = _prefill(seed=seed)
-    anchor_mask, confidence = torch.ops.era.select(hidden, mask, q, k, None, True, 0.35,
-                                                   budget_tensor(None, keep_tokens), "test_known_confidence", OPTIONS)
+    anchor_mask, confidence = torch.ops.era.select(
+        hidden, mask, q, k, None, True, 0.35, budget_tensor(None, keep_tokens), "test_known_confidence", OPTIONS
+    )
     return hidden, mask, anchor_mask, confidence
 
 
@@ -144,8 +153,9 @@ def test_select_then_recycle_weighs_each_pruned_token_by_its_own_confidence():
     confidence of u, b_a = 1 + sum of w_u over the cluster, log_bias = log b_a at the anchor's slot,
     and the anchor's state is the unweighted mean of its cluster; text is kept as it is."""
     hidden, mask, anchor_mask, confidence = _select_with_known_confidence()
-    keep_index, hidden_kept, log_bias, samples = torch.ops.era.recycle(hidden, mask, anchor_mask, confidence,
-                                                                      True, "mean")
+    keep_index, hidden_kept, log_bias, samples = torch.ops.era.recycle(
+        hidden, mask, anchor_mask, confidence, True, "mean"
+    )
     assert samples.tolist() == [[6, 2], [6, 2]]
     for b in range(2):
         visual = list(range(3, 9))
@@ -170,18 +180,19 @@ def test_select_then_recycle_weighs_each_pruned_token_by_its_own_confidence():
                 assert log_bias[b, slot].item() == 0.0 and torch.equal(hidden_kept[b, slot], hidden[b, p])
         counts = [len(cluster[a]) for a in anchors]
         # teeth: the confidence moves the bias away from the plain log count (all pruned tokens weighing 1)
-        assert max(abs(math.log(mass[a]) - math.log(c)) for a, c in zip(anchors, counts)) > 1e-2
+        assert max(abs(math.log(mass[a]) - math.log(c)) for a, c in zip(anchors, counts, strict=True)) > 1e-2
 
 
-@pytest.mark.parametrize("budget, kept", [((0.3, None), 11), ((0.375, None), 14), ((0.01, None), 1),
-                                          ((None, 50), 36), ((None, 36), 36)])
+@pytest.mark.parametrize(
+    "budget, kept", [((0.3, None), 11), ((0.375, None), 14), ((0.01, None), 1), ((None, 50), 36), ((None, 36), 36)]
+)
 def test_select_keeps_the_budget_rules_count(budget, kept):
     """era::select keeps k of T = 36 visual tokens as the rule says (ALGORITHMS.md 2.2): round to
     nearest (halves to even), at least one, keep_tokens capped at T. Counts written by hand."""
     B, N, T = 1, 40, 36
     g = torch.Generator().manual_seed(0)
     mask = torch.zeros(B, N, dtype=torch.bool)
-    mask[:, 2:2 + T] = True
+    mask[:, 2 : 2 + T] = True
     hidden = torch.randn(B, N, 16, generator=g)
     q, k = torch.randn(B, 4, N, 8, generator=g), torch.randn(B, 2, N, 8, generator=g)
     anchor_mask, _ = torch.ops.era.select(hidden, mask, q, k, None, True, 0.35, budget_tensor(*budget), "era", OPTIONS)

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracle import FIXED, last_logits
 from transformers import GenerationMixin
 
 from era_compile import ERAConfig, make_era_backend, registry
 from era_compile.algorithms import kept_count
 from era_compile.backend import EraCompileError
 from era_compile.reference import EagerReference
+from oracle import FIXED, last_logits
 
 TOL = 1e-4
 ORACLE_TOL = 1e-5
@@ -103,8 +103,9 @@ def check_supported(model, inputs) -> dict:
     assert forward_error <= TOL, f"forward: {forward_error:.2e} from the reference"
 
     # the oracle: K = 0, fixed anchors, nothing recycled or rectified
-    oracle_config = ERAConfig(layer=0, keep_ratio=0.25, strategy=FIXED, recycle=False, rectify=False,
-                              compiler="eager", strict=True)
+    oracle_config = ERAConfig(
+        layer=0, keep_ratio=0.25, strategy=FIXED, recycle=False, rectify=False, compiler="eager", strict=True
+    )
     out0, _ = _forward(model, inputs, oracle_config)
     visual = _visual(model, inputs)
     k = kept_count(int(visual[0].sum()), keep_ratio=0.25)
@@ -131,8 +132,11 @@ def check_supported(model, inputs) -> dict:
         sliding = any("sliding" in kind for kind in layer_types)
     else:
         sliding = isinstance(getattr(text, "sliding_window", None), int) and getattr(text, "use_sliding_window", True)
-    generate = (ERAConfig(layer=2, keep_ratio=1.0, recycle=False, rectify=False, compiler="eager", strict=True)
-                if sliding else ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True))
+    generate = (
+        ERAConfig(layer=2, keep_ratio=1.0, recycle=False, rectify=False, compiler="eager", strict=True)
+        if sliding
+        else ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
+    )
     greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     if sliding:
         with torch.no_grad():
@@ -150,12 +154,18 @@ def check_supported(model, inputs) -> dict:
     if backend.report.graphs == 0 and type(model).generate is not GenerationMixin.generate:
         raise GenerateBypassesForward(forward_error, oracle_error, batch_error)
     assert torch.equal(generated.sequences, reference.sequences), "generate: other tokens than the reference"
-    generate_error = max((a - b).abs().max().item() for a, b in zip(generated.logits, reference.logits))
+    generate_error = max((a - b).abs().max().item() for a, b in zip(generated.logits, reference.logits, strict=True))
     assert generate_error <= TOL and backend.report.pruned, f"generate: {generate_error:.2e} from the reference"
     assert backend.report.decode_rewrites > 0, "generate: no decode step attended over a pruned cache"
-    return {"forward": forward_error, "oracle": oracle_error, "batch 2": batch_error, "generate": generate_error,
-            "generate_against": "the plain model, every token kept (sliding window)" if sliding else "the reference",
-            "visual_tokens": site.visual_tokens, "kept": site.kept}
+    return {
+        "forward": forward_error,
+        "oracle": oracle_error,
+        "batch 2": batch_error,
+        "generate": generate_error,
+        "generate_against": "the plain model, every token kept (sliding window)" if sliding else "the reference",
+        "visual_tokens": site.visual_tokens,
+        "kept": site.kept,
+    }
 
 
 class GenerateBypassesForward(Exception):
@@ -166,8 +176,10 @@ class GenerateBypassesForward(Exception):
         super().__init__()
         self.measured = {"forward": forward, "oracle": oracle, "batch 2": batch}
 
-    reason = ("its own generate() merges the image and runs its language model's generate(): model.compile never "
-              "sees the prompt, so generate is not pruned, and nothing can say so (the compiled forward prunes)")
+    reason = (
+        "its own generate() merges the image and runs its language model's generate(): model.compile never "
+        "sees the prompt, so generate is not pruned, and nothing can say so (the compiled forward prunes)"
+    )
 
 
 def check_refused(model, inputs, reason: str) -> dict:
@@ -178,7 +190,9 @@ def check_refused(model, inputs, reason: str) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out, report = _forward(model, inputs, config)  # raising here is a crash: the test fails
-    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "era_compile" in str(w.message)]
+    said = [
+        str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "era_compile" in str(w.message)
+    ]
     assert said, f"refused ({reason}) but the default mode ran without a warning: silently unpruned"
     error = (out.logits - plain).abs().max().item()
     assert error <= TOL, f"the fallback differs from the plain model by {error:.2e}"
@@ -223,10 +237,17 @@ def _eager_failure(model, inputs, error: Exception) -> dict:
         with torch.no_grad():
             model(**text)
     except Exception as again:
-        return {"status": "refused", "reason": (
-            f"transformers {transformers.__version__}'s own {type(model).__name__}.forward fails on every prompt, "
-            f"text-only too ({type(again).__name__}: {_short(again)}): nothing to compile")}
-    return {"status": "untested", "reason": f"the tiny model's eager forward fails: {type(error).__name__}: {_short(error)}"}
+        return {
+            "status": "refused",
+            "reason": (
+                f"transformers {transformers.__version__}'s own {type(model).__name__}.forward fails on every prompt, "
+                f"text-only too ({type(again).__name__}: {_short(again)}): nothing to compile"
+            ),
+        }
+    return {
+        "status": "untested",
+        "reason": f"the tiny model's eager forward fails: {type(error).__name__}: {_short(error)}",
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -249,14 +270,20 @@ def test_model_type(model_type):
         assert rows.get(model_type) == result["status"], (
             f"docs/support.md's registry matrix says {rows.get(model_type)!r} for {model_type}, "
             f"this run {result}: "
-            "rerun scripts/registry_matrix.py --write")
+            "rerun scripts/registry_matrix.py --write"
+        )
 
 
 def failure_of(error: BaseException) -> str:
     """Which side failed: the eager reference (this check's own tool) or the compiled model."""
     files = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
-    side = "the eager reference fails" if any(f.endswith("era_compile/reference.py") for f in files) else \
-        "the check fails" if isinstance(error, AssertionError) else "the compiled model fails"
+    side = (
+        "the eager reference fails"
+        if any(f.endswith("era_compile/reference.py") for f in files)
+        else "the check fails"
+        if isinstance(error, AssertionError)
+        else "the compiled model fails"
+    )
     return f"{side}: {type(error).__name__}: {_short(error)}"
 
 
@@ -284,5 +311,6 @@ def test_registry_matrix_lists_every_registered_type():
     if os.environ.get("ERA_REGISTRY_WRITING") == "1":
         pytest.skip("the matrix is being written")
     missing = [t for t in ALL_TYPES if t not in matrix_statuses()]
-    assert not missing, (f"docs/support.md's registry matrix has no row for {missing}: "
-                         "rerun scripts/registry_matrix.py --write")
+    assert not missing, (
+        f"docs/support.md's registry matrix has no row for {missing}: rerun scripts/registry_matrix.py --write"
+    )

@@ -21,15 +21,38 @@ def test_the_stream_is_seeded_and_holds_many_image_sizes():
 
 
 def test_serve_bench_writes_every_field(tmp_path, capsys):
-    code = main(["serve-bench", "qwen2-vl", "--compiler", "eager", "--requests", "3", "--max-batch", "2",
-                 "--new-tokens", "2", "--out", str(tmp_path)])
+    code = main(
+        [
+            "serve-bench",
+            "qwen2-vl",
+            "--compiler",
+            "eager",
+            "--requests",
+            "3",
+            "--max-batch",
+            "2",
+            "--new-tokens",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     record = json.loads((tmp_path / "serve-qwen2-vl-cpu.json").read_text())
     assert record["pruned_share"] == 1.0 and record["image_requests"] == 6  # 3 requests, twice
     for label in MODELS:
         summary = record["summary"][label]
-        for key in ("wall_s", "replay_wall_s", "ttft_p50_s", "ttft_p95_s", "decode_tokens_per_s", "graphs_compiled",
-                    "compile_seconds", "replay_graphs_compiled", "peak_kv_cache_bytes"):
+        for key in (
+            "wall_s",
+            "replay_wall_s",
+            "ttft_p50_s",
+            "ttft_p95_s",
+            "decode_tokens_per_s",
+            "graphs_compiled",
+            "compile_seconds",
+            "replay_graphs_compiled",
+            "peak_kv_cache_bytes",
+        ):
             assert summary[key] is not None, (label, key)
         assert summary["replay_graphs_compiled"] == 0  # the replay runs on warm models
         assert len(record["per_request"][label]) == len(record["replay"][label]) == 3

@@ -36,7 +36,7 @@ def _colour_pixels(image: np.ndarray, colour: str) -> np.ndarray:
 
 def _cell_colour(image: np.ndarray, cell: int):
     row, col = divmod(cell, task.GRID)
-    patch = image[row * task.CELL:(row + 1) * task.CELL, col * task.CELL:(col + 1) * task.CELL]
+    patch = image[row * task.CELL : (row + 1) * task.CELL, col * task.CELL : (col + 1) * task.CELL]
     found = [c for c in task.COLOURS if _colour_pixels(patch, c).any()]
     assert len(found) <= 1, "a cell holds one object at most"
     return found[0] if found else None
@@ -52,7 +52,7 @@ def answer_from_pixels(image: np.ndarray, question: str) -> str:
     words = question.split()
     cells = [_cell_colour(image, c) for c in range(task.GRID * task.GRID)]
     if question.startswith("what color"):
-        place = " ".join(words[words.index("the", 4) + 1:-1])
+        place = " ".join(words[words.index("the", 4) + 1 : -1])
         return cells[task.PLACES.index(place)]
     if question.startswith("how many"):
         return task.COUNT_WORDS[sum(c == words[2] for c in cells)]
@@ -90,16 +90,17 @@ def test_tokenizer_covers_every_question_and_answer():
 
 
 def test_dense_training_labels_agree_with_the_pixels():
-    from era_compile.shapes_vqa.model import PATCH, PATCH_GRID as grid
+    from era_compile.shapes_vqa.model import PATCH
+    from era_compile.shapes_vqa.model import PATCH_GRID as grid
     from era_compile.shapes_vqa.train import patch_targets
 
     samples = task.samples("train", 0, 60)
     centre, cover = patch_targets(samples)
-    for s, centres, covers in zip(samples, centre, cover):
+    for s, centres, covers in zip(samples, centre, cover, strict=True):
         assert (centres > 0).sum() == len(s.shapes)
         for patch in range(grid * grid):
             row, col = divmod(patch, grid)
-            pixels = s.image[row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH]
+            pixels = s.image[row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH]
             most = max(task.COLOURS, key=lambda c: _colour_pixels(pixels, c).sum())
             covered = _colour_pixels(pixels, most).sum() >= PATCH * PATCH // 8
             assert (covers[patch] > 0) == covered, (patch, s.shapes)
@@ -109,7 +110,7 @@ def test_dense_training_labels_agree_with_the_pixels():
                 # the shape, from the whole object's pixels in its cell
                 cell = (row // (task.CELL // PATCH)) * task.GRID + col // (task.CELL // PATCH)
                 r, c = divmod(cell, task.GRID)
-                region = s.image[r * task.CELL:(r + 1) * task.CELL, c * task.CELL:(c + 1) * task.CELL]
+                region = s.image[r * task.CELL : (r + 1) * task.CELL, c * task.CELL : (c + 1) * task.CELL]
                 assert task.SHAPES[shape] == _shape_from_pixels(_colour_pixels(region, most))
 
 
@@ -121,8 +122,26 @@ def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     from era_compile.shapes_vqa import train as training
     from era_compile.shapes_vqa.train import parser, train
 
-    tiny = ["--batch", "2", "--vision-batch", "2", "--vision-steps", "2", "--steps", "4", "--warmup", "2",
-            "--eval-every", "2", "--val-samples", "4", "--test-samples", "4", "--extra-questions", "1"]
+    tiny = [
+        "--batch",
+        "2",
+        "--vision-batch",
+        "2",
+        "--vision-steps",
+        "2",
+        "--steps",
+        "4",
+        "--warmup",
+        "2",
+        "--eval-every",
+        "2",
+        "--val-samples",
+        "4",
+        "--test-samples",
+        "4",
+        "--extra-questions",
+        "1",
+    ]
     train(parser().parse_args(tiny + ["--out", str(tmp_path / "through")]))
     stopped = train(parser().parse_args(tiny + ["--out", str(tmp_path / "resumed"), "--max-minutes", "0"]))
     assert stopped["steps"] == 2 and (tmp_path / "resumed" / "checkpoint.pt").is_file()
@@ -173,18 +192,40 @@ def test_eval_runs_through_the_backend_and_matches_the_eager_reference(trained, 
     from era_compile.reference import EagerReference
     from era_compile.shapes_vqa.model import score
 
-    code = main(["eval", "shapes-vqa", "--questions", "40", "--strategies", "era", "fastv", "--settings", "prune",
-                 "era", "--ratios", "0.25", "0.11", "--out", str(tmp_path)])
+    code = main(
+        [
+            "eval",
+            "shapes-vqa",
+            "--questions",
+            "40",
+            "--strategies",
+            "era",
+            "fastv",
+            "--settings",
+            "prune",
+            "era",
+            "--ratios",
+            "0.25",
+            "0.11",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     record = json.loads((tmp_path / "eval-shapes-vqa-k2.json").read_text())
     assert [(r["strategy"], r["setting"], r["kept"]) for r in record["results"]] == [
-        (strategy, setting, kept) for strategy in ("era", "fastv") for setting in ("prune", "era") for kept in (36, 16)]
+        (strategy, setting, kept) for strategy in ("era", "fastv") for setting in ("prune", "era") for kept in (36, 16)
+    ]
     assert (tmp_path / "eval-shapes-vqa-k2.png").stat().st_size > 0
     assert "| era / era |" in capsys.readouterr().out
     # one compile per (strategy, setting): the second ratio ran through the same graphs (run_eval
     # raises if a ratio compiles anything), as many as a one-ratio run compiles
     assert [(c["strategy"], c["setting"]) for c in record["compiles"]] == [
-        ("era", "prune"), ("era", "era"), ("fastv", "prune"), ("fastv", "era")]
+        ("era", "prune"),
+        ("era", "era"),
+        ("fastv", "prune"),
+        ("fastv", "era"),
+    ]
     assert all(c["graphs"] == record["compiles"][0]["graphs"] for c in record["compiles"])
     # the compiled accuracy is the eager reference's, same algorithm, same questions, at the budget
     # the run switched to without compiling

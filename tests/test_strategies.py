@@ -9,13 +9,17 @@ import math
 
 import pytest
 import torch
-from conftest import build, compiled_forward
 
+from conftest import build, compiled_forward
 from era_compile import ERAConfig, keep_tokens_for_layer_average
 from era_compile.algorithms import Selection, SelectionInputs, run_strategy
 from era_compile.algorithms.baselines import farthest_point_selection
-from era_compile.algorithms.entropyprune import (covariance_eigenvalues, entropy_collapse_layer, entropyprune_scores,
-                                                 head_gram_eigenvalues)
+from era_compile.algorithms.entropyprune import (
+    covariance_eigenvalues,
+    entropy_collapse_layer,
+    entropyprune_scores,
+    head_gram_eigenvalues,
+)
 from era_compile.calibrate import calibrate, write_profile, zoo_samples
 from era_compile.reference import EagerReference
 
@@ -50,7 +54,7 @@ def _rope(x, positions, theta=10000.0):
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     angles = positions[:, None].double() * inv_freq[None, :]
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
@@ -63,10 +67,10 @@ def test_entropyprune_pre_and_post_rope_queries_score_the_same():
 
 def test_dual_gram_eigenvalues_are_the_covariance_nonzero_spectrum():
     m = _queries(B=1, H=6, T=5, d=16)[0].transpose(0, 1)  # [T, H, d]: H < d
-    dual = head_gram_eigenvalues(m)                        # [T, H]
-    direct = covariance_eigenvalues(m)                     # [T, d]
+    dual = head_gram_eigenvalues(m)  # [T, H]
+    direct = covariance_eigenvalues(m)  # [T, d]
     assert torch.allclose(dual, direct[:, -6:], rtol=1e-9, atol=1e-12)
-    assert direct[:, :-6].abs().max() < 1e-12             # the rest of the d x d spectrum is zero
+    assert direct[:, :-6].abs().max() < 1e-12  # the rest of the d x d spectrum is zero
 
 
 def test_head_gram_op_compiles_without_a_graph_break():
@@ -80,8 +84,12 @@ def test_head_gram_op_compiles_without_a_graph_break():
 
 
 def _inputs(hidden, last_query=None):
-    return SelectionInputs(hidden=hidden, queries_fn=lambda: torch.zeros(hidden.shape[0], 1, hidden.shape[1], 4),
-                           saliency_fn=lambda: None, last_query_fn=lambda: last_query)
+    return SelectionInputs(
+        hidden=hidden,
+        queries_fn=lambda: torch.zeros(hidden.shape[0], 1, hidden.shape[1], 4),
+        saliency_fn=lambda: None,
+        last_query_fn=lambda: last_query,
+    )
 
 
 def test_fastv_keeps_what_the_last_token_attends_to_most():
@@ -121,8 +129,15 @@ def test_layer_averaged_budget_matches_entropyprune():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_end_to_end_matches_reference(strategy, recycle_and_rectify):
     model, inputs = build("llava", batch=2)
-    config = ERAConfig(strategy=strategy, layer=1, keep_ratio=0.25, recycle=recycle_and_rectify,
-                       rectify=recycle_and_rectify, compiler="eager", strict=True)
+    config = ERAConfig(
+        strategy=strategy,
+        layer=1,
+        keep_ratio=0.25,
+        recycle=recycle_and_rectify,
+        rectify=recycle_and_rectify,
+        compiler="eager",
+        strict=True,
+    )
     expected = EagerReference(model, config)(**inputs)
     out, report = compiled_forward(model, inputs, config)
     assert out.logits.shape == expected.logits.shape
@@ -162,8 +177,9 @@ def test_calibrate_writes_a_profile_and_auto_prunes_at_its_layer(tmp_path):
 
     saved["layer"] = 1  # whatever the profile names is where pruning happens
     path.write_text(json.dumps(saved))
-    out, report = compiled_forward(model, inputs, ERAConfig(layer="auto", profile=str(path), compiler="eager",
-                                                            strict=True))
+    out, report = compiled_forward(
+        model, inputs, ERAConfig(layer="auto", profile=str(path), compiler="eager", strict=True)
+    )
     assert report.pruning[0].layer == 1 and any("profile" in n for n in report.notes)
     out, report = compiled_forward(model, inputs, ERAConfig(layer="auto", compiler="eager", strict=True))
     assert report.pruning[0].layer == 2 and any("without a calibration profile" in n for n in report.notes)

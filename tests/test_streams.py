@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build
 
+from conftest import build
 from era_compile import ERAConfig, make_era_backend, zoo
 from era_compile.reference import EagerReference
 
@@ -22,12 +22,20 @@ GREEDY = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict
 STREAMS = {  # per request the zoo input options; how many distinct visual-token counts they make
     "llava, five prompt lengths": ("llava", [dict(suffix=s) for s in (7, 9, 11, 13, 15)], 1),
     "qwen2-vl, six image sizes in eight requests": (
-        "qwen2-vl", [dict(grid=g) for g in ((1, 12, 12), (1, 8, 8), (1, 12, 8), (1, 16, 8), (1, 10, 10),
-                                            (1, 8, 12), (1, 12, 12), (1, 14, 10))], 6),
+        "qwen2-vl",
+        [
+            dict(grid=g)
+            for g in ((1, 12, 12), (1, 8, 8), (1, 12, 8), (1, 16, 8), (1, 10, 10), (1, 8, 12), (1, 12, 12), (1, 14, 10))
+        ],
+        6,
+    ),
     # five crops each (the base view and a 2 x 2 grid): a new crop count is a new size of the model's
     # own pixel_values, which Dynamo recompiles once for (plain compile too), then serves dynamically
     "llava-next, five aspect ratios in six requests": (
-        "llava-next", [dict(image_size=s) for s in ((40, 60), (60, 40), (64, 64), (36, 64), (64, 36), (50, 64))], 5),
+        "llava-next",
+        [dict(image_size=s) for s in ((40, 60), (60, 40), (64, 64), (36, 64), (64, 36), (50, 64))],
+        5,
+    ),
 }
 PRUNED_KINDS = ("prefill", "carried")  # the graphs the passes prune (report.passes' kinds)
 
@@ -70,11 +78,11 @@ def test_a_stream_compiles_no_prefill_after_warm_up(stream):
     era = _stream(model, requests, backend, count)
     # Dynamo graphs: never more than plain compile's (fewer where the pruned outputs, marked dynamic,
     # spare the graph after the decoder its static first compile)
-    assert all(e <= p for (e, _), (p, _) in zip(era, plain)), ([n for n, _ in era], [n for n, _ in plain])
-    per_request = [b - a for a, b in zip(pruned_after[::2], pruned_after[1::2])]
+    assert all(e <= p for (e, _), (p, _) in zip(era, plain, strict=True)), ([n for n, _ in era], [n for n, _ in plain])
+    per_request = [b - a for a, b in zip(pruned_after[::2], pruned_after[1::2], strict=True)]
     assert sum(per_request) <= 2 and not any(per_request[2:]), per_request  # warm-up, then nothing
     assert backend.report.pruned_calls == len(requests)  # every request's prefill pruned
     assert {p.visual_tokens for p in backend.report.pruning} == counts
-    for (_, out), ref in zip(era, expected):
+    for (_, out), ref in zip(era, expected, strict=True):
         assert torch.equal(out.sequences, ref.sequences)
-        assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) <= 1e-4
+        assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits, strict=True)) <= 1e-4

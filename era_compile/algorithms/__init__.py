@@ -8,8 +8,8 @@ anchors). Built-in strategies register themselves below; users add their own wit
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ class SelectionInputs:
     hidden: Tensor
     queries_fn: Callable[[], Tensor]
     saliency_fn: Callable[[], Tensor]
-    last_query_fn: Optional[Callable[[], Tensor]] = None
+    last_query_fn: Callable[[], Tensor] | None = None
 
     @functools.cached_property
     def queries(self) -> Tensor:
@@ -59,12 +59,12 @@ class Selection:
     """
 
     anchors: Tensor
-    confidence: Optional[Tensor] = None
+    confidence: Tensor | None = None
 
 
 Strategy = Callable[[SelectionInputs, int, dict], Selection]
 
-_STRATEGIES: Dict[str, Strategy] = {}
+_STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(name: str, fn: Strategy, *, overwrite: bool = False) -> Strategy:
@@ -88,13 +88,15 @@ def available_strategies() -> tuple:
     return tuple(_STRATEGIES)
 
 
-def kept_count(num_visual: int, keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None) -> int:
+def kept_count(num_visual: int, keep_ratio: float | None = None, keep_tokens: int | None = None) -> int:
     """How many of a sample's ``num_visual`` tokens are kept: ``min(keep_tokens, T)``, else
     ``max(1, round(keep_ratio * T))``; a sample without visual tokens keeps none."""
     if num_visual <= 0:
         return 0
     if keep_tokens is not None:
         return max(1, min(keep_tokens, num_visual))
+    if keep_ratio is None:
+        raise TypeError("kept_count: give keep_ratio or keep_tokens")
     return max(1, min(num_visual, round(keep_ratio * num_visual)))
 
 
@@ -110,8 +112,10 @@ def run_strategy(name: str, inputs: SelectionInputs, k: int, options: dict) -> S
     B, T = inputs.hidden.shape[:2]
     a = sel.anchors
     if not isinstance(a, Tensor) or a.shape != (B, k) or a.dtype != torch.int64:
-        raise ValueError(f"strategy {name!r} must return anchors int64 [{B}, {k}], got "
-                         f"{getattr(a, 'dtype', type(a))} {tuple(getattr(a, 'shape', ()))}")
+        raise ValueError(
+            f"strategy {name!r} must return anchors int64 [{B}, {k}], got "
+            f"{getattr(a, 'dtype', type(a))} {tuple(getattr(a, 'shape', ()))}"
+        )
     if k and (a.min() < 0 or a.max() >= T):
         raise ValueError(f"strategy {name!r} returned anchor indices outside [0, {T})")
     if k > 1 and not bool((a[:, 1:] > a[:, :-1]).all()):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,8 +18,7 @@ def _check(x: Tensor, anchors: Tensor) -> None:
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, D], got {tuple(x.shape)}")
     if anchors.dim() != 2 or anchors.shape[0] != x.shape[0] or anchors.dtype != torch.int64:
-        raise ValueError(f"anchors must be int64 [B={x.shape[0]}, k], got "
-                         f"{anchors.dtype} {tuple(anchors.shape)}")
+        raise ValueError(f"anchors must be int64 [B={x.shape[0]}, k], got {anchors.dtype} {tuple(anchors.shape)}")
     if anchors.shape[1] > x.shape[1]:
         raise ValueError(f"more anchors ({anchors.shape[1]}) than tokens ({x.shape[1]})")
 
@@ -68,7 +65,7 @@ def _mass_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _recycled_weights(confidence: Optional[Tensor], is_anchor: Tensor, weight_norm: str) -> Tensor:
+def _recycled_weights(confidence: Tensor | None, is_anchor: Tensor, weight_norm: str) -> Tensor:
     """Per-token contribution to its cluster's bias, [B, T]: 1 for anchors, w_u for pruned."""
     dtype = _mass_dtype(is_anchor.device)
     ones = torch.ones(is_anchor.shape, dtype=dtype, device=is_anchor.device)
@@ -92,12 +89,12 @@ def _recycled_weights(confidence: Optional[Tensor], is_anchor: Tensor, weight_no
 def recycle(
     x: Tensor,
     anchors: Tensor,
-    confidence: Optional[Tensor],
+    confidence: Tensor | None,
     *,
     merge: bool = True,
     weight_norm: str = "mean",
     cosine: bool = True,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Recycle pruned tokens into their anchors (sections 5.3, 5.6).
 
     x [B, T, D], anchors [B, k] ascending int64, confidence [B, T] in [0, 1] or None
@@ -121,12 +118,16 @@ def recycle(
     slot = assign_clusters(x, anchors, cosine)
     dtype = _compute_dtype(x)
     counts = torch.zeros(b, k, dtype=dtype, device=x.device).scatter_add_(
-        1, slot, torch.ones(b, t, dtype=dtype, device=x.device))
+        1, slot, torch.ones(b, t, dtype=dtype, device=x.device)
+    )
     # row-wise index_add over the flattened batch: scatter_add with an index expanded over D
     # walks element by element (several times slower on CPU for 576 x 1024 states)
     flat_slot = (slot + torch.arange(b, device=x.device).unsqueeze(1) * k).reshape(-1)
-    sums = torch.zeros(b * k, d, dtype=dtype, device=x.device).index_add_(
-        0, flat_slot, x.to(dtype).reshape(b * t, d)).view(b, k, d)
+    sums = (
+        torch.zeros(b * k, d, dtype=dtype, device=x.device)
+        .index_add_(0, flat_slot, x.to(dtype).reshape(b * t, d))
+        .view(b, k, d)
+    )
     centroids = sums / counts.unsqueeze(-1)
 
     is_anchor = torch.zeros(b, t, dtype=torch.bool, device=x.device).scatter_(1, anchors, True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -55,7 +54,7 @@ def _normalised_entropy(y: Tensor) -> Tensor:
     return entropy.clamp(0.0, 1.0)  # round-off only; keeps 1 - ê a valid confidence
 
 
-def dual_view_features(x: Tensor, y: Tensor, beta: float, quality: Optional[Tensor] = None) -> Tensor:
+def dual_view_features(x: Tensor, y: Tensor, beta: float, quality: Tensor | None = None) -> Tensor:
     """``F = [√(1-β) x̂ ; √β ŷ]`` [B, T, D + H] from X [B, T, D] and Y [B, T, H]: the dual-view
     similarity is its Gram, ``S = F Fᵀ`` (section 5.2 step 3). ``quality`` [B, T] scales row i by
     ``q_i``, making the Gram ``diag(q) S diag(q)``.
@@ -64,8 +63,9 @@ def dual_view_features(x: Tensor, y: Tensor, beta: float, quality: Optional[Tens
     One scaled multiply per view, written into one buffer (no normalised copies, no concatenation).
     """
     if x.dim() != 3 or y.dim() != 3 or x.shape[:2] != y.shape[:2]:
-        raise ValueError(f"dual_view_features: need X [B, T, D], Y [B, T, H], got "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"dual_view_features: need X [B, T, D], Y [B, T, H], got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     dtype = _compute_dtype(x, y)
     d = x.shape[-1]
     out = torch.empty(*x.shape[:2], d + y.shape[-1], dtype=dtype, device=x.device)
@@ -84,17 +84,18 @@ def dual_view_similarity(x: Tensor, y: Tensor, beta: float) -> Tensor:
     return features @ features.transpose(1, 2)
 
 
-def dep_select(x: Tensor, saliency: Tensor, k: int, lam: float, beta: float) -> Tuple[Tensor, Tensor]:
+def dep_select(x: Tensor, saliency: Tensor, k: int, lam: float, beta: float) -> tuple[Tensor, Tensor]:
     """DEP anchors [B, k] (int64, ascending) and head entropy ê [B, T] (sections 5.2 step 4, 5.6).
 
     Greedy MAP on ``diag(q) S diag(q)`` with quality ``q = exp(-λ ê)``, i.e. each step
     maximises the log-det diversity gain minus ``2λ ê``. That kernel is the Gram of the
     rows ``q_i F_i``: one matrix product, no T x T elementwise passes.
     """
-    if x.dim() != 3 or saliency.dim() != 3 or saliency.shape[0] != x.shape[0] \
-            or saliency.shape[2] != x.shape[1]:
-        raise ValueError(f"dep_select: need hidden [B, T, D] and saliency [B, H, T], got "
-                         f"{tuple(x.shape)} and {tuple(saliency.shape)}")
+    if x.dim() != 3 or saliency.dim() != 3 or saliency.shape[0] != x.shape[0] or saliency.shape[2] != x.shape[1]:
+        raise ValueError(
+            f"dep_select: need hidden [B, T, D] and saliency [B, H, T], got "
+            f"{tuple(x.shape)} and {tuple(saliency.shape)}"
+        )
     y = head_distribution(saliency)
     entropy = _normalised_entropy(y)
     weighted = dual_view_features(x, y, beta, quality=torch.exp(-lam * entropy))

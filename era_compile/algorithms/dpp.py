@@ -14,7 +14,7 @@ threads would spin beside torch's thread pool and slow the model's own kernels.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -69,8 +69,9 @@ def _host_greedy(kernel: np.ndarray, k: int) -> list:
     quality = np.diagonal(kernel).copy()
     gains = quality.copy()  # a picked item's gain is -inf: the mark of what is taken
     factor = np.zeros((k, gains.shape[0]), dtype=gains.dtype)  # row t holds e_i of step t
-    floor = pivot_floor(float(quality.max(initial=0.0)), gains.shape[0],
-                        torch.float64 if gains.dtype == np.float64 else torch.float32)
+    floor = pivot_floor(
+        float(quality.max(initial=0.0)), gains.shape[0], torch.float64 if gains.dtype == np.float64 else torch.float32
+    )
     chosen = []
     for t in range(k):
         j = int(gains.argmax())

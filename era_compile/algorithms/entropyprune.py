@@ -114,4 +114,4 @@ def entropy_collapse_layer(entropy_per_layer) -> int:
     if len(h) < 2:
         raise ValueError("entropy_collapse_layer: need the entropy of at least two layers")
     candidates = range(1, max(2, len(h) // 2 + 1))
-    return min(candidates, key=lambda l: h[l] - h[l - 1])
+    return min(candidates, key=lambda layer: h[layer] - h[layer - 1])

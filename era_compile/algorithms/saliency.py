@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -12,8 +10,7 @@ from torch import Tensor
 MAX_CHUNK_ELEMENTS = 1 << 24
 
 
-def _check_inputs(q: Tensor, k: Tensor, visual_mask: Tensor, attn_mask: Optional[Tensor],
-                  num_visual: int) -> None:
+def _check_inputs(q: Tensor, k: Tensor, visual_mask: Tensor, attn_mask: Tensor | None, num_visual: int) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
     b, hq, n, d = q.shape
@@ -22,14 +19,15 @@ def _check_inputs(q: Tensor, k: Tensor, visual_mask: Tensor, attn_mask: Optional
     if k.shape[1] == 0 or hq % k.shape[1]:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({k.shape[1]})")
     if visual_mask.shape != (b, n) or visual_mask.dtype != torch.bool:
-        raise ValueError(f"visual_mask must be bool [B={b}, N={n}], got {visual_mask.dtype} "
-                         f"{tuple(visual_mask.shape)}")
+        raise ValueError(f"visual_mask must be bool [B={b}, N={n}], got {visual_mask.dtype} {tuple(visual_mask.shape)}")
     if num_visual < 1:
         raise ValueError(f"num_visual must be >= 1, got {num_visual}")
     counts = visual_mask.sum(dim=-1)
     if bool((counts != num_visual).any()):
-        raise ValueError(f"visual_mask marks {counts.tolist()} visual tokens per sample, "
-                         f"expected exactly num_visual={num_visual} in every row")
+        raise ValueError(
+            f"visual_mask marks {counts.tolist()} visual tokens per sample, "
+            f"expected exactly num_visual={num_visual} in every row"
+        )
     if attn_mask is not None:
         ok = attn_mask.dim() <= 4
         if ok:
@@ -38,15 +36,17 @@ def _check_inputs(q: Tensor, k: Tensor, visual_mask: Tensor, attn_mask: Optional
             except RuntimeError:
                 ok = False
         if not ok:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"[B, H, N, N] = {(b, hq, n, n)}")
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, N, N] = {(b, hq, n, n)}"
+            )
 
 
 class _SampleMask:
     """One sample's mask as additive bias rows, built only for the query rows asked for."""
 
-    def __init__(self, attn_mask: Optional[Tensor], sample: int, n: int, is_causal: bool,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, attn_mask: Tensor | None, sample: int, n: int, is_causal: bool, dtype: torch.dtype, device: torch.device
+    ):
         self.mask = None
         if attn_mask is not None:
             m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -65,8 +65,7 @@ class _SampleMask:
         if self.mask is None:
             bias = torch.zeros(1, rows.numel(), self.keys.numel(), dtype=self.dtype, device=rows.device)
         elif self.mask.dtype == torch.bool:
-            bias = torch.zeros((), dtype=self.dtype, device=rows.device).masked_fill(
-                ~self.mask[:, rows], -torch.inf)
+            bias = torch.zeros((), dtype=self.dtype, device=rows.device).masked_fill(~self.mask[:, rows], -torch.inf)
         else:
             bias = self.mask[:, rows].to(self.dtype)
         if self.is_causal:
@@ -86,7 +85,7 @@ class _SampleMask:
 
 
 def _padding(mask: _SampleMask, rows: Tensor, chunk: int) -> Tensor:
-    flags = [mask.is_padding(rows[start:start + chunk]) for start in range(0, rows.numel(), chunk)]
+    flags = [mask.is_padding(rows[start : start + chunk]) for start in range(0, rows.numel(), chunk)]
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=rows.device)
 
 
@@ -95,7 +94,7 @@ def instruction_saliency(
     k: Tensor,
     visual_mask: Tensor,
     *,
-    attn_mask: Optional[Tensor],
+    attn_mask: Tensor | None,
     is_causal: bool,
     scale: float,
     num_visual: int,
@@ -133,7 +132,7 @@ def instruction_saliency(
         keys = k[i].to(dtype)  # [Hkv, N, d]
         total = torch.zeros(hq, n, dtype=dtype, device=q.device)
         for start in range(0, rows.numel(), chunk):
-            part = rows[start:start + chunk]
+            part = rows[start : start + chunk]
             queries = q[i][:, part].to(dtype).view(hkv, group, part.numel(), d)
             scores = torch.einsum("hgnd,hmd->hgnm", queries, keys).reshape(hq, part.numel(), n)
             probs = torch.softmax(scores * scale + mask.bias(part), dim=-1)

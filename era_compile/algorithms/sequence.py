@@ -8,11 +8,8 @@ slots that hold no token: position 0, zero state, a ``BLOCKED`` bias (no query a
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
-
 
 BLOCKED = torch.finfo(torch.float32).min  # LAR bias of a kept-sequence slot that holds no token
 
@@ -24,7 +21,7 @@ def equal_count_groups(visual_mask: Tensor):
     return [(int(t), torch.nonzero(counts == t).flatten()) for t in torch.unique(counts).tolist()]
 
 
-def left_pad(keep_index: Tensor, kept: Tensor, log_bias: Tensor, length: int) -> Tuple[Tensor, Tensor, Tensor]:
+def left_pad(keep_index: Tensor, kept: Tensor, log_bias: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
     """Kept sequences [b, n'] / [b, n', D] / [b, n'] left-padded to ``length`` with empty slots."""
     b, n = keep_index.shape
     pad = length - n
@@ -32,17 +29,21 @@ def left_pad(keep_index: Tensor, kept: Tensor, log_bias: Tensor, length: int) ->
         raise ValueError(f"a kept sequence of {n} positions does not fit the pruned length {length}")
     if pad == 0:
         return keep_index, kept, log_bias
-    return (torch.cat([keep_index.new_zeros(b, pad), keep_index], 1),
-            torch.cat([kept.new_zeros(b, pad, kept.shape[-1]), kept], 1),
-            torch.cat([log_bias.new_full((b, pad), BLOCKED), log_bias], 1))
+    return (
+        torch.cat([keep_index.new_zeros(b, pad), keep_index], 1),
+        torch.cat([kept.new_zeros(b, pad, kept.shape[-1]), kept], 1),
+        torch.cat([log_bias.new_full((b, pad), BLOCKED), log_bias], 1),
+    )
 
 
 def visual_positions(visual_mask: Tensor, num_visual: int) -> Tensor:
     """[B, N] bool with ``num_visual`` True per row -> [B, T] their positions, ascending."""
     counts = visual_mask.sum(-1)
     if bool((counts != num_visual).any()):
-        raise ValueError(f"every sample must hold {num_visual} visual tokens; found {counts.tolist()} "
-                         "(samples with different numbers of visual tokens are not supported yet)")
+        raise ValueError(
+            f"every sample must hold {num_visual} visual tokens; found {counts.tolist()} "
+            "(samples with different numbers of visual tokens are not supported yet)"
+        )
     order = torch.argsort((~visual_mask).to(torch.int8), dim=-1, stable=True)
     return order[:, :num_visual]
 
@@ -56,8 +57,14 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x[batch, index]
 
 
-def assemble(hidden: Tensor, visual_mask: Tensor, visual_pos: Tensor, anchors: Tensor,
-             anchor_states: Tensor, anchor_log_bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def assemble(
+    hidden: Tensor,
+    visual_mask: Tensor,
+    visual_pos: Tensor,
+    anchors: Tensor,
+    anchor_states: Tensor,
+    anchor_log_bias: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Write the recycled anchor states in place, drop the other visual tokens.
 
     Returns ``keep_index`` [B, n'] (original positions, ascending: kept tokens keep their

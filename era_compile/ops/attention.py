@@ -46,16 +46,20 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
-from torch import sym_not
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, sym_not
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-__all__ = ["KERNELS", "biased_attention", "biased_attention_op", "default_scale", "kernel_unsupported",
-           "resolve_kernel"]
+__all__ = [
+    "KERNELS",
+    "biased_attention",
+    "biased_attention_op",
+    "default_scale",
+    "kernel_unsupported",
+    "resolve_kernel",
+]
 
 KERNELS = ("auto", "sdpa", "flex", "sdpa_flash", "flash", "triton")
 RANKING_FILE = Path(__file__).with_name("kernel_ranking.json")
@@ -71,9 +75,7 @@ def _differ(a, b) -> bool:
     return statically_known_true(sym_not(sym_eq(a, b)))
 
 
-def _check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], attn_mask: Optional[Tensor], kernel: str
-) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, attn_mask: Tensor | None, kernel: str) -> None:
     """Shape/dtype checks shared by the real and the fake kernel (errors surface at trace time)."""
     if kernel not in KERNELS:
         raise ValueError(f"biased_attention: unknown kernel {kernel!r}; expected one of {KERNELS}")
@@ -93,9 +95,7 @@ def _check_inputs(
     if _differ(v.size(1), Hkv) or _differ(v.size(2), Lk):
         raise ValueError(f"biased_attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads/length")
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
-            f"biased_attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA"
-        )
+        raise ValueError(f"biased_attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA")
     if bias is not None:
         if bias.dim() != 2 or _differ(bias.size(1), Lk) or (_differ(bias.size(0), 1) and _differ(bias.size(0), B)):
             raise ValueError(
@@ -107,8 +107,9 @@ def _check_inputs(
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
             raise ValueError(f"biased_attention: attn_mask must be bool or float, got {attn_mask.dtype}")
         target = (B, Hq, q.size(2), Lk)
-        ok = attn_mask.dim() <= 4 and not any(
-            _differ(m, 1) and _differ(m, t) for m, t in zip(reversed(attn_mask.shape), reversed(target)))
+        # broadcasting aligns the trailing dims: a mask of fewer dims is compared on those it has
+        trailing = zip(reversed(attn_mask.shape), reversed(target), strict=False)
+        ok = attn_mask.dim() <= 4 and not any(_differ(m, 1) and _differ(m, t) for m, t in trailing)
         if not ok:
             raise ValueError(
                 f"biased_attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = {target}"
@@ -121,7 +122,7 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def kernel_unsupported(kernel: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], causal: bool) -> Optional[str]:
+def kernel_unsupported(kernel: str, q: Tensor, k: Tensor, attn_mask: Tensor | None, causal: bool) -> str | None:
     """Why ``kernel`` cannot run this call (device, dtype, mask, causal alignment), or None.
     Works on fake tensors without installing guards."""
     if kernel in ("sdpa", "flex"):
@@ -133,11 +134,12 @@ def kernel_unsupported(kernel: str, q: Tensor, k: Tensor, attn_mask: Optional[Te
     from . import flash
 
     Lq, Lk = q.size(2), k.size(2)
-    return flash.unsupported(kernel, q, attn_mask, causal, statically_known_true(sym_eq(Lq, Lk)),
-                             statically_known_true(sym_eq(Lq, 1)))
+    return flash.unsupported(
+        kernel, q, attn_mask, causal, statically_known_true(sym_eq(Lq, Lk)), statically_known_true(sym_eq(Lq, 1))
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_ranking(device_type: str, regime: str) -> tuple:
     """Kernels fastest first for a device type and ``prefill`` / ``decode``, as measured by
     ``benchmarks/attention.py`` and recorded in ``kernel_ranking.json``; () when never measured."""
@@ -145,8 +147,9 @@ def measured_ranking(device_type: str, regime: str) -> tuple:
     return tuple(table.get("devices", {}).get(device_type, {}).get(regime, {}).get("ranking", ()))
 
 
-def resolve_kernel(kernel: str, q: Optional[Tensor] = None, k: Optional[Tensor] = None,
-                   attn_mask: Optional[Tensor] = None, causal: bool = False) -> str:
+def resolve_kernel(
+    kernel: str, q: Tensor | None = None, k: Tensor | None = None, attn_mask: Tensor | None = None, causal: bool = False
+) -> str:
     """The concrete kernel for a requested name. ``"auto"``: the fastest kernel measured on this
     device type for this regime (one query: decode; more: prefill) that can run the call; the
     reference ``sdpa`` where nothing was measured. Never a guess."""
@@ -188,13 +191,19 @@ def _sdpa_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
         # as fast as plain causal SDPA on CPU, benchmarks/results/attention-cpu.json).
         # (detached: inputs that require grad send SDPA to its math kernel, which refuses a mask
         # beside is_causal; this op has no backward anyway)
-        out = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(),
-                                             attn_mask=_in_q_dtype(bias.detach().to(acc)[:, None, None, :], q),
-                                             is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            attn_mask=_in_q_dtype(bias.detach().to(acc)[:, None, None, :], q),
+            is_causal=causal and Lq > 1,
+            scale=scale,
+            enable_gqa=gqa,
+        )
         return out.contiguous()
 
     # One additive mask, built in float32/float64; -inf marks "may not attend".
-    mask: Optional[Tensor] = None
+    mask: Tensor | None = None
     if bias is not None:
         mask = bias.to(acc)[:, None, None, :]  # [B|1, 1, 1, Lk]
     if attn_mask is not None:
@@ -252,8 +261,14 @@ def _bias_only_fits_sdpa(q, bias, attn_mask, causal, Lq, Lk) -> bool:
 # custom-op aliasing check), so eager flex's vmap would fail there ("Cannot access storage of
 # BatchedTensorImpl"). Our inputs are plain tensors, so re-enabling the keys for a fresh vmap is safe.
 _FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
-for _name in ("FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode", "FuncTorchBatched",
-              "FuncTorchVmapMode", "FuncTorchGradWrapper", "PythonTLSSnapshot"):
+for _name in (
+    "FuncTorchDynamicLayerFrontMode",
+    "FuncTorchDynamicLayerBackMode",
+    "FuncTorchBatched",
+    "FuncTorchVmapMode",
+    "FuncTorchGradWrapper",
+    "PythonTLSSnapshot",
+):
     _FUNCTORCH_KEYS = _FUNCTORCH_KEYS | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _name))
 
 
@@ -277,10 +292,10 @@ def _flex_block_mask(causal, bool_mask, B, Hq, Lq, Lk, device):
     offset = Lk - Lq  # end-aligned causal
     if bool_mask is None:
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def causal_mod(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
 
-        return create_block_mask(mask_mod, None, None, Lq, Lk, device=device)
+        return create_block_mask(causal_mod, None, None, Lq, Lk, device=device)
 
     # B/H = None tells the BlockMask a size-1 mask dim broadcasts; the expanded view lets
     # mask_mod index [b, h, ...] either way.
@@ -288,11 +303,11 @@ def _flex_block_mask(causal, bool_mask, B, Hq, Lq, Lk, device):
     mask_h = None if bool_mask.size(1) == 1 else Hq
     full_bool = bool_mask.expand(B, Hq, Lq, Lk)
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def masked_mod(b, h, q_idx, kv_idx):
         allowed = full_bool[b, h, q_idx, kv_idx]
         return (allowed & (kv_idx <= q_idx + offset)) if causal else allowed
 
-    return create_block_mask(mask_mod, mask_b, mask_h, Lq, Lk, device=device)
+    return create_block_mask(masked_mod, mask_b, mask_h, Lq, Lk, device=device)
 
 
 def _flex_kernel(q, k, v, bias, attn_mask, causal, scale) -> Tensor:
@@ -352,10 +367,10 @@ def biased_attention_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    bias: Optional[Tensor],
-    attn_mask: Optional[Tensor],
+    bias: Tensor | None,
+    attn_mask: Tensor | None,
     causal: bool,
-    scale: Optional[float],
+    scale: float | None,
     kernel: str,
 ) -> Tensor:
     """softmax(q k^T * scale + bias + masks) v; see the module docstring. Returns [B, Hq, Lq, Dv]."""
@@ -378,7 +393,7 @@ def biased_attention_op(
     return run(q, k, v, bias, causal, scale)
 
 
-def _check_supported(kernel: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], causal: bool) -> None:
+def _check_supported(kernel: str, q: Tensor, k: Tensor, attn_mask: Tensor | None, causal: bool) -> None:
     """An explicitly requested kernel that cannot run the call fails at trace time, with the reason."""
     why = None if kernel == "auto" else kernel_unsupported(kernel, q, k, attn_mask, causal)
     if why is not None:
@@ -397,11 +412,11 @@ def biased_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
     causal: bool = False,
-    scale: Optional[float] = None,
-    attn_mask: Optional[Tensor] = None,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
     kernel: str = "auto",
 ) -> Tensor:
     """Attention with a per-key additive bias ``bias[b, j]`` (LAR).

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ HALF = (torch.float16, torch.bfloat16)
 MAX_AUGMENTED_HEAD_DIM = 256  # FlashAttention-2's largest head dim
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn_installed() -> bool:  # asked on every call of the op: look on disk once
     return importlib.util.find_spec("flash_attn") is not None
 
@@ -40,8 +39,9 @@ def _padded(width: int, multiple: int = 8) -> int:
     return -(-width // multiple) * multiple
 
 
-def unsupported(kernel: str, q: Tensor, attn_mask: Optional[Tensor], causal: bool, q_len_is_k_len: bool,
-                q_len_is_one: bool) -> Optional[str]:
+def unsupported(
+    kernel: str, q: Tensor, attn_mask: Tensor | None, causal: bool, q_len_is_k_len: bool, q_len_is_one: bool
+) -> str | None:
     """Why ``kernel`` (sdpa_flash or flash) cannot run this call, or None when it can."""
     if kernel == "flash" and q.device.type != "cuda":
         return f"needs CUDA tensors, got {q.device.type}"
@@ -66,9 +66,10 @@ def sdpa_flash_kernel(q, k, v, bias, causal, scale) -> Tensor:
     q_aug, k_aug, v_aug, scale = augment_for_bias(q, k, v, bias, scale)
     causal = causal and q.size(2) > 1  # one query sees every key: no mask needed
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=causal, scale=scale,
-                                             enable_gqa=q.size(1) != k.size(1))
-    return out[..., :v.size(-1)].contiguous()
+        out = F.scaled_dot_product_attention(
+            q_aug, k_aug, v_aug, is_causal=causal, scale=scale, enable_gqa=q.size(1) != k.size(1)
+        )
+    return out[..., : v.size(-1)].contiguous()
 
 
 def flash_kernel(q, k, v, bias, causal, scale) -> Tensor:
@@ -76,13 +77,14 @@ def flash_kernel(q, k, v, bias, causal, scale) -> Tensor:
 
     q_aug, k_aug, v_aug, scale = augment_for_bias(q, k, v, bias, scale)
     # flash-attn wants [B, L, H, D]; it handles GQA and bottom-right causal itself
-    out = flash_attn_func(q_aug.transpose(1, 2), k_aug.transpose(1, 2), v_aug.transpose(1, 2),
-                          softmax_scale=scale, causal=causal)
-    return out.transpose(1, 2)[..., :v.size(-1)].contiguous()
+    out = flash_attn_func(
+        q_aug.transpose(1, 2), k_aug.transpose(1, 2), v_aug.transpose(1, 2), softmax_scale=scale, causal=causal
+    )
+    return out.transpose(1, 2)[..., : v.size(-1)].contiguous()
 
 
 def augment_for_bias(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float] = None, multiple: int = 8
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None = None, multiple: int = 8
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     """Fold a per-key bias into one extra head-dim column (ALGORITHMS.md §5.5).
 

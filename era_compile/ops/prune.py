@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,17 +25,38 @@ from torch import Tensor
 from era_compile.algorithms import SelectionInputs, kept_count, run_strategy
 from era_compile.algorithms.btr import recycle as btr_recycle
 from era_compile.algorithms.saliency import instruction_saliency
-from era_compile.algorithms.sequence import (BLOCKED, assemble, equal_count_groups, gather_rows, left_pad,
-                                             visual_positions)
+from era_compile.algorithms.sequence import (
+    BLOCKED,
+    assemble,
+    equal_count_groups,
+    gather_rows,
+    left_pad,
+    visual_positions,
+)
 
 
-def selection_inputs(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor,
-                     attn_mask: Optional[Tensor], is_causal: bool, scale: float,
-                     num_visual: int) -> SelectionInputs:
+def selection_inputs(
+    hidden: Tensor,
+    visual_mask: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    num_visual: int,
+) -> SelectionInputs:
     """What a strategy sees, from the tensors at the pruning point (shared with the eager reference)."""
     visual_pos = visual_positions(visual_mask, num_visual)
-    attention_over_visual = functools.partial(instruction_saliency, queries, keys, visual_mask, attn_mask=attn_mask,
-                                              is_causal=is_causal, scale=scale, num_visual=num_visual)
+    attention_over_visual = functools.partial(
+        instruction_saliency,
+        queries,
+        keys,
+        visual_mask,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        scale=scale,
+        num_visual=num_visual,
+    )
     return SelectionInputs(
         hidden=gather_rows(hidden, visual_pos),
         queries_fn=lambda: gather_rows(queries.transpose(1, 2), visual_pos).transpose(1, 2),  # [B, H, T, d]
@@ -45,14 +65,24 @@ def selection_inputs(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys:
     )
 
 
-def _rows(x: Optional[Tensor], rows: Tensor, batch: int) -> Optional[Tensor]:
+def _rows(x: Tensor | None, rows: Tensor, batch: int) -> Tensor | None:
     """The given batch rows of a per-sample tensor (a mask broadcast over the batch stays as it is)."""
     return x if x is None or x.shape[0] != batch else x.index_select(0, rows)
 
 
-def select_anchors(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor, attn_mask: Optional[Tensor],
-                   is_causal: bool, scale: float, keep_ratio: Optional[float], keep_tokens: Optional[int],
-                   strategy: str, options: dict) -> Tuple[Tensor, Tensor]:
+def select_anchors(
+    hidden: Tensor,
+    visual_mask: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    keep_ratio: float | None,
+    keep_tokens: int | None,
+    strategy: str,
+    options: dict,
+) -> tuple[Tensor, Tensor]:
     """The strategy on every group of samples with equal T: anchor mask [B, N] bool (True at the
     anchors' positions), confidence [B, N] float32 (at visual positions; 1 elsewhere)."""
     B, N, _ = hidden.shape
@@ -62,8 +92,16 @@ def select_anchors(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: T
         if T == 0:
             continue
         mask = visual_mask.index_select(0, rows)
-        inputs = selection_inputs(hidden.index_select(0, rows), mask, queries.index_select(0, rows),
-                                  keys.index_select(0, rows), _rows(attn_mask, rows, B), is_causal, scale, T)
+        inputs = selection_inputs(
+            hidden.index_select(0, rows),
+            mask,
+            queries.index_select(0, rows),
+            keys.index_select(0, rows),
+            _rows(attn_mask, rows, B),
+            is_causal,
+            scale,
+            T,
+        )
         sel = run_strategy(strategy, inputs, kept_count(T, keep_ratio, keep_tokens), options)
         positions = visual_positions(mask, T)
         anchor_mask[rows] = torch.zeros_like(mask).scatter(1, positions.gather(1, sel.anchors), True)
@@ -77,8 +115,9 @@ def kept_length(visual_mask: Tensor, anchor_mask: Tensor) -> int:
     return int((~visual_mask | anchor_mask).sum(-1).max())
 
 
-def recycle_kept(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor,
-                 merge: bool, weight_norm: str) -> Tuple[Tensor, Tensor, Tensor]:
+def recycle_kept(
+    hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, merge: bool, weight_norm: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """BTR and sequence assembly per group of samples with equal T, each kept sequence left-padded
     to the longest one (``kept_length``): keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n']."""
     B, N, D = hidden.shape
@@ -89,42 +128,71 @@ def recycle_kept(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confi
     for T, rows in equal_count_groups(visual_mask):
         states = hidden.index_select(0, rows)
         if T == 0:  # no image: the whole sample is kept
-            kept = (torch.arange(N, device=hidden.device).expand(rows.numel(), N), states,
-                    torch.zeros(rows.numel(), N, dtype=torch.float32, device=hidden.device))
+            kept = (
+                torch.arange(N, device=hidden.device).expand(rows.numel(), N),
+                states,
+                torch.zeros(rows.numel(), N, dtype=torch.float32, device=hidden.device),
+            )
         else:
             mask = visual_mask.index_select(0, rows)
             positions = visual_positions(mask, T)
             is_anchor = anchor_mask.index_select(0, rows).gather(1, positions)
-            anchors = torch.argsort((~is_anchor).to(torch.int8), dim=-1, stable=True)[:, :int(is_anchor[0].sum())]
-            recycled, bias = btr_recycle(gather_rows(states, positions), anchors,
-                                         confidence.index_select(0, rows).gather(1, positions),
-                                         merge=merge, weight_norm=weight_norm)
+            anchors = torch.argsort((~is_anchor).to(torch.int8), dim=-1, stable=True)[:, : int(is_anchor[0].sum())]
+            recycled, bias = btr_recycle(
+                gather_rows(states, positions),
+                anchors,
+                confidence.index_select(0, rows).gather(1, positions),
+                merge=merge,
+                weight_norm=weight_norm,
+            )
             kept = assemble(states, mask, positions, anchors, recycled, bias)
         keep_index[rows], hidden_kept[rows], log_bias[rows] = left_pad(*kept, kept_len)
     return keep_index, hidden_kept, log_bias
 
 
-def budget_tensor(keep_ratio: Optional[float], keep_tokens: Optional[int]) -> Tensor:
+def budget_tensor(keep_ratio: float | None, keep_tokens: int | None) -> Tensor:
     """The keep budget as the graph input ``era::select`` reads it on every call: float64 [2] on the
     CPU, (keep_ratio or NaN, keep_tokens or -1). An input, not a constant of the graph, so one
     compiled graph serves every budget (``EraBackend.budget``)."""
-    return torch.tensor([math.nan if keep_ratio is None else float(keep_ratio),
-                         -1.0 if keep_tokens is None else float(keep_tokens)], dtype=torch.float64)
+    return torch.tensor(
+        [math.nan if keep_ratio is None else float(keep_ratio), -1.0 if keep_tokens is None else float(keep_tokens)],
+        dtype=torch.float64,
+    )
 
 
-def read_budget(budget: Tensor) -> Tuple[Optional[float], Optional[int]]:
+def read_budget(budget: Tensor) -> tuple[float | None, int | None]:
     ratio, tokens = budget.tolist()
     return (None if math.isnan(ratio) else ratio), (None if tokens < 0 else int(tokens))
 
 
 @torch.library.custom_op("era::select", mutates_args=())
-def select(hidden: Tensor, visual_mask: Tensor, queries: Tensor, keys: Tensor,
-           attn_mask: Optional[Tensor], is_causal: bool, scale: float, budget: Tensor,
-           strategy: str, options: str) -> Tuple[Tensor, Tensor]:
+def select(
+    hidden: Tensor,
+    visual_mask: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    budget: Tensor,
+    strategy: str,
+    options: str,
+) -> tuple[Tensor, Tensor]:
     """Anchor mask [B, N] and confidence [B, N] (see ``select_anchors``); ``budget``: ``budget_tensor``."""
     keep_ratio, keep_tokens = read_budget(budget)
-    anchor_mask, confidence = select_anchors(hidden, visual_mask, queries, keys, attn_mask, is_causal, scale,
-                                             keep_ratio, keep_tokens, strategy, json.loads(options))
+    anchor_mask, confidence = select_anchors(
+        hidden,
+        visual_mask,
+        queries,
+        keys,
+        attn_mask,
+        is_causal,
+        scale,
+        keep_ratio,
+        keep_tokens,
+        strategy,
+        json.loads(options),
+    )
     return anchor_mask, confidence
 
 
@@ -139,12 +207,12 @@ def sample_counts(visual_mask: Tensor, anchor_mask: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("era::recycle", mutates_args=())
-def recycle(hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor,
-            merge: bool, weight_norm: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def recycle(
+    hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, merge: bool, weight_norm: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BTR, then sequence assembly: keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n'],
     and the samples' counts [B, 2] (``sample_counts``)."""
-    keep_index, hidden_kept, log_bias = recycle_kept(hidden, visual_mask, anchor_mask, confidence, merge,
-                                                     weight_norm)
+    keep_index, hidden_kept, log_bias = recycle_kept(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm)
     return keep_index, hidden_kept, log_bias, sample_counts(visual_mask, anchor_mask)
 
 
@@ -154,10 +222,12 @@ def _(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm):
     # n' is data: a new unbacked size per trace, known only to lie in [1, N]
     kept_len = torch.library.get_ctx().new_dynamic_size(min=1)
     torch._check(kept_len <= N)
-    return (hidden.new_empty((B, kept_len), dtype=torch.int64),
-            hidden.new_empty((B, kept_len, D)),
-            hidden.new_empty((B, kept_len), dtype=torch.float32),
-            hidden.new_empty((B, 2), dtype=torch.int64))
+    return (
+        hidden.new_empty((B, kept_len), dtype=torch.int64),
+        hidden.new_empty((B, kept_len, D)),
+        hidden.new_empty((B, kept_len), dtype=torch.float32),
+        hidden.new_empty((B, 2), dtype=torch.int64),
+    )
 
 
 def without_lar(log_bias: Tensor) -> Tensor:
@@ -167,8 +237,9 @@ def without_lar(log_bias: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("era::unprune", mutates_args=())
-def unprune(hidden: Tensor, keep_index: Tensor, hidden_kept: Tensor, log_bias: Tensor,
-            rectify: bool) -> Tuple[Tensor, Tensor]:
+def unprune(
+    hidden: Tensor, keep_index: Tensor, hidden_kept: Tensor, log_bias: Tensor, rectify: bool
+) -> tuple[Tensor, Tensor]:
     """``era::recycle``'s kept states written back over the whole sequence [B, N, D] (the anchors
     carry what they recycled; a pruned token keeps its state, and no key of it is seen again), and
     the key bias float32 [B, N] that a decoder split into per-layer graphs adds in each layer from

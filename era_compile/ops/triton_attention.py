@@ -19,7 +19,6 @@ interpreter has no bfloat16, so bf16 is tested on CUDA only).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +36,7 @@ __all__ = ["triton_attention", "unsupported"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def unsupported(q: Tensor) -> Optional[str]:
+def unsupported(q: Tensor) -> str | None:
     """Why the triton kernel cannot run on q's device and dtype, or None when it can."""
     if triton is None:
         return "needs the triton package (pip install triton)"
@@ -51,13 +50,52 @@ def unsupported(q: Tensor) -> Optional[str]:
 if triton is not None:
 
     @triton.jit
-    def _forward(Q, K, V, Bias, Mask, Out,
-                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                 sbb, sbn, smb, smh, smm, smn, sob, soh, som, sod,
-                 Hq, Lq, Lk, group, D, DV, scale,
-                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
-                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    def _forward(
+        Q,
+        K,
+        V,
+        Bias,
+        Mask,
+        Out,
+        sqb,
+        sqh,
+        sqm,
+        sqd,
+        skb,
+        skh,
+        skn,
+        skd,
+        svb,
+        svh,
+        svn,
+        svd,
+        sbb,
+        sbn,
+        smb,
+        smh,
+        smm,
+        smn,
+        sob,
+        soh,
+        som,
+        sod,
+        Hq,
+        Lq,
+        Lk,
+        group,
+        D,
+        DV,
+        scale,
+        HAS_BIAS: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        MASK_IS_BOOL: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hq
@@ -68,8 +106,11 @@ if triton is not None:
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < Lq
 
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            mask=row_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -81,8 +122,11 @@ if triton is not None:
         for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Lk
-            k = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                        mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            k = tl.load(
+                K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                mask=col_ok[None, :] & (offs_d[:, None] < D),
+                other=0.0,
+            )
             s = tl.dot(q, k, input_precision=PRECISION) * scale
             visible = row_ok[:, None] & col_ok[None, :]
             if HAS_BIAS:
@@ -102,18 +146,25 @@ if triton is not None:
             p = tl.exp(s - base[:, None])
             alpha = tl.exp(m_i - base)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            v = tl.load(
+                V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-        tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(
+            Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        )
 
 
-def triton_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], attn_mask: Optional[Tensor],
-                     causal: bool, scale: float) -> Tensor:
+def triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, attn_mask: Tensor | None, causal: bool, scale: float
+) -> Tensor:
     """[B, Hq, Lq, Dv] in q's dtype; inputs as ``era::biased_attention`` takes them (checked there)."""
     why = unsupported(q)
     if why is not None:
@@ -140,12 +191,33 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], at
     block_dv = max(16, triton.next_power_of_2(DV))
     grid = (triton.cdiv(Lq, block_m), B * Hq)
     _forward[grid](
-        q, k, v, bias_arg, mask_arg, out,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *mask_strides, *out.stride(),
-        Hq, Lq, Lk, Hq // Hkv, D, DV, float(scale),
-        HAS_BIAS=bias32 is not None, HAS_MASK=mask is not None,
-        MASK_IS_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool, CAUSAL=bool(causal),
+        q,
+        k,
+        v,
+        bias_arg,
+        mask_arg,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias_strides,
+        *mask_strides,
+        *out.stride(),
+        Hq,
+        Lq,
+        Lk,
+        Hq // Hkv,
+        D,
+        DV,
+        float(scale),
+        HAS_BIAS=bias32 is not None,
+        HAS_MASK=mask is not None,
+        MASK_IS_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+        CAUSAL=bool(causal),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
     )
     return out

@@ -10,8 +10,8 @@ The trained weights live beside this file (``weights/``) and load with ``from_pr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from era_compile.shapes_vqa.tokenizer import WordTokenizer
 WEIGHTS = Path(__file__).parent / "weights"
 PATCH = 8
 PATCH_GRID = task.IMAGE_SIZE // PATCH  # patches per side
-NUM_VISUAL = PATCH_GRID ** 2
+NUM_VISUAL = PATCH_GRID**2
 # Every prompt is padded to this length: one shape for every batch, so one compiled graph.
 PROMPT_TOKENS = 1 + NUM_VISUAL + task.MAX_QUESTION_WORDS
 # CLIP's normalisation constants are for natural images; these centre the task's pixels.
@@ -41,13 +41,32 @@ def model_config(tokenizer: WordTokenizer, init_std: float = INIT_STD):
     from era_compile.zoo import llava_config
 
     return llava_config(
-        text=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                  bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                  tie_word_embeddings=True, initializer_range=init_std),
-        vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                    image_size=task.IMAGE_SIZE, patch_size=PATCH, projection_dim=96),
-        image_token_id=tokenizer.image_id, vision_feature_layer=-1, initializer_range=init_std,
+        text=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+            tie_word_embeddings=True,
+            initializer_range=init_std,
+        ),
+        vision=dict(
+            hidden_size=96,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=task.IMAGE_SIZE,
+            patch_size=PATCH,
+            projection_dim=96,
+        ),
+        image_token_id=tokenizer.image_id,
+        vision_feature_layer=-1,
+        initializer_range=init_std,
     )
 
 
@@ -75,8 +94,9 @@ def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
     half the column, each as sines and cosines of geometrically spaced frequencies."""
     quarter = dim // 4
     freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     codes = [f(axis.reshape(-1, 1) * freqs) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
     out = torch.cat(codes, dim=1)
     return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
@@ -88,10 +108,12 @@ def load_model(path=WEIGHTS):
 
     path = Path(path)
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no trained shapes-VQA model at {path} (train one: python -m "
-                                "era_compile.shapes_vqa.train)")
-    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                                          dtype=torch.float32).eval()
+        raise FileNotFoundError(
+            f"no trained shapes-VQA model at {path} (train one: python -m era_compile.shapes_vqa.train)"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
+    ).eval()
     return model, WordTokenizer.load(path / "vocab.json")
 
 
@@ -101,23 +123,23 @@ def pixel_values(images: Sequence[np.ndarray]) -> torch.Tensor:
     return (stacked - PIXEL_MEAN) / PIXEL_STD
 
 
-def prompt_ids(question: str, tokenizer: WordTokenizer) -> List[int]:
+def prompt_ids(question: str, tokenizer: WordTokenizer) -> list[int]:
     """``<bos> <image> x 144 question``: LLaVA's order, the image first."""
     return [tokenizer.bos_id] + [tokenizer.image_id] * NUM_VISUAL + tokenizer.encode(question)
 
 
-def left_padded(rows: Sequence[List[int]], width: int, pad_id: int) -> Dict[str, torch.Tensor]:
+def left_padded(rows: Sequence[list[int]], width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` [len(rows), width], each row padded on the left
     (generation's padding side)."""
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention_mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def batch_inputs(samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> Dict[str, torch.Tensor]:
+def batch_inputs(samples: Sequence[task.Sample], tokenizer: WordTokenizer) -> dict[str, torch.Tensor]:
     """Each sample's prompt, left-padded to ``PROMPT_TOKENS``, and its image."""
     inputs = left_padded([prompt_ids(s.question, tokenizer) for s in samples], PROMPT_TOKENS, tokenizer.pad_id)
     inputs["pixel_values"] = pixel_values([s.image for s in samples])
@@ -141,18 +163,19 @@ def answer_logits(forward: Callable, samples: Sequence[task.Sample], tokenizer: 
 
 
 @torch.no_grad()
-def score(forward: Callable, questions: Sequence[task.Sample], tokenizer: WordTokenizer,
-          batch: int = 100) -> Dict[str, float]:
+def score(
+    forward: Callable, questions: Sequence[task.Sample], tokenizer: WordTokenizer, batch: int = 100
+) -> dict[str, float]:
     """Accuracy overall (``"all"``) and per question kind. Every batch holds ``batch`` questions
     (the last is topped up with repeats that are not counted): one input shape, one compiled graph."""
-    right: Dict[str, int] = {}
-    total: Dict[str, int] = {}
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
     batch = min(batch, len(questions))
     for start in range(0, len(questions), batch):
-        chunk = list(questions[start:start + batch])
+        chunk = list(questions[start : start + batch])
         padded = chunk + [chunk[-1]] * (batch - len(chunk))
-        hits = (answer_logits(forward, padded, tokenizer).argmax(-1) == answer_ids(padded, tokenizer))[:len(chunk)]
-        for s, hit in zip(chunk, hits.tolist()):
+        hits = (answer_logits(forward, padded, tokenizer).argmax(-1) == answer_ids(padded, tokenizer))[: len(chunk)]
+        for s, hit in zip(chunk, hits.tolist(), strict=True):
             right[s.kind] = right.get(s.kind, 0) + hit
             total[s.kind] = total.get(s.kind, 0) + 1
     scores = {kind: right[kind] / total[kind] for kind in sorted(total)}

@@ -22,7 +22,6 @@ With 8 px patches an image is 144 visual tokens; an object covers 4 to 9 of them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -32,7 +31,7 @@ CELL = IMAGE_SIZE // GRID
 MIN_SIZE, MAX_SIZE = 14, 20
 MIN_OBJECTS, MAX_OBJECTS = 3, 5
 
-COLOURS: Dict[str, Tuple[int, int, int]] = {
+COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 80, 220),
@@ -72,7 +71,7 @@ class Sample:
     question: str
     answer: str
     kind: str
-    shapes: List[Shape] = field(default_factory=list)
+    shapes: list[Shape] = field(default_factory=list)
 
 
 def sample(split: str, index: int) -> Sample:
@@ -87,22 +86,30 @@ def sample(split: str, index: int) -> Sample:
     return Sample(image=render(shapes, rng), question=question, answer=answer, kind=kind, shapes=shapes)
 
 
-def samples(split: str, start: int, count: int) -> List[Sample]:
+def samples(split: str, start: int, count: int) -> list[Sample]:
     return [sample(split, i) for i in range(start, start + count)]
 
 
 # --------------------------------------------------------------------------- scenes fitted to a question
 
 
-def _scene(rng: np.random.Generator, specs: List[Tuple[str, str]], cells: List[int]) -> List[Shape]:
+def _scene(rng: np.random.Generator, specs: list[tuple[str, str]], cells: list[int]) -> list[Shape]:
     """Shapes of the given (colour, kind) in the given cells, each at a random size and place in its cell."""
     shapes = []
-    for (colour, kind), cell in zip(specs, cells):
+    for (colour, kind), cell in zip(specs, cells, strict=True):
         size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
         row, col = divmod(cell, GRID)
         slack = CELL - size - 2  # a 1 px margin on each side: shapes never touch across cells
-        shapes.append(Shape(colour, kind, cell, size, col * CELL + 1 + int(rng.integers(slack + 1)),
-                            row * CELL + 1 + int(rng.integers(slack + 1))))
+        shapes.append(
+            Shape(
+                colour,
+                kind,
+                cell,
+                size,
+                col * CELL + 1 + int(rng.integers(slack + 1)),
+                row * CELL + 1 + int(rng.integers(slack + 1)),
+            )
+        )
     return shapes
 
 
@@ -115,14 +122,14 @@ def _pick(rng, options, avoid=()):
     return options[rng.integers(len(options))]
 
 
-def _fill(rng, specs: List[Tuple[str, str]], total: int, avoid_colours=()) -> List[Tuple[str, str]]:
+def _fill(rng, specs: list[tuple[str, str]], total: int, avoid_colours=()) -> list[tuple[str, str]]:
     """Add random objects (not of ``avoid_colours``) until there are ``total``."""
     while len(specs) < total:
         specs.append((_pick(rng, list(COLOURS), avoid_colours), _pick(rng, SHAPES)))
     return specs
 
 
-def _cells(rng, n: int) -> List[int]:
+def _cells(rng, n: int) -> list[int]:
     return [int(c) for c in rng.permutation(GRID * GRID)[:n]]
 
 
@@ -163,7 +170,7 @@ def _left_of(rng):
     # the two named objects sit in different columns: "further left" never hinges on a few pixels
     columns = rng.choice(GRID, size=2, replace=False)
     rows = rng.integers(GRID, size=2)
-    named = [int(r * GRID + c) for r, c in zip(rows, columns)]
+    named = [int(r * GRID + c) for r, c in zip(rows, columns, strict=True)]
     others = [c for c in _cells(rng, GRID * GRID) if c not in named][: n - 2]
     specs = _fill(rng, [(colours[0], kinds[0]), (colours[1], kinds[1])], n, avoid_colours=colours)
     shapes = _scene(rng, specs, named + others)
@@ -175,22 +182,29 @@ def _left_of(rng):
 _BUILDERS = {"colour_at": _colour_at, "shape_of": _shape_of, "count": _count, "left_of": _left_of}
 
 
-def questions_about(shapes: List[Shape]) -> Dict[str, List[Tuple[str, str]]]:
+def questions_about(shapes: list[Shape]) -> dict[str, list[tuple[str, str]]]:
     """Every (question, answer) the scene answers, by kind: training asks several per image."""
     per_colour = {c: [s for s in shapes if s.colour == c] for c in COLOURS}
     unique = [s for s in shapes if len(per_colour[s.colour]) == 1]
-    found: Dict[str, List[Tuple[str, str]]] = {
+    found: dict[str, list[tuple[str, str]]] = {
         "colour_at": [(f"what color is the shape at the {PLACES[s.cell]} ?", s.colour) for s in shapes],
         "shape_of": [(f"what shape is the only {s.colour} object ?", s.kind) for s in unique],
-        "count": [(f"how many {c} objects are there ?", COUNT_WORDS[len(group)])
-                  for c, group in per_colour.items() if len(group) < len(COUNT_WORDS)],
+        "count": [
+            (f"how many {c} objects are there ?", COUNT_WORDS[len(group)])
+            for c, group in per_colour.items()
+            if len(group) < len(COUNT_WORDS)
+        ],
         "left_of": [],
     }
     for a in unique:
         for b in unique:
             if a.cell % GRID != b.cell % GRID:  # different columns
-                found["left_of"].append((f"which is further left , the {a.colour} {a.kind} or the {b.colour} "
-                                         f"{b.kind} ?", a.colour if a.cell % GRID < b.cell % GRID else b.colour))
+                found["left_of"].append(
+                    (
+                        f"which is further left , the {a.colour} {a.kind} or the {b.colour} {b.kind} ?",
+                        a.colour if a.cell % GRID < b.cell % GRID else b.colour,
+                    )
+                )
     return found
 
 
@@ -211,13 +225,13 @@ def shape_mask(kind: str, size: int) -> np.ndarray:
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def render(shapes: List[Shape], rng: np.random.Generator) -> np.ndarray:
+def render(shapes: list[Shape], rng: np.random.Generator) -> np.ndarray:
     level = int(rng.integers(BACKGROUND_LEVELS[0], BACKGROUND_LEVELS[1] + 1))
     image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), float(level))
     if rng.random() < 0.5:  # a noisy background
         image += rng.normal(0.0, NOISE_STD, size=image.shape)
     image = np.clip(image, 0, 255).astype(np.uint8)
     for s in shapes:
-        box = image[s.y0:s.y0 + s.size, s.x0:s.x0 + s.size]
+        box = image[s.y0 : s.y0 + s.size, s.x0 : s.x0 + s.size]
         box[shape_mask(s.kind, s.size)] = COLOURS[s.colour]
     return image

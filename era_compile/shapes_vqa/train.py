@@ -28,17 +28,26 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from era_compile.shapes_vqa import task
-from era_compile.shapes_vqa.model import (INIT_STD, NUM_VISUAL, PATCH, PATCH_GRID, build_model, left_padded,
-                                          pixel_values, position_ids, prompt_ids, score)
+from era_compile.shapes_vqa.model import (
+    INIT_STD,
+    NUM_VISUAL,
+    PATCH,
+    PATCH_GRID,
+    build_model,
+    left_padded,
+    pixel_values,
+    position_ids,
+    prompt_ids,
+    score,
+)
 from era_compile.shapes_vqa.tokenizer import WordTokenizer
-
 
 # Stage 1 draws its images from here on in the train split, apart from stage 2's.
 VISION_SAMPLES = 10_000_000
@@ -46,7 +55,7 @@ VISION_SAMPLES = 10_000_000
 SLICE = 200
 
 
-def accuracy(model, tokenizer, split: str, count: int) -> Dict[str, float]:
+def accuracy(model, tokenizer, split: str, count: int) -> dict[str, float]:
     """Accuracy overall and per question kind on the first ``count`` samples of ``split``."""
     model.eval()
     return score(model, task.samples(split, 0, count), tokenizer)
@@ -76,8 +85,11 @@ def training_batch(samples, tokenizer: WordTokenizer, extra: int, rng: np.random
     width = max(len(r) for r in rows)
     inputs = left_padded(rows, width, tokenizer.pad_id)
     inputs["pixel_values"] = pixel_values([s.image for s in samples])
-    where = [(i, width - len(row) + position) for i, (row, answers) in enumerate(zip(rows, targets))
-             for position, _ in answers]
+    where = [
+        (i, width - len(row) + position)
+        for i, (row, answers) in enumerate(zip(rows, targets, strict=True))
+        for position, _ in answers
+    ]
     labels = [answer for answers in targets for _, answer in answers]
     return inputs, torch.tensor(where), torch.tensor(labels)
 
@@ -98,8 +110,9 @@ def patch_targets(samples):
             row, col = int((shape.y0 + middle) // PATCH), int((shape.x0 + middle) // PATCH)
             centre[i, row * PATCH_GRID + col] = label
             pixels = np.zeros((task.IMAGE_SIZE, task.IMAGE_SIZE), dtype=np.int64)
-            pixels[shape.y0:shape.y0 + shape.size, shape.x0:shape.x0 + shape.size] = task.shape_mask(shape.kind,
-                                                                                                    shape.size)
+            pixels[shape.y0 : shape.y0 + shape.size, shape.x0 : shape.x0 + shape.size] = task.shape_mask(
+                shape.kind, shape.size
+            )
             per_patch = torch.from_numpy(pixels.reshape(PATCH_GRID, PATCH, PATCH_GRID, PATCH).sum((1, 3)).reshape(-1))
             cover[i][per_patch >= PATCH * PATCH // 8] = label
     return centre, cover
@@ -119,6 +132,8 @@ class PatchHeads(torch.nn.Module):
     from scratch sat at chance on shapes for thousands of steps); these dense labels give it every
     object on every image."""
 
+    cells: torch.Tensor  # a buffer: each patch's cell
+
     def __init__(self, width: int):
         super().__init__()
         classes = 1 + len(task.COLOURS) * len(task.SHAPES)
@@ -127,7 +142,7 @@ class PatchHeads(torch.nn.Module):
         self.cell = torch.nn.Linear(width, task.GRID * task.GRID)
         self.register_buffer("cells", cell_targets(), persistent=False)
 
-    def losses(self, visual: torch.Tensor, samples) -> Dict[str, torch.Tensor]:
+    def losses(self, visual: torch.Tensor, samples) -> dict[str, torch.Tensor]:
         visual = visual.reshape(len(samples), NUM_VISUAL, -1)
         centre, cover = patch_targets(samples)
         return {
@@ -139,11 +154,13 @@ class PatchHeads(torch.nn.Module):
 
 def schedule(peak: float, warmup: int, steps: int):
     """Linear warm-up, then cosine decay to 5% of ``peak``."""
+
     def lr_at(step: int) -> float:
         if step < warmup:
             return peak * (step + 1) / warmup
         progress = (step - warmup) / max(1, steps - warmup)
         return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
     return lr_at
 
 
@@ -164,14 +181,16 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer = WordTokenizer.for_task()
     model = build_model(tokenizer, seed=args.seed, init_std=args.init_std)
     heads = PatchHeads(model.config.text_config.hidden_size)
-    seen = {}  # the projector's output: the visual tokens as the language model gets them
+    seen: dict[str, torch.Tensor] = {}  # the projector's output: the visual tokens as the language model gets them
     model.model.multi_modal_projector.register_forward_hook(lambda module, inputs, output: seen.update(visual=output))
     vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    vision_optimiser = torch.optim.AdamW(vision + list(heads.parameters()), lr=args.lr, weight_decay=0.01,
-                                         betas=(0.9, 0.98))
-    optimiser = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01,
-                                  betas=(0.9, 0.98))
-    state = {"vision_step": 0, "step": 0, "history": [], "seconds": 0.0, "running": None}
+    vision_optimiser = torch.optim.AdamW(
+        vision + list(heads.parameters()), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
+    )
+    optimiser = torch.optim.AdamW(
+        list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
+    )
+    state: dict[str, Any] = {"vision_step": 0, "step": 0, "history": [], "seconds": 0.0, "running": None}
     if args.resume and checkpoint_path.is_file():
         saved = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(saved["model"])
@@ -182,9 +201,16 @@ def train(args: argparse.Namespace) -> dict:
         print(f"resumed from {checkpoint_path}: vision step {state['vision_step']}, step {state['step']}", flush=True)
 
     def save_checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "state": state,
-                    "vision_optimiser": vision_optimiser.state_dict(), "optimiser": optimiser.state_dict()},
-                   checkpoint_path)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "heads": heads.state_dict(),
+                "state": state,
+                "vision_optimiser": vision_optimiser.state_dict(),
+                "optimiser": optimiser.state_dict(),
+            },
+            checkpoint_path,
+        )
 
     started = time.time() - state["seconds"]
     model.train()
@@ -195,12 +221,17 @@ def train(args: argparse.Namespace) -> dict:
         chunk = task.samples("train", VISION_SAMPLES + step * args.vision_batch, args.vision_batch)
         model.model.get_image_features(pixel_values=pixel_values([s.image for s in chunk]))
         losses = heads.losses(seen["visual"], chunk)
-        optimise(vision_optimiser, vision_lr(step), sum(losses.values()))
+        total = cast(torch.Tensor, sum(losses.values()))  # a sum of tensors (never the empty sum's 0)
+        optimise(vision_optimiser, vision_lr(step), total)
         state["vision_step"] = step + 1
         if (step + 1) % args.eval_every == 0 or step + 1 == args.vision_steps:
             state["seconds"] = time.time() - started
-            print(f"vision step {step + 1:5d}  " + "  ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
-                  + f"  ({state['seconds'] / 60:.1f} min)", flush=True)
+            print(
+                f"vision step {step + 1:5d}  "
+                + "  ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
+                + f"  ({state['seconds'] / 60:.1f} min)",
+                flush=True,
+            )
             save_checkpoint()
 
     # Stage 2: everything, on the answers, the dense labels still beside them.
@@ -208,23 +239,29 @@ def train(args: argparse.Namespace) -> dict:
     for step in range(state["step"], args.steps):
         model.train()
         chunk = task.samples("train", step * args.batch, args.batch)
-        inputs, where, labels = training_batch(chunk, tokenizer, args.extra_questions,
-                                               np.random.default_rng([args.seed, step]))
+        inputs, where, labels = training_batch(
+            chunk, tokenizer, args.extra_questions, np.random.default_rng([args.seed, step])
+        )
         logits = model(**inputs, position_ids=position_ids(inputs["attention_mask"])).logits
         answer_loss = F.cross_entropy(logits[where[:, 0], where[:, 1]], labels)
         dense = sum(heads.losses(seen["visual"], chunk).values())
         optimise(optimiser, lr_at(step), answer_loss + args.patch_loss * dense)
         state["step"] = step + 1
-        state["running"] = (answer_loss.item() if state["running"] is None
-                            else 0.98 * state["running"] + 0.02 * answer_loss.item())
+        state["running"] = (
+            answer_loss.item() if state["running"] is None else 0.98 * state["running"] + 0.02 * answer_loss.item()
+        )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             val = accuracy(model, tokenizer, "validation", args.val_samples)
             state["seconds"] = time.time() - started
-            state["history"].append({"step": step + 1, "loss": state["running"], "validation": val,
-                                     "seconds": state["seconds"]})
-            print(f"step {step + 1:5d}  loss {state['running']:.3f}  validation {val['all']:.3f}  "
-                  + "  ".join(f"{k} {v:.2f}" for k, v in val.items() if k != "all")
-                  + f"  ({state['seconds'] / 60:.1f} min)", flush=True)
+            state["history"].append(
+                {"step": step + 1, "loss": state["running"], "validation": val, "seconds": state["seconds"]}
+            )
+            print(
+                f"step {step + 1:5d}  loss {state['running']:.3f}  validation {val['all']:.3f}  "
+                + "  ".join(f"{k} {v:.2f}" for k, v in val.items() if k != "all")
+                + f"  ({state['seconds'] / 60:.1f} min)",
+                flush=True,
+            )
             save_checkpoint()
             if state["seconds"] > args.max_minutes * 60:
                 print(f"stopping: over --max-minutes {args.max_minutes}", flush=True)
@@ -240,14 +277,25 @@ def train(args: argparse.Namespace) -> dict:
 
     record = {
         "command": "python -m era_compile.shapes_vqa.train " + " ".join(sys.argv[1:]),
-        "seed": args.seed, "vision_steps": state["vision_step"], "vision_batch": args.vision_batch,
-        "steps": state["step"], "batch": args.batch, "extra_questions": args.extra_questions,
-        "lr": args.lr, "init_std": args.init_std, "patch_loss": args.patch_loss, "train_seconds": seconds,
-        "machine": (f"{platform.machine()} {platform.processor() or ''}".strip()
-                    + f", {torch.get_num_threads()} threads"),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "seed": args.seed,
+        "vision_steps": state["vision_step"],
+        "vision_batch": args.vision_batch,
+        "steps": state["step"],
+        "batch": args.batch,
+        "extra_questions": args.extra_questions,
+        "lr": args.lr,
+        "init_std": args.init_std,
+        "patch_loss": args.patch_loss,
+        "train_seconds": seconds,
+        "machine": (
+            f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads"
+        ),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "test": test, "test_samples": args.test_samples, f"test_first_{SLICE}": test_slice,
+        "test": test,
+        "test_samples": args.test_samples,
+        f"test_first_{SLICE}": test_slice,
         "history": state["history"],
     }
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -267,8 +315,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-steps", type=int, default=800, help="steps of stage 1 (vision tower on dense labels)")
     p.add_argument("--vision-batch", type=int, default=64)
     p.add_argument("--patch-loss", type=float, default=1.0, help="weight of the dense labels in stage 2")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt (written every "
-                   "--eval-every steps)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from --out/checkpoint.pt (written every --eval-every steps)"
+    )
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import LAYERS, PassRecorder, ToyVLM, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.fx_utils import call_arguments
 from era_compile.passes.records import PruneSite, RectifiedAttention
+from toys import LAYERS, PassRecorder, ToyVLM, prompt
 
 
 @pytest.mark.parametrize("layer", [0, 2])
@@ -28,7 +28,8 @@ def test_layers_from_k_on_are_rectified(layer):
 
 def test_rectify_off_leaves_sdpa():
     torch.manual_seed(0)
-    rec = PassRecorder(ToyVLM().eval(), *prompt(), config=ERAConfig(layer=1, keep_tokens=3, rectify=False),
-                       until="attention")
+    rec = PassRecorder(
+        ToyVLM().eval(), *prompt(), config=ERAConfig(layer=1, keep_tokens=3, rectify=False), until="attention"
+    )
     assert rec.record(RectifiedAttention).calls == () and rec.added("era.biased_attention") == 0
     assert "rectify=False" in rec.pass_result("attention").skipped

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import IMAGE, PassRecorder, ToyVLM, prompt
 
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.records import Handoff, HandoffOutputs, VisualSpan
+from toys import IMAGE, PassRecorder, ToyVLM, prompt
 
 
 def test_the_mask_trails_the_outputs():
@@ -34,7 +34,7 @@ def test_merged_embeddings_that_do_not_leave_the_graph_are_refused():
     ids, features = prompt()
 
     def merge_then_project(ids, features):
-        return model.head(model.embed(ids).masked_scatter((ids == IMAGE)[..., None], features)),
+        return (model.head(model.embed(ids).masked_scatter((ids == IMAGE)[..., None], features)),)
 
     with pytest.raises(PassError, match="merged embeddings are not an output"):
         PassRecorder(merge_then_project, ids, features)

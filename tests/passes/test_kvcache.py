@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import DIM, HEADS, LAYERS, PassRecorder, ToyVLM, past_cache, prompt
 
 from era_compile import ERAConfig
 from era_compile.compact_kv import compact
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.records import KVCache
+from toys import DIM, HEADS, LAYERS, PassRecorder, ToyVLM, past_cache, prompt
 
 
 def test_decode_step_cache_writes_and_past_inputs():
@@ -77,8 +77,9 @@ def test_a_static_cache_in_a_prefill_that_would_prune_is_refused_by_name():
     with pytest.raises(PassError, match=r"cache_implementation='static'"):
         PassRecorder(ToyVLM().eval(), ids, features, None, None, static, until="kvcache")
     # the same cache in a decode step is only listed (nothing there was pruned)
-    rec = PassRecorder(ToyVLM().eval(), ids[:, :1], None, None, None, static, config=ERAConfig(layer=1),
-                       until="kvcache")
+    rec = PassRecorder(
+        ToyVLM().eval(), ids[:, :1], None, None, None, static, config=ERAConfig(layer=1), until="kvcache"
+    )
     assert rec.record(KVCache).written_in_place == tuple(range(LAYERS)) and not rec.record(KVCache).layers
 
 
@@ -131,8 +132,11 @@ class _TwoPartCacheLayer(torch.nn.Module):
 
     def forward(self, x, prompt_kv, window_kv):
         heads = lambda t: t.view(1, x.shape[1], HEADS, -1).transpose(1, 2)  # noqa: E731
-        window = [torch.cat([w, heads(proj(x))], dim=-2)[:, :, -4:] for w, proj in zip(window_kv, (self.k, self.v))]
-        k, v = (torch.cat([p, w], dim=-2) for p, w in zip(prompt_kv, window))
+        window = [
+            torch.cat([w, heads(proj(x))], dim=-2)[:, :, -4:]
+            for w, proj in zip(window_kv, (self.k, self.v), strict=True)
+        ]
+        k, v = (torch.cat([p, w], dim=-2) for p, w in zip(prompt_kv, window, strict=True))
         return torch.nn.functional.scaled_dot_product_attention(heads(self.q(x)), k, v), window
 
 
@@ -150,8 +154,9 @@ def test_a_decode_step_over_a_two_part_cache_reads_its_prompt_part_as_the_past()
     CompactKV, whose attention adds the bias) and no output of its own: it had been skipped, so a
     decode step over a pruned cache was not counted."""
     d = DIM // HEADS
-    compact_past = [compact(torch.randn(1, HEADS, 5, d), torch.tensor([[0, 2, 3, 6, 7]]), torch.zeros(1, 5), 9)
-                    for _ in range(2)]
+    compact_past = [
+        compact(torch.randn(1, HEADS, 5, d), torch.tensor([[0, 2, 3, 6, 7]]), torch.zeros(1, 5), 9) for _ in range(2)
+    ]
     window = [torch.randn(1, HEADS, 3, d) for _ in range(2)]
     rec = PassRecorder(_TwoPartCache().eval(), torch.randn(1, 1, DIM), compact_past, window, until="kvcache")
     (layer,) = rec.record(KVCache).layers

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from toys import DIM, LAYERS, PassRecorder, ToyLayer, ToyVLM, capture, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import is_layer_forward
 from era_compile.passes.manager import prepare, run_passes
 from era_compile.passes.records import CarriedVisual, DecoderLayers, VisualSpan
+from toys import DIM, LAYERS, PassRecorder, ToyLayer, ToyVLM, capture, prompt
 
 
 def test_every_layer_with_its_attention_and_residual_stream():
@@ -60,7 +60,9 @@ class _ShortConvLayer(ToyLayer):
 
     def forward(self, h, cos, **kwargs):
         x = h.transpose(1, 2)
-        h = h + F.conv1d(x, weight=self.conv.weight, padding=2, groups=DIM)[..., :h.shape[1]].transpose(1, 2)  # weight=: a keyword
+        h = h + F.conv1d(x, weight=self.conv.weight, padding=2, groups=DIM)[..., : h.shape[1]].transpose(
+            1, 2
+        )  # weight=: a keyword
         return super().forward(h, cos, **kwargs)
 
 
@@ -87,7 +89,9 @@ def test_a_decoder_layers_own_graph_is_refused_with_why():
     prepared = prepare(gm, ERAConfig(layer=0), 0, example_inputs)
     assert is_layer_forward(prepared.gm)
     carried = CarriedVisual(0, torch.zeros(1, 16, dtype=torch.bool))
-    with pytest.raises(PassError, match=r"a decoder layer's own forward \(the decoder is split into per-layer graphs\)"):
+    with pytest.raises(
+        PassError, match=r"a decoder layer's own forward \(the decoder is split into per-layer graphs\)"
+    ):
         run_passes(prepared, ERAConfig(layer=0), example_inputs, carried)
     whole, whole_inputs = capture(model, *prompt())
     assert not is_layer_forward(prepare(whole, ERAConfig(), 0, whole_inputs).gm)

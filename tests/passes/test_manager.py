@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import PassRecorder, ToyVLM, capture, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes import manager
@@ -13,6 +12,7 @@ from era_compile.passes.kinds import GraphKind
 from era_compile.passes.layers import find_decoder_layers
 from era_compile.passes.records import DecoderLayers, PruneSite, VisualSpan
 from era_compile.passes.rewrite import insert_call
+from toys import PassRecorder, ToyVLM, capture, prompt
 
 
 def _run_text_graph_through(monkeypatch, *passes):
@@ -110,8 +110,9 @@ def test_incremental_fake_update_agrees_with_a_full_propagation():
     gm = rec.result.gm
 
     def shapes():
-        return {n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes
-                if isinstance(n.meta.get("val"), torch.Tensor)}
+        return {
+            n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+        }
 
     incremental = shapes()
     manager.propagate_fake(gm, rec.result.example_inputs)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import IMAGE, ToyVLM, prompt
 from torch import nn
 
 from era_compile import ERAConfig, make_era_backend
+from toys import IMAGE, ToyVLM, prompt
 
 
 class SplitDecoder(nn.Module):
@@ -71,10 +71,14 @@ def test_a_split_decoder_equals_the_cut_at_every_text_position(layer):
     (site,) = report.pruning
     assert (site.layer, site.visual_tokens, site.kept) == (layer, 8, 3)
     # the three layers share one graph (same code, same guards): compiled once per part
-    parts = {0: ["0: prune", "1: masked"], 1: ["0: saliency", "1: prune", "2: masked"],
-             2: ["unpruned", "1: saliency", "2: prune"]}[layer]
-    assert report.variants[min(report.variants)] == [p if p == "unpruned" else f"layer {p[0]} of a split decoder:{p[2:]}"
-                                                     for p in parts]
+    parts = {
+        0: ["0: prune", "1: masked"],
+        1: ["0: saliency", "1: prune", "2: masked"],
+        2: ["unpruned", "1: saliency", "2: prune"],
+    }[layer]
+    assert report.variants[min(report.variants)] == [
+        p if p == "unpruned" else f"layer {p[0]} of a split decoder:{p[2:]}" for p in parts
+    ]
     assert any("split into per-layer graphs" in note for note in report.notes)
 
 
@@ -106,8 +110,14 @@ def test_a_layer_the_split_decoder_does_not_have_is_told():
     torch.manual_seed(0)
     model = SplitToy().eval()
     split, _ = _compiled(model, ERAConfig(layer=5, keep_tokens=3, compiler="eager", strict=True))
-    with torch.no_grad(), pytest.raises(EraCompileError, match=r"after 3 layers of its decoder, which is split into "
-                                                               r"per-layer graphs, and none was layer 5"):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            EraCompileError,
+            match=r"after 3 layers of its decoder, which is split into "
+            r"per-layer graphs, and none was layer 5",
+        ),
+    ):
         split(*prompt(visual=8))
 
 

@@ -6,13 +6,13 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from toys import ToyVLM, capture, op_counts, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.graph_pass import PassContext
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.manager import copy_graph
 from era_compile.passes.normalize import normalize
+from toys import ToyVLM, capture, op_counts, prompt
 
 
 def _normalized(fn, *args):
@@ -33,7 +33,7 @@ def test_view_spellings_become_one_method_call_with_a_size_tuple():
         c = x.reshape(24)
         d = x[:, None].expand(2, 2, 12)
         e = torch.Tensor.view(x, [6, 4])
-        return a.sum() + b.sum() + c.sum() + d.sum() + e.sum() + x.view(torch.int32).float().sum(),
+        return (a.sum() + b.sum() + c.sum() + d.sum() + e.sum() + x.view(torch.int32).float().sum(),)
 
     gm, work, result = _normalized(f, torch.randn(2, 12))
     before, after = op_counts(gm), op_counts(work)
@@ -59,7 +59,7 @@ def test_merge_spellings_become_masked_scatter_and_an_assignment_is_folded():
 def test_assignment_into_an_input_is_left_alone():
     def f(embeds, mask, features):
         embeds[mask] = features  # the caller sees this write: folding it would drop it
-        return embeds * 2,
+        return (embeds * 2,)
 
     mask = torch.zeros(1, 6, dtype=torch.bool)
     mask[0, 1:4] = True
@@ -72,7 +72,7 @@ def test_assignment_into_an_input_is_left_alone():
 def test_sdpa_gets_keywords_and_cat_a_non_negative_dim():
     def f(q, k, v):
         kv = torch.concat([k, v], -2)
-        return torch._C._nn.scaled_dot_product_attention(q, kv, kv, None, 0.0, True),
+        return (torch._C._nn.scaled_dot_product_attention(q, kv, kv, None, 0.0, True),)
 
     q = torch.randn(1, 2, 4, 8)
     gm, work, result = _normalized(f, q, q.clone(), q.clone())
@@ -86,7 +86,7 @@ def test_sdpa_gets_keywords_and_cat_a_non_negative_dim():
 
 def test_canonical_graph_is_left_unchanged():
     def f(x):
-        return torch.cat([x.view((2, 6)), x.view((2, 6))], dim=1),
+        return (torch.cat([x.view((2, 6)), x.view((2, 6))], dim=1),)
 
     gm, example_inputs = capture(f, torch.randn(12))
     work = copy_graph(gm)

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build
 
+from conftest import build
 from era_compile import ERAConfig
-from era_compile.passes.fx_utils import (is_masked_scatter, is_sdpa, module_stack_paths, reachable_from, same_size,
-                                         tensor_meta)
+from era_compile.passes.fx_utils import (
+    is_masked_scatter,
+    is_sdpa,
+    module_stack_paths,
+    reachable_from,
+    same_size,
+    tensor_meta,
+)
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.manager import prepare, run_passes
 from era_compile.passes.records import DecoderLayers, PruneSite, RectifiedAttention, VisualSpan

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import LAYERS, PassRecorder, ToyVLM, prompt
 
 from era_compile import ERAConfig
 from era_compile.passes.fx_utils import reachable_from, same_size, tensor_meta
 from era_compile.passes.records import PruneSite
+from toys import LAYERS, PassRecorder, ToyVLM, prompt
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])

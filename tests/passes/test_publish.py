@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from toys import PassRecorder, ToyVLM, prompt
 
 from era_compile.passes.records import PrefillOutputs, PruneSite
+from toys import PassRecorder, ToyVLM, prompt
 
 
 def _outputs(gm):

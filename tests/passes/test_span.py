@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toys import IMAGE, PassRecorder, ToyVLM, capture, prompt
 
 from era_compile import ERAConfig, make_era_backend
 from era_compile.passes.fx_utils import tensor_meta
@@ -13,6 +12,7 @@ from era_compile.passes.graph_pass import PassError
 from era_compile.passes.kinds import scatter_merges
 from era_compile.passes.manager import prepare, run_passes
 from era_compile.passes.records import CarriedVisual, VisualMaskInput, VisualSpan
+from toys import IMAGE, PassRecorder, ToyVLM, capture, prompt
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -34,8 +34,9 @@ def test_samples_with_different_visual_counts_are_one_span():
     ids, features = prompt(batch=2, visual=8)
     ids[1, 3] = 5
     gm, example_inputs = capture(ToyVLM().eval(), ids, features[:15])
-    result = run_passes(prepare(gm, ERAConfig(layer=1), 0, example_inputs), ERAConfig(layer=1), example_inputs,
-                        until="span")
+    result = run_passes(
+        prepare(gm, ERAConfig(layer=1), 0, example_inputs), ERAConfig(layer=1), example_inputs, until="span"
+    )
     assert result.record(VisualSpan).visual_tokens == 15
 
 
@@ -51,8 +52,9 @@ def test_a_carried_mask_becomes_an_input_the_runtime_supplies():
     model = ToyVLM().eval()
     ids, features = prompt(visual=8)
     embeds = model.embed(ids).masked_scatter((ids == IMAGE)[..., None], features).detach()
-    gm, example_inputs = capture(lambda e: (model.layers[1](model.layers[0](e, torch.ones(1))[0], torch.ones(1))[0],),
-                                 embeds)
+    gm, example_inputs = capture(
+        lambda e: (model.layers[1](model.layers[0](e, torch.ones(1))[0], torch.ones(1))[0],), embeds
+    )
     config = ERAConfig(layer=1, keep_tokens=3)
     carried = CarriedVisual(0, ids == IMAGE)
     result = run_passes(prepare(gm, config, 0, example_inputs), config, example_inputs, carried, until="span")
@@ -76,7 +78,7 @@ def test_features_added_again_after_a_layer_are_a_second_merge_refused():
         image = (ids == IMAGE)[..., None]
         h = model.layers[0](model.embed(ids).masked_scatter(image, model.project(features)), cos)[0]
         h = h + torch.zeros_like(h).masked_scatter(image, features)
-        return model.head(model.layers[1](h, cos)[0]),
+        return (model.head(model.layers[1](h, cos)[0]),)
 
     with pytest.raises(PassError, match="found 2 image merges"):
         PassRecorder(deepstack, ids, features, until="span")
@@ -114,7 +116,7 @@ def test_a_scatter_of_the_texts_own_rows_is_no_merge():
     def shuffle(ids):
         embeds = embed(ids)
         index = torch.arange(ids.shape[1]).flip(0)[None, :, None].expand(1, -1, embeds.shape[-1])
-        return embeds.scatter(1, index, embeds * 2),
+        return (embeds.scatter(1, index, embeds * 2),)
 
     gm, example_inputs = capture(shuffle, torch.randint(1, IMAGE, (1, 6)))
     assert not scatter_merges(prepare(gm, ERAConfig(), 0, example_inputs).gm, example_inputs)

@@ -11,7 +11,7 @@ class of the project's zoo.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -35,7 +35,7 @@ class RoutedMLP(nn.Module):
     def __init__(self):
         super().__init__()
         self.router = nn.Linear(DIM, self.EXPERTS, bias=False)
-        self.experts = nn.Parameter(torch.randn(self.EXPERTS, DIM, DIM) / DIM ** 0.5)
+        self.experts = nn.Parameter(torch.randn(self.EXPERTS, DIM, DIM) / DIM**0.5)
 
     def forward(self, h):
         B, N, D = h.shape
@@ -111,7 +111,7 @@ class ToyVLM(nn.Module):
             elif self.merge == "scatter":  # each feature row written at its position, last image first
                 B, D = embeds.shape[0], embeds.shape[-1]
                 rows = features.view(B, -1, D)
-                positions = torch.argsort((~image).to(torch.int8), dim=1, stable=True)[:, :rows.shape[1]]
+                positions = torch.argsort((~image).to(torch.int8), dim=1, stable=True)[:, : rows.shape[1]]
                 embeds = embeds.scatter(1, positions.flip(1)[..., None].expand(-1, -1, D), rows.flip(1))
             else:
                 raise ValueError(self.merge)
@@ -120,8 +120,14 @@ class ToyVLM(nn.Module):
         cos = torch.cos(positions[:, None] * self.inv_freq[None, :])[None, None]  # [1, 1, N, d]: every layer
         h, cache = embeds, []
         for i, layer in enumerate(self.layers):
-            h, kv = layer(h, cos, mask=mask, past=None if past is None else past[i],
-                          static=None if static is None else static[i], positions=positions)
+            h, kv = layer(
+                h,
+                cos,
+                mask=mask,
+                past=None if past is None else past[i],
+                static=None if static is None else static[i],
+                positions=positions,
+            )
             cache.append(kv)
         return self.head(h), cache
 
@@ -129,18 +135,29 @@ class ToyVLM(nn.Module):
 def prompt(batch: int = 1, prefix: int = 3, visual: int = 8, suffix: int = 5, seed: int = 0):
     """input_ids [B, N] with ``visual`` image tokens per sample, and their features [B*T, D]."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.randint(1, IMAGE, (batch, prefix), generator=g), torch.full((batch, visual), IMAGE),
-                     torch.randint(1, IMAGE, (batch, suffix), generator=g)], 1)
+    ids = torch.cat(
+        [
+            torch.randint(1, IMAGE, (batch, prefix), generator=g),
+            torch.full((batch, visual), IMAGE),
+            torch.randint(1, IMAGE, (batch, suffix), generator=g),
+        ],
+        1,
+    )
     return ids, torch.randn(batch * visual, DIM, generator=g)
 
 
 def past_cache(batch: int = 1, length: int = 10, layers: int = LAYERS, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, HEADS, length, DIM // HEADS, generator=g),
-             torch.randn(batch, HEADS, length, DIM // HEADS, generator=g)) for _ in range(layers)]
+    return [
+        (
+            torch.randn(batch, HEADS, length, DIM // HEADS, generator=g),
+            torch.randn(batch, HEADS, length, DIM // HEADS, generator=g),
+        )
+        for _ in range(layers)
+    ]
 
 
-def capture(fn, *args, **kwargs) -> Tuple[fx.GraphModule, List[Any]]:
+def capture(fn, *args, **kwargs) -> tuple[fx.GraphModule, list[Any]]:
     """The one graph Dynamo makes of ``fn(*args, **kwargs)`` (static shapes) and its example inputs."""
     graphs = []
 
@@ -175,7 +192,7 @@ class PassRecorder:
     """Capture a graph, run the manager on it up to a named pass, and keep the op counts
     before and after (as vLLM's ``tests/compile/backend.py`` does for its passes)."""
 
-    def __init__(self, fn, *args, config: Optional[ERAConfig] = None, until: Optional[str] = None, **kwargs):
+    def __init__(self, fn, *args, config: ERAConfig | None = None, until: str | None = None, **kwargs):
         self.config = config or ERAConfig(layer=1, keep_tokens=3)
         self.gm, self.example_inputs = capture(fn, *args, **kwargs)
         self.before = op_counts(self.gm)
