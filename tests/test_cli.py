@@ -63,7 +63,7 @@ def test_bench_writes_its_record_and_plots(tmp_path, capsys):
             "9",
             "18",
             "--runs",
-            "5",
+            "2",
             "--new-tokens",
             "3",
             "--batch",
@@ -74,7 +74,7 @@ def test_bench_writes_its_record_and_plots(tmp_path, capsys):
     )
     assert code == 0
     record = json.loads((tmp_path / "llava-batch3-cpu.json").read_text())
-    assert record["model"] == "llava" and record["runs"] == 5 and "CPU" in record["device"]
+    assert record["model"] == "llava" and record["runs"] == 2 and "CPU" in record["device"]
     assert record["batch"] == 3 and len(set(record["prompt_lengths"])) == 3  # left-padded, all lengths differ
     assert [p["kept"] for p in record["points"]] == [9, 18]
     for p in record["points"]:

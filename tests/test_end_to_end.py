@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import build, compiled_forward, generate_matches_reference
-from era_compile import ERAConfig, zoo
+from era_compile import ERAConfig, make_era_backend, zoo
 from era_compile.compact_kv import CompactKV, stored_rows
 from era_compile.compat import output_cache
 from era_compile.reference import EagerReference
@@ -21,19 +21,27 @@ def _reference(model, inputs, config):
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
-@pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
-def test_pruned_logits_match_reference(layer, keep_ratio):
+def test_pruned_logits_match_reference(layer):
+    """Both keep ratios through one compiled model: the budget is an input of the graph."""
     model, inputs = build("llava")
-    config = ERAConfig(keep_ratio=keep_ratio, layer=layer, compiler="eager", strict=True)
-    expected = _reference(model, inputs, config).logits
-    out, report = compiled_forward(model, inputs, config)
-    T = zoo.num_visual_tokens(model)
-    n_after = inputs["input_ids"].shape[1] - T + config.kept(T)
-    assert expected.shape[1] == n_after
-    assert out.logits.shape == expected.shape
-    assert (out.logits - expected).abs().max().item() <= TOL
-    (site,) = report.pruning
-    assert (site.layer, site.visual_tokens, site.kept, site.seq_len_after) == (layer, T, config.kept(T), n_after)
+    config = ERAConfig(keep_ratio=0.25, layer=layer, compiler="eager", strict=True)
+    backend = make_era_backend(config)
+    compiled = torch.compile(model, backend=backend)
+    T, graphs = zoo.num_visual_tokens(model), []
+    for keep_ratio in (0.25, 0.5):
+        at_ratio = config.replace(keep_ratio=keep_ratio)
+        expected = _reference(model, inputs, at_ratio).logits
+        with torch.no_grad(), backend.budget(keep_ratio=keep_ratio):
+            out = compiled(**inputs)
+        n_after = inputs["input_ids"].shape[1] - T + at_ratio.kept(T)
+        assert expected.shape[1] == n_after
+        assert out.logits.shape == expected.shape
+        assert (out.logits - expected).abs().max().item() <= TOL
+        site = backend.report.pruning[-1]
+        assert (site.layer, site.visual_tokens, site.kept, site.seq_len_after) == (layer, T, at_ratio.kept(T), n_after)
+        graphs.append(backend.report.graphs)
+    report = backend.report
+    assert report.pruned_calls == 2 and graphs[0] == graphs[1]  # the second ratio compiled nothing
     assert report.attention_rewrites == model.config.text_config.num_hidden_layers - layer
 
 

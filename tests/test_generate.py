@@ -69,24 +69,6 @@ def test_inductor_generate_matches_reference():
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, expected.logits, strict=True)) <= TOL
 
 
-def test_two_models_generating_alternately_keep_their_own_bias():
-    model_a, inputs_a = build("llava", seed=0)
-    model_b, inputs_b = build("llava", seed=1, batch=2)
-    config_a = ERAConfig(layer=0, keep_ratio=0.25, compiler="eager", strict=True)
-    config_b = ERAConfig(layer=2, keep_ratio=0.5, compiler="eager", strict=True)
-    expected_a = EagerReference(model_a, config_a).generate(**inputs_a, **GREEDY)
-    expected_b = EagerReference(model_b, config_b).generate(**inputs_b, **GREEDY)
-    backend_a, backend_b = make_era_backend(config_a), make_era_backend(config_b)
-    model_a.compile(backend=backend_a)
-    model_b.compile(backend=backend_b)
-    with torch.no_grad():
-        for _ in range(2):  # alternate: a, b, a, b
-            out_a = model_a.generate(**inputs_a, **GREEDY)
-            out_b = model_b.generate(**inputs_b, **GREEDY)
-            assert torch.equal(out_a.sequences, expected_a.sequences)
-            assert torch.equal(out_b.sequences, expected_b.sequences)
-
-
 def test_no_recompiles_after_two_decode_steps_nor_for_a_second_image():
     """The backend compiles exactly the graphs a plain compile does (HF's own breaks: 4 prefill
     graphs on transformers 5.23, 7 on 5.17), then one graph each for decode steps 1 and 2, and
