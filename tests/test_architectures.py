@@ -41,7 +41,8 @@ def check_forward(name, batch):
     assert out.logits.shape == expected.logits.shape
     assert (out.logits - expected.logits).abs().max().item() <= TOL
     (site,) = report.pruning
-    assert site.kept < site.visual_tokens and site.seq_len_after < site.seq_len_before
+    assert site.kept == config.kept(site.visual_tokens) < site.visual_tokens
+    assert site.seq_len_after < site.seq_len_before
     assert report.handoffs == (1 if name in SPLIT_FORWARD else 0)
     # the pruned layers' cache stores the n' kept rows (a CompactKV as long as the original N:
     # what HF's one decode mask expects); the layers before K hold all N

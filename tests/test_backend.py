@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 import pytest
 import torch
 
 from conftest import build, compiled_forward, raised_chain
-from era_compile import EraCompileError, ERAConfig, last_report, make_era_backend
+from era_compile import EraCompileError, ERAConfig, make_era_backend
 
 
 class MergeWithoutDecoder(torch.nn.Module):
@@ -95,22 +96,6 @@ def test_layer_beyond_the_model_is_reported():
         compiled_forward(model, inputs, ERAConfig(layer=9, compiler="eager", strict=True))
 
 
-def test_registered_name_and_last_report(caplog):
-    model, inputs = build("llava")
-    with caplog.at_level(logging.INFO, logger="era_compile"), torch.no_grad():
-        out = torch.compile(model, backend="era")(**inputs)
-    report = last_report()
-    assert report is not None and report.pruned
-    d = report.to_dict()
-    for key in ("graphs", "pruning", "pruned_calls", "attention_rewrites", "kernel", "skipped"):
-        assert key in d
-    entry = d["pruning"][0]
-    for key in ("layer", "visual_tokens", "kept", "seq_len_before", "seq_len_after"):
-        assert key in entry
-    assert out.logits.shape[1] == entry["seq_len_after"] and d["pruned_calls"] == 1
-    assert any("prunes at layer" in r.getMessage() for r in caplog.records)
-
-
 def test_dump_writes_graphs_before_and_after(tmp_path, monkeypatch):
     monkeypatch.setenv("ERA_COMPILE_DUMP", str(tmp_path))
     model, inputs = build("llava")
@@ -190,7 +175,7 @@ def test_hitting_the_recompile_limit_is_told():
 
     from era_compile.recompiles import _listener
 
-    dynamo_log, watching = logging.getLogger("torch._dynamo.convert_frame"), _listener.alive
+    dynamo_log, earlier = logging.getLogger("torch._dynamo.convert_frame"), set(_listener.watches)
     settings = torch._dynamo.config.get_config_copy()
     with torch._dynamo.config.patch(recompile_limit=2):
         backend = make_era_backend(ERAConfig(compiler="eager"))
@@ -199,11 +184,14 @@ def test_hitting_the_recompile_limit_is_told():
             for n in range(4):  # an int argument specialises: one graph per value
                 scaled(torch.ones(2), n)
         assert any("recompile limit" in note for note in backend.report.notes)
-        assert dynamo_log.filters
-        del scaled
+        assert _listener in dynamo_log.filters
+        ours = [weakref.ref(watch) for watch in set(_listener.watches) - earlier]
+        assert len(ours) == 1
+        del scaled, earlier
         torch._dynamo.reset()
         gc.collect()
-        assert _listener.alive == watching  # its model gone, so is its watch (the listener goes with the last)
+        assert ours[0]() is None  # its model gone, so is its watch
+        assert (_listener in dynamo_log.filters) == (_listener.alive > 0)  # the listener goes with the last
         strict = make_era_backend(ERAConfig(compiler="eager", strict=True))
         scaled = torch.compile(lambda x, n: x * n + 1, backend=strict, dynamic=False)
         with pytest.raises(EraCompileError, match="recompile limit"):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
 import torch
 
 from conftest import build, compiled_forward, generate_matches_reference
-from era_compile import ERAConfig, make_era_backend, zoo
+from era_compile import ERAConfig, era_backend, last_report, make_era_backend, zoo
 from era_compile.compact_kv import CompactKV, stored_rows
 from era_compile.compat import output_cache
 from era_compile.reference import EagerReference
@@ -45,15 +46,36 @@ def test_pruned_logits_match_reference(layer):
     assert report.attention_rewrites == model.config.text_config.num_hidden_layers - layer
 
 
-@pytest.mark.parametrize("layer", [0, 2])
-def test_inductor_matches_reference(layer):
+def test_inductor_matches_reference_at_k0():
     model, inputs = build("llava")
-    config = ERAConfig(keep_ratio=0.25, layer=layer, compiler="inductor", strict=True)
+    config = ERAConfig(keep_ratio=0.25, layer=0, compiler="inductor", strict=True)
     expected = _reference(model, inputs, config).logits
     out, report = compiled_forward(model, inputs, config)
     assert out.logits.shape == expected.shape
     assert (out.logits - expected).abs().max().item() <= TOL
     assert report.pruned
+
+
+def test_registered_name_is_the_default_config_through_inductor(caplog):
+    """``backend="era"``: the default config (K = 2, a quarter kept, Inductor), equal to the
+    reference; its report is ``last_report()``, in the documented fields, and the pass log says
+    where it pruned."""
+    model, inputs = build("llava")
+    expected = _reference(model, inputs, ERAConfig()).logits
+    with caplog.at_level(logging.INFO, logger="era_compile"), torch.no_grad():
+        out = torch.compile(model, backend="era")(**inputs)
+    assert out.logits.shape == expected.shape
+    assert (out.logits - expected).abs().max().item() <= TOL
+    report = last_report()
+    assert report is not None and report.pruned and era_backend.config == ERAConfig()  # compiler="inductor"
+    d = report.to_dict()
+    for key in ("graphs", "pruning", "pruned_calls", "attention_rewrites", "kernel", "skipped"):
+        assert key in d
+    entry = d["pruning"][0]
+    for key in ("layer", "visual_tokens", "kept", "seq_len_before", "seq_len_after"):
+        assert key in entry
+    assert entry["layer"] == 2 and out.logits.shape[1] == entry["seq_len_after"] and d["pruned_calls"] == 1
+    assert any("prunes at layer" in r.getMessage() for r in caplog.records)
 
 
 def test_kv_cache_of_pruned_layers_holds_kept_length():
@@ -109,33 +131,30 @@ def test_keep_all_without_rectify_equals_plain_compile():
     assert (out.logits - plain).abs().max().item() <= 1e-6
 
 
-def test_rectification_changes_the_output():
-    """LAR is not a no-op: the same selection without the bias gives other logits."""
+def test_two_configs_never_share_a_compiled_graph_and_rectification_is_not_a_no_op():
+    """The same selection with and without the LAR bias, compiled one after the other with Dynamo's
+    cache live: the second config compiles its own graph (no attention rewrite), its logits are the
+    reference's without the bias, and they differ from the rectified ones (LAR changes the output)."""
     model, inputs = build("llava")
-    with_bias, _ = compiled_forward(model, inputs, ERAConfig(layer=1, compiler="eager", strict=True))
-    torch._dynamo.reset()
-    without, report = compiled_forward(model, inputs, ERAConfig(layer=1, rectify=False, compiler="eager", strict=True))
-    assert report.attention_rewrites == 0
+    a, b = (
+        ERAConfig(layer=1, compiler="eager", strict=True),
+        ERAConfig(layer=1, rectify=False, compiler="eager", strict=True),
+    )
+    assert a.cache_key() != b.cache_key()
+    with_bias, rep_a = compiled_forward(model, inputs, a)
+    without, rep_b = compiled_forward(model, inputs, b)  # no reset: Dynamo's cache is live
+    assert rep_b.pruned and rep_a.attention_rewrites > 0 and rep_b.attention_rewrites == 0
+    assert (without.logits - _reference(model, inputs, b).logits).abs().max().item() <= TOL
+    assert (with_bias.logits - _reference(model, inputs, a).logits).abs().max().item() <= TOL
     assert (with_bias.logits - without.logits).abs().max().item() > 1e-3
 
 
-def test_two_configs_never_share_a_compiled_graph():
-    model, inputs = build("llava")
-    a, b = ERAConfig(keep_ratio=0.25, layer=1, compiler="eager"), ERAConfig(keep_ratio=0.5, layer=1, compiler="eager")
-    assert a.cache_key() != b.cache_key()
-    out_a, rep_a = compiled_forward(model, inputs, a)
-    out_b, rep_b = compiled_forward(model, inputs, b)  # no reset: Dynamo's cache is live
-    assert rep_b.pruned, "the second config reused the first one's graph"
-    assert out_a.logits.shape[1] != out_b.logits.shape[1]
-    assert (out_b.logits - _reference(model, inputs, b).logits).abs().max().item() <= TOL
-
-
-@pytest.mark.parametrize("with_mask", [True, False], ids=["bool-mask", "is_causal"])
-def test_batch_of_two_samples_prunes_each_its_own_way(with_mask):
-    """Two images in a batch: each sample keeps its own anchors (the gathers are per sample)."""
+def test_batch_of_two_samples_prunes_each_its_own_way():
+    """Two images in a batch: each sample keeps its own anchors (the gathers are per sample). With
+    no attention_mask, SDPA runs with is_causal and GQA, no mask to gather; with the bool mask, this
+    batch is the support matrix's LLaVA "batch 2" forward (tests/test_architectures.py)."""
     model, inputs = build("llava", batch=2)
-    if not with_mask:  # no attention_mask: SDPA runs with is_causal and GQA, no mask to gather
-        inputs.pop("attention_mask")
+    inputs.pop("attention_mask")
     config = ERAConfig(keep_ratio=0.25, layer=1, compiler="eager", strict=True)
     reference = EagerReference(model, config)
     expected = reference(**inputs).logits

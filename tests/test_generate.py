@@ -33,6 +33,9 @@ def _compiled_generate(model, inputs, config, **kwargs):
 @pytest.mark.parametrize("layer", [0, 2])
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_generate_matches_reference(case, layer):
+    """Token for token and logit for logit, prefill and every decode step. Where the cut is inside
+    the decoder (K = 2) on one and on two left-padded prompts, the same generation also shows the
+    decode check has teeth: the reference without the decode's LAR bias is visibly off."""
     model, inputs = build("llava", **CASES[case])
     config = ERAConfig(layer=layer, keep_ratio=0.25, compiler="eager", strict=True)
     expected = EagerReference(model, config).generate(**inputs, **GREEDY)
@@ -41,23 +44,15 @@ def test_greedy_generate_matches_reference(case, layer):
     assert torch.equal(out.sequences, expected.sequences)
     assert report.pruned and report.decode_rewrites > 0
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, expected.logits, strict=True)) <= TOL
-
-
-@pytest.mark.parametrize("case", ["batch1", "left_padded"])
-def test_decode_logits_match_and_the_check_has_teeth(case):
-    model, inputs = build("llava", **CASES[case])
-    config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
-    expected = EagerReference(model, config).generate(**inputs, **GREEDY)
-    without_decode_bias = EagerReference(model, config, drop_decode_bias=True).generate(**inputs, **GREEDY)
-    out, _ = _compiled_generate(model, inputs, config, **GREEDY)
-    decode = slice(1, None)  # logits[0] is the prefill's last position; the rest are decode steps
-    # strict=False: the tokens are not compared first, and a generate that meets EOS stops early
-    err = max((a - b).abs().max().item() for a, b in zip(out.logits[decode], expected.logits[decode], strict=False))
-    teeth = max(
-        (a - b).abs().max().item() for a, b in zip(out.logits[decode], without_decode_bias.logits[decode], strict=False)
-    )
-    assert err <= TOL
-    assert teeth > 10 * TOL, "dropping the bias in decode should be visible; the check would pass anyway"
+    if layer == 2 and case in ("batch1", "left_padded"):
+        without_decode_bias = EagerReference(model, config, drop_decode_bias=True).generate(**inputs, **GREEDY)
+        decode = slice(1, None)  # logits[0] is the prefill's last position; the rest are decode steps
+        # strict=False: a generate that meets EOS stops early
+        teeth = max(
+            (a - b).abs().max().item()
+            for a, b in zip(out.logits[decode], without_decode_bias.logits[decode], strict=False)
+        )
+        assert teeth > 10 * TOL, "dropping the bias in decode should be visible; the check would pass anyway"
 
 
 def test_inductor_generate_matches_reference():
