@@ -1,10 +1,11 @@
 """The compile options users pass: ``dynamic=True`` (a server's setting, against recompiles), ``False``
 and the default; ``torch.compile(model, ...)`` and ``model.compile(...)``; fp32, bf16 and fp16;
 ``torch.no_grad`` and ``torch.inference_mode``. Each row prunes and equals the eager reference of
-the same algorithm in the same dtype. Every value of every option appears for both models (a
-covering set, not the whole product: the suite stays cheap); the server's row (``dynamic=True``,
-bf16, ``inference_mode``) runs through Inductor, where ``dynamic=True`` makes the attention's scale a
-graph value Inductor wants specialised (Dynamo retraces the frame: the backend lets it)."""
+the same algorithm in the same dtype. Every value of every option appears for both models (LLaVA's
+defaults in the support matrix; a covering set, not the whole product: the suite stays cheap); the
+server's row (``dynamic=True``, bf16, ``inference_mode``) runs through Inductor, where
+``dynamic=True`` makes the attention's scale a graph value Inductor wants specialised (Dynamo
+retraces the frame: the backend lets it)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from era_compile.reference import EagerReference
 
 DTYPES = {"fp32": (torch.float32, 1e-4), "bf16": (torch.bfloat16, 3e-2), "fp16": (torch.float16, 5e-3)}
 GRAD = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
-# (model, dynamic, how it is compiled, dtype, grad mode, inner compiler)
+# (model, dynamic, how it is compiled, dtype, grad mode, inner compiler). The defaults (dynamic
+# unset, torch.compile, fp32, no_grad, eager) are the support matrix's forward on every architecture
+# (tests/test_architectures.py), the same check: not compiled again here.
 ROWS = [
-    ("llava", None, "torch.compile", "fp32", "no_grad", "eager"),
     ("llava", True, "model.compile", "bf16", "inference_mode", "inductor"),
     ("llava", False, "torch.compile", "fp16", "inference_mode", "eager"),
     ("qwen2-vl", True, "torch.compile", "fp32", "no_grad", "eager"),
