@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 VERSIONS=${VERSIONS:-"5.17.0 5.24.0"}
 PY=${PYTHON:-python3}
 TESTS=(tests/test_architectures.py tests/test_generate.py tests/test_ragged.py tests/test_streams.py tests/test_compact_kv.py
-       tests/test_backend.py tests/test_end_to_end.py tests/test_fallback.py tests/test_merge_patterns.py tests/passes)
+       tests/test_backend.py tests/test_end_to_end.py tests/test_fallback.py tests/test_merge_patterns.py tests/passes
+       tests/test_guest.py tests/test_compile_options.py tests/test_logs.py)
 [ $# -gt 0 ] && TESTS=("$@")
 free=$(mktemp)
 trap 'rm -f "$free"' EXIT

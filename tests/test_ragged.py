@@ -102,10 +102,11 @@ def test_a_blocked_slot_that_received_attention_would_be_seen():
     assert _equal(unblocked.logits, expected.logits) > 10 * TOL
 
 
-@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("layer", [1])
 def test_left_padded_cache_lengths_after_prefill_and_decode(layer):
     """Layers >= K hold n' rows plus the generated ones, never N; layers < K all N (+ t). The
-    generated tokens equal the reference's."""
+    generated tokens equal the reference's. K = 0 and 2 are checked on the same batch by
+    tests/test_generate.py's left-padded greedy generations (the same compiled model)."""
     model, inputs = build("llava", batch=2, left_pad=(0, 3))
     config = ERAConfig(layer=layer, keep_ratio=0.25, compiler="eager", strict=True)
     backend = make_era_backend(config)
