@@ -110,14 +110,7 @@ class GraphAnalysis:
     @functools.cached_property
     def image_sources(self) -> frozenset[fx.Node]:
         """Every node the image values are computed from."""
-        seen: set = set()
-        todo = [a for n in self.image_values for a in n.all_input_nodes]
-        while todo:
-            n = todo.pop()
-            if n not in seen:
-                seen.add(n)
-                todo.extend(n.all_input_nodes)
-        return frozenset(seen)
+        return frozenset(computed_from(self.image_values))
 
     @functools.cached_property
     def token_lookups(self) -> list[tuple[fx.Node, fx.Node]]:
@@ -143,7 +136,7 @@ class GraphAnalysis:
         embedded = [
             n
             for n in data
-            if _is_float(n, rank=3)
+            if is_float(n, rank=3)
             and any(statically_known_true(tensor_value(n).shape[1] == length) for length in lengths)
         ]
         kept = set(data)
@@ -166,6 +159,19 @@ class GraphAnalysis:
 def _describe(example_inputs: Sequence[Any]) -> tuple[tuple[int, bool], ...]:
     """Per example input its identity and whether it is a parameter (all ``is_weight`` reads of it)."""
     return tuple((id(x), isinstance(x, torch.nn.Parameter)) for x in example_inputs)
+
+
+def computed_from(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node that ``nodes`` are (transitively) computed from, themselves excluded unless one
+    feeds another."""
+    seen: set[fx.Node] = set()
+    todo = [a for n in nodes for a in n.all_input_nodes]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def convolution_weight_rank(node: fx.Node):
@@ -202,6 +208,7 @@ def _is_integer(node: Any) -> bool:
     return t is not None and not t.is_floating_point() and t.dtype is not torch.bool
 
 
-def _is_float(node: fx.Node, rank: int) -> bool:
+def is_float(node: fx.Node, rank: int) -> bool:
+    """A floating-point tensor of this rank."""
     t = tensor_meta(node)
     return t is not None and t.is_floating_point() and t.dim() == rank

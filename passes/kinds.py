@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .analysis import analysis_of, convolution_weight_rank
+from .analysis import analysis_of, computed_from, convolution_weight_rank, is_float
 from .fx_utils import (
     attention_args,
     call_arguments,
@@ -242,7 +242,7 @@ def image_values(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> list
 def image_inputs(gm: fx.GraphModule, images: Sequence[fx.Node], example_inputs: Sequence[Any] = ()) -> list[int]:
     """Positions of the graph inputs that ``images`` come from: what a call receives as its image."""
     analysis = analysis_of(gm, example_inputs)
-    sources = (analysis.image_sources if list(images) == analysis.image_values else _ancestors(images)) | set(images)
+    sources = (analysis.image_sources if list(images) == analysis.image_values else computed_from(images)) | set(images)
     data = set(analysis.data_inputs)
     return [i for i, n in enumerate(analysis.placeholders) if n in sources and n in data]
 
@@ -291,7 +291,7 @@ def hidden_inputs_into_layers(gm: fx.GraphModule, example_inputs: Sequence[Any] 
     for i, node in enumerate(analysis.placeholders):
         if (
             node in data
-            and (_is_float(node, rank=3) or _is_float(node, rank=4))
+            and (is_float(node, rank=3) or is_float(node, rank=4))
             and any(
                 is_attention(n) or (n.op == "call_function" and n.target in _LINEAR)
                 for n in analysis.reach([node], through_sizes=False)
@@ -312,19 +312,3 @@ def is_sequence_convolution(node: fx.Node) -> bool:
     """A 1-D convolution ([C_out, C_in, k] weight): inside a decoder layer it runs along the positions
     (a short convolution beside attention, as hybrid decoders have)."""
     return convolution_weight_rank(node) == 3
-
-
-def _ancestors(nodes: Sequence[fx.Node]) -> set:
-    seen: set = set()
-    todo = [a for n in nodes for a in n.all_input_nodes]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
-
-
-def _is_float(node: fx.Node, rank: int) -> bool:
-    t = tensor_meta(node)
-    return t is not None and t.is_floating_point() and t.dim() == rank
