@@ -15,6 +15,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores inste
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from era_compile import ERAConfig, last_report, make_era_backend, zoo  # noqa: E402
+from era_compile.compact_kv import stored_rows  # noqa: E402
+from era_compile.compat import output_cache  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +52,20 @@ def generate_matches_reference(model, inputs, config: ERAConfig, *, max_new_toke
     assert torch.equal(generated.sequences, expected.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True)) <= tol
     return backend
+
+
+def assert_cache_rows(model, inputs, generated, report, layer: int) -> None:
+    """The compact cache after the prefill alone (a one-token generate through the same compiled
+    model) and after ``generated``'s decode steps: n' (+ t) rows in the pruned layers, N (+ t) before."""
+    N, n_after = inputs["input_ids"].shape[1], report.pruning[0].seq_len_after
+    layers = model.config.text_config.num_hidden_layers
+    with torch.no_grad():
+        prefilled = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    for out, t in ((prefilled, 0), (generated, generated.sequences.shape[1] - N - 1)):
+        assert [stored_rows(c.keys) for c in output_cache(out).layers] == [N + t] * layer + [n_after + t] * (
+            layers - layer
+        )
+    assert n_after < N and report.pruning[-1].seq_len_after == n_after
 
 
 # ---------------------------------------------------------------------------- support matrix

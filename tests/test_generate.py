@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import build
+from conftest import assert_cache_rows, build
 from era_compile import ERAConfig, make_era_backend, recompile_headroom
 from era_compile.reference import EagerReference
 
@@ -58,23 +58,6 @@ def test_greedy_generate_matches_reference(case, layer):
         assert teeth > 10 * TOL, "dropping the bias in decode should be visible; the check would pass anyway"
     if case == "left_padded":  # layers >= K hold n' rows plus one per decode step, never N; layers < K all N (+ t)
         assert_cache_rows(model, inputs, out, report, layer)
-
-
-def assert_cache_rows(model, inputs, generated, report, layer: int) -> None:
-    """The compact cache after the prefill alone (a one-token generate through the same compiled
-    model) and after ``generated``'s decode steps: n' (+ t) rows in the pruned layers, N (+ t) before."""
-    from era_compile.compact_kv import stored_rows
-    from era_compile.compat import output_cache
-
-    N, n_after = inputs["input_ids"].shape[1], report.pruning[0].seq_len_after
-    layers = model.config.text_config.num_hidden_layers
-    with torch.no_grad():
-        prefilled = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
-    for out, t in ((prefilled, 0), (generated, generated.sequences.shape[1] - N - 1)):
-        assert [stored_rows(c.keys) for c in output_cache(out).layers] == [N + t] * layer + [n_after + t] * (
-            layers - layer
-        )
-    assert n_after < N and report.pruning[-1].seq_len_after == n_after
 
 
 def test_inductor_generate_matches_reference():
