@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 FAST=(tests/passes tests/test_algorithms.py tests/test_definitions.py tests/test_ops.py tests/test_attention_op.py
-      tests/test_compact_kv.py)
+      tests/test_compact_kv.py tests/test_vllm_config.py)
 if [ "${1:-}" = "--fast" ]; then
   shift
   set -- "${FAST[@]}" "$@"
