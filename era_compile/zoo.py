@@ -50,7 +50,7 @@ def llava_config(
     return config
 
 
-def _tiny_llava(
+def tiny_llava(
     hidden: int = 64,
     layers: int = 4,
     heads: int = 4,
@@ -95,7 +95,7 @@ def _tiny_llava(
 def _llava_bench():
     """LLaVA-1.5's sequence shape on a CPU budget: 576 visual tokens (336 px, 14 px patches),
     an 8-layer, 1024-wide Llama with 16 heads (MHA, as LLaVA-1.5), random weights."""
-    return _tiny_llava(
+    return tiny_llava(
         hidden=1024, layers=8, heads=16, kv_heads=16, image_size=336, patch=14, intermediate=2816, sharpen=False
     )
 
@@ -448,7 +448,7 @@ ZOO: dict[str, ZooEntry] = {
     "llava": ZooEntry(
         "llava",
         "tiny LLaVA-1.5 (CLIP 2x32, Llama 4x64, GQA 4:2, 36 visual tokens)",
-        _tiny_llava,
+        tiny_llava,
         _llava_inputs,
     ),
     "llava-bench": ZooEntry(
