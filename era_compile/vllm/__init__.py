@@ -1,10 +1,15 @@
-"""Serving with vLLM (issue 29, in progress): the pieces built so far.
+"""Serving with vLLM: the general plugin (docs/vllm.md).
 
-* ``config``: the ``era`` section of vLLM's ``additional_config``, read as an ERAConfig at K = 0.
+* ``plugin``: the entry point vLLM calls in each process (``vllm.general_plugins``); inert unless the
+  engine's ``additional_config`` has an ``era`` section.
+* ``config``: that section read as an ERAConfig at K = 0, refusing by name what vLLM cannot honour.
+* ``llava``: the processor (kept-token placeholders) and model (selection, the ``log b`` column) for
+  vLLM's ``LlavaForConditionalGeneration``.
+* ``selection``: ERA (and every strategy) at K = 0 through a vLLM decoder layer's own modules, calling
+  the HF path's selection and recycling functions.
+* ``attention``: LAR in vLLM's CPU attention, the bias carried in a padded head dimension.
 * ``offline``: tiny random-init models vLLM loads from a folder, written with no network.
-* ``selection``: ERA (and every strategy) at K = 0 through a vLLM decoder layer's own modules, the
-  same anchors as the Hugging Face path (tests_vllm/test_selection.py). Not yet called by vLLM.
 
-No vLLM plugin is registered yet: nothing here changes what vLLM does. scripts/test-vllm.sh runs the
-vLLM tier (tests_vllm/) in its own environment.
+Only ``config`` imports without vLLM (the main suite tests it); the rest run in scripts/test-vllm.sh's
+environment.
 """

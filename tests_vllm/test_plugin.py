@@ -1,0 +1,88 @@
+"""The plugin end to end: vLLM with ``additional_config={"era": {...}}`` prunes each image at K = 0,
+holds only the kept tokens, and generates what era_compile's HF path generates on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+from hf_reference import load, noise_image, pruned_greedy
+from vllm import SamplingParams
+
+from conftest import start_llm, stop_llm
+from era_compile import ERAConfig
+
+PROMPTS = [
+    "USER: <image>\nWhat colour is the square in the middle? ASSISTANT:",
+    "USER: <image>\nDescribe it. ASSISTANT:",
+]
+TEXT_ONLY = "USER: Say something about the sea. ASSISTANT:"
+ERA = {"keep_ratio": 0.25}
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def era_llm(tiny_llava):
+    engine = start_llm(tiny_llava, enforce_eager=True, additional_config={"era": ERA})
+    yield engine
+    stop_llm(engine)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llava):
+    return load(tiny_llava)
+
+
+def requests():
+    images = [noise_image(1), noise_image(2, (224, 160))]
+    return [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(PROMPTS, images, strict=True)] + [
+        {"prompt": TEXT_ONLY}
+    ], images
+
+
+def test_greedy_tokens_equal_the_hf_path(era_llm, hf):
+    model, processor = hf
+    batch, images = requests()
+    outputs = era_llm.generate(batch, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=0))
+    config = ERAConfig(layer=0, **ERA)
+    worst = 0.0
+    for prompt, image, out in zip(PROMPTS, images, outputs, strict=True):
+        tokens, scores, last = pruned_greedy(model, processor, prompt, image, config, MAX_TOKENS)
+        got = list(out.outputs[0].token_ids)
+        assert got == tokens, (prompt, got, tokens)
+        assert len(out.prompt_token_ids) == last["hidden"].shape[1]  # the kept tokens only, from the start
+        for step, token in enumerate(got):
+            worst = max(worst, abs(out.outputs[0].logprobs[step][token].logprob - float(scores[step, token])))
+    text_only = processor(text=TEXT_ONLY, return_tensors="pt")
+    expected = model.generate(**text_only, max_new_tokens=MAX_TOKENS, do_sample=False)[
+        0, text_only["input_ids"].shape[1] :
+    ]
+    assert list(outputs[2].outputs[0].token_ids) == expected.tolist()
+    print(f"largest log-probability difference against the HF path: {worst:.2e}")
+    assert worst < 1e-3
+
+
+def test_prompt_holds_the_kept_tokens_only(era_llm, hf):
+    _, processor = hf
+    batch, images = requests()
+    outputs = era_llm.generate(batch, SamplingParams(max_tokens=1, temperature=0))
+    config = ERAConfig(layer=0, **ERA)
+    for request, out in zip(batch, outputs, strict=True):
+        full = processor(
+            text=request["prompt"], images=request.get("multi_modal_data", {}).get("image"), return_tensors="pt"
+        )
+        ids = full["input_ids"][0]
+        T = int((ids == 250).sum())
+        assert len(out.prompt_token_ids) == ids.shape[0] - T + (config.kept(T) if T else 0)
+
+
+def test_two_images_in_one_request_are_refused_by_name(era_llm):
+    two = {
+        "prompt": "USER: <image><image> compare ASSISTANT:",
+        "multi_modal_data": {"image": [noise_image(1), noise_image(2)]},
+    }
+    with pytest.raises(ValueError, match="one image per request"):
+        era_llm.generate([two], SamplingParams(max_tokens=1))
+
+
+def test_an_unknown_field_stops_the_engine_by_name(tiny_llava):
+    with pytest.raises(Exception, match="keep_rato"):
+        start_llm(tiny_llava, enforce_eager=True, additional_config={"era": {"keep_rato": 0.2}})
