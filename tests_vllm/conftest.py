@@ -14,6 +14,13 @@ def tiny_llava(tmp_path_factory):
     return write_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
+@pytest.fixture(scope="session")
+def hf(tiny_llava):
+    from hf_reference import load
+
+    return load(tiny_llava)
+
+
 def start_llm(path, **kwargs):
     """A vLLM engine on the CPU, sized for a tiny model: short context, 64 MiB of KV cache."""
     from vllm import LLM

@@ -62,3 +62,15 @@ def pruned_greedy(model, processor, prompt: str, image, config: ERAConfig, max_t
     bias = last["log_bias"][0] if config.rectify else torch.zeros_like(last["log_bias"][0])
     tokens, scores = greedy_from_embeddings(model, last["hidden"], bias, max_tokens)
     return tokens, scores, last
+
+
+@torch.no_grad()
+def expected_tokens(hf, prompt: str, image, config: ERAConfig | None, max_tokens: int) -> list[int]:
+    """What the HF path generates greedily: pruned as the plugin does when ``config`` is given and the
+    prompt has an image, else HF ``generate()`` as it is."""
+    model, processor = hf
+    if config is not None and image is not None:
+        return pruned_greedy(model, processor, prompt, image, config, max_tokens)[0]
+    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()

@@ -4,7 +4,7 @@ holds only the kept tokens, and generates what era_compile's HF path generates o
 from __future__ import annotations
 
 import pytest
-from hf_reference import load, noise_image, pruned_greedy
+from hf_reference import noise_image, pruned_greedy
 from vllm import SamplingParams
 
 from conftest import start_llm, stop_llm
@@ -24,11 +24,6 @@ def era_llm(tiny_llava):
     engine = start_llm(tiny_llava, enforce_eager=True, additional_config={"era": ERA})
     yield engine
     stop_llm(engine)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_llava):
-    return load(tiny_llava)
 
 
 def requests():
