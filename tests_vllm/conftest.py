@@ -15,6 +15,13 @@ def tiny_llava(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory):
+    from era_compile.vllm.offline import write_qwen2_vl
+
+    return write_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
 def hf(tiny_llava):
     from hf_reference import load
 

@@ -40,9 +40,12 @@ def augmented_head_size(head_size: int) -> int:
 @dataclass
 class StepBias:
     """One model's ``log b`` for the tokens of the step being run, in the step's token order (None:
-    every token's is 0). Set by the model as it embeds the step's tokens, read by its attention layers."""
+    every token's is 0). Set by the model as it embeds the step's tokens, read by its attention layers.
+    ``positions``: (mask of the step's kept image tokens, their own positions), for a model whose
+    positions it supplies (M-RoPE)."""
 
     log_bias: Tensor | None = None
+    positions: tuple[Tensor, Tensor] | None = None
 
 
 def mark_layers(model: torch.nn.Module, step: StepBias) -> int:

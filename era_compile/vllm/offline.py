@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,22 +21,24 @@ CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 IMAGE_TOKEN = "<image>"
 
 
-def tokenizer():
-    """A character-level fast tokenizer built offline, with ``<image>`` at the zoo's image token id."""
+def tokenizer(specials: dict[str, int] | None = None):
+    """A character-level fast tokenizer built offline, with each special token (by default ``<image>``
+    alone) at the id given, above the characters."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    specials = specials or {IMAGE_TOKEN: zoo.IMAGE_TOKEN_ID}
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
-    vocab[IMAGE_TOKEN] = zoo.IMAGE_TOKEN_ID
-    assert len(SPECIALS + CHARS) < zoo.IMAGE_TOKEN_ID
+    assert len(vocab) <= min(specials.values())
+    vocab |= specials
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == zoo.IMAGE_TOKEN_ID
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    assert all(tok.convert_tokens_to_ids(name) == i for name, i in specials.items())
     return tok
 
 
@@ -91,3 +94,57 @@ def _name_clip_tower_as_vllm_loads_it(weights: Path) -> None:
             name = "vision_tower.vision_model." + name[len("vision_tower.") :]
         renamed[name] = tensor
     save_file(renamed, weights, metadata={"format": "pt"})
+
+
+QWEN_SPECIALS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id"}
+QWEN_SPECIALS |= {"<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
+
+
+def write_qwen2_vl(
+    path: str | Path,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    patch: int = 14,
+    max_image_side: int = 224,
+    seed: int = 0,
+) -> Path:
+    """A Qwen2-VL-style model vLLM loads from ``path``: M-RoPE text model with ``hidden // heads``-wide
+    heads (the M-RoPE sections scaled to the head), its ViT with 2 x 2 patch merging, and a processor
+    that keeps images within ``max_image_side``**2 pixels (up to 64 visual tokens at the defaults)."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    head = hidden // heads
+    if head < 32:
+        raise ValueError(f"hidden // heads = {head}: vLLM's CPU attention takes heads of 32 or more")
+    path = Path(path)
+    torch.manual_seed(seed)
+    half = head // 2  # M-RoPE splits a head's rotary frequencies into (t, h, w) sections
+    sections = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    text: dict[str, Any] = {**zoo._QWEN_TEXT, "hidden_size": hidden, "intermediate_size": 2 * hidden}
+    text |= {"num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": sections}
+    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=patch)
+    vision |= dict(spatial_merge_size=2, temporal_patch_size=2)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **zoo.QWEN_TOKENS))
+    zoo._sharpen_attention(model.eval())
+    model.save_pretrained(path)
+    tok = tokenizer({name: zoo.QWEN_TOKENS[field] for name, field in QWEN_SPECIALS.items()})
+    pixels = dict(min_pixels=(2 * patch) ** 2, max_pixels=max_image_side**2)
+    sizes = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels, **sizes),
+        video_processor=Qwen2VLVideoProcessor(**pixels, **sizes),
+        tokenizer=tok,
+        chat_template=None,
+    )
+    processor.save_pretrained(path)
+    return path

@@ -18,15 +18,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ARCHITECTURES = {"LlavaForConditionalGeneration": "era_compile.vllm.llava:ERALlavaForConditionalGeneration"}
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "era_compile.vllm.llava:ERALlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "era_compile.vllm.qwen2_vl:ERAQwen2VLForConditionalGeneration",
+}
 
 
 def bridge_config(vllm_config: Any) -> None:
     """Validate ``additional_config['era']`` and hand it to the multimodal processor via the ModelConfig.
     A model or platform the plugin does not prune is refused here, before anything loads: an ``era``
     section is never ignored."""
+    from era_compile.vllm.adapter import MODEL_CONFIG_ATTRIBUTE
     from era_compile.vllm.config import SECTION, era_config_from
-    from era_compile.vllm.llava import MODEL_CONFIG_ATTRIBUTE
 
     config = era_config_from(vllm_config.additional_config)
     if config is not None:

@@ -1,0 +1,84 @@
+"""The plugin on Qwen2-VL (M-RoPE): kept image tokens at their original (t, h, w) positions and the
+text after them at its original positions, so vLLM generates exactly what era_compile's HF path
+(``EagerReference``, which keeps original positions) generates, for images of different grids in one
+batch beside a text-only request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_reference import noise_image
+from vllm import SamplingParams
+
+from conftest import start_llm, stop_llm
+from era_compile import ERAConfig
+
+ERA = {"keep_ratio": 0.25}
+MAX_TOKENS = 8
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+REQUESTS = [
+    (f"USER: {IMAGE}What colour is the square? ASSISTANT:", (150, 120)),
+    (f"USER: {IMAGE}Describe the picture. ASSISTANT:", (224, 168)),
+    ("USER: Say something about the sea. ASSISTANT:", None),
+]
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_qwen2_vl):
+    # videos are refused with an era section: 0 per prompt, or vLLM's start-up warm-up (which sends one) fails
+    llm = start_llm(
+        tiny_qwen2_vl, enforce_eager=True, additional_config={"era": ERA}, limit_mm_per_prompt={"image": 1, "video": 0}
+    )
+    try:
+        batch = [
+            {"prompt": p, "multi_modal_data": {"image": noise_image(i, size)}} if size else {"prompt": p}
+            for i, (p, size) in enumerate(REQUESTS)
+        ]
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
+        return llm.generate(batch, params)
+    finally:
+        stop_llm(llm)
+
+
+@torch.no_grad()
+def hf_path(path, prompt, image, config):
+    """era_compile's HF path at K = 0 (original positions), greedy, EOS not stopping: tokens, log-softmax."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from era_compile.reference import EagerReference
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    inputs = AutoProcessor.from_pretrained(path)(text=prompt, images=image, return_tensors="pt")
+    runner = EagerReference(model, config) if image is not None else model
+    out = runner.generate(
+        **inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, torch.stack([logits[0].log_softmax(-1) for logits in out.logits]), inputs["input_ids"].shape[1]
+
+
+def test_greedy_tokens_equal_the_hf_path_at_original_positions(outputs, tiny_qwen2_vl):
+    config = ERAConfig(layer=0, **ERA)
+    worst = 0.0
+    for i, ((prompt, size), out) in enumerate(zip(REQUESTS, outputs, strict=True)):
+        image = noise_image(i, size) if size else None
+        tokens, scores, _ = hf_path(tiny_qwen2_vl, prompt, image, config)
+        got = list(out.outputs[0].token_ids)
+        assert got == tokens, (prompt, got, tokens)
+        for step, token in enumerate(got):
+            worst = max(worst, abs(out.outputs[0].logprobs[step][token].logprob - float(scores[step, token])))
+    print(f"Qwen2-VL: largest log-probability difference against the HF path: {worst:.2e}")
+    assert worst < 1e-3
+
+
+def test_the_prompt_holds_the_kept_tokens_only(outputs, tiny_qwen2_vl):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    config = ERAConfig(layer=0, **ERA)
+    for i, ((prompt, size), out) in enumerate(zip(REQUESTS, outputs, strict=True)):
+        image = noise_image(i, size) if size else None
+        ids = processor(text=prompt, images=image, return_tensors="pt")["input_ids"][0]
+        T = int((ids == 250).sum())
+        assert len(out.prompt_token_ids) == ids.shape[0] - T + (config.kept(T) if T else 0)
