@@ -22,6 +22,13 @@ def tiny_qwen2_vl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory):
+    from era_compile.vllm.offline import write_llava_next
+
+    return write_llava_next(tmp_path_factory.mktemp("tiny-llava-next"))
+
+
+@pytest.fixture(scope="session")
 def hf(tiny_llava):
     from hf_reference import load
 

@@ -15,9 +15,9 @@ from era_compile import ERAConfig
 
 
 def load(path):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 

@@ -1,4 +1,6 @@
-"""ERA at K = 0 in vLLM's LLaVA (``LlavaForConditionalGeneration``, CLIP or SigLIP tower).
+"""ERA at K = 0 in vLLM's LLaVA (``LlavaForConditionalGeneration``, CLIP or SigLIP tower) and
+LLaVA-NeXT (``LlavaNextForConditionalGeneration``: anyres crops and row newlines, so an image's token
+count follows its size; the newline tokens are visual tokens of the pool, as in the HF path).
 
 Positions: LLaVA's RoPE is 1-D and vLLM numbers a prompt's tokens 0..n'-1 itself, so the kept tokens
 run at contiguous positions in the pruned prompt (selection scores at the unpruned positions, as the
@@ -16,12 +18,19 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
     _build_llava_or_pixtral_hf_info,
 )
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from era_compile.vllm.adapter import ERAModelMixin, ERAProcessorMixin
 
 
-class ERALlavaProcessor(ERAProcessorMixin, LlavaMultiModalProcessor):
+class _LlavaCounts:
+    info: Any
+
     def era_image_token(self) -> int:
         return int(self.info.get_hf_config().image_token_index)
 
@@ -31,6 +40,14 @@ class ERALlavaProcessor(ERAProcessorMixin, LlavaMultiModalProcessor):
             return int(images.get_feature_size(index))
         size = images.get_image_size(index)
         return int(self.info.get_num_image_tokens(image_width=size.width, image_height=size.height))
+
+
+class ERALlavaProcessor(_LlavaCounts, ERAProcessorMixin, LlavaMultiModalProcessor):
+    pass
+
+
+class ERALlavaNextProcessor(_LlavaCounts, ERAProcessorMixin, LlavaNextMultiModalProcessor):
+    pass
 
 
 def _build_processor(info: Any, dummy_inputs: Any) -> Any:
@@ -43,6 +60,15 @@ def _build_processor(info: Any, dummy_inputs: Any) -> Any:
     _build_processor, info=_build_llava_or_pixtral_hf_info, dummy_inputs=LlavaDummyInputsBuilder
 )
 class ERALlavaForConditionalGeneration(ERAModelMixin, LlavaForConditionalGeneration):
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.era_setup(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    ERALlavaNextProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class ERALlavaNextForConditionalGeneration(ERAModelMixin, LlavaNextForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.era_setup(vllm_config)

@@ -82,6 +82,83 @@ def write_llava(
     return path
 
 
+def write_llava_next(
+    path: str | Path,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    image_size: int = 56,
+    patch: int = 14,
+    seed: int = 0,
+) -> Path:
+    """A LLaVA-NeXT-style model vLLM loads from ``path``: anyres (a base view plus crops picked from
+    three grid pinpoints by the image's aspect ratio, with a newline token closing each row), so an
+    image's token count depends on its size: 16 to 56 visual tokens at the defaults."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    if hidden // heads < 32:
+        raise ValueError(f"hidden // heads = {hidden // heads}: vLLM's CPU attention takes heads of 32 or more")
+    path = Path(path)
+    torch.manual_seed(seed)
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    text = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
+    )
+    config = LlavaNextConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=zoo.IMAGE_TOKEN_ID,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    zoo._sharpen_attention(model)
+    model.save_pretrained(path)
+    _name_clip_tower_as_vllm_loads_it(path / "model.safetensors")
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=pinpoints,
+        ),
+        tokenizer=tokenizer(),
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+        chat_template=None,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
 def _name_clip_tower_as_vllm_loads_it(weights: Path) -> None:
     """transformers 5 saves LLaVA's CLIP tower as ``vision_tower.embeddings...``; vLLM's CLIP
     loads ``vision_tower.vision_model.embeddings...`` (the layout of the published checkpoints)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "era_compile.vllm.llava:ERALlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "era_compile.vllm.llava:ERALlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "era_compile.vllm.qwen2_vl:ERAQwen2VLForConditionalGeneration",
 }
 
