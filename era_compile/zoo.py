@@ -50,6 +50,35 @@ def llava_config(
     return config
 
 
+def llama_text(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int = 0) -> dict:
+    """The tiny Llama text model of the LLaVA family, in the zoo's 256-token vocabulary."""
+    return dict(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def small_clip(image_size: int, patch: int) -> dict:
+    """A small CLIP tower: the language model is what pruning speeds up."""
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
+    )
+
+
 def tiny_llava(
     hidden: int = 64,
     layers: int = 4,
@@ -63,28 +92,7 @@ def tiny_llava(
     from transformers import LlavaForConditionalGeneration
 
     config = llava_config(
-        text=dict(
-            vocab_size=256,
-            hidden_size=hidden,
-            intermediate_size=intermediate or 2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=1024,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        # a small tower: the language model is what pruning speeds up
-        vision=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch,
-            projection_dim=32,
-        ),
+        text=llama_text(hidden, layers, heads, kv_heads, intermediate), vision=small_clip(image_size, patch)
     )
     model = LlavaForConditionalGeneration(config).eval()
     if sharpen:
@@ -210,35 +218,25 @@ def _llava_inputs(
     return {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask}
 
 
-def _tiny_llava_next():
+def tiny_llava_next(
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    image_size: int = 32,
+    patch: int = 8,
+    pinpoints: list[list[int]] | None = None,
+):
+    """LLaVA-NeXT's anyres layout: a base view plus the crops of the grid pinpoint nearest the image's
+    aspect ratio (by default 1 x 2, 2 x 1 and 2 x 2 tiles of ``image_size``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    text = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    )
+    side = image_size
     config = LlavaNextConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config=LlamaConfig(**{**llama_text(hidden, layers, heads, kv_heads), "max_position_embeddings": 2048}),
+        vision_config=CLIPVisionConfig(**small_clip(image_size, patch)),
         image_token_id=IMAGE_TOKEN_ID,
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        image_grid_pinpoints=pinpoints or [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
         vision_feature_layer=-2,
     )
     config._attn_implementation = "sdpa"
@@ -468,7 +466,7 @@ ZOO: dict[str, ZooEntry] = {
     "llava-next": ZooEntry(
         "llava-next",
         "tiny LLaVA-NeXT (anyres: base view + 4 crops, image_newline rows; Llama 4x64)",
-        _tiny_llava_next,
+        tiny_llava_next,
         _llava_next_inputs,
     ),
     "qwen2-vl": ZooEntry(

@@ -57,29 +57,14 @@ def write_llava(
     image (64 by default), a ``hidden``-wide Llama with ``hidden // heads``-wide heads."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    if hidden // heads < 32:
-        raise ValueError(f"hidden // heads = {hidden // heads}: vLLM's CPU attention takes heads of 32 or more")
+    _check_head(hidden, heads)
     path = Path(path)
     torch.manual_seed(seed)
     model = zoo.tiny_llava(
         hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, image_size=image_size, patch=patch
     )
     model.config.text_config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    _name_clip_tower_as_vllm_loads_it(path / "model.safetensors")
-    size = {"shortest_edge": image_size}
-    crop = {"height": image_size, "width": image_size}
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size=size, crop_size=crop),
-        tokenizer=tokenizer(),
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-        chat_template=None,
-    )
-    processor.save_pretrained(path)
-    return path
+    return _save_llava_family(path, model, LlavaProcessor, CLIPImageProcessor(**_square(image_size)), patch)
 
 
 def write_llava_next(
@@ -96,58 +81,30 @@ def write_llava_next(
     """A LLaVA-NeXT-style model vLLM loads from ``path``: anyres (a base view plus crops picked from
     three grid pinpoints by the image's aspect ratio, with a newline token closing each row), so an
     image's token count depends on its size: 16 to 56 visual tokens at the defaults."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    if hidden // heads < 32:
-        raise ValueError(f"hidden // heads = {hidden // heads}: vLLM's CPU attention takes heads of 32 or more")
+    _check_head(hidden, heads)
     path = Path(path)
     torch.manual_seed(seed)
-    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
-    text = LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    model = zoo.tiny_llava_next(
+        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, image_size=image_size, patch=patch
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=32,
+    image_processor = LlavaNextImageProcessor(
+        **_square(image_size), image_grid_pinpoints=model.config.image_grid_pinpoints
     )
-    config = LlavaNextConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=zoo.IMAGE_TOKEN_ID,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-    )
-    model = LlavaNextForConditionalGeneration(config).eval()
-    zoo._sharpen_attention(model)
+    return _save_llava_family(path, model, LlavaNextProcessor, image_processor, patch)
+
+
+def _square(side: int) -> dict:
+    return {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+
+
+def _save_llava_family(path: Path, model: Any, processor_class: Any, image_processor: Any, patch: int) -> Path:
+    """Weights (the CLIP tower named as vLLM loads it), config, tokenizer and processor of a LLaVA-family model."""
     model.save_pretrained(path)
     _name_clip_tower_as_vllm_loads_it(path / "model.safetensors")
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_grid_pinpoints=pinpoints,
-        ),
+    processor = processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer(),
         patch_size=patch,
         vision_feature_select_strategy="default",
@@ -157,6 +114,12 @@ def write_llava_next(
     )
     processor.save_pretrained(path)
     return path
+
+
+def _check_head(hidden: int, heads: int) -> int:
+    if hidden // heads < 32:
+        raise ValueError(f"hidden // heads = {hidden // heads}: vLLM's CPU attention takes heads of 32 or more")
+    return hidden // heads
 
 
 def _name_clip_tower_as_vllm_loads_it(weights: Path) -> None:
@@ -199,9 +162,7 @@ def write_qwen2_vl(
         Qwen2VLVideoProcessor,
     )
 
-    head = hidden // heads
-    if head < 32:
-        raise ValueError(f"hidden // heads = {head}: vLLM's CPU attention takes heads of 32 or more")
+    head = _check_head(hidden, heads)
     path = Path(path)
     torch.manual_seed(seed)
     half = head // 2  # M-RoPE splits a head's rotary frequencies into (t, h, w) sections
