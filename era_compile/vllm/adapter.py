@@ -20,6 +20,7 @@ With no ``era`` section everything here runs vLLM's own code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -58,19 +59,21 @@ class ERAProcessorMixin:
     def era_image_token(self) -> int:
         raise NotImplementedError
 
+    @functools.cached_property
     def _era(self) -> ERAConfig | None:
+        # read once: vLLM builds the processor after the engine's config hook set the settings
         return config_of(self.info.ctx.model_config)
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
-        config = self._era()
+        config = self._era
         if config is None:
             return updates
         return [_kept_only(update, config) if update.modality == "image" else update for update in updates]
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
         hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
-        config = self._era()
+        config = self._era
         if config is None:
             return hashes
         salt = json.dumps([config.__dict__, list(inputs.prompt)], sort_keys=True, default=str)
@@ -81,7 +84,7 @@ class ERAProcessorMixin:
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
         result = super().apply(inputs, timing_ctx)  # type: ignore[misc]
-        config = self._era()
+        config = self._era
         if config is None:
             return result
         others = sorted(m for m in result["mm_placeholders"] if m != "image")
@@ -132,7 +135,8 @@ class ERAModelMixin:
     config: Any
     language_model: Any
 
-    def era_setup(self, vllm_config: Any) -> None:
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.era_config = era_config_from(vllm_config.additional_config)
         self.era_step = StepBias()
         if self.era_config is not None:

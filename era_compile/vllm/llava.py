@@ -60,15 +60,11 @@ def _build_processor(info: Any, dummy_inputs: Any) -> Any:
     _build_processor, info=_build_llava_or_pixtral_hf_info, dummy_inputs=LlavaDummyInputsBuilder
 )
 class ERALlavaForConditionalGeneration(ERAModelMixin, LlavaForConditionalGeneration):
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.era_setup(vllm_config)
+    """vLLM's LLaVA with ERA at K = 0 when the engine has an ``era`` section."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     ERALlavaNextProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
 class ERALlavaNextForConditionalGeneration(ERAModelMixin, LlavaNextForConditionalGeneration):
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.era_setup(vllm_config)
+    """vLLM's LLaVA-NeXT with ERA at K = 0 when the engine has an ``era`` section."""

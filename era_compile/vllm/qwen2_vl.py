@@ -57,10 +57,6 @@ class ERAQwen2VLProcessor(ERAProcessorMixin, Qwen2VLMultiModalProcessor):
 class ERAQwen2VLForConditionalGeneration(ERAModelMixin, Qwen2VLForConditionalGeneration):
     POSITION_COLUMNS = 3
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.era_setup(vllm_config)
-
     def _merged_grid(self, grid_thw: Any) -> tuple[int, int]:
         t, h, w = (int(x) for x in grid_thw)
         if t != 1:

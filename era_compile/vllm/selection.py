@@ -34,7 +34,8 @@ class Pruned:
 
 def layer0_queries_and_keys(layer: Any, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, float]:
     """q [1, Hq, N, d] and k [1, Hkv, N, d] of a vLLM Llama-style decoder layer's attention on
-    ``hidden`` [N, D] at ``positions`` [N], and the attention's scale: what its attention op receives."""
+    ``hidden`` [N, D] at ``positions`` ([N], or [3, N] for M-RoPE), and the attention's scale: what its
+    attention op receives."""
     attn = layer.self_attn
     qkv, _ = attn.qkv_proj(layer.input_layernorm(hidden))
     q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
