@@ -1,7 +1,8 @@
 """What the vLLM tier builds on, checked without vLLM: the tiny model folders ``era_compile.vllm.offline``
 writes (narrow heads refused, token counts as their models compute them; Qwen2-VL's folder needs
 torchvision for its video processor and is checked in the vLLM tier), and
-``EagerReference.last["hidden"]``, the kept states the tier's HF-path reference decodes from."""
+``EagerReference.last["hidden"]``, the kept states the tier's HF-path reference decodes from, and the
+slot layout of a request's images as one pool (``pool.plan_pool``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from PIL import Image
 from era_compile import ERAConfig, zoo
 from era_compile.reference import EagerReference, decoder_of
 from era_compile.vllm import offline
+from era_compile.vllm.pool import plan_pool, pool_capacity
 
 
 @pytest.mark.parametrize("write", [offline.write_llava, offline.write_llava_next, offline.write_qwen2_vl])
@@ -62,3 +64,52 @@ def test_reference_records_the_states_the_first_kept_layer_receives():
             assert not torch.allclose(last["hidden"][~text], at_kept[~text])
         else:
             assert torch.equal(last["hidden"], at_kept)
+
+
+def test_one_image_pool_has_no_dead_slot():
+    config = ERAConfig(layer=0, keep_ratio=0.25)
+    prompt = [1, 2] + [9] * 64 + [3, 4, 5]
+    layout = plan_pool(prompt, [(2, 64)], config)
+    assert layout.slots == (16,) and layout.slot_starts == (2,) and layout.kept == 16
+    assert layout.served_prompt() == [1, 2] + [9] * 16 + [3, 4, 5]
+    assert all(layout.embed_mask())
+
+
+def test_a_pool_of_images_gives_each_the_most_it_can_keep():
+    # T = 64 + 8 = 72, k = 18: the first image may keep up to 18 of its 64, the second all 8 of its 8
+    config = ERAConfig(layer=0, keep_ratio=0.25)
+    prompt = [1] + [9] * 64 + [2, 3] + [9] * 8 + [4]
+    layout = plan_pool(prompt, [(1, 64), (67, 8)], config)
+    assert layout.kept == config.kept(72) == 18
+    assert layout.slots == (18, 8)
+    assert layout.slot_starts == (1, 21)
+    assert layout.served_prompt() == [1] + [9] * 18 + [2, 3] + [9] * 8 + [4]
+    assert layout.embed_mask() == [True] * 18 + [False, False] + [True] * 8
+
+
+@pytest.mark.parametrize(
+    ("prompt", "spans", "message"),
+    [
+        ([1] + [9] * 4 + [2], [(1, 4), (3, 2)], "overlap"),
+        ([1] + [9] * 4, [(1, 5)], "overlap"),
+        ([1, 9, 8, 9, 2], [(1, 3)], "not one repeated placeholder token"),
+        ([1, 2], [], "at least one image"),
+    ],
+)
+def test_a_layout_the_prompt_does_not_hold_is_refused(prompt, spans, message):
+    with pytest.raises(ValueError, match=message):
+        plan_pool(prompt, spans, ERAConfig(layer=0, keep_ratio=0.25))
+
+
+def test_pool_capacity_bounds_every_layout_of_that_many_images():
+    config = ERAConfig(layer=0, keep_ratio=0.25)
+    assert pool_capacity(config, 64, 1) == 16
+    assert pool_capacity(config, 64, 2) == 64  # k = 32: each of the two may keep all of its 32 slots
+    assert pool_capacity(config, 64, 8) == 512  # k = 128 > 64: every image may keep all its tokens
+    for counts in [(64, 1), (64, 64), (40, 64), (1, 1), (64, 20)]:
+        prompt = [1]
+        spans = []
+        for count in counts:
+            spans.append((len(prompt), count))
+            prompt += [9] * count + [2]
+        assert sum(plan_pool(prompt, spans, config).slots) <= pool_capacity(config, 64, 2)

@@ -1,9 +1,10 @@
 """The Hugging Face side of the vLLM tier's comparisons, run on the same folder vLLM loads.
 
 ``pruned_greedy`` is era_compile's HF path at K = 0 (``EagerReference``: its anchors, recycled states
-and ``log b``) with the positions the vLLM plugin uses for a 1-D RoPE model: the kept tokens
-numbered 0..n'-1. Generation then runs HF's own decoder and head with LAR written as an additive
-mask on the kept keys, recomputing the whole sequence each step (no cache to get wrong).
+and ``log b``) with the positions the vLLM plugin uses for a 1-D RoPE model: the served prompt's
+tokens numbered 0..n'-1, each image's kept tokens in its slots (``served_layout``). Generation then
+runs HF's own decoder and head with LAR written as an additive mask on the kept keys, recomputing
+the whole sequence each step (no cache to get wrong).
 """
 
 from __future__ import annotations
@@ -49,19 +50,48 @@ def greedy_from_embeddings(model, embeds: torch.Tensor, log_bias: torch.Tensor, 
     return tokens, torch.stack(scores)
 
 
+def served_layout(last: dict, ids: torch.Tensor, image_token: int, images: int, config: ERAConfig):
+    """The HF path's kept states (``last``: ``EagerReference.last``) laid out as the plugin serves the
+    prompt ``ids`` [N] with its ``images`` images (LLaVA's: all of one token count, so adjacent images
+    split evenly): each image's kept tokens in order in its ``min(T_i, k)`` slots, then its dead slots
+    (zero states, a -inf bias: no weight for any query); the text as kept. Returns the states
+    [1, n, D] and the bias [n]."""
+    from era_compile.vllm.pool import plan_pool
+
+    is_image = (ids == image_token).int()
+    per_image = int(is_image.sum()) // images
+    edges = torch.diff(is_image, prepend=is_image.new_zeros(1), append=is_image.new_zeros(1))
+    starts, ends = torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()
+    runs = zip(starts, ends, strict=True)
+    spans = [(start, per_image) for first, end in runs for start in range(first, end, per_image)]
+    layout = plan_pool(ids.tolist(), spans, config)
+    keep, hidden = last["keep_index"][0], last["hidden"][0]
+    bias = last["log_bias"][0] if config.rectify else torch.zeros_like(last["log_bias"][0])
+    states, biases, done = [], [], 0
+    for start, count, slots in zip(layout.starts, layout.counts, layout.slots, strict=True):
+        upto = (keep >= done) & (keep < start + count)
+        dead = slots - int(((keep >= start) & (keep < start + count)).sum())
+        states += [hidden[upto], hidden.new_zeros(dead, hidden.shape[1])]
+        biases += [bias[upto], bias.new_full((dead,), float("-inf"))]
+        done = start + count
+    states.append(hidden[keep >= done])
+    biases.append(bias[keep >= done])
+    return torch.cat(states)[None], torch.cat(biases)
+
+
 @torch.no_grad()
-def pruned_greedy(model, processor, prompt: str, image, config: ERAConfig, max_tokens: int):
-    """HF-path pruning at K = 0 of ``prompt`` with ``image``, then greedy decoding at contiguous positions.
-    Returns (tokens, log-softmax per step, the reference's record)."""
+def pruned_greedy(model, processor, prompt: str, images, config: ERAConfig, max_tokens: int):
+    """HF-path pruning at K = 0 of ``prompt`` with ``images`` (one or a list: one pool), then greedy
+    decoding at the positions the plugin serves. Returns (tokens, log-softmax per step, served length)."""
     from era_compile.reference import EagerReference
 
-    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
     reference = EagerReference(model, config.replace(layer=0, compiler="eager"))
     reference(**inputs)
-    last = reference.last
-    bias = last["log_bias"][0] if config.rectify else torch.zeros_like(last["log_bias"][0])
-    tokens, scores = greedy_from_embeddings(model, last["hidden"], bias, max_tokens)
-    return tokens, scores, last
+    count = len(images) if isinstance(images, list) else 1
+    embeds, bias = served_layout(reference.last, inputs["input_ids"][0], model.config.image_token_index, count, config)
+    tokens, scores = greedy_from_embeddings(model, embeds, bias, max_tokens)
+    return tokens, scores, embeds.shape[1]
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """The plugin on Qwen2-VL (M-RoPE): kept image tokens at their original (t, h, w) positions and the
 text after them at its original positions, so vLLM generates exactly what era_compile's HF path
 (``EagerReference``, which keeps original positions) generates, for images of different grids in one
-batch beside a text-only request."""
+batch beside a text-only request and a request whose two images are one pool (its dead slots are
+invisible, so its tokens must be those of the reference, which has none)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,26 @@ REQUESTS = [
     (f"USER: {IMAGE}What colour is the square? ASSISTANT:", (150, 120)),
     (f"USER: {IMAGE}Describe the picture. ASSISTANT:", (224, 168)),
     ("USER: Say something about the sea. ASSISTANT:", None),
+    (f"USER: {IMAGE} and {IMAGE}Which one is brighter? ASSISTANT:", [(150, 120), (120, 180)]),  # one pool
 ]
+
+
+def images_of(index: int, size):
+    """The request's image, its list of images (one pool), or None."""
+    if isinstance(size, list):
+        return [noise_image(10 * index + j, s) for j, s in enumerate(size)]
+    return noise_image(index, size) if size else None
 
 
 @pytest.fixture(scope="module")
 def outputs(tiny_qwen2_vl):
     # videos are refused with an era section: 0 per prompt, or vLLM's start-up warm-up (which sends one) fails
     llm = start_llm(
-        tiny_qwen2_vl, enforce_eager=True, additional_config={"era": ERA}, limit_mm_per_prompt={"image": 1, "video": 0}
+        tiny_qwen2_vl, enforce_eager=True, additional_config={"era": ERA}, limit_mm_per_prompt={"image": 2, "video": 0}
     )
     try:
         batch = [
-            {"prompt": p, "multi_modal_data": {"image": noise_image(i, size)}} if size else {"prompt": p}
+            {"prompt": p, "multi_modal_data": {"image": images_of(i, size)}} if size else {"prompt": p}
             for i, (p, size) in enumerate(REQUESTS)
         ]
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
@@ -62,8 +71,7 @@ def test_greedy_tokens_equal_the_hf_path_at_original_positions(outputs, tiny_qwe
     config = ERAConfig(layer=0, **ERA)
     worst = 0.0
     for i, ((prompt, size), out) in enumerate(zip(REQUESTS, outputs, strict=True)):
-        image = noise_image(i, size) if size else None
-        tokens, scores, _ = hf_path(tiny_qwen2_vl, prompt, image, config)
+        tokens, scores, _ = hf_path(tiny_qwen2_vl, prompt, images_of(i, size), config)
         got = list(out.outputs[0].token_ids)
         assert got == tokens, (prompt, got, tokens)
         for step, token in enumerate(got):
@@ -72,13 +80,15 @@ def test_greedy_tokens_equal_the_hf_path_at_original_positions(outputs, tiny_qwe
     assert worst < 1e-3
 
 
-def test_the_prompt_holds_the_kept_tokens_only(outputs, tiny_qwen2_vl):
+def test_the_prompt_holds_each_images_slots_only(outputs, tiny_qwen2_vl):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
     config = ERAConfig(layer=0, **ERA)
     for i, ((prompt, size), out) in enumerate(zip(REQUESTS, outputs, strict=True)):
-        image = noise_image(i, size) if size else None
-        ids = processor(text=prompt, images=image, return_tensors="pt")["input_ids"][0]
-        T = int((ids == 250).sum())
-        assert len(out.prompt_token_ids) == ids.shape[0] - T + (config.kept(T) if T else 0)
+        full = processor(text=prompt, images=images_of(i, size), return_tensors="pt")
+        ids = full["input_ids"][0]
+        counts = [int(grid.prod()) // 4 for grid in full.get("image_grid_thw", [])]  # merge 2 x 2
+        assert sum(counts) == int((ids == 250).sum())
+        slots = sum(min(T, config.kept(sum(counts))) for T in counts)
+        assert len(out.prompt_token_ids) == ids.shape[0] - sum(counts) + slots

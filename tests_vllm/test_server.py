@@ -1,7 +1,7 @@
 """What a server does, with the plugin on: continuous batching of requests with different images,
-the same image under different prompts, and no image; chunked prefill cutting through the kept image
-tokens; prefix caching; preemption and recomputation. Every request's greedy tokens must stay the
-HF path's."""
+image counts (none, one, two as one pool) and the same image under different prompts; chunked
+prefill cutting through the kept image tokens; prefix caching; preemption and recomputation. Every
+request's greedy tokens must stay the HF path's."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def stream():
         ("USER: <image>\nDescribe it briefly. ASSISTANT:", one),  # same image, another prompt
         ("USER: <image>\nWhat colour is the square? ASSISTANT:", two),
         ("USER: Say something about the sea. ASSISTANT:", None),
+        ("USER: <image><image>\nSame? ASSISTANT:", [two, one]),  # one pool: slots for both, some dead
     ]
 
 

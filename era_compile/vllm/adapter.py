@@ -1,15 +1,17 @@
 """ERA at K = 0 in a vLLM multimodal model: the processor side and the model side, shared by every
 model family the plugin serves (``llava.py``, ``qwen2_vl.py`` say only what differs).
 
-* **Processor** (``ERAProcessorMixin``): each image gets ``kept(T)`` placeholders instead of ``T``
-  (prompt accounting: the scheduler and the KV-cache manager see the pruned prompt from the start,
-  as vLLM's EVS does for video), and carries the request's unpruned prompt (``era_prompt``) and
-  where its tokens start in it (``era_image_start``): DEP scores the image with the prompt's
-  instruction tokens. The item's hash mixes in the prompt and the settings, so vLLM's encoder cache
-  and prefix cache never serve one prompt's selection, or one budget's, to another.
-* **Model** (``ERAModelMixin``): ``embed_multimodal`` runs the vision tower, merges the image into its
-  unpruned prompt, selects and recycles with ``selection.prune_prompt`` (the HF path's functions) and
-  returns the kept tokens' states with extra columns: ``log b``, then the family's position columns
+* **Processor** (``ERAProcessorMixin``): after vLLM's own processing, a request's images become one
+  vLLM item, the pool (``pool.py``): the served prompt gives image i ``min(T_i, k)`` slots, with k
+  the request's budget (prompt accounting: the scheduler and the KV-cache manager see the pruned
+  prompt from the start, as vLLM's EVS does for video), and the item carries the unpruned prompt and
+  the layout: DEP scores the images with the prompt's instruction tokens. The item's hash mixes in
+  the prompt and the settings, so vLLM's encoder cache and prefix cache never serve one prompt's
+  selection, or one budget's, to another.
+* **Model** (``ERAModelMixin``): ``embed_multimodal`` runs the vision tower on every image of the
+  pool, merges them into the unpruned prompt, selects and recycles jointly with
+  ``selection.prune_prompt`` (the HF path's functions) and returns the slots' states (each image's
+  anchors, then its dead slots) with extra columns: ``log b``, then the family's position columns
   (M-RoPE: the anchors' original (t, h, w)). vLLM caches and slices encoder outputs by rows, so the
   columns stay with their tokens through the encoder cache, chunked prefill and recompute.
   ``embed_input_ids`` strips them into the step's ``StepBias``; the attention layers
@@ -20,6 +22,7 @@ With no ``era`` section everything here runs vLLM's own code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,18 +31,29 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.inputs import (
+    MultiModalBatchedField,
+    MultiModalFieldElem,
+    MultiModalFlatField,
+    MultiModalKwargsItem,
+    MultiModalKwargsItems,
+    PlaceholderRange,
+)
 
 from era_compile.config import ERAConfig
 from era_compile.vllm.attention import StepBias, mark_layers
 from era_compile.vllm.config import era_config_from
+from era_compile.vllm.pool import DEAD_SLOT_LOG_BIAS, PoolLayout, plan_pool, pool_capacity
 from era_compile.vllm.selection import prune_prompt
 
 # Set on vLLM's ModelConfig by plugin.bridge_config: the processor is built from the ModelConfig alone.
 MODEL_CONFIG_ATTRIBUTE = "era_compile_config"
+# A pool item's layout fields (pool.PoolLayout): the unpruned prompt, each image's start in it, and
+# its slots' start and count in the served prompt.
 PROMPT_FIELD = "era_prompt"
-START_FIELD = "era_image_start"
+STARTS_FIELD = "era_image_starts"
+SLOT_STARTS_FIELD = "era_slot_starts"
+SLOTS_FIELD = "era_slots"
 
 
 def config_of(model_config: Any) -> ERAConfig | None:
@@ -47,40 +61,32 @@ def config_of(model_config: Any) -> ERAConfig | None:
     return None if fields is None else ERAConfig(**fields)
 
 
+class ERAProcessingInfoMixin:
+    """Before a vLLM ``BaseProcessingInfo`` in the bases. vLLM sizes its encoder cache, and refuses
+    larger items, by the most tokens one item embeds; under ERA an item is a request's pool, which
+    can hold more than one image's tokens (``pool.pool_capacity``, at the per-prompt image limit)."""
+
+    ctx: Any
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int] | None:
+        base = super().get_mm_max_tokens_per_item(seq_len, mm_counts)  # type: ignore[misc]
+        config = config_of(self.ctx.model_config)
+        if config is None:
+            return base
+        limit = max(1, self.ctx.get_mm_config().get_limit_per_prompt("image"))
+        return {**(base or {}), "image": pool_capacity(config, self.get_max_image_tokens(), limit)}  # type: ignore[attr-defined]
+
+
 class ERAProcessorMixin:
-    """Before a vLLM ``BaseMultiModalProcessor`` in the bases. A family says how many tokens its
-    image has unpruned (``era_visual_count``) and which token stands for one (``era_image_token``)."""
+    """Before a vLLM ``BaseMultiModalProcessor`` in the bases: vLLM's own processing, then the request's
+    images become one pool item laid out by ``pool.plan_pool``."""
 
     info: Any
-
-    def era_visual_count(self, inputs: Any, result: Any, index: int) -> int:
-        raise NotImplementedError
-
-    def era_image_token(self) -> int:
-        raise NotImplementedError
 
     @functools.cached_property
     def _era(self) -> ERAConfig | None:
         # read once: vLLM builds the processor after the engine's config hook set the settings
         return config_of(self.info.ctx.model_config)
-
-    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
-        config = self._era
-        if config is None:
-            return updates
-        return [_kept_only(update, config) if update.modality == "image" else update for update in updates]
-
-    def _get_mm_hashes(self, inputs: Any) -> Any:
-        hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
-        config = self._era
-        if config is None:
-            return hashes
-        salt = json.dumps([config.__dict__, list(inputs.prompt)], sort_keys=True, default=str)
-        return {
-            modality: [hashlib.sha256(f"{h}|era|{salt}".encode()).hexdigest() for h in items]
-            for modality, items in hashes.items()
-        }
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
         result = super().apply(inputs, timing_ctx)  # type: ignore[misc]
@@ -93,37 +99,58 @@ class ERAProcessorMixin:
         ranges = result["mm_placeholders"].get("image", [])
         if not ranges:
             return result
-        if len(ranges) > 1:
-            raise ValueError(
-                f"era: a request with {len(ranges)} images: the vLLM plugin prunes one image per request so far "
-                "(a request's images are one pool in ERA, and vLLM fixes each image's placeholder count before "
-                "the pool is scored)"
-            )
-        (span,) = ranges
-        prompt = list(result["prompt_token_ids"])
-        full = self.era_visual_count(inputs, result, 0)
-        unpruned = prompt[: span.offset] + [self.era_image_token()] * full + prompt[span.offset + span.length :]
-        item = result["mm_kwargs"]["image"][0]
-        if item is not None:  # None: vLLM's engine already holds this item (same hash: same prompt)
-            field = MultiModalBatchedField()
-            item[PROMPT_FIELD] = MultiModalFieldElem(data=torch.tensor(unpruned), field=field)
-            item[START_FIELD] = MultiModalFieldElem(data=torch.tensor([span.offset]), field=field)
+        for span in ranges:
+            if span.is_embed is not None and not bool(span.is_embed.all()):
+                raise ValueError("era: an image placeholder with tokens that are not the image's own")
+        layout = plan_pool(result["prompt_token_ids"], [(r.offset, r.length) for r in ranges], config)
+        items = list(result["mm_kwargs"]["image"])
+        if any(item is None for item in items):  # bridge_config turns vLLM's processor cache off
+            raise RuntimeError("era: an image came back from vLLM's processor cache; it must be off")
+        salt = json.dumps([config.__dict__, list(layout.unpruned), result["mm_hashes"]["image"]], default=str)
+        mask = torch.tensor(layout.embed_mask())
+        result["prompt_token_ids"] = layout.served_prompt()
+        result["mm_kwargs"] = MultiModalKwargsItems({"image": [pool_item(items, layout)]})
+        result["mm_hashes"] = {"image": [hashlib.sha256(salt.encode()).hexdigest()]}
+        result["mm_placeholders"] = {
+            "image": [PlaceholderRange(layout.slot_starts[0], len(mask), None if bool(mask.all()) else mask)]
+        }
         return result
 
 
-def _kept_only(update: Any, config: ERAConfig) -> Any:
-    """An image's prompt replacement that emits kept(T) image tokens where vLLM's emits T."""
-    if not isinstance(update, PromptReplacement) or not callable(update.replacement):
-        raise ValueError(f"era: cannot shrink the prompt update {update!r} of this model")
-    replace = update.replacement
+def pool_item(items: Sequence[Any], layout: PoolLayout) -> Any:
+    """The request's image items as one vLLM item. Each field holds all the images' data such that
+    vLLM's batching of pool items hands the model what it would hand for all their images as separate
+    items (flat fields concatenate; a batched field becomes a flat list that ``_rebatch`` stacks), and
+    the layout rides in four fields of its own (kept on the CPU: M-RoPE reads them when a prefix-cache
+    hit strips the rest)."""
+    fields = {}
+    for key in items[0]:
+        elems = [item[key] for item in items]
+        field = elems[0].field
+        if isinstance(field, MultiModalBatchedField):
+            flat = MultiModalFlatField(slices=[slice(0, len(elems))], dim=0, keep_on_cpu=field.keep_on_cpu)
+            fields[key] = MultiModalFieldElem(data=[e.data for e in elems], field=flat)
+        elif isinstance(field, MultiModalFlatField) and all(isinstance(e.data, Tensor) for e in elems):
+            fields[key] = MultiModalFieldElem(data=torch.cat([e.data for e in elems], dim=field.dim), field=field)
+        else:
+            raise ValueError(f"era: cannot pool the images' field {key!r} ({type(field).__name__})")
+    per_pool = MultiModalBatchedField(keep_on_cpu=True)
+    for name, values in (
+        (PROMPT_FIELD, layout.unpruned),
+        (STARTS_FIELD, layout.starts),
+        (SLOT_STARTS_FIELD, layout.slot_starts),
+        (SLOTS_FIELD, layout.slots),
+    ):
+        fields[name] = MultiModalFieldElem(data=torch.tensor(values), field=per_pool)
+    return MultiModalKwargsItem(fields)
 
-    def kept(item_idx: int) -> Any:
-        tokens = replace(item_idx)
-        if not isinstance(tokens, list) or len(set(tokens)) != 1:
-            raise ValueError("era: the image's replacement was expected to repeat one token")
-        return tokens[: config.kept(len(tokens))]
 
-    return PromptReplacement(modality=update.modality, target=update.target, replacement=kept)
+def _rebatch(value: Any) -> Any:
+    """A pooled batched field as vLLM batches separate items: stacked where the shapes agree."""
+    if isinstance(value, list) and value and all(isinstance(v, Tensor) for v in value):
+        if all(v.shape == value[0].shape for v in value):
+            return torch.stack(value)
+    return value
 
 
 class ERAModelMixin:
@@ -142,9 +169,12 @@ class ERAModelMixin:
         if self.era_config is not None:
             mark_layers(self.language_model, self.era_step)
 
-    def era_positions(self, ids: Tensor, start: int, count: int, kwargs: dict, index: int) -> Tensor:
-        """The unpruned prompt's positions, as the model's rotary embedding takes them (``kwargs``: the
-        batch's multimodal inputs, ``index``: this image's among them)."""
+    def era_positions(
+        self, ids: Tensor, starts: Sequence[int], counts: Sequence[int], kwargs: dict, images: range
+    ) -> Tensor:
+        """The unpruned prompt's positions, as the model's rotary embedding takes them: its images start at
+        ``starts`` with ``counts`` tokens each (``kwargs``: the batch's image inputs, ``images``: this
+        pool's among them)."""
         return torch.arange(ids.shape[0], device=ids.device)
 
     def era_position_columns(self, positions: Tensor, kept_visual: Tensor) -> Tensor:
@@ -152,29 +182,54 @@ class ERAModelMixin:
         return positions.new_zeros(kept_visual.shape[0], 0)
 
     def embed_multimodal(self, **kwargs: object) -> Any:
-        prompts = kwargs.pop(PROMPT_FIELD, None)
-        starts = kwargs.pop(START_FIELD, None)
-        images = super().embed_multimodal(**kwargs)  # type: ignore[misc]
-        if self.era_config is None or prompts is None or starts is None:
-            return images  # vLLM's memory profiling: dummy images with no prompt
-        return [
-            self._prune_image(image, prompt, int(start), kwargs, index)
-            for index, (image, prompt, start) in enumerate(zip(images, _rows(prompts), _rows(starts), strict=True))
-        ]
+        pool = {name: kwargs.pop(name, None) for name in (PROMPT_FIELD, STARTS_FIELD, SLOT_STARTS_FIELD, SLOTS_FIELD)}
+        if self.era_config is None or pool[PROMPT_FIELD] is None:
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]  # vLLM's profiling: no pools
+        kwargs = {key: _rebatch(value) for key, value in kwargs.items()}
+        images = super().embed_multimodal(**kwargs)  # type: ignore[misc]  # every image of every pool
+        out, first = [], 0
+        for prompt, starts, slots in zip(
+            batch_rows(pool[PROMPT_FIELD]), batch_rows(pool[STARTS_FIELD]), batch_rows(pool[SLOTS_FIELD]), strict=True
+        ):
+            members = range(first, first + starts.shape[0])
+            out.append(
+                self._prune_pool([images[i] for i in members], prompt, starts.tolist(), slots.tolist(), kwargs, members)
+            )
+            first = members.stop
+        if first != len(images):
+            raise RuntimeError(f"era: {len(images)} images for pools of {first}")
+        return out
 
-    def _prune_image(self, image: Tensor, prompt: Tensor, start: int, kwargs: dict, index: int) -> Tensor:
+    def _prune_pool(
+        self, images: list[Tensor], prompt: Tensor, starts: list[int], slots: list[int], kwargs: dict, members: range
+    ) -> Tensor:
+        """A request's images merged into its unpruned prompt, selected and recycled as one pool: the
+        rows of its slots ([sum(slots), D + 1 + POSITION_COLUMNS]), each image's anchors in order, then
+        its dead slots."""
         assert self.era_config is not None
-        ids = prompt.to(image.device)
-        visual = torch.zeros(ids.shape[0], dtype=torch.bool, device=image.device)
-        visual[start : start + image.shape[0]] = True
-        merged = super().embed_input_ids(ids, multimodal_embeddings=[image], is_multimodal=visual)  # type: ignore[misc]
-        positions = self.era_positions(ids, start, image.shape[0], kwargs, index)
+        ids = prompt.to(images[0].device)
+        counts = [image.shape[0] for image in images]
+        visual = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for start, count in zip(starts, counts, strict=True):
+            visual[start : start + count] = True
+        merged = super().embed_input_ids(ids, multimodal_embeddings=images, is_multimodal=visual)  # type: ignore[misc]
+        positions = self.era_positions(ids, starts, counts, kwargs, members)
         pruned = prune_prompt(self.language_model.model.layers[0], merged, positions, visual, self.era_config)
-        anchors = visual[pruned.keep_index]
-        rows = pruned.hidden[anchors]
-        log_bias = pruned.log_bias[anchors] if self.era_config.rectify else rows.new_zeros(rows.shape[0])
-        columns = self.era_position_columns(positions, pruned.keep_index[anchors]).to(rows.dtype)
-        return torch.cat([rows, log_bias[:, None].to(rows.dtype), columns], dim=-1)
+        if not self.era_config.rectify:
+            pruned = dataclasses.replace(pruned, log_bias=torch.zeros_like(pruned.log_bias))
+        rows = []
+        for start, count, slot in zip(starts, counts, slots, strict=True):
+            mine = (pruned.keep_index >= start) & (pruned.keep_index < start + count)
+            hidden, log_bias, index = pruned.hidden[mine], pruned.log_bias[mine], pruned.keep_index[mine]
+            dead = slot - hidden.shape[0]
+            if dead < 0:
+                raise RuntimeError(f"era: an image kept {hidden.shape[0]} tokens in {slot} slots")
+            hidden = torch.cat([hidden, hidden.new_zeros(dead, hidden.shape[1])])
+            log_bias = torch.cat([log_bias, log_bias.new_full((dead,), DEAD_SLOT_LOG_BIAS)])
+            index = torch.cat([index, index.new_full((dead,), start)])  # dead slots: any position, no weight
+            columns = self.era_position_columns(positions, index).to(hidden.dtype)
+            rows.append(torch.cat([hidden, log_bias[:, None].to(hidden.dtype), columns], dim=-1))
+        return torch.cat(rows)
 
     def embed_input_ids(
         self, input_ids: Tensor, multimodal_embeddings: Any = None, *, is_multimodal: Tensor | None = None, **kw: Any
@@ -208,7 +263,7 @@ class ERAModelMixin:
             self.era_step.log_bias, self.era_step.positions = None, None  # never reaches the next step
 
 
-def _rows(batched: Any) -> Sequence[Tensor]:
+def batch_rows(batched: Any) -> Sequence[Tensor]:
     """A batched field as vLLM hands it over: a stacked tensor, or a list when the items' shapes differ."""
     if isinstance(batched, Tensor):
         return list(batched.unbind(0))

@@ -29,14 +29,6 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def augmented_head_size(head_size: int) -> int:
-    """The smallest head size the CPU kernel runs that has room for the bias column."""
-    for size in CPU_HEAD_SIZES:
-        if size > head_size:
-            return size
-    raise ValueError(f"head size {head_size}: the CPU attention kernel has no larger size to carry LAR's bias")
-
-
 @dataclass
 class StepBias:
     """One model's ``log b`` for the tokens of the step being run, in the step's token order (None:
@@ -61,8 +53,15 @@ def mark_layers(model: torch.nn.Module, step: StepBias) -> int:
             raise ValueError(f"{module.layer_name}: LAR on a sliding-window layer is not built in the vLLM plugin yet")
         if module.head_size != module.head_size_v:
             raise ValueError(f"{module.layer_name}: LAR needs equal key and value head sizes")
+        impl = module.impl
+        if not isinstance(impl, LARPaddedImpl):
+            raise ValueError(
+                f"{module.layer_name}: vLLM chose the {type(impl).__name__} attention, which does not run LAR "
+                "(the plugin wraps CPU_ATTN and FLASH_ATTN)"
+            )
         module.era_step = step
-        module.era_head_size = augmented_head_size(module.head_size)
+        module.era_head_size = impl.augmented_head_size(module.head_size)
+        impl.bind_padded_head(module)
         module.get_kv_cache_spec = _padded_spec.__get__(module)
         marked += 1
     return marked
@@ -89,19 +88,36 @@ def _pad(x: Tensor, size: int, column: Tensor | float | None = None) -> Tensor:
     return out
 
 
-class ERACPUAttentionImpl(CPUAttentionBackendImpl):
+class LARPaddedImpl:
+    """Before a vLLM attention impl in the bases: pads the marked layers' q, k, v as the module
+    docstring says and runs the impl on the padded head; unmarked layers run the impl unchanged."""
+
+    scale: float
+    HEAD_SIZES: tuple[int, ...] = ()
+
+    @classmethod
+    def augmented_head_size(cls, head_size: int) -> int:
+        """The smallest head size the kernel runs that has room for the bias column."""
+        for size in cls.HEAD_SIZES:
+            if size > head_size:
+                return size
+        raise ValueError(f"head size {head_size}: {cls.__name__}'s kernel has no larger size to carry LAR's bias")
+
+    def bind_padded_head(self, layer: Any) -> None:
+        """Called once when ``layer`` is marked, before its cache exists."""
+
     def do_kv_cache_update(
         self, layer: Any, key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor
     ) -> None:
         step = getattr(layer, "era_step", None)
         if step is None:
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)  # type: ignore[misc]
         size = layer.era_head_size
         column = torch.zeros(key.shape[0], dtype=key.dtype, device=key.device)
         if step.log_bias is not None:
             n = min(key.shape[0], step.log_bias.shape[0])
             column[:n] = step.log_bias[:n].to(key.dtype) / self.scale
-        super().do_kv_cache_update(layer, _pad(key, size, column), _pad(value, size), kv_cache, slot_mapping)
+        super().do_kv_cache_update(layer, _pad(key, size, column), _pad(value, size), kv_cache, slot_mapping)  # type: ignore[misc]
 
     def forward(
         self,
@@ -115,15 +131,18 @@ class ERACPUAttentionImpl(CPUAttentionBackendImpl):
         output_scale: Tensor | None = None,
         output_block_scale: Tensor | None = None,
     ) -> Tensor:
+        base = super().forward  # type: ignore[misc]
         if getattr(layer, "era_step", None) is None or attn_metadata is None:
-            return super().forward(
-                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
-            )
+            return base(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         size = layer.era_head_size
         wide = output.new_empty(*output.shape[:-1], size)
-        super().forward(layer, _pad(query, size, 1.0), key, value, kv_cache, attn_metadata, wide)
+        base(layer, _pad(query, size, 1.0), key, value, kv_cache, attn_metadata, wide)
         output.copy_(wide[..., : output.shape[-1]])
         return output
+
+
+class ERACPUAttentionImpl(LARPaddedImpl, CPUAttentionBackendImpl):
+    HEAD_SIZES = CPU_HEAD_SIZES
 
 
 class ERACPUAttentionBackend(CPUAttentionBackend):

@@ -3,8 +3,9 @@ LLaVA-NeXT (``LlavaNextForConditionalGeneration``: anyres crops and row newlines
 count follows its size; the newline tokens are visual tokens of the pool, as in the HF path).
 
 Positions: LLaVA's RoPE is 1-D and vLLM numbers a prompt's tokens 0..n'-1 itself, so the kept tokens
-run at contiguous positions in the pruned prompt (selection scores at the unpruned positions, as the
-HF path does). The tier compares with an HF-path reference at the same positions.
+run at the positions of their slots in the served prompt (``pool.PoolLayout``; contiguous for one
+image), while selection scores at the unpruned positions, as the HF path does. The tier compares with
+an HF-path reference at the same positions.
 """
 
 from __future__ import annotations
@@ -25,29 +26,28 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from era_compile.vllm.adapter import ERAModelMixin, ERAProcessorMixin
+from era_compile.vllm.adapter import ERAModelMixin, ERAProcessingInfoMixin, ERAProcessorMixin
 
 
-class _LlavaCounts:
-    info: Any
-
-    def era_image_token(self) -> int:
-        return int(self.info.get_hf_config().image_token_index)
-
-    def era_visual_count(self, inputs: Any, result: Any, index: int) -> int:
-        images = inputs.mm_data_items.get_items("image", object)
-        if hasattr(images, "get_feature_size"):  # precomputed embeddings
-            return int(images.get_feature_size(index))
-        size = images.get_image_size(index)
-        return int(self.info.get_num_image_tokens(image_width=size.width, image_height=size.height))
-
-
-class ERALlavaProcessor(_LlavaCounts, ERAProcessorMixin, LlavaMultiModalProcessor):
+class ERALlavaProcessingInfo(ERAProcessingInfoMixin, LlavaProcessingInfo):
     pass
 
 
-class ERALlavaNextProcessor(_LlavaCounts, ERAProcessorMixin, LlavaNextMultiModalProcessor):
+class ERALlavaNextProcessingInfo(ERAProcessingInfoMixin, LlavaNextProcessingInfo):
     pass
+
+
+class ERALlavaProcessor(ERAProcessorMixin, LlavaMultiModalProcessor):
+    pass
+
+
+class ERALlavaNextProcessor(ERAProcessorMixin, LlavaNextMultiModalProcessor):
+    pass
+
+
+def _build_info(ctx: Any) -> Any:
+    info = _build_llava_or_pixtral_hf_info(ctx)
+    return ERALlavaProcessingInfo(ctx) if type(info) is LlavaProcessingInfo else info
 
 
 def _build_processor(info: Any, dummy_inputs: Any) -> Any:
@@ -56,15 +56,13 @@ def _build_processor(info: Any, dummy_inputs: Any) -> Any:
     return ERALlavaProcessor(info, dummy_inputs)
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    _build_processor, info=_build_llava_or_pixtral_hf_info, dummy_inputs=LlavaDummyInputsBuilder
-)
+@MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder)
 class ERALlavaForConditionalGeneration(ERAModelMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA with ERA at K = 0 when the engine has an ``era`` section."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    ERALlavaNextProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+    ERALlavaNextProcessor, info=ERALlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
 class ERALlavaNextForConditionalGeneration(ERAModelMixin, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with ERA at K = 0 when the engine has an ``era`` section."""

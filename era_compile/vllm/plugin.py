@@ -9,14 +9,18 @@ engine's ``additional_config`` has an ``era`` section:
   it replaces, run once as the engine's config is built): it validates the ``era`` section (a bad
   field, a model or platform the plugin does not prune, stops the engine with the name) and puts the
   settings on the ModelConfig, the only config vLLM builds a multimodal processor from;
-* the CPU attention backend with LAR (``attention.ERACPUAttentionBackend``) under vLLM's ``CPU_ATTN``
-  name; it runs vLLM's kernel unchanged for any layer the model did not mark.
+* the attention backends with LAR under vLLM's ``CPU_ATTN`` and ``FLASH_ATTN`` names
+  (``attention.ERACPUAttentionBackend``, ``flash_attention.ERAFlashAttentionBackend``, imported only
+  when vLLM picks it); each runs vLLM's kernel unchanged for any layer the model did not mark.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "era_compile.vllm.llava:ERALlavaForConditionalGeneration",
@@ -42,11 +46,20 @@ def bridge_config(vllm_config: Any) -> None:
                 f"additional_config[{SECTION!r}]: the vLLM plugin prunes {sorted(ARCHITECTURES)} so far; "
                 f"{architecture} would run unpruned (remove the section to serve it as it is)"
             )
-        if not current_platform.is_cpu():
+        if not (current_platform.is_cpu() or current_platform.is_cuda()):
             raise ValueError(
-                f"additional_config[{SECTION!r}]: LAR is built for vLLM's CPU attention so far, not "
+                f"additional_config[{SECTION!r}]: LAR is built for vLLM's CPU attention and FlashAttention, not "
                 f"{current_platform.device_name}'s (remove the section to serve the model unpruned)"
             )
+        if current_platform.is_cuda():
+            logger.warning(
+                "era: LAR in vLLM's FlashAttention (era_compile.vllm.flash_attention) is written against "
+                "vLLM's API and checked on the CPU path it shares; it has not yet run on a GPU"
+            )
+        # A request's images leave the processor as one pool item (adapter.py), which vLLM's processor
+        # cache, keyed by single images, cannot hand back: it is off, and the pool's own hash serves the
+        # encoder and prefix caches.
+        vllm_config.model_config.multimodal_config.mm_processor_cache_gb = 0
     setattr(vllm_config.model_config, MODEL_CONFIG_ATTRIBUTE, None if config is None else dataclasses.asdict(config))
 
 
@@ -84,3 +97,4 @@ def register() -> None:
         hook.era_compile_hook = True  # type: ignore[attr-defined]
         MODELS_CONFIG_MAP[architecture] = hook
     register_backend(AttentionBackendEnum.CPU_ATTN, "era_compile.vllm.attention.ERACPUAttentionBackend")
+    register_backend(AttentionBackendEnum.FLASH_ATTN, "era_compile.vllm.flash_attention.ERAFlashAttentionBackend")

@@ -2,15 +2,16 @@
 
 Positions: Qwen2-VL's RoPE is M-RoPE, and vLLM lets the model supply a request's positions
 (``get_mrope_input_positions``), so the kept image tokens keep their original (t, h, w) and the text
-after the image keeps its original positions, as in the unpruned prompt and as era_compile's HF path
+after each image keeps its original positions, as in the unpruned prompt and as era_compile's HF path
 keeps them. Which tokens are kept is known only after the vision tower runs, so the positions vLLM
-asks for up front hold the image's first k grid positions, and each kept token carries its own in
+asks for up front hold each image's first grid positions, one per slot, and each kept token carries its own in
 three columns of its embedding; the model writes them over the step's positions before the decoder
 runs (the same columns-with-the-rows route as ``log b``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,36 +24,44 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from era_compile.vllm.adapter import ERAModelMixin, ERAProcessorMixin
+from era_compile.vllm.adapter import (
+    SLOT_STARTS_FIELD,
+    SLOTS_FIELD,
+    ERAModelMixin,
+    ERAProcessingInfoMixin,
+    ERAProcessorMixin,
+    batch_rows,
+)
 
 
-def mrope_layout(length: int, start: int, grid_h: int, grid_w: int, image_tokens: int) -> Tensor:
-    """[3, length] M-RoPE positions of a prompt with one image whose ``image_tokens`` tokens start at
-    ``start`` (its merged grid ``grid_h`` x ``grid_w``; fewer tokens than the grid: the first ones):
-    text before at 0..start-1 in all three rows, the image at (0, h, w) + start, the text after it
-    continuing from the grid's largest position + 1."""
-    before = torch.arange(start).expand(3, -1)
-    hh, ww = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    grid = torch.stack([torch.zeros_like(hh), hh, ww]).reshape(3, -1) + start
-    after_len = length - start - image_tokens
-    after = torch.arange(after_len).expand(3, -1) + int(grid.max()) + 1
-    return torch.cat([before, grid[:, :image_tokens], after], dim=1)
+def mrope_layout(length: int, images: list[tuple[int, int, int, int]]) -> Tensor:
+    """[3, length] M-RoPE positions of a prompt whose images are ``(start, grid_h, grid_w, tokens)``: the
+    image's first token, its merged grid, and how many of its tokens the prompt holds (fewer than the
+    grid: the first ones, stand-ins for the kept tokens' own). Text runs on in all three rows from the
+    previous piece's largest position + 1, an image sits at (0, h, w) from there, as Qwen2-VL lays a
+    prompt out; so the text keeps its unpruned positions however many tokens each image holds."""
+    pieces, cursor, next_position = [], 0, 0
+    for start, grid_h, grid_w, tokens in images:
+        pieces.append(torch.arange(start - cursor).expand(3, -1) + next_position)
+        next_position += start - cursor
+        hh, ww = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+        grid = torch.stack([torch.zeros_like(hh), hh, ww]).reshape(3, -1) + next_position
+        pieces.append(grid[:, :tokens])
+        next_position, cursor = int(grid.max()) + 1, start + tokens
+    pieces.append(torch.arange(length - cursor).expand(3, -1) + next_position)
+    return torch.cat(pieces, dim=1)
+
+
+class ERAQwen2VLProcessingInfo(ERAProcessingInfoMixin, Qwen2VLProcessingInfo):
+    pass
 
 
 class ERAQwen2VLProcessor(ERAProcessorMixin, Qwen2VLMultiModalProcessor):
-    def era_image_token(self) -> int:
-        return int(self.info.get_hf_config().image_token_id)
-
-    def era_visual_count(self, inputs: Any, result: Any, index: int) -> int:
-        item = result["mm_kwargs"]["image"][index]
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
-        if item is None:
-            raise ValueError("era: the image's grid is needed to lay its prompt out")
-        return int(item["image_grid_thw"].data.prod()) // merge**2
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    ERAQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+    ERAQwen2VLProcessor, info=ERAQwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
 )
 class ERAQwen2VLForConditionalGeneration(ERAModelMixin, Qwen2VLForConditionalGeneration):
     POSITION_COLUMNS = 3
@@ -64,9 +73,12 @@ class ERAQwen2VLForConditionalGeneration(ERAModelMixin, Qwen2VLForConditionalGen
         merge = self.config.vision_config.spatial_merge_size
         return h // merge, w // merge
 
-    def era_positions(self, ids: Tensor, start: int, count: int, kwargs: dict, index: int) -> Tensor:
-        grid_h, grid_w = self._merged_grid(kwargs["image_grid_thw"][index])
-        return mrope_layout(ids.shape[0], start, grid_h, grid_w, count).to(ids.device)
+    def era_positions(
+        self, ids: Tensor, starts: Sequence[int], counts: Sequence[int], kwargs: dict, images: range
+    ) -> Tensor:
+        grids = [self._merged_grid(kwargs["image_grid_thw"][i]) for i in images]
+        layout = [(start, h, w, count) for start, (h, w), count in zip(starts, grids, counts, strict=True)]
+        return mrope_layout(ids.shape[0], layout).to(ids.device)
 
     def era_position_columns(self, positions: Tensor, kept_visual: Tensor) -> Tensor:
         return positions[:, kept_visual].T
@@ -74,8 +86,10 @@ class ERAQwen2VLForConditionalGeneration(ERAModelMixin, Qwen2VLForConditionalGen
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[Tensor, int]:
         if self.era_config is None or not mm_features:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        (feature,) = mm_features  # the processor admits one image per request
-        grid_h, grid_w = self._merged_grid(feature.data["image_grid_thw"].data)
-        span = feature.mm_position
-        positions = mrope_layout(len(input_tokens), span.offset, grid_h, grid_w, span.length)
+        (pool,) = mm_features  # the processor makes a request's images one item
+        data = pool.data
+        grids = [self._merged_grid(grid) for grid in batch_rows(data["image_grid_thw"].data)]
+        starts, slots = data[SLOT_STARTS_FIELD].data.tolist(), data[SLOTS_FIELD].data.tolist()
+        layout = [(start, h, w, slot) for start, (h, w), slot in zip(starts, grids, slots, strict=True)]
+        positions = mrope_layout(len(input_tokens), layout)
         return positions, int(positions.max()) + 1 - len(input_tokens)
