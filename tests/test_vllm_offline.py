@@ -13,7 +13,7 @@ from PIL import Image
 from era_compile import ERAConfig, zoo
 from era_compile.reference import EagerReference, decoder_of
 from era_compile.vllm import offline
-from era_compile.vllm.pool import plan_pool, pool_capacity
+from era_compile.vllm.pool import pack_positions, plan_pool, pool_capacity, unpack_positions
 
 
 @pytest.mark.parametrize("write", [offline.write_llava, offline.write_llava_next, offline.write_qwen2_vl])
@@ -113,3 +113,15 @@ def test_pool_capacity_bounds_every_layout_of_that_many_images():
             spans.append((len(prompt), count))
             prompt += [9] * count + [2]
         assert sum(plan_pool(prompt, spans, config).slots) <= pool_capacity(config, 64, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_positions_ride_beside_their_rows_exactly_in_every_model_dtype(dtype):
+    positions = torch.tensor([[0, 255, 256], [257, 1001, 4097], [65535, 300, 12345]])
+    columns = pack_positions(positions, dtype)
+    assert columns.dtype == dtype and columns.shape == (3, 6)
+    assert torch.equal(unpack_positions(columns), positions)
+    if dtype == torch.bfloat16:  # as one column each, bf16 rounds 257 to 256
+        assert not torch.equal(positions.to(dtype).round().long(), positions)
+    with pytest.raises(ValueError, match="position 65536"):
+        pack_positions(torch.tensor([[65536]]), dtype)

@@ -50,13 +50,13 @@ def outputs(tiny_qwen2_vl):
 
 
 @torch.no_grad()
-def hf_path(path, prompt, image, config):
+def hf_path(path, prompt, image, config, dtype=torch.float32):
     """era_compile's HF path at K = 0 (original positions), greedy, EOS not stopping: tokens, log-softmax."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     from era_compile.reference import EagerReference
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     inputs = AutoProcessor.from_pretrained(path)(text=prompt, images=image, return_tensors="pt")
     runner = EagerReference(model, config) if image is not None else model
@@ -92,3 +92,56 @@ def test_the_prompt_holds_each_images_slots_only(outputs, tiny_qwen2_vl):
         assert sum(counts) == int((ids == 250).sum())
         slots = sum(min(T, config.kept(sum(counts))) for T in counts)
         assert len(out.prompt_token_ids) == ids.shape[0] - sum(counts) + slots
+
+
+def test_bf16_with_positions_past_256_reaches_the_decoder_exactly(tiny_qwen2_vl):
+    # Users serve bf16, whose mantissa holds integers exactly only up to 256: with the image past
+    # position 300, the positions the decoder receives must be the kept tokens' original ones, as
+    # transformers' own get_rope_index lays the unpruned prompt out, and the tokens the HF path's.
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from era_compile.reference import EagerReference
+
+    prompt = "USER: " + "Look at it. " * 27 + f"{IMAGE}What is it? ASSISTANT:"
+    image = noise_image(7, (150, 120))
+    config = ERAConfig(layer=0, **ERA)
+    llm = start_llm(
+        tiny_qwen2_vl,
+        dtype="bfloat16",
+        enforce_eager=True,
+        additional_config={"era": ERA},
+        limit_mm_per_prompt={"image": 1, "video": 0},
+    )
+    try:
+        llm.apply_model(watch_positions)
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        (out,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}], params)
+        (seen,) = llm.apply_model(lambda model: model.era_test_positions)
+    finally:
+        stop_llm(llm)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16).eval()
+    inputs = AutoProcessor.from_pretrained(tiny_qwen2_vl)(text=prompt, images=image, return_tensors="pt")
+    original, _ = model.model.get_rope_index(
+        inputs["input_ids"], inputs.get("mm_token_type_ids"), inputs["image_grid_thw"], None, inputs["attention_mask"]
+    )
+    reference = EagerReference(model, config.replace(compiler="eager"))
+    with torch.no_grad():
+        reference(**inputs)
+    keep = reference.last["keep_index"][0]
+    prefill = seen[0]
+    assert prefill.shape == (3, keep.shape[0]) and int(prefill.max()) > 300
+    assert torch.equal(prefill, original[:, 0, keep])
+    tokens, _, _ = hf_path(tiny_qwen2_vl, prompt, image, config, dtype=torch.bfloat16)
+    assert list(out.outputs[0].token_ids) == tokens
+
+
+def watch_positions(model):
+    """Record the positions each step's first decoder layer receives (after the plugin wrote the kept
+    tokens')."""
+    model.era_test_positions = []
+
+    def record(module, args, kwargs):
+        positions = kwargs["positions"] if "positions" in kwargs else args[0]
+        model.era_test_positions.append(positions.detach().clone())
+
+    model.language_model.model.layers[0].register_forward_pre_hook(record, with_kwargs=True)

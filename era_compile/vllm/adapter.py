@@ -43,7 +43,14 @@ from vllm.multimodal.inputs import (
 from era_compile.config import ERAConfig
 from era_compile.vllm.attention import StepBias, mark_layers
 from era_compile.vllm.config import era_config_from
-from era_compile.vllm.pool import DEAD_SLOT_LOG_BIAS, PoolLayout, plan_pool, pool_capacity
+from era_compile.vllm.pool import (
+    DEAD_SLOT_LOG_BIAS,
+    PoolLayout,
+    pack_positions,
+    plan_pool,
+    pool_capacity,
+    unpack_positions,
+)
 from era_compile.vllm.selection import prune_prompt
 
 # Set on vLLM's ModelConfig by plugin.bridge_config: the processor is built from the ModelConfig alone.
@@ -204,8 +211,8 @@ class ERAModelMixin:
         self, images: list[Tensor], prompt: Tensor, starts: list[int], slots: list[int], kwargs: dict, members: range
     ) -> Tensor:
         """A request's images merged into its unpruned prompt, selected and recycled as one pool: the
-        rows of its slots ([sum(slots), D + 1 + POSITION_COLUMNS]), each image's anchors in order, then
-        its dead slots."""
+        rows of its slots, each image's anchors in order, then its dead slots; [sum(slots), D + 1 +
+        2 * POSITION_COLUMNS]: the state, log b, the positions (``pool.pack_positions``)."""
         assert self.era_config is not None
         ids = prompt.to(images[0].device)
         counts = [image.shape[0] for image in images]
@@ -227,7 +234,7 @@ class ERAModelMixin:
             hidden = torch.cat([hidden, hidden.new_zeros(dead, hidden.shape[1])])
             log_bias = torch.cat([log_bias, log_bias.new_full((dead,), DEAD_SLOT_LOG_BIAS)])
             index = torch.cat([index, index.new_full((dead,), start)])  # dead slots: any position, no weight
-            columns = self.era_position_columns(positions, index).to(hidden.dtype)
+            columns = pack_positions(self.era_position_columns(positions, index), hidden.dtype)
             rows.append(torch.cat([hidden, log_bias[:, None].to(hidden.dtype), columns], dim=-1))
         return torch.cat(rows)
 
@@ -249,7 +256,7 @@ class ERAModelMixin:
         log_bias[is_multimodal] = torch.cat([e[:, width] for e in multimodal_embeddings])
         self.era_step.log_bias = log_bias
         if self.POSITION_COLUMNS:
-            kept = torch.cat([e[:, width + 1 :] for e in multimodal_embeddings]).round().long()
+            kept = unpack_positions(torch.cat([e[:, width + 1 :] for e in multimodal_embeddings]))
             self.era_step.positions = (is_multimodal, kept.T)
         return base(input_ids, rows, is_multimodal=is_multimodal, **kw)
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from era_compile.config import ERAConfig
 
 # exp(-2000) is 0 in fp32 and bf16, and -2000 * sqrt(head size) stays finite in the fp16 KV cache
@@ -78,3 +81,21 @@ def pool_capacity(config: ERAConfig, largest_image: int, images: int) -> int:
     """The most slots one request's pool can hold: ``images`` images of ``largest_image`` tokens each.
     Each image's slots, min(T_i, k), grow with T_i and k, so equal images at the largest size bound it."""
     return images * min(largest_image, config.kept(images * largest_image))
+
+
+# Positions ride beside their rows in the model's dtype, whose mantissa holds integers exactly only up
+# to 256 (bf16) or 2048 (fp16): each goes as two digits of base 256, exact in either up to 65535.
+POSITION_BASE = 256
+
+
+def pack_positions(positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """[k, P] integer positions as [k, 2P] columns of ``dtype``: high digits, then low."""
+    if positions.numel() and int(positions.max()) >= POSITION_BASE**2:
+        raise ValueError(f"era: position {int(positions.max())} is past what a kept row can carry")
+    return torch.cat([positions // POSITION_BASE, positions % POSITION_BASE], dim=-1).to(dtype)
+
+
+def unpack_positions(columns: Tensor) -> Tensor:
+    """``pack_positions``'s columns [k, 2P] back to [k, P] integers."""
+    high, low = columns.round().long().chunk(2, dim=-1)
+    return high * POSITION_BASE + low

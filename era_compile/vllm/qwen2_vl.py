@@ -4,9 +4,10 @@ Positions: Qwen2-VL's RoPE is M-RoPE, and vLLM lets the model supply a request's
 (``get_mrope_input_positions``), so the kept image tokens keep their original (t, h, w) and the text
 after each image keeps its original positions, as in the unpruned prompt and as era_compile's HF path
 keeps them. Which tokens are kept is known only after the vision tower runs, so the positions vLLM
-asks for up front hold each image's first grid positions, one per slot, and each kept token carries its own in
-three columns of its embedding; the model writes them over the step's positions before the decoder
-runs (the same columns-with-the-rows route as ``log b``).
+asks for up front hold each image's first grid positions, one per slot, and each kept token carries
+its own in extra columns of its embedding (``pool.pack_positions``: two digits a coordinate, exact
+in bf16); the model writes them over the step's positions before the decoder runs (the same
+columns-with-the-rows route as ``log b``).
 """
 
 from __future__ import annotations
