@@ -103,16 +103,17 @@ def test_a_layout_the_prompt_does_not_hold_is_refused(prompt, spans, message):
 
 def test_pool_capacity_bounds_every_layout_of_that_many_images():
     config = ERAConfig(layer=0, keep_ratio=0.25)
-    assert pool_capacity(config, 64, 1) == 16
-    assert pool_capacity(config, 64, 2) == 64  # k = 32: each of the two may keep all of its 32 slots
-    assert pool_capacity(config, 64, 8) == 512  # k = 128 > 64: every image may keep all its tokens
+    assert pool_capacity(config, 64, 1, 4096) == 16
+    assert pool_capacity(config, 64, 2, 4096) == 64  # k = 32: each of the two may keep all of its 32 slots
+    assert pool_capacity(config, 64, 8, 4096) == 512  # k = 128 > 64: every image may keep all its tokens
+    assert pool_capacity(config, 576, 999, 4096) == 4096  # vLLM's default limit: no more than a prompt
     for counts in [(64, 1), (64, 64), (40, 64), (1, 1), (64, 20)]:
         prompt = [1]
         spans = []
         for count in counts:
             spans.append((len(prompt), count))
             prompt += [9] * count + [2]
-        assert sum(plan_pool(prompt, spans, config).slots) <= pool_capacity(config, 64, 2)
+        assert sum(plan_pool(prompt, spans, config).slots) <= pool_capacity(config, 64, 2, 4096)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -81,7 +81,7 @@ class ERAProcessingInfoMixin:
         if config is None:
             return base
         limit = max(1, self.ctx.get_mm_config().get_limit_per_prompt("image"))
-        return {**(base or {}), "image": pool_capacity(config, self.get_max_image_tokens(), limit)}  # type: ignore[attr-defined]
+        return {**(base or {}), "image": pool_capacity(config, self.get_max_image_tokens(), limit, seq_len)}  # type: ignore[attr-defined]
 
 
 class ERAProcessorMixin:

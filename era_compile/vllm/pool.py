@@ -77,10 +77,11 @@ def plan_pool(prompt: Sequence[int], spans: Sequence[tuple[int, int]], config: E
     return PoolLayout(tuple(int(t) for t in prompt), starts, counts, kept, slots, tuple(slot_starts))
 
 
-def pool_capacity(config: ERAConfig, largest_image: int, images: int) -> int:
-    """The most slots one request's pool can hold: ``images`` images of ``largest_image`` tokens each.
-    Each image's slots, min(T_i, k), grow with T_i and k, so equal images at the largest size bound it."""
-    return images * min(largest_image, config.kept(images * largest_image))
+def pool_capacity(config: ERAConfig, largest_image: int, images: int, longest_prompt: int) -> int:
+    """The most slots one request's pool can hold: ``images`` images of ``largest_image`` tokens each
+    (each image's slots, min(T_i, k), grow with T_i and k, so equal images at the largest size bound
+    it), and never more than the longest prompt the engine takes (vLLM's default image limit is 999)."""
+    return min(longest_prompt, images * min(largest_image, config.kept(images * largest_image)))
 
 
 # Positions ride beside their rows in the model's dtype, whose mantissa holds integers exactly only up
