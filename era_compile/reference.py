@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from era_compile.algorithms.sequence import real_tokens
 from era_compile.compat import cache_kwarg
 from era_compile.config import ERAConfig
 from era_compile.ops.attention import default_scale
@@ -55,8 +56,7 @@ def _reference_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     k_len = key.shape[2]
-    if attention_mask is not None and attention_mask.shape[-1] != k_len:  # decode: original positions
-        attention_mask = _take(attention_mask, ref.cached_positions(k_len), 3)
+    attention_mask = ref.mask_over_cache(attention_mask, query.shape[2], k_len)
     bias = ref.bias_for(k_len)
     rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, rep), repeat_kv(value, rep)
@@ -114,6 +114,7 @@ class EagerReference:
     _keep: torch.Tensor | None  # after the prefill's cut: the kept positions [B, n']
     _bias: torch.Tensor | None  # their LAR bias
     _seq_len: int  # N
+    _real: torch.Tensor | None  # bool [B, N], which positions hold a token (None: no padding)
     _pruning: bool  # this forward is the prefill that prunes
 
     def __init__(
@@ -149,8 +150,7 @@ class EagerReference:
         k_len = key.shape[2]
         if self.pruned_layer(layer):
             positions, bias = self.cached_positions(k_len), self.bias_for(k_len)
-            if attention_mask is not None and attention_mask.shape[-1] != k_len:
-                attention_mask = _take(attention_mask, positions, 3)
+            attention_mask = self.mask_over_cache(attention_mask, query.shape[2], k_len)
         else:
             positions = torch.arange(k_len, device=key.device).expand(key.shape[0], k_len)
             bias = None
@@ -175,11 +175,31 @@ class EagerReference:
             bias = torch.cat([torch.zeros_like(bias) if self.drop_decode_bias else bias, extra], -1)
         return bias
 
+    def mask_over_cache(self, attention_mask, q_len: int, k_len: int):
+        """A pruned layer's mask over its k_len cached keys. Hugging Face sizes a decode step's mask
+        from the cache it sees, so over n' + t rows it reads its padding mask at positions 0..n'+t-1,
+        not at the rows' own: the mask is rebuilt from which positions hold a token (``_real``) at
+        the rows' positions. A mask over the original positions (longer than the cache) is gathered."""
+        if attention_mask is not None and attention_mask.shape[-1] != k_len:  # over the original positions
+            return _take(attention_mask, self.cached_positions(k_len), 3)
+        if self._real is None or q_len == k_len:  # no padding, or the prefill (masks gathered at the cut)
+            return attention_mask
+        keep, _ = self._after_cut()
+        generated = keep.new_ones(keep.shape[0], k_len - keep.shape[1], dtype=torch.bool)
+        held = torch.cat([self._real.gather(1, keep), generated], 1)
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=held.device).tril(k_len - q_len)
+        return held[:, None, None, :] & causal
+
     def cached_positions(self, k_len: int) -> torch.Tensor:
         """Original positions of a pruned layer's cached keys: the kept ones, then the generated."""
         keep, _ = self._after_cut()
         generated = torch.arange(self._seq_len, self._seq_len + k_len - keep.shape[1], device=keep.device)
         return torch.cat([keep, generated.expand(keep.shape[0], -1)], -1)
+
+    @staticmethod
+    def _layer_mask(kwargs) -> torch.Tensor | None:
+        mask = kwargs.get("attention_mask")
+        return mask if isinstance(mask, torch.Tensor) else None
 
     def _prune(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -218,10 +238,12 @@ class EagerReference:
             cfg.strategy,
             json.loads(json.dumps(cfg.strategy_options())),
         )
+        layer_mask = self._layer_mask(kwargs)  # layer K's own mask shows the padding, which goes too
         keep, hidden_kept, bias = recycle_kept(
-            hidden, self._visual_mask, anchor_mask, confidence, cfg.recycle, cfg.weight_norm
+            hidden, self._visual_mask, anchor_mask, confidence, cfg.recycle, cfg.weight_norm, layer_mask
         )
         self._keep, self._bias, self._seq_len = keep, bias, hidden.shape[1]
+        self._real = real_tokens(layer_mask, hidden.shape[0], hidden.shape[1])
         anchors = [  # per sample
             torch.nonzero(a[v]).flatten() for a, v in zip(anchor_mask, self._visual_mask, strict=True)
         ]
@@ -301,7 +323,7 @@ class EagerReference:
         self._visual_mask = self.visual_positions(input_ids)
         K = self.config.resolved_layer
         self._capture = K - 1 if K > 0 else None
-        self._seen, self._keep, self._bias, self._pruning = None, None, None, False
+        self._seen, self._keep, self._bias, self._pruning, self._real = None, None, None, False, None
         text_config = self.model.config.get_text_config()
         previous = text_config._attn_implementation
         handles = [self.layers[K].register_forward_pre_hook(self._prune, with_kwargs=True)]

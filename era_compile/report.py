@@ -22,6 +22,7 @@ class PruningEntry:
     kept: int  # its k
     seq_len_before: int  # N
     seq_len_after: int  # n'
+    seq_len_padded: int  # what n' would be had the padding stayed: max_b(N - T_b + k_b)
     samples: list[list[int]] = field(default_factory=list)  # a ragged batch: [T_b, k_b] per sample
     calls: int = 1
 
@@ -74,7 +75,8 @@ class Report:
         self.pruned_calls += 1
         widest = max(samples, key=lambda s: s[0])
         ragged = samples if len({t for t, _ in samples}) > 1 else []
-        entry = PruningEntry(graph, layer, widest[0], widest[1], seq_len, kept_len, ragged, calls=0)
+        padded = max(seq_len - t + k for t, k in samples)
+        entry = PruningEntry(graph, layer, widest[0], widest[1], seq_len, kept_len, padded, ragged, calls=0)
         same = next((p for p in self.pruning if dataclasses.replace(p, calls=0) == entry), None)
         if same is None:
             self.pruning.append(entry)
@@ -111,9 +113,10 @@ class Report:
                 else "visual tokens -> kept per sample " + ", ".join(f"{t}->{k}" for t, k in p.samples)
             )
             calls = f" ({p.calls} calls)" if p.calls > 1 else ""
+            padding = f" ({p.seq_len_padded} had the padding stayed)" if p.seq_len_padded != p.seq_len_after else ""
             lines.append(
                 f"  graph {p.graph}: pruned at layer {p.layer}: {tokens}; sequence {p.seq_len_before} -> "
-                f"{p.seq_len_after}{calls}"
+                f"{p.seq_len_after}{padding}{calls}"
             )
         if len(self.pruning) > len(shown):
             lines.append(

@@ -84,7 +84,7 @@ def prune_by_masking(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         added += [added_queries, added_keys]
     with graph.inserting_before(first):
         keep_index, hidden_kept, log_bias, samples = insert_selection(
-            graph, ctx, span, cut, queries, keys, source, budget
+            graph, ctx, span, cut, queries, keys, source, budget, source["attn_mask"]
         )
         unpruned = insert_call(
             graph,

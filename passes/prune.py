@@ -9,7 +9,7 @@ Before (K = 2)::
 After::
 
     anchors, conf = era::select(h2, visual_mask, q_1, k_1, mask_1, era_budget, ...)  # layer 1's attention
-    keep, h2_kept, log_bias, samples = era::recycle(h2, visual_mask, anchors, conf, ...)  # n' = the data's
+    keep, h2_kept, log_bias, samples = era::recycle(h2, visual_mask, anchors, conf, mask, ...)  # n': the data's
     cos_kept = gather(cos_unsq, 2, keep[:, None, :, None].expand(B, 1, -1, d))   # every crossing tensor
     mask_kept = gather(gather(mask, 2, keep...), 3, keep...)
     x = rms_norm_2(h2_kept) ... view(x, (1, n', -1, 16)) ... sdpa(q, k, v, mask_kept)
@@ -72,7 +72,7 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if K == 0:  # layer 0's own queries and keys, of the unpruned input
             queries, keys = copy_unpruned(graph, [queries, keys], downstream)
         keep_index, hidden_kept, log_bias, samples = insert_selection(
-            graph, ctx, span, cut, queries, keys, source, budget
+            graph, ctx, span, cut, queries, keys, source, budget, original_mask
         )
 
     order = [n for n in graph.nodes if n in downstream]
@@ -111,10 +111,12 @@ def insert_selection(
     keys: fx.Node,
     source: dict[str, object],
     budget: fx.Node,
+    cut_mask: object,
 ) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     """era::select on the saliency source (``queries`` and ``keys`` of layer K - 1's attention, or
     of layer 0's on the unpruned input; the mask, causality and scale of ``source``, that call's
-    arguments), then era::recycle of ``cut``: keep_index, hidden_kept, log_bias, samples."""
+    arguments), then era::recycle of ``cut``, dropping the padding that layer K's mask ``cut_mask``
+    shows (None: no mask, no padding): keep_index, hidden_kept, log_bias, samples."""
     cfg = ctx.config
     # a graph value (dynamic=True) goes in as one; a literal as the op's Python scalar
     scale, causal = known_scalar(source["scale"]), known_scalar(source["is_causal"])
@@ -149,6 +151,7 @@ def insert_selection(
             confidence=confidence,
             merge=cfg.recycle,
             weight_norm=cfg.weight_norm,
+            attn_mask=cut_mask if isinstance(cut_mask, fx.Node) else None,
         ),
         stem="recycle",
     )

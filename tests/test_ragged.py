@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_cache_rows, build
+from conftest import assert_cache_rows, build, compiled_forward
 from era_compile import ERAConfig, make_era_backend, recompile_headroom, zoo
 from era_compile.reference import EagerReference
 
@@ -80,10 +80,16 @@ def test_ragged_batch_matches_the_reference_and_each_sample_alone(case):
 def test_a_blocked_slot_that_received_attention_would_be_seen():
     """The check has teeth: laid out with empty slots that are not blocked (bias 0 instead of
     BLOCKED), the reference itself moves by more than the tolerance; the compiled batch matches the
-    blocking one."""
+    blocking one. Both samples unpadded (the one-image sample's padding made text), so the empty
+    slots sit in the two-image sample at a position that holds a token and no padding mask hides
+    them."""
     import era_compile.algorithms.sequence as sequence
 
     model, inputs = build("llava", batch=2, images=[2, 1])
+    padding = inputs["attention_mask"] == 0
+    assert padding[1].any() and not padding[0].any()
+    inputs["input_ids"][padding] = 7  # a text token
+    inputs["attention_mask"][padding] = 1
     config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
     greedy = dict(GREEDY, max_new_tokens=4)
     expected = EagerReference(model, config).generate(**inputs, **greedy)
@@ -115,3 +121,44 @@ def test_left_padded_cache_lengths_after_prefill_and_decode(layer):
     assert torch.equal(out.sequences, expected)
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 8  # 7 decode steps
     assert_cache_rows(model, inputs, out, backend.report, layer)
+
+
+def test_padding_goes_like_a_pruned_token():
+    """A text-only prompt beside an image prompt is left-padded by the image's length. The pruned
+    length is max_b(L_b - T_b + k_b) with L_b each sample's real length, not the padded
+    max_b(N - T_b + k_b) (= N here: the text-only sample kept its padding); every pruned layer
+    stores that many rows after prefill and decode, and the tokens are the reference's and each
+    sample's alone."""
+    model, inputs = build("llava", batch=2, images=[1, 0])
+    config = ERAConfig(layer=0, keep_ratio=0.25, compiler="eager", strict=True)
+    expected = EagerReference(model, config).generate(**inputs, **dict(GREEDY, max_new_tokens=6))
+    backend = make_era_backend(config)
+    model.compile(backend=backend)
+    with torch.no_grad(), recompile_headroom():
+        out = model.generate(**inputs, **dict(GREEDY, max_new_tokens=6))
+        alone = model.generate(**_alone(model, "llava", inputs, 1), **dict(GREEDY, max_new_tokens=6))
+    assert torch.equal(out.sequences, expected.sequences)
+    assert torch.equal(out.sequences[1, -6:], alone.sequences[0, -6:])
+    N, (site, *_) = inputs["input_ids"].shape[1], backend.report.pruning
+    real = inputs["attention_mask"].sum(-1).tolist()
+    counts = [int((row == zoo.IMAGE_TOKEN_ID).sum()) for row in inputs["input_ids"]]
+    assert counts[1] == 0 and real[1] == N - counts[0]  # the text-only sample: padded by the image's length
+    assert site.seq_len_after == max(L - T + config.kept(T) for L, T in zip(real, counts, strict=True)) < N
+    assert site.seq_len_padded == max(N - T + config.kept(T) for T in counts) == N
+    assert f"{site.seq_len_after} ({N} had the padding stayed)" in str(backend.report)
+    assert_cache_rows(model, inputs, out, backend.report, 0)
+
+
+def test_keep_all_with_padding_equals_plain_compile_at_every_real_position():
+    """keep_ratio=1, LAR and BTR off: only the padding goes (the shorter samples' kept sequences
+    begin with empty slots where their padding was), and a padded batch's logits at every real
+    position equal plain compile's."""
+    model, inputs = build("llava", batch=3, suffix=9, left_pad=(0, 2, 4), seed=6)
+    with torch.no_grad():
+        plain = torch.compile(model, backend="eager")(**inputs).logits
+    torch._dynamo.reset()
+    config = ERAConfig(keep_ratio=1.0, layer=1, recycle=False, rectify=False, compiler="eager", strict=True)
+    out, report = compiled_forward(model, inputs, config)
+    assert report.pruning[0].seq_len_after == report.pruning[0].seq_len_before  # the longest sample has no padding
+    real = inputs["attention_mask"].bool()
+    assert (out.logits[real] - plain[real]).abs().max().item() <= 1e-5

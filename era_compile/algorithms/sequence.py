@@ -4,6 +4,7 @@ Shapes stay static: ``T`` visual tokens per sample and ``k`` anchors give ``n' =
 kept positions per sample, found with a stable sort instead of ``nonzero``. In a ragged batch
 (samples with different T) each sample's kept sequence is left-padded to the longest one with
 slots that hold no token: position 0, zero state, a ``BLOCKED`` bias (no query attends to them).
+Padding goes like a pruned token (``real_tokens``): a padded sample keeps its text and anchors only.
 """
 
 from __future__ import annotations
@@ -64,24 +65,40 @@ def assemble(
     anchors: Tensor,
     anchor_states: Tensor,
     anchor_log_bias: Tensor,
+    real: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Write the recycled anchor states in place, drop the other visual tokens.
+    """Write the recycled anchor states in place, drop the other visual tokens and, where ``real``
+    [B, N] bool says which positions hold a token, the padding (``real_tokens``).
 
     Returns ``keep_index`` [B, n'] (original positions, ascending: kept tokens keep their
     positions), ``hidden_kept`` [B, n', D] and ``log_bias`` [B, n'] float32 (the LAR bias
-    of each kept key, 0 for text).
+    of each kept key, 0 for text). Rows that keep fewer than the longest (their padding went)
+    start with empty slots, as ``left_pad`` makes them.
     """
     B, N, D = hidden.shape
-    k = anchors.shape[1]
     anchor_pos = visual_pos.gather(1, anchors)
-    keep = ~visual_mask
+    keep = ~visual_mask if real is None else ~visual_mask & real
     keep = keep.scatter(1, anchor_pos, True)
-    n_kept = N - visual_pos.shape[1] + k
-    # contiguous: a slice of the [B, N] argsort would not match the op's fake (static-stride) output
-    keep_index = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_kept].contiguous()
-    # the anchors' rows in the kept sequence: both index lists ascend, so a sorted search finds them
-    anchor_rows = torch.searchsorted(keep_index, anchor_pos)
-    kept = gather_rows(hidden, keep_index)  # a fresh tensor: safe to write the recycled states into
+    n_kept = int(keep.sum(-1).max()) if B else 0
+    # kept positions last, ascending: a row keeping fewer begins with positions it drops, made empty
+    # (contiguous: a slice of the [B, N] argsort would not match the op's fake, static-stride output)
+    order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, N - n_kept :].contiguous()
+    filled = keep.gather(1, order)
+    keep_index = torch.where(filled, order, 0)
+    # the anchors' rows in the kept sequence: both ascend (empty slots at -1), so a sorted search finds them
+    anchor_rows = torch.searchsorted(torch.where(filled, order, -1), anchor_pos)
+    kept = torch.where(filled[..., None], gather_rows(hidden, keep_index), 0).to(hidden.dtype)
     kept[torch.arange(B, device=hidden.device).unsqueeze(1), anchor_rows] = anchor_states.to(hidden.dtype)
-    bias = torch.zeros(B, n_kept, dtype=torch.float32, device=hidden.device)
+    bias = torch.where(filled, 0.0, BLOCKED).to(torch.float32)
     return keep_index, kept, bias.scatter(1, anchor_rows, anchor_log_bias.to(torch.float32))
+
+
+def real_tokens(attn_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+    """[B, N] bool, the positions of a prefill that hold a token, read off its attention mask
+    ([B or 1, H or 1, N, N], bool or additive): every token attends to itself, and no query attends
+    to padding, left or right. None where there is no mask (no padding)."""
+    if attn_mask is None:
+        return None
+    attends = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    seen = attends[..., -length:].any(dim=-2).any(dim=1)  # over the queries, then the heads: [B or 1, N]
+    return seen.expand(batch, length)

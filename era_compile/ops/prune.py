@@ -3,11 +3,11 @@
 They are opaque to Inductor (the selection is a sequential greedy loop, not worth fusing).
 How many visual tokens each sample holds is data (``T_b``, counted from the visual mask), and so
 are its budget ``k_b`` (the config's rule) and the pruned length ``n'`` (the longest sample's
-text and anchors): ``era::select`` gives the anchors as a ``[B, N]`` mask, and ``era::recycle``'s
-fake kernel gives ``n'`` as an unbacked size, so one compiled graph serves every image size,
-number of images and ragged batch. Samples of equal ``T`` are selected as one batch, and in a
-ragged batch each sample's kept sequence is left-padded to ``n'`` with empty slots
-(``sequence.left_pad``).
+text and anchors; padding, which no query attends to, goes like a pruned token): ``era::select``
+gives the anchors as a ``[B, N]`` mask, and ``era::recycle``'s fake kernel gives ``n'`` as an
+unbacked size, so one compiled graph serves every image size, number of images and ragged or
+padded batch. Samples of equal ``T`` are selected as one batch, and each sample's kept sequence is
+left-padded to ``n'`` with empty slots (``sequence.left_pad``).
 
     anchor_mask, confidence = era::select(hidden, visual_mask, queries, keys, attn_mask, ...)
     keep_index, hidden_kept, log_bias, samples = era::recycle(hidden, visual_mask, anchor_mask, confidence, ...)
@@ -31,6 +31,7 @@ from era_compile.algorithms.sequence import (
     equal_count_groups,
     gather_rows,
     left_pad,
+    real_tokens,
     visual_positions,
 )
 
@@ -110,32 +111,39 @@ def select_anchors(
     return anchor_mask, confidence
 
 
-def kept_length(visual_mask: Tensor, anchor_mask: Tensor) -> int:
-    """The pruned sequence's length: the longest sample's kept tokens (its text and its anchors)."""
-    return int((~visual_mask | anchor_mask).sum(-1).max())
+def kept_length(visual_mask: Tensor, anchor_mask: Tensor, real: Tensor | None = None) -> int:
+    """The pruned sequence's length: the longest sample's kept tokens (its text and its anchors;
+    not its padding, where ``real`` marks the positions that hold a token)."""
+    text = ~visual_mask if real is None else ~visual_mask & real
+    return int((text | anchor_mask).sum(-1).max())
 
 
 def recycle_kept(
-    hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, merge: bool, weight_norm: str
+    hidden: Tensor,
+    visual_mask: Tensor,
+    anchor_mask: Tensor,
+    confidence: Tensor,
+    merge: bool,
+    weight_norm: str,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BTR and sequence assembly per group of samples with equal T, each kept sequence left-padded
-    to the longest one (``kept_length``): keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n']."""
+    to the longest one (``kept_length``); padding, read off the prefill's ``attn_mask``
+    (``real_tokens``), goes like a pruned token: keep_index [B, n'], hidden_kept [B, n', D],
+    log_bias [B, n']."""
     B, N, D = hidden.shape
-    kept_len = kept_length(visual_mask, anchor_mask)
+    real = real_tokens(attn_mask, B, N)
+    kept_len = kept_length(visual_mask, anchor_mask, real)
     keep_index = torch.zeros(B, kept_len, dtype=torch.int64, device=hidden.device)
     hidden_kept = hidden.new_zeros(B, kept_len, D)
     log_bias = torch.zeros(B, kept_len, dtype=torch.float32, device=hidden.device)
     for T, rows in equal_count_groups(visual_mask):
         states = hidden.index_select(0, rows)
-        if T == 0:  # no image: the whole sample is kept
-            kept = (
-                torch.arange(N, device=hidden.device).expand(rows.numel(), N),
-                states,
-                torch.zeros(rows.numel(), N, dtype=torch.float32, device=hidden.device),
-            )
-        else:
-            mask = visual_mask.index_select(0, rows)
-            positions = visual_positions(mask, T)
+        mask = visual_mask.index_select(0, rows)
+        positions = visual_positions(mask, T)
+        anchors = positions.new_zeros(rows.numel(), 0)  # no image: every real token is kept
+        recycled, bias = states.new_zeros(rows.numel(), 0, D), torch.zeros(rows.numel(), 0, device=hidden.device)
+        if T > 0:
             is_anchor = anchor_mask.index_select(0, rows).gather(1, positions)
             anchors = torch.argsort((~is_anchor).to(torch.int8), dim=-1, stable=True)[:, : int(is_anchor[0].sum())]
             recycled, bias = btr_recycle(
@@ -145,7 +153,7 @@ def recycle_kept(
                 merge=merge,
                 weight_norm=weight_norm,
             )
-            kept = assemble(states, mask, positions, anchors, recycled, bias)
+        kept = assemble(states, mask, positions, anchors, recycled, bias, None if real is None else real[rows])
         keep_index[rows], hidden_kept[rows], log_bias[rows] = left_pad(*kept, kept_len)
     return keep_index, hidden_kept, log_bias
 
@@ -208,16 +216,25 @@ def sample_counts(visual_mask: Tensor, anchor_mask: Tensor) -> Tensor:
 
 @torch.library.custom_op("era::recycle", mutates_args=())
 def recycle(
-    hidden: Tensor, visual_mask: Tensor, anchor_mask: Tensor, confidence: Tensor, merge: bool, weight_norm: str
+    hidden: Tensor,
+    visual_mask: Tensor,
+    anchor_mask: Tensor,
+    confidence: Tensor,
+    merge: bool,
+    weight_norm: str,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BTR, then sequence assembly: keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n'],
-    and the samples' counts [B, 2] (``sample_counts``)."""
-    keep_index, hidden_kept, log_bias = recycle_kept(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm)
+    """BTR, then sequence assembly without the padding ``attn_mask`` (layer K's, over the N
+    positions) shows: keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n'], and the samples'
+    counts [B, 2] (``sample_counts``)."""
+    keep_index, hidden_kept, log_bias = recycle_kept(
+        hidden, visual_mask, anchor_mask, confidence, merge, weight_norm, attn_mask
+    )
     return keep_index, hidden_kept, log_bias, sample_counts(visual_mask, anchor_mask)
 
 
 @recycle.register_fake
-def _(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm):
+def _(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm, attn_mask=None):
     B, N, D = hidden.shape
     # n' is data: a new unbacked size per trace, known only to lie in [1, N]
     kept_len = torch.library.get_ctx().new_dynamic_size(min=1)
