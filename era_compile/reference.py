@@ -239,11 +239,11 @@ class EagerReference:
             json.loads(json.dumps(cfg.strategy_options())),
         )
         layer_mask = self._layer_mask(kwargs)  # layer K's own mask shows the padding, which goes too
+        self._real = real_tokens(layer_mask, hidden.shape[0], hidden.shape[1])
         keep, hidden_kept, bias = recycle_kept(
-            hidden, self._visual_mask, anchor_mask, confidence, cfg.recycle, cfg.weight_norm, layer_mask
+            hidden, self._visual_mask, anchor_mask, confidence, cfg.recycle, cfg.weight_norm, self._real
         )
         self._keep, self._bias, self._seq_len = keep, bias, hidden.shape[1]
-        self._real = real_tokens(layer_mask, hidden.shape[0], hidden.shape[1])
         anchors = [  # per sample
             torch.nonzero(a[v]).flatten() for a, v in zip(anchor_mask, self._visual_mask, strict=True)
         ]

@@ -77,8 +77,7 @@ def assemble(
     """
     B, N, D = hidden.shape
     anchor_pos = visual_pos.gather(1, anchors)
-    keep = ~visual_mask if real is None else ~visual_mask & real
-    keep = keep.scatter(1, anchor_pos, True)
+    keep = text_tokens(visual_mask, real).scatter(1, anchor_pos, True)
     n_kept = int(keep.sum(-1).max()) if B else 0
     # kept positions last, ascending: a row keeping fewer begins with positions it drops, made empty
     # (contiguous: a slice of the [B, N] argsort would not match the op's fake, static-stride output)
@@ -91,6 +90,12 @@ def assemble(
     kept[torch.arange(B, device=hidden.device).unsqueeze(1), anchor_rows] = anchor_states.to(hidden.dtype)
     bias = torch.where(filled, 0.0, BLOCKED).to(torch.float32)
     return keep_index, kept, bias.scatter(1, anchor_rows, anchor_log_bias.to(torch.float32))
+
+
+def text_tokens(visual_mask: Tensor, real: Tensor | None) -> Tensor:
+    """[B, N] bool: the positions a pruned sequence keeps whatever the selection: its text, not its
+    padding (where ``real`` marks the positions that hold a token)."""
+    return ~visual_mask if real is None else ~visual_mask & real
 
 
 def real_tokens(attn_mask: Tensor | None, batch: int, length: int) -> Tensor | None:

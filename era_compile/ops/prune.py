@@ -32,6 +32,7 @@ from era_compile.algorithms.sequence import (
     gather_rows,
     left_pad,
     real_tokens,
+    text_tokens,
     visual_positions,
 )
 
@@ -114,8 +115,7 @@ def select_anchors(
 def kept_length(visual_mask: Tensor, anchor_mask: Tensor, real: Tensor | None = None) -> int:
     """The pruned sequence's length: the longest sample's kept tokens (its text and its anchors;
     not its padding, where ``real`` marks the positions that hold a token)."""
-    text = ~visual_mask if real is None else ~visual_mask & real
-    return int((text | anchor_mask).sum(-1).max())
+    return int((text_tokens(visual_mask, real) | anchor_mask).sum(-1).max())
 
 
 def recycle_kept(
@@ -125,14 +125,13 @@ def recycle_kept(
     confidence: Tensor,
     merge: bool,
     weight_norm: str,
-    attn_mask: Tensor | None = None,
+    real: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BTR and sequence assembly per group of samples with equal T, each kept sequence left-padded
-    to the longest one (``kept_length``); padding, read off the prefill's ``attn_mask``
-    (``real_tokens``), goes like a pruned token: keep_index [B, n'], hidden_kept [B, n', D],
+    to the longest one (``kept_length``); padding (not ``real`` [B, N], the positions that hold a
+    token: ``real_tokens``) goes like a pruned token: keep_index [B, n'], hidden_kept [B, n', D],
     log_bias [B, n']."""
     B, N, D = hidden.shape
-    real = real_tokens(attn_mask, B, N)
     kept_len = kept_length(visual_mask, anchor_mask, real)
     keep_index = torch.zeros(B, kept_len, dtype=torch.int64, device=hidden.device)
     hidden_kept = hidden.new_zeros(B, kept_len, D)
@@ -227,8 +226,9 @@ def recycle(
     """BTR, then sequence assembly without the padding ``attn_mask`` (layer K's, over the N
     positions) shows: keep_index [B, n'], hidden_kept [B, n', D], log_bias [B, n'], and the samples'
     counts [B, 2] (``sample_counts``)."""
+    real = real_tokens(attn_mask, *visual_mask.shape)
     keep_index, hidden_kept, log_bias = recycle_kept(
-        hidden, visual_mask, anchor_mask, confidence, merge, weight_norm, attn_mask
+        hidden, visual_mask, anchor_mask, confidence, merge, weight_norm, real
     )
     return keep_index, hidden_kept, log_bias, sample_counts(visual_mask, anchor_mask)
 

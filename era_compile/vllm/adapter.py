@@ -75,9 +75,14 @@ class ERAProcessingInfoMixin:
 
     ctx: Any
 
+    @functools.cached_property
+    def era_config(self) -> ERAConfig | None:
+        # read once: vLLM builds its processors after the engine's config hook set the settings
+        return config_of(self.ctx.model_config)
+
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int] | None:
         base = super().get_mm_max_tokens_per_item(seq_len, mm_counts)  # type: ignore[misc]
-        config = config_of(self.ctx.model_config)
+        config = self.era_config
         if config is None:
             return base
         limit = max(1, self.ctx.get_mm_config().get_limit_per_prompt("image"))
@@ -85,19 +90,15 @@ class ERAProcessingInfoMixin:
 
 
 class ERAProcessorMixin:
-    """Before a vLLM ``BaseMultiModalProcessor`` in the bases: vLLM's own processing, then the request's
-    images become one pool item laid out by ``pool.plan_pool``."""
+    """Before a vLLM ``BaseMultiModalProcessor`` in the bases, with an ``ERAProcessingInfoMixin`` info:
+    vLLM's own processing, then the request's images become one pool item laid out by
+    ``pool.plan_pool``."""
 
-    info: Any
-
-    @functools.cached_property
-    def _era(self) -> ERAConfig | None:
-        # read once: vLLM builds the processor after the engine's config hook set the settings
-        return config_of(self.info.ctx.model_config)
+    info: ERAProcessingInfoMixin
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
         result = super().apply(inputs, timing_ctx)  # type: ignore[misc]
-        config = self._era
+        config = self.info.era_config
         if config is None:
             return result
         others = sorted(m for m in result["mm_placeholders"] if m != "image")

@@ -51,7 +51,7 @@ def _build_info(ctx: Any) -> Any:
 
 
 def _build_processor(info: Any, dummy_inputs: Any) -> Any:
-    if not isinstance(info, LlavaProcessingInfo):
+    if not isinstance(info, ERALlavaProcessingInfo):
         raise NotImplementedError(f"era: the vLLM plugin serves CLIP/SigLIP LLaVA, not {type(info).__name__}")
     return ERALlavaProcessor(info, dummy_inputs)
 
