@@ -285,6 +285,7 @@ def _serve_bench(args: argparse.Namespace) -> int:
             progress=tick,
         )
     print(serve_bench.table(record))
+    print(serve_bench.request_table(record))
     _write_record(
         record,
         args.out,

@@ -16,6 +16,21 @@ something). The second pass replays the same requests on the warm models: time t
 (p50 / p95), decode tokens per second and wall time of a server past its warm-up, and the graphs
 it compiled (0 expected). Per model also the peak KV-cache bytes, and for the pruned model the
 share of image requests whose prefill pruned, in both passes (which must be 100%).
+
+Beside them, per request, the **ideal**: what a pruner that costs nothing would reach on this
+machine, the compiled unpruned model whose layers from K on run on the kept tokens alone. Its
+time to first token is the compiled model's, less ``(L-K)/L`` of what the language model saves on
+the kept tokens: the compiled model's prefill on a text-only batch of each sample's real length
+``L_b`` less the one on a text-only batch of its kept length ``n'_b = L_b - T_b + k_b`` (both
+left-padded as the batches are; the layers are equal, the LM head reads the last position only).
+Everything else of an image prompt (the vision tower, the positions, the merge, the first K
+layers) costs the ideal what it costs the compiled model.
+``ideal_share`` is the ideal's speed-up that the pruned model reaches: (compiled / pruned) over
+(compiled / ideal), i.e. ideal time over pruned time. In the replay, one profiled prefill more
+per request gives the seconds of ``era::select`` and ``era::recycle`` and their share of it
+(``selection``). The benchmark models (``zoo`` entries marked
+``benchmark``, the text-model widths) leave the eager model out: it costs the stream's time and
+says nothing about pruning.
 """
 
 from __future__ import annotations
@@ -33,7 +48,16 @@ from transformers.generation.streamers import BaseStreamer
 
 from era_compile import zoo
 from era_compile.backend import inner_compile, make_era_backend
-from era_compile.bench import _sync, device_description
+from era_compile.bench import (
+    _generate,
+    _sync,
+    device_description,
+    kept_lengths_of,
+    kept_text_prompt,
+    prompt_lengths,
+    selection_overhead,
+    timed,
+)
 from era_compile.compact_kv import cache_bytes
 from era_compile.compat import output_cache
 from era_compile.config import ERAConfig
@@ -41,7 +65,15 @@ from era_compile.recompiles import recompile_headroom
 
 # Qwen-class grids (t, h, w) in patches; h * w / 4 visual tokens after the 2 x 2 merge
 QWEN_GRIDS = [(1, h, w) for h in (4, 6, 8, 10, 12, 14, 16) for w in (4, 6, 8, 10, 12, 14, 16)]
+# the traffic model's: 64 to 1,024 visual tokens, as real image sizes give
+SERVE_GRIDS = [(1, h, w) for h in (16, 24, 32, 40, 48, 56, 64) for w in (16, 24, 32, 40, 48, 56, 64)]
+GRIDS = {"qwen2-vl-serve": SERVE_GRIDS}
 MODELS = ("eager", "compiled", "pruned")
+
+
+def models_of(name: str) -> tuple[str, ...]:
+    """The models a stream runs through: a benchmark model leaves eager out (see the docstring)."""
+    return MODELS[1:] if zoo.ZOO[name].benchmark else MODELS
 
 
 @dataclass
@@ -70,7 +102,7 @@ def make_stream(name: str, model, *, requests: int, max_batch: int, seed: int) -
         batch = rng.randint(1, max_batch)
         options: dict[str, Any] = dict(seed=seed + i, batch=batch)
         if qwen:
-            options["grid"] = [rng.choice(QWEN_GRIDS) for _ in range(batch)]
+            options["grid"] = [rng.choice(GRIDS.get(name, QWEN_GRIDS)) for _ in range(batch)]
             options["suffix"] = rng.randint(3, 12)
         elif name in zoo.paddable_names() and batch > 1:
             options["left_pad"] = "spread"
@@ -138,6 +170,40 @@ def _serve(model, request: Request, new_tokens: int, device: torch.device) -> di
     }
 
 
+class _Ideal:
+    """Each request's ideal on the compiled unpruned model (see the module docstring)."""
+
+    def __init__(self, model, device: torch.device):
+        self.model, self.device = model, device
+        text = model.config.get_text_config()
+        self.pad, self.vocab, self.layers = text.pad_token_id or 0, text.vocab_size, text.num_hidden_layers
+
+    def __call__(self, request: Request, entry, compiled_ttft: float) -> dict:
+        kept_lengths = kept_lengths_of(request.inputs, entry)
+        kept = kept_text_prompt(request.inputs, kept_lengths, self.pad, self.vocab)
+        full = kept_text_prompt(request.inputs, prompt_lengths(request.inputs), self.pad, self.vocab)
+        text_full = timed(lambda: _generate(self.model, full, 1), self.device)
+        text_kept = timed(lambda: _generate(self.model, kept, 1), self.device)
+        after = 1 - entry.layer / self.layers
+        return {
+            "ttft_s": compiled_ttft - after * (text_full - text_kept),
+            "text_full_s": text_full,
+            "text_kept_s": text_kept,
+            "kept_lengths": kept_lengths,
+        }
+
+
+def _layout(entry) -> dict:
+    """What the pruned prefill of a request ran on: N, n' and what n' had been with the padding."""
+    return {"N": entry.seq_len_before, "kept_len": entry.seq_len_after, "padded_kept_len": entry.seq_len_padded}
+
+
+def _entry_of_call(report, calls_before: list[int]):
+    """The report's layout entry that the last call counted (a new one, or one whose calls grew)."""
+    grown = [p for p, n in zip(report.pruning, calls_before, strict=False) if p.calls > n]
+    return (grown or report.pruning[len(calls_before) :] or [None])[0]
+
+
 def run_serve_bench(
     name: str,
     build: Callable[[], torch.nn.Module],
@@ -177,42 +243,56 @@ def _run_serve_bench(
 ) -> dict:
     check_model(name)
     config = config or ERAConfig()
-    models = {label: build() for label in MODELS}
-    device = next(models["eager"].parameters()).device
-    stream = make_stream(name, models["eager"], requests=requests, max_batch=max_batch, seed=seed)
+    labels = models_of(name)
+    models = {label: build() for label in labels}
+    device = next(models["compiled"].parameters()).device
+    stream = make_stream(name, models["compiled"], requests=requests, max_batch=max_batch, seed=seed)
     plain, backend = _Counted(config.compiler), make_era_backend(config)
     models["compiled"].compile(backend=plain)
     models["pruned"].compile(backend=backend)
+    # the ideal's text-only prompts run on a compiled model of their own: its compiles are not the compiled row's
+    text_only = build()
+    text_only.compile(backend=_Counted(config.compiler))
+    ideal = _Ideal(text_only, device)
     graphs = {"eager": lambda: 0, "compiled": lambda: plain.graphs, "pruned": lambda: backend.report.graphs}
     passes: dict[str, dict[str, list[dict]]] = {}
     pruned_image_requests = image_requests = agree = 0
     for name_of_pass in ("first", "replay"):
-        per_request = passes[name_of_pass] = {label: [] for label in MODELS}
+        per_request = passes[name_of_pass] = {label: [] for label in (*labels, "ideal")}
         for request in stream:
             has_image = any(request.visual_tokens)
             image_requests += has_image
-            pruned_before = backend.report.pruned_calls
-            for label in MODELS:
+            calls_before = [p.calls for p in backend.report.pruning]
+            for label in labels:
                 before = graphs[label]()
                 served = _serve(models[label], request, new_tokens, device)
                 served["compiled_graphs"] = graphs[label]() - before
                 per_request[label].append(served)
-            pruned_image_requests += has_image and backend.report.pruned_calls > pruned_before
+            entry = _entry_of_call(backend.report, calls_before)
+            pruned_image_requests += has_image and entry is not None
+            if entry is not None:
+                per_request["pruned"][-1]["layout"] = _layout(entry)
+            per_request["ideal"].append(
+                ideal(request, entry, per_request["compiled"][-1]["ttft_s"]) if entry is not None else None
+            )
+            if name_of_pass == "replay" and entry is not None:  # a profiled prefill more: era::select and recycle
+                per_request["pruned"][-1]["selection"] = selection_overhead(models["pruned"], request.inputs)
             agree += bool(torch.equal(per_request["pruned"][-1]["tokens"], per_request["compiled"][-1]["tokens"]))
             if progress:
                 progress()
     compile_seconds = {"eager": 0.0, "compiled": plain.compile_seconds, "pruned": backend.report.compile_seconds}
     summary = {
-        label: _summary(passes["first"][label], passes["replay"][label], compile_seconds[label]) for label in MODELS
+        label: _summary(passes["first"][label], passes["replay"][label], compile_seconds[label]) for label in labels
     }
     for per_request in passes.values():
-        for rows in per_request.values():
-            for row in rows:
+        for label in labels:
+            for row in per_request[label]:
                 del row["tokens"]
     import transformers
 
     record = {
         "model": name,
+        "models": list(labels),
         "device": device_description(device),
         "device_type": device.type,
         "torch": torch.__version__,
@@ -231,6 +311,7 @@ def _run_serve_bench(
         "pruned_share": pruned_image_requests / image_requests if image_requests else None,
         "greedy_tokens_equal_to_unpruned": agree / (2 * len(stream)),
         "summary": summary,
+        "ideal": _ideal_summary(passes["replay"]),
         "per_request": passes["first"],
         "replay": passes["replay"],
         "pruned_report": {
@@ -244,6 +325,24 @@ def _run_serve_bench(
     del models
     gc.collect()
     return record
+
+
+def _ideal_summary(replay: dict[str, list]) -> dict:
+    """The replay's prefill against the ideal: TTFT percentiles, the stream's speed-ups over the
+    compiled model (sums of TTFT over the requests the ideal covers) and ``ideal_share``."""
+    rows = [i for i, r in enumerate(replay["ideal"]) if r is not None]
+    if not rows:
+        return {"ttft_p50_s": None, "ttft_p95_s": None, "prefill_speedup": None, "ideal_share": None}
+    total = {label: sum(replay[label][i]["ttft_s"] for i in rows) for label in ("compiled", "pruned", "ideal")}
+    return {
+        "ttft_p50_s": _percentile([replay["ideal"][i]["ttft_s"] for i in rows], 0.5),
+        "ttft_p95_s": _percentile([replay["ideal"][i]["ttft_s"] for i in rows], 0.95),
+        "prefill_speedup": {
+            "pruned": total["compiled"] / total["pruned"],
+            "ideal": total["compiled"] / total["ideal"],
+        },
+        "ideal_share": total["ideal"] / total["pruned"],
+    }
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -272,13 +371,13 @@ def _summary(first: list[dict], replay: list[dict], compile_seconds: float) -> d
 
 
 def table(record: dict) -> str:
-    """The README table: one row per model."""
+    """The README table: one row per model, the ideal's row, and the stream's prefill speed-ups."""
     lines = [
         "| model | first pass: wall (s) / graphs / compile (s) | replay: wall (s) / graphs | TTFT p50 / p95 (ms) "
         "| decode tokens/s | peak KV cache |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for label in MODELS:
+    for label in record["models"]:
         s = record["summary"][label]
         rate = f"{s['decode_tokens_per_s']:.0f}" if s["decode_tokens_per_s"] else "-"
         lines.append(
@@ -286,26 +385,71 @@ def table(record: dict) -> str:
             f"{s['replay_wall_s']:.1f} / {s['replay_graphs_compiled']} | {1e3 * s['ttft_p50_s']:.1f} / "
             f"{1e3 * s['ttft_p95_s']:.1f} | {rate} | {s['peak_kv_cache_bytes'] / 1e6:.2f} MB |"
         )
+    ideal = record["ideal"]
+    if ideal["ttft_p50_s"] is not None:
+        lines.append(f"| ideal | - | - | {1e3 * ideal['ttft_p50_s']:.1f} / {1e3 * ideal['ttft_p95_s']:.1f} | - | - |")
     share = record["pruned_share"]
     lines.append(
         f"\n{record['image_requests']} image requests over both passes, {record['pruned_image_requests']} pruned "
         f"({'-' if share is None else f'{100 * share:.0f}%'}); {record['distinct_visual_token_counts']} "
         f"distinct image sizes; batches {min(record['batch_sizes'])}-{max(record['batch_sizes'])}"
     )
+    if ideal["prefill_speedup"] is not None:
+        speedup = ideal["prefill_speedup"]
+        lines.append(
+            f"the replay's prefill over the compiled model: pruned {speedup['pruned']:.2f}x, ideal "
+            f"{speedup['ideal']:.2f}x ({100 * ideal['ideal_share']:.0f}% of the ideal's speed-up)"
+        )
+    return "\n".join(lines)
+
+
+def request_table(record: dict) -> str:
+    """Per request of the replay: its samples, N -> n' (and n' had the padding stayed), the time to
+    first token of the compiled, pruned and ideal models, the two speed-ups, and the share of the
+    pruned prefill in era::select and era::recycle."""
+    lines = [
+        "| request | T per sample | N | n' (with padding) | compiled (ms) | pruned (ms) | ideal (ms) "
+        "| speed-up | ideal speed-up | share of ideal | select + recycle |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    replay = record["replay"]
+    for i, visual in enumerate(record["visual_tokens"]):
+        compiled, pruned, ideal = replay["compiled"][i], replay["pruned"][i], replay["ideal"][i]
+        layout = pruned.get("layout")
+        if layout is None or ideal is None:
+            lines.append(f"| {i} | {', '.join(map(str, visual))} | not pruned | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {i} | {', '.join(map(str, visual))} | {layout['N']} | {layout['kept_len']} "
+            f"({layout['padded_kept_len']}) | {1e3 * compiled['ttft_s']:.0f} | {1e3 * pruned['ttft_s']:.0f} | "
+            f"{1e3 * ideal['ttft_s']:.0f} | {compiled['ttft_s'] / pruned['ttft_s']:.2f}x | "
+            f"{compiled['ttft_s'] / ideal['ttft_s']:.2f}x | {100 * ideal['ttft_s'] / pruned['ttft_s']:.0f}% | "
+            f"{100 * pruned['selection']['fraction']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
 def plot(record: dict, stem: str) -> list[str]:
-    """Time to first token per request of the three models, and the summary bars."""
+    """Time to first token per request of each model and the ideal, and the summary bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = record["models"]
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label in MODELS:
+    for label in labels:
         rows = record["per_request"][label]
-        ax.plot(range(len(rows)), [1e3 * r["ttft_s"] for r in rows], marker=".", label=label)
+        ax.plot(range(len(rows)), [1e3 * r["ttft_s"] for r in rows], marker=".", label=f"{label}, first pass")
+    for label in (*labels, "ideal"):
+        rows = record["replay"][label]
+        ax.plot(
+            range(len(rows)),
+            [1e3 * r["ttft_s"] if r else float("nan") for r in rows],
+            linestyle=":",
+            marker="x" if label == "ideal" else None,
+            label=f"{label}, replay",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("request")
     ax.set_ylabel("time to first token (ms, log)")
@@ -313,14 +457,13 @@ def plot(record: dict, stem: str) -> list[str]:
         f"{record['model']}: {record['requests']} requests, {record['distinct_visual_token_counts']} image sizes",
         fontsize=9,
     )
-    ax.legend(fontsize=8)
-    for label in MODELS:
-        rows = record["replay"][label]
-        ax.plot(range(len(rows)), [1e3 * r["ttft_s"] for r in rows], linestyle=":", label=f"{label}, replay")
-    summary = record["summary"]
-    values = [1e3 * (summary[label]["ttft_p50_s"] or 0) for label in MODELS]
-    bars.bar(MODELS, values, color=["gray", "tab:blue", "tab:green"])
-    for i, label in enumerate(MODELS):
+    ax.legend(fontsize=7)
+    summary, ideal = record["summary"], record["ideal"]
+    names = [*labels, "ideal"]
+    values = [1e3 * (summary[label]["ttft_p50_s"] or 0) for label in labels] + [1e3 * (ideal["ttft_p50_s"] or 0)]
+    colors = {"eager": "gray", "compiled": "tab:blue", "pruned": "tab:green", "ideal": "tab:orange"}
+    bars.bar(names, values, color=[colors[n] for n in names])
+    for i, label in enumerate(labels):
         bars.annotate(
             f"{summary[label]['graphs_compiled']} graphs\n{summary[label]['compile_seconds']:.0f} s compile",
             (i, values[i]),

@@ -321,15 +321,16 @@ def _tiny_qwen2_5_vl():
     return model
 
 
-def _tiny_qwen2_vl():
+def _qwen2_vl(text: dict, sharpen: bool = True):
+    """A Qwen2-VL with the given text model and a small vision tower (2 blocks, 2 x 2 merger)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(
-        text_config=_QWEN_TEXT,
+        text_config=text,
         vision_config=dict(
             depth=2,
             embed_dim=32,
-            hidden_size=64,
+            hidden_size=text["hidden_size"],
             num_heads=2,
             mlp_ratio=2,
             patch_size=4,
@@ -340,8 +341,23 @@ def _tiny_qwen2_vl():
     )
     config._attn_implementation = "sdpa"
     model = Qwen2VLForConditionalGeneration(config).eval()
-    _sharpen_attention(model)
+    if sharpen:
+        _sharpen_attention(model)
     return model
+
+
+def _tiny_qwen2_vl():
+    return _qwen2_vl(_QWEN_TEXT)
+
+
+def _qwen2_vl_serve():
+    """serve-bench's traffic model: Qwen2-VL whose language model has a text model's width
+    (8 layers x 1024, 16 heads of 64 with 4 KV heads, MLP 2816), so attention and MLP cost what
+    they do in use; the vision tower stays small (every pruner pays it alike)."""
+    text = dict(_QWEN_TEXT, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8)
+    text.update(num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=16384)
+    text["rope_parameters"] = dict(_QWEN_TEXT["rope_parameters"], mrope_section=[8, 12, 12])
+    return _qwen2_vl(text, sharpen=False)
 
 
 def _qwen_inputs(model, *, batch: int = 1, prefix: int = 5, suffix: int = 7, seed: int = 0, grid=(1, 12, 12)) -> dict:
@@ -474,6 +490,13 @@ ZOO: dict[str, ZooEntry] = {
         "tiny Qwen2-VL (M-RoPE positions, 2x2 patch merger; Qwen2 4x64)",
         _tiny_qwen2_vl,
         _qwen_inputs,
+    ),
+    "qwen2-vl-serve": ZooEntry(
+        "qwen2-vl-serve",
+        "Qwen2-VL for serve-bench traffic (Qwen2 8x1024, 16 heads, 4 KV heads; images of 64 to 1,024 visual tokens)",
+        _qwen2_vl_serve,
+        _qwen_inputs,
+        benchmark=True,
     ),
     "qwen2.5-vl": ZooEntry(
         "qwen2.5-vl",

@@ -5,8 +5,29 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from era_compile.cli import main
 from era_compile.serve_bench import MODELS, make_stream
+
+
+def test_the_traffic_model_streams_images_of_64_to_1024_tokens():
+    from era_compile import zoo
+    from era_compile.serve_bench import models_of
+
+    torch.manual_seed(0)
+    model = zoo.ZOO["qwen2-vl-serve"].make_model()
+    text = model.config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        1024,
+        8,
+        16,
+        4,
+    )
+    stream = make_stream("qwen2-vl-serve", model, requests=16, max_batch=8, seed=0)
+    counts = [t for r in stream for t in r.visual_tokens]
+    assert min(counts) >= 64 and max(counts) <= 1024 and max(counts) >= 512
+    assert models_of("qwen2-vl-serve") == ("compiled", "pruned") and models_of("qwen2-vl") == MODELS
 
 
 def test_the_stream_is_seeded_and_holds_many_image_sizes():
@@ -59,5 +80,13 @@ def test_serve_bench_writes_every_field(tmp_path, capsys):
         assert all(r["ttft_s"] <= r["wall_s"] for r in record["per_request"][label] + record["replay"][label])
     assert record["summary"]["pruned"]["graphs_compiled"] > 0 and record["summary"]["eager"]["graphs_compiled"] == 0
     assert record["summary"]["pruned"]["peak_kv_cache_bytes"] < record["summary"]["compiled"]["peak_kv_cache_bytes"]
+    # the ideal of every pruned request: the kept lengths are each sample's real length less its pruned tokens
+    for i, ideal in enumerate(record["replay"]["ideal"]):
+        layout, visual = record["replay"]["pruned"][i]["layout"], record["visual_tokens"][i]
+        assert ideal["ttft_s"] > 0 and max(ideal["kept_lengths"]) == layout["kept_len"] < layout["N"]
+        assert len(ideal["kept_lengths"]) == len(visual)
+    summary = record["ideal"]
+    assert summary["ideal_share"] > 0 and set(summary["prefill_speedup"]) == {"pruned", "ideal"}
     assert (tmp_path / "serve-qwen2-vl-cpu.png").stat().st_size > 0
-    assert "| pruned |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| pruned |" in out and "| ideal |" in out and "share of ideal" in out
