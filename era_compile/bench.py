@@ -28,7 +28,10 @@ Prefill time is a ``generate`` of one token (time to first token); decode time p
   still run on the whole prompt: the text part is then ``K/L`` of the prefill on the prompt's own
   lengths plus ``(L-K)/L`` of the one on the kept lengths (both measured; the layers are equal,
   the LM head reads the last position only). ``measured_vs_ideal`` is ideal time over pruned time
-  (1.0: the pruner is free); the per-pass compile times of the pruned model beside it.
+  (1.0: the pruner is free); the per-pass compile times of the pruned model beside it;
+* at K = 0, what knowing the kept tokens costs that the ideal does not pay: layer 0's queries and
+  keys over the unpruned prompt, and what the rows the saliency reads would cost
+  (``layer0_selection_cost``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from era_compile.backend import make_era_backend
@@ -283,6 +287,50 @@ def ideal_prefill(compiled, eager, inputs: dict, entry, *, runs: int, compiler: 
     }
 
 
+def layer0_selection_cost(model, inputs: dict, ideal: dict, *, repeats: int = 5) -> dict:
+    """What K = 0's selection inputs cost beside the ideal, which knows the kept tokens for free.
+
+    The cut at layer 0 reads layer 0's queries and keys of the unpruned prompt (ALGORITHMS.md
+    section 1.3): the pass computes ``q_proj`` and ``k_proj`` over all B x N positions, then the
+    layer runs again on the kept ones. The saliency reads only the instruction rows' queries (the
+    text after the image) and every key those rows see, so the least any pruner selecting by the
+    language model's own attention can compute is ``k_proj`` over the N positions and ``q_proj``
+    over the instruction rows. Both in FLOPs and in seconds of the two projections on this device
+    (median of ``repeats``), and as shares of the ideal's prefill."""
+    attention = model.get_decoder().layers[0].self_attn
+    q_weight, k_weight = attention.q_proj.weight.detach(), attention.k_proj.weight.detach()
+    batch, length = inputs["input_ids"].shape
+    image = inputs["input_ids"] == model.config.image_token_id
+    real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(image)
+    after_image = image.flip(-1).cumsum(-1).flip(-1) == 0  # right of the last visual token
+    instruction = int((after_image & real).sum())
+    device = q_weight.device
+
+    def projection(weight: Tensor, rows: int) -> tuple[int, float]:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=device)
+        with torch.no_grad():
+            torch.nn.functional.linear(x, weight)
+            seconds = statistics.median(
+                timed(lambda: torch.nn.functional.linear(x, weight), device) for _ in range(repeats)
+            )
+        return 2 * rows * weight.numel(), seconds
+
+    q_all, k_all = projection(q_weight, batch * length), projection(k_weight, batch * length)
+    q_read = projection(q_weight, instruction)
+    now = (q_all[0] + k_all[0], q_all[1] + k_all[1])
+    least = (q_read[0] + k_all[0], q_read[1] + k_all[1])
+    return {
+        "positions": batch * length,
+        "instruction_rows": instruction,
+        "flops": now[0],
+        "seconds": now[1],
+        "share_of_ideal_prefill": now[1] / ideal["prefill_s"],
+        "rows_read_flops": least[0],
+        "rows_read_seconds": least[1],
+        "rows_read_share_of_ideal_prefill": least[1] / ideal["prefill_s"],
+    }
+
+
 # --------------------------------------------------------------------------- the sweep
 
 
@@ -360,6 +408,7 @@ def _run_bench(
                 "ideal": ideal,
                 "ideal_prefill_speedup": times["compiled"]["prefill_s"] / ideal["prefill_s"],
                 "measured_vs_ideal": ideal["prefill_s"] / times["pruned"]["prefill_s"],
+                "layer0_selection_cost": layer0_selection_cost(eager, inputs, ideal) if point.layer == 0 else None,
                 "compile": {
                     "seconds": round(backend.report.compile_seconds, 3),
                     "pass_ms": backend.report.ms_per_pass(),

@@ -173,3 +173,18 @@ def test_flop_count_matches_the_analytic_formula():
     assert counted == pytest.approx(_analytic_lm_flops(model, [N, N, n, n], n), rel=0.01)
     # ERA's own selection and recycling add their matmuls on top (about 2% on this tiny model)
     assert language_model_flops(model, inputs, config.replace(strategy="era", recycle=True)) > counted
+
+
+def test_layer0_selection_cost_counts_the_projections_the_cut_at_0_adds():
+    from era_compile import zoo
+    from era_compile.bench import layer0_selection_cost
+
+    model, inputs = zoo.build("llava", batch=2)  # 5 text tokens, 36 visual, 7 text after the image
+    cost = layer0_selection_cost(model, inputs, {"prefill_s": 1.0}, repeats=1)
+    attention = model.get_decoder().layers[0].self_attn
+    q, k = attention.q_proj.weight.numel(), attention.k_proj.weight.numel()
+    positions = inputs["input_ids"].numel()
+    assert cost["positions"] == positions == 2 * 48 and cost["instruction_rows"] == 2 * 7
+    assert cost["flops"] == 2 * positions * (q + k)
+    assert cost["rows_read_flops"] == 2 * (2 * 7 * q + positions * k)
+    assert 0 < cost["rows_read_seconds"] and cost["share_of_ideal_prefill"] == cost["seconds"]
