@@ -1,6 +1,6 @@
 """Biased attention (LAR) against plain SDPA of the same shape, per kernel.
 
-    python benchmarks/attention.py [--runs 20] [--update-ranking]
+    python benchmarks/attention.py [--runs 20] [--update-ranking] [--dry-run]
 
 Shapes are LLaVA-1.5-7B's attention (32 heads, d = 128, batch 1): a pruned prefill (~100
 tokens), the unpruned prefill (640), LLaVA-NeXT's 2,880 tokens, and one decode query over a
@@ -12,7 +12,8 @@ and ``perf_counter`` on CPU. fp32 on CPU, bf16 on CUDA.
 Writes ``benchmarks/results/attention-<device>.json`` and ``.png``. With ``--update-ranking``
 it also records, for this device type, each regime's kernels fastest first (geometric mean of
 biased / plain over the regime's shapes) in ``era_compile/ops/kernel_ranking.json``: what
-``kernel="auto"`` reads. Nothing else sets that table.
+``kernel="auto"`` reads. Nothing else sets that table. ``--dry-run`` prints what would be
+timed on this device (each kernel, or why it cannot run a shape) and writes nothing.
 """
 
 from __future__ import annotations
@@ -134,6 +135,21 @@ def plot(results: dict, title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def dry_run(args, kernels, dtype, device) -> None:
+    """What a run with these arguments would time and write (scripts/gpu-check.sh checks this
+    command line on a machine without a GPU)."""
+    print(f"dry run on {device_description(device)}, {dtype}, median of {args.runs} after {args.warmup} warm-up")
+    for shape in args.shapes:
+        Lq, Lk, regime = SHAPES[shape]
+        q = torch.empty(1, HEADS, Lq, HEAD_DIM, dtype=dtype, device=device)  # never read: no fill
+        k = torch.empty(1, HEADS, Lk, HEAD_DIM, dtype=dtype, device=device)
+        plan = {kernel: kernel_unsupported(kernel, q, k, None, Lq > 1) or "timed" for kernel in kernels}
+        print(f"  {shape} ({regime}): " + "; ".join(f"{kernel}: {what}" for kernel, what in plan.items()))
+    slug = device_slug(device.type, device_description(device))
+    print(f"would write {RESULTS / f'attention-{slug}.json'} and .png", end="")
+    print(f", and this device type's rankings in {RANKING_FILE}" if args.update_ranking else "")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -144,6 +160,7 @@ def main(argv=None) -> None:
         action="store_true",
         help=f"record this device type's ranking in {RANKING_FILE.name} (what kernel='auto' reads)",
     )
+    parser.add_argument("--dry-run", action="store_true", help="print what would be timed; time and write nothing")
     args = parser.parse_args(argv)
     if args.runs < 20:
         parser.error("--runs must be >= 20: medians of fewer runs are not recorded")
@@ -151,6 +168,9 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kernels = [k for k in KERNELS if k != "auto"]
+    if args.dry_run:
+        dry_run(args, kernels, dtype, device)
+        return
     results = {}
     for shape in args.shapes:
         Lq, Lk, _ = SHAPES[shape]

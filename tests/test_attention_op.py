@@ -3,6 +3,9 @@
 ALGORITHMS.md §9 test 1 (head-dim augmentation = key bias) and the kernel contract of
 era_compile/ops/attention.py: every kernel, fp32 and bf16, padding biases, end-aligned causal,
 GQA, model masks, fake kernel under opcheck and a fullgraph Inductor compile.
+
+Tests marked ``cuda`` run on CUDA tensors where a GPU is present (else on CPU): scripts/gpu-check.sh
+runs them, with those marked ``gpu`` (CUDA only), on a lent GPU.
 """
 
 from __future__ import annotations
@@ -27,11 +30,18 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _qkv(B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0):
+def _qkv(B, Hq, Hkv, Lq, Lk, D, Dv=None, dtype=torch.float32, seed=0, strided=False):
+    """Random q, k, v as [B, H, L, D]. strided: transposed views of [B, L, H, D] tensors, the
+    layout a model's projections hand to attention (kernels must read strides, not assume them)."""
     g = _gen(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, Lk, Dv or D, generator=g, dtype=torch.float64)
+    if strided:
+        q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64).transpose(1, 2)
+        k = torch.randn(B, Lk, Hkv, D, generator=g, dtype=torch.float64).transpose(1, 2)
+        v = torch.randn(B, Lk, Hkv, Dv or D, generator=g, dtype=torch.float64).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, Lq, D, generator=g, dtype=torch.float64)
+        k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64)
+        v = torch.randn(B, Hkv, Lk, Dv or D, generator=g, dtype=torch.float64)
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -194,6 +204,17 @@ def _case(name, dtype):
     if name == "no_bias_custom_scale_dv":
         q, k, v = _qkv(B, 8, 2, 5, 12, D, Dv=24, dtype=dtype, seed=30)
         return q, k, v, dict(causal=True, scale=0.2)
+    # Longer than one tile (the triton kernel's blocks are 64 queries by 64 keys on CUDA, 32 keys
+    # on CPU): the online softmax rescales across key blocks, causal programs stop early, the
+    # last blocks are partial. LLaVA-7B's head dim.
+    if name == "long_causal_multiblock":
+        q, k, v = _qkv(B, 4, 1, 150, 150, 128, dtype=dtype, seed=31)  # GQA 4:1
+        bias = _log_count_bias(B, 150)
+        bias[1, 100] = -1e4  # a padding key in the third key block
+        return q, k, v, dict(bias=bias, causal=True)
+    if name == "long_strided_chunk":
+        q, k, v = _qkv(B, 4, 4, 70, 200, 64, dtype=dtype, seed=32, strided=True)
+        return q, k, v, dict(bias=_log_count_bias(B, 200))
     raise KeyError(name)
 
 
@@ -209,10 +230,26 @@ CASES = [
     "dead_query_row",
     "causal_more_queries_than_keys",
     "no_bias_custom_scale_dv",
+    "long_causal_multiblock",
+    "long_strided_chunk",
 ]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COMPUTE_KERNELS = ["sdpa", "flex", "sdpa_flash", "flash", "triton"]
+
+
+def _on_device(q, k, v, kw):
+    move = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # keeps a transposed layout
+    return move(q), move(k), move(v), {key: move(val) for key, val in kw.items()}
+
+
+def _reference_of(q, k, v, kw):
+    return reference(
+        q.cpu(),
+        k.cpu(),
+        v.cpu(),
+        **{key: val.cpu() if isinstance(val, torch.Tensor) else val for key, val in kw.items()},
+    )
 
 
 def _skip_unless_runs(kernel, q, k, kw):
@@ -224,29 +261,59 @@ def _skip_unless_runs(kernel, q, k, kw):
         pytest.skip(f"{kernel}: {why}")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kernel", COMPUTE_KERNELS)
 @pytest.mark.parametrize("name", CASES)
 def test_kernel_matches_float64_reference(name, kernel, dtype):
     if dtype == torch.float16 and kernel in ("sdpa", "flex"):
         pytest.skip("fp16 is covered by bf16 for the reference kernels")
-    q, k, v, kw = _case(name, dtype)
-    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    kw = {key: val.to(DEVICE) if isinstance(val, torch.Tensor) else val for key, val in kw.items()}
+    q, k, v, kw = _on_device(*_case(name, dtype))
+    assert q.device.type == DEVICE
+    assert q.is_contiguous() == (not name.startswith("long_strided"))  # the device copy keeps the layout
     _skip_unless_runs(kernel, q, k, kw)
     out = biased_attention(q, k, v, kernel=kernel, **kw)
     assert out.dtype == dtype
     assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     assert torch.isfinite(out).all()
-    ref = reference(
-        q.cpu(),
-        k.cpu(),
-        v.cpu(),
-        **{key: val.cpu() if isinstance(val, torch.Tensor) else val for key, val in kw.items()},
-    )
-    assert rel_err(out.cpu(), ref) <= TOL[dtype]
+    assert rel_err(out.cpu(), _reference_of(q, k, v, kw)) <= TOL[dtype]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the check that a GPU run skips no kernel)")
+def test_cuda_runs_every_kernel():
+    """On a GPU the comparisons above must run each kernel on CUDA tensors in each dtype it
+    supports: a kernel that cannot (triton not installed, no flash SDPA in this torch) would
+    otherwise turn its cases into quiet skips. The flash-attn package is optional."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q, k, _ = _qkv(1, 4, 4, 8, 8, 128, dtype=dtype)
+        q, k = q.cuda(), k.cuda()
+        for kernel in COMPUTE_KERNELS:
+            why = kernel_unsupported(kernel, q, k, None, True)
+            if kernel in ("sdpa_flash", "flash") and dtype == torch.float32:
+                assert why is not None and "fp16 or bf16" in why, why  # flash kernels are half precision only
+            elif kernel == "flash" and why is not None:
+                assert "flash-attn package" in why, why
+            else:
+                assert why is None, f"{kernel} {dtype}: {why}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["long_causal_multiblock", "causal_decode", "bool_mask_padded_key"])
+def test_auto_kernel_matches_float64_reference(name, dtype):
+    """kernel="auto" on this device: the kernel the measured ranking picks (on a GPU,
+    scripts/gpu-check.sh runs this again after benchmarks/attention.py --update-ranking) runs
+    the call and matches float64."""
+    q, k, v, kw = _on_device(*_case(name, dtype))
+    picked = resolve_kernel("auto", q, k, kw.get("attn_mask"), kw.get("causal", False))
+    assert kernel_unsupported(picked, q, k, kw.get("attn_mask"), kw.get("causal", False)) is None
+    _skip_unless_runs(picked, q, k, kw)
+    out = biased_attention(q, k, v, kernel="auto", **kw)
+    assert rel_err(out.cpu(), _reference_of(q, k, v, kw)) <= TOL[dtype]
+
+
+@pytest.mark.cuda
 def test_triton_kernel_is_tested_in_ci():
     """CI installs triton (the [test] extra) and runs its kernel under TRITON_INTERPRET=1: a
     missing install must not turn every triton case into a quiet skip."""
@@ -278,9 +345,12 @@ def test_dead_query_row_is_zero_and_others_unchanged():
         assert out[1, :, 1:].abs().sum() > 0
 
 
+@pytest.mark.cuda
 def test_auto_follows_the_recorded_measurements():
     """kernel="auto" reads kernel_ranking.json, which benchmarks/attention.py writes from a
-    recorded run: each ranking must be that run's order (fastest biased / plain first)."""
+    recorded run: each ranking must be that run's order (fastest biased / plain first), and auto
+    on this machine's devices picks the first of its device type's that can run the call (sdpa
+    where that type was never measured)."""
     table = json.loads(RANKING_FILE.read_text())
     assert "cpu" in table["devices"]
     root = Path(__file__).resolve().parent.parent
@@ -289,15 +359,16 @@ def test_auto_follows_the_recorded_measurements():
             recorded = json.loads((root / entry["source"]).read_text())
             geo = recorded["ranking"][regime]["geomean_ratio"]
             assert entry["ranking"] == sorted(geo, key=geo.get)
-    for Lq, regime in ((5, "prefill"), (1, "decode")):
-        q, k, v = _qkv(1, 4, 4, Lq, 12, 16)
-        runnable = [
-            c for c in table["devices"]["cpu"][regime]["ranking"] if kernel_unsupported(c, q, k, None, True) is None
-        ]
-        assert resolve_kernel("auto", q, k, None, True) == (runnable[0] if runnable else "sdpa")
-        # a mask rules out the augmented kernels: auto then picks the best kernel that takes one
-        mask = torch.ones(1, 1, Lq, 12, dtype=torch.bool)
-        assert kernel_unsupported(resolve_kernel("auto", q, k, mask, True), q, k, mask, True) is None
+    for device in sorted({"cpu", DEVICE}):
+        measured = table["devices"].get(device, {})
+        for Lq, regime in ((5, "prefill"), (1, "decode")):
+            q, k, v = (t.to(device) for t in _qkv(1, 4, 4, Lq, 12, 16))
+            ranking = measured.get(regime, {}).get("ranking", [])
+            runnable = [c for c in ranking if kernel_unsupported(c, q, k, None, True) is None]
+            assert resolve_kernel("auto", q, k, None, True) == (runnable[0] if runnable else "sdpa")
+            # a mask rules out the augmented kernels: auto then picks the best kernel that takes one
+            mask = torch.ones(1, 1, Lq, 12, dtype=torch.bool, device=device)
+            assert kernel_unsupported(resolve_kernel("auto", q, k, mask, True), q, k, mask, True) is None
 
 
 # --------------------------------------------------------------------------- fake kernel / compile
