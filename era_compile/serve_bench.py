@@ -255,7 +255,7 @@ def _run_serve_bench(
     text_only.compile(backend=_Counted(config.compiler))
     ideal = _Ideal(text_only, device)
     graphs = {"eager": lambda: 0, "compiled": lambda: plain.graphs, "pruned": lambda: backend.report.graphs}
-    passes: dict[str, dict[str, list[dict]]] = {}
+    passes: dict[str, dict[str, list[Any]]] = {}  # per pass and row, each request's record (None: no ideal)
     pruned_image_requests = image_requests = agree = 0
     for name_of_pass in ("first", "replay"):
         per_request = passes[name_of_pass] = {label: [] for label in (*labels, "ideal")}

@@ -354,9 +354,9 @@ def _qwen2_vl_serve():
     """serve-bench's traffic model: Qwen2-VL whose language model has a text model's width
     (8 layers x 1024, 16 heads of 64 with 4 KV heads, MLP 2816), so attention and MLP cost what
     they do in use; the vision tower stays small (every pruner pays it alike)."""
-    text = dict(_QWEN_TEXT, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8)
-    text.update(num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=16384)
-    text["rope_parameters"] = dict(_QWEN_TEXT["rope_parameters"], mrope_section=[8, 12, 12])
+    rope = {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}  # head dim 64
+    text = {**_QWEN_TEXT, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8}
+    text.update(num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=16384, rope_parameters=rope)
     return _qwen2_vl(text, sharpen=False)
 
 
