@@ -6,11 +6,13 @@
 #   kernels    the tests marked cuda or gpu: every attention kernel on CUDA tensors against float64
 #   attention  benchmarks/attention.py --update-ranking: the CUDA ranking that kernel="auto" reads
 #   auto       the auto-kernel tests again, on the ranking just measured
+#   selection  benchmarks/selection.py: era::select and era::recycle at batch 8, eight image sizes against one
 #   llava-7b   era-compile bench llava-7b-shape: pruned vs unpruned vs ideal at LLaVA-1.5-7B's shapes
 # Without CUDA (GPU_CHECK_NO_GPU=1 hides a GPU) each GPU step is skipped once what needs no GPU is checked:
 # its command line parses and imports, its tests collect. So where it passes here, only the GPU can fail it.
-# Under $OUT (else gpu-check-out/): summary.json, gpu-check.log (every step's output) and the results, no
-# more than the 8 files the device tool brings back. Exit status 1 when a step failed or timed out.
+# Under $OUT (else gpu-check-out/): summary.json, gpu-check.log (every step's output) and the results (the
+# records, not the plots one can draw from them), no more than the 8 files the device tool brings back.
+# Exit status 1 when a step failed or timed out.
 #
 #   scripts/gpu-check.sh              # here: the skip mode
 #   OUT=$OUT scripts/gpu-check.sh     # on the GPU, through the device tool (docs/benchmarks.md)
@@ -207,11 +209,24 @@ step_auto() {
   run_tests auto
 }
 
+step_selection() {
+  if ! gpu; then
+    "$PY" benchmarks/selection.py --help >/dev/null || return
+    note "no CUDA: its command line parses and imports, nothing timed"
+    return 77
+  fi
+  touch "$WORK/selection-start"
+  "$PY" benchmarks/selection.py --runs 5 || return
+  find benchmarks/results -maxdepth 1 -name 'selection-*' -newer "$WORK/selection-start" -exec cp {} "$OUT_DIR/" \;
+}
+
 step_llava_7b() {
   local out rc
   # shellcheck disable=SC2086
   gpu && {
-    "$PY" -m era_compile.cli bench llava-7b-shape $BENCH_ARGS --out "$OUT_DIR"
+    # the record alone comes back (its plots are drawn from it: `bench.plot`), within the 8 files
+    "$PY" -m era_compile.cli bench llava-7b-shape $BENCH_ARGS --out "$WORK/bench" || return
+    cp "$WORK"/bench/*.json "$OUT_DIR/"
     return
   }
   # Without CUDA the same command line must parse and reach the model's own CUDA check (exit 2).
@@ -228,7 +243,7 @@ step_llava_7b() {
 }
 
 export -f gpu note has_module marked_test_files run_tests check_tests_collect
-export -f step_env step_kernels step_attention step_auto step_llava_7b
+export -f step_env step_kernels step_attention step_auto step_selection step_llava_7b
 
 # --------------------------------------------------------------------------- running and recording them
 
@@ -298,6 +313,7 @@ gpu || [ "$MODE" != gpu ] || MODE="skip (no CUDA)"
 run_step kernels 110
 run_step attention 80
 run_step auto 40
+run_step selection 40
 run_step llava-7b "$BUDGET_S" # the last step: whatever the budget has left
 
 {

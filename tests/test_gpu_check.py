@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_STEPS = ["kernels", "attention", "auto", "llava-7b"]
+GPU_STEPS = ["kernels", "attention", "auto", "selection", "llava-7b"]
 
 
 def test_gpu_check_skips_the_gpu_steps_and_passes(tmp_path):
