@@ -458,7 +458,7 @@ class CompiledModel:
         compiled = (
             self._inner(gm, example_inputs) if context is None else self._compile_late(gm, example_inputs, context)
         )
-        if tells_of_image:  # this warning told of its images: the runtime does not tell them again
+        if tells_of_image and kind is not None:  # this warning told of its images: the runtime does not tell them again
             return self.runtime.wrap(compiled, GraphPlan(graph=index, kind=kind, fell_back=True))
         return compiled
 
