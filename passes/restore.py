@@ -52,6 +52,11 @@ def restore_sequence_length(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 f"layer {layer.index} returns {out.name} {list(value.shape)} along the kept tokens, which is "
                 "neither hidden states [B, n', D] nor its KV cache: the loop between the layer graphs cannot take it"
             )
+        if value.dtype != tensor_value(layer.hidden_in).dtype:  # written over the input, in its dtype
+            raise PassError(
+                f"layer {layer.index} returns its hidden states in {value.dtype}, not its input's "
+                f"{tensor_value(layer.hidden_in).dtype}: they cannot be written back over it"
+            )
         with graph.inserting_before(graph.output_node()):
             unpruned = insert_call(
                 graph,
