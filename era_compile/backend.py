@@ -400,21 +400,22 @@ class CompiledModel:
                 "the merged embeddings",
                 index,
             )
-        elif result.kind in (GraphKind.LAYER_SALIENCY, GraphKind.LAYER_MASKED):
+        elif result.kind in (GraphKind.LAYER_SALIENCY, GraphKind.LAYER_KEPT):
             self.report.attention_rewrites += len(rectified.calls) if rectified is not None else 0
             log.info(
                 "graph %d: a decoder layer's own graph, %s",
                 index,
                 "hands its queries and keys to the next layer's selection"
                 if result.kind is GraphKind.LAYER_SALIENCY
-                else "masks the pruned tokens out of its keys",
+                else "runs on the tokens the prune layer kept (gathered at its entry, written back at its exit)",
             )
         else:
             if result.kind is GraphKind.LAYER_PRUNE:
                 note = (
-                    f"the decoder is split into per-layer graphs: layers >= {self.config.layer} run the prefill at "
-                    "full length with the pruned tokens masked out of their keys (no prefill saving there); "
-                    "their KV cache keeps only the kept tokens"
+                    f"the decoder is split into per-layer graphs: layers >= {self.config.layer} run the prefill on "
+                    "the kept tokens, each gathering them at its entry and writing its states back to their "
+                    "positions at its exit, so the logits keep every position (a pruned one's are meaningless; "
+                    "read the last, or the kept ones); their KV cache keeps only the kept tokens"
                 )
                 if note not in self.report.notes:
                     self.report.notes.append(note)
@@ -458,7 +459,7 @@ class CompiledModel:
         compiled = (
             self._inner(gm, example_inputs) if context is None else self._compile_late(gm, example_inputs, context)
         )
-        if tells_of_image:  # this warning told of its images: the runtime does not tell them again
+        if tells_of_image and kind is not None:  # this warning told of its images: the runtime does not tell them again
             return self.runtime.wrap(compiled, GraphPlan(graph=index, kind=kind, fell_back=True))
         return compiled
 

@@ -143,6 +143,22 @@ def register_cpu_sdpa_flops() -> None:
         return 2 * b * h * lq * key_shape[2] * d + 2 * b * h * lq * key_shape[2] * value_shape[3]
 
 
+def register_biased_attention_flops() -> None:
+    """FlopCounterMode sees ``era::biased_attention`` as one op (what its kernels run inside is not
+    counted): give it attention's formula, QK^T and PV, so a compiled pruned graph's count includes
+    its attention. Done when compiled graphs' FLOPs are first counted; repeats change nothing."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = torch.ops.era.biased_attention
+    if op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, lq, d = q_shape
+        return 2 * b * h * lq * k_shape[2] * d + 2 * b * h * lq * k_shape[2] * v_shape[3]
+
+
 def language_model_flops(model, inputs: dict, config: ERAConfig | None) -> int:
     """Prefill FLOPs of the decoder stack and LM head (vision tower excluded), eager, with the
     pruning of ``config`` (None: unpruned)."""

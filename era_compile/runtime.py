@@ -94,11 +94,12 @@ class PendingImage:
 @dataclass(eq=False)
 class LayerWalk:
     """An image prompt on its way through a decoder that Dynamo split into per-layer graphs
-    (``passes/masked.py``). Layer 0's graph receives the merged embeddings the merge handed on;
+    (``passes/saliency.py``). Layer 0's graph receives the merged embeddings the merge handed on;
     each later call of a layer's own graph on hidden states of the prompt's [B, N] is the next
     layer. The walk carries what one layer hands the next: layer K - 1's queries and keys, then
-    the kept positions and the key bias that masks the pruned tokens. It ends with the forward
-    (the merged embeddings die), at the next prompt's embedding or image, or at a decode step."""
+    layer K's kept positions, their bias (for the caches) and its key bias [B, N], by which every
+    later layer's graph cuts its sequence where layer K did. It ends with the forward (the merged
+    embeddings die), at the next prompt's embedding or image, or at a decode step."""
 
     visual_mask: Tensor  # bool [B, N], from the merge's handoff
     merge_graph: int
@@ -109,7 +110,7 @@ class LayerWalk:
     keys: Tensor | None = None
     keep_index: Tensor | None = None  # after layer K: the kept positions [B, n']
     log_bias: Tensor | None = None  # their bias [B, n'] (0 without LAR), for the caches
-    key_bias: Tensor | None = None  # float32 [B, N]: the later layers' attention bias
+    key_bias: Tensor | None = None  # float32 [B, N]: what the later layers keep (``era::kept_tokens``)
     over: bool = False
 
     @property
@@ -138,7 +139,7 @@ class GraphPlan:
     hidden_inputs: tuple[int, ...] = ()  # ``kinds.hidden_inputs_into_layers``: [B, N, D] into layers
     token_inputs: tuple[int, ...] = ()  # ``kinds.token_id_inputs``: the prompt's [B, N] token ids
     layer_forward: bool = False  # ``kinds.is_layer_forward``: one decoder layer's own graph
-    masked: bool = False  # a split decoder's layer >= K: its caches hold every position
+    split_layer: bool = False  # a split decoder's layer >= K: it runs on the kept tokens the walk holds
     saliency_outputs: int = 0  # trailing ``SaliencyOutputs`` fields (layer K - 1 of a split decoder)
     fell_back: bool = False  # runs unpruned, as reported when it fell back: the image is told
 
@@ -213,12 +214,12 @@ def plan_for(
         and cache is not None
         and (any(c.past_keys is not None for c in cache.layers) or bool(cache.written_in_place))
     )
-    plan.masked = kind in (GraphKind.LAYER_PRUNE, GraphKind.LAYER_MASKED)
+    plan.split_layer = kind in (GraphKind.LAYER_PRUNE, GraphKind.LAYER_KEPT)
     if kind is GraphKind.HANDOFF:
         plan.handoff = records.get(Handoff)
     elif kind is GraphKind.LAYER_SALIENCY:
         plan.saliency_outputs = len(records[SaliencyOutputs].values())
-    elif (kind.has_image and PrefillOutputs in records) or kind is GraphKind.LAYER_MASKED:
+    elif (kind.has_image and PrefillOutputs in records) or kind is GraphKind.LAYER_KEPT:
         if PrefillOutputs in records:
             plan.prefill_outputs = len(records[PrefillOutputs].values())
             plan.layer = records[PruneSite].layer
@@ -273,9 +274,9 @@ class Runtime:
             assert walk is not None  # ``layer_step`` gives the saliency variant to a walk's layer K - 1 only
             # contiguous, as the placeholders layer K's graph was compiled with (Inductor checks strides)
             walk.queries, walk.keys = handed.queries.contiguous(), handed.keys.contiguous()
-        elif plan.masked and not plan.prefill_outputs:  # a split decoder's layer after K
+        elif plan.split_layer and not plan.prefill_outputs:  # a split decoder's layer after K
             walk = self.walk
-            # ``layer_step`` gives the masked variant to a pruned walk's layers only
+            # ``layer_step`` gives the kept variant to a pruned walk's layers only
             assert walk is not None and walk.keep_index is not None and walk.log_bias is not None
             assert walk.key_bias is not None
             self._compact_caches(outputs, plan, walk.keep_index, walk.log_bias, walk.key_bias.shape[-1])
@@ -289,7 +290,7 @@ class Runtime:
             bias = published.log_bias if plan.rectify else without_lar(published.log_bias)
             length = published.key_visible.shape[-1]  # N: the visibility row spans the original positions
             self._compact_caches(outputs, plan, published.keep_index, bias, length)
-            if plan.masked:  # layer K of a split decoder: the later layers mask what it pruned
+            if plan.split_layer:  # layer K of a split decoder: the later layers keep what it kept
                 self._pruned_on_the_walk(published, bias)
             else:
                 self._mark_pruned_lengths(outputs, plan)
@@ -434,19 +435,16 @@ class Runtime:
     def _compact_caches(self, outputs: list, plan: GraphPlan, keep_index: Tensor, bias: Tensor, length: int) -> None:
         """The pruned layers' new keys and values [B, H, n', d] become CompactKV of the original
         length N, each row at its original position with its bias (0 everywhere without LAR); a
-        sliding-window layer's, the last W - 1 original positions of them. A split decoder's
-        layer (``plan.masked``) cached every position: its kept rows are taken first."""
+        sliding-window layer's, the last W - 1 original positions of them. A split decoder's layers
+        after K cut their sequence where layer K did (``era::kept_tokens``): their rows are layer
+        K's ``keep_index``, slot for slot."""
         # Each cache tensor gets its own positions and bias (12 bytes per row), as every decode append
         # leaves them: shared ones would make Dynamo guard on the aliasing, and the next generation's
         # first decode step would then compile once more than a plain compile does.
         for layer, i in plan.keys_outputs.items():
             j = plan.values_outputs[layer]
             for k in (i, j):
-                rows = outputs[k]
-                if plan.masked:
-                    index = keep_index[:, None, :, None].expand(rows.shape[0], rows.shape[1], -1, rows.shape[3])
-                    rows = rows.gather(2, index)
-                outputs[k] = compact(rows, keep_index.clone(), bias.clone(), length, plan.windows.get(layer))
+                outputs[k] = compact(outputs[k], keep_index.clone(), bias.clone(), length, plan.windows.get(layer))
 
     @staticmethod
     def _mark_pruned_lengths(outputs: list, plan: GraphPlan) -> None:
@@ -482,7 +480,7 @@ class Runtime:
     def layer_step(
         self, args: Sequence[Any], receivers: Sequence[int], prune_layer: int
     ) -> tuple[Any, LayerStep | None]:
-        """The variant key and part of a call of a decoder layer's own graph (``passes/masked.py``):
+        """The variant key and part of a call of a decoder layer's own graph (``passes/saliency.py``):
         layer 0 of a new walk when an input carries a handed-on mask, the next layer when one holds
         hidden states of the walking prompt's [B, N]; (None, None) for the unpruned variant. Asked
         twice for one call (when its graph is compiled, then run), it answers the same."""
@@ -513,7 +511,7 @@ class Runtime:
         walk.last_input = weakref.ref(args[index])
         if walk.layer < prune_layer - 1 or (walk.layer > prune_layer and not walk.pruned):
             return None, None  # before the layers that prune; or after a prune that fell back, told then
-        role = "saliency" if walk.layer == prune_layer - 1 else "prune" if walk.layer == prune_layer else "masked"
+        role = "saliency" if walk.layer == prune_layer - 1 else "prune" if walk.layer == prune_layer else "kept"
         step = LayerStep(
             walk.layer,
             role,
@@ -521,7 +519,7 @@ class Runtime:
             visual_mask=walk.visual_mask if role == "prune" else None,
             queries=walk.queries if role == "prune" else None,
             keys=walk.keys if role == "prune" else None,
-            key_bias=walk.key_bias if role == "masked" else None,
+            key_bias=walk.key_bias if role == "kept" else None,
         )
         return (role, index), step
 

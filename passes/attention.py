@@ -12,7 +12,8 @@ After::
 ``log_bias`` [B, n'] is ``log b`` for each kept anchor key and 0 for text. The keys of
 these layers are exactly the kept tokens (a prefill with an empty cache), which the pass
 checks; in decode the pruned layers' caches (``era_compile.compact_kv.CompactKV``) add the bias
-in their own attention.
+in their own attention. A split decoder's layer graph from K on holds one such layer, cut at its
+own entry (``prune`` at K, ``kept`` after it).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             record=RectifiedAttention(), skipped="rectify=False: attention of the pruned layers left as plain SDPA"
         )
     calls, kernel = [], None
-    for layer in layers.layers[site.layer :]:
+    for layer in (layer for layer in layers.layers if layer.index >= site.layer):
         call = layer.attention
         key_len = tensor_value(attention_args(call)["key"]).shape[-2]
         if not same_size(key_len, tensor_value(site.hidden_kept).shape[1]):

@@ -63,7 +63,7 @@ class GraphKind(enum.Enum):
     # (``records.LayerStep``), chosen per call by the runtime, never by ``classify``
     LAYER_SALIENCY = "layer_saliency"
     LAYER_PRUNE = "layer_prune"
-    LAYER_MASKED = "layer_masked"
+    LAYER_KEPT = "layer_kept"
 
     @property
     def has_image(self) -> bool:
@@ -76,7 +76,7 @@ class GraphKind(enum.Enum):
 
     @staticmethod
     def of_layer_step(role: str) -> GraphKind:
-        return {"saliency": GraphKind.LAYER_SALIENCY, "prune": GraphKind.LAYER_PRUNE, "masked": GraphKind.LAYER_MASKED}[
+        return {"saliency": GraphKind.LAYER_SALIENCY, "prune": GraphKind.LAYER_PRUNE, "kept": GraphKind.LAYER_KEPT}[
             role
         ]
 

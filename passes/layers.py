@@ -47,7 +47,7 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     paths: list[str] = []
     for call in attention_calls:
         path = layer_module_path(call)
-        if path is None and is_layer_forward(gm):  # the runtime walks such layers (``masked``), never here
+        if path is None and is_layer_forward(gm):  # the runtime walks such layers (``saliency``), never here
             raise PassError(
                 "this graph is a decoder layer's own forward (the decoder is split into per-layer "
                 "graphs): its pruning is the split decoder's, layer by layer, not a carried prefill's"
@@ -87,7 +87,7 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 @graph_pass("layer", provides=DecoderLayers, rewrites=False)
 def find_layer_of_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """A decoder layer's own graph (a decoder split into per-layer graphs, ``masked``): its one
+    """A decoder layer's own graph (a decoder split into per-layer graphs, ``saliency``): its one
     attention call, numbered by the runtime in call order (``ctx.step``), and the hidden states it
     receives (an input)."""
     step = ctx.step

@@ -47,14 +47,16 @@ from .attention import rectify_attention
 from .fx_utils import same_shape, same_size
 from .graph_pass import GraphPass, MissingRecord, PassContext, PassError, PassResult, frozen
 from .handoff import hand_off_visual_mask
+from .kept import continue_on_kept_tokens
 from .kinds import GraphKind, classify
 from .kvcache import find_kv_cache
 from .layers import find_decoder_layers, find_layer_of_graph
-from .masked import hand_on_saliency, mask_pruned_keys, prune_by_masking
 from .normalize import normalize
 from .prune import prune_visual_tokens
 from .publish import publish_pruning
 from .records import AddedInput, CarriedVisual, LayerStep
+from .restore import restore_sequence_length
+from .saliency import hand_on_saliency
 from .span import find_visual_span
 
 _PRUNING = (
@@ -72,17 +74,25 @@ PIPELINES: dict[GraphKind, tuple[GraphPass, ...]] = {
     GraphKind.HANDOFF: (find_visual_span, hand_off_visual_mask),
     GraphKind.DECODE: (find_kv_cache,),
     GraphKind.TEXT: (),
-    # a decoder split into per-layer graphs (``masked``)
+    # a decoder split into per-layer graphs (``saliency``): from K on, each layer runs on the kept
+    # tokens between its entry's cut and its exit's write-back
     GraphKind.LAYER_SALIENCY: (find_layer_of_graph, hand_on_saliency),
     GraphKind.LAYER_PRUNE: (
         find_visual_span,
         find_layer_of_graph,
         find_kv_cache,
-        prune_by_masking,
-        mask_pruned_keys,
+        prune_visual_tokens,
+        rectify_attention,
+        restore_sequence_length,
         publish_pruning,
     ),
-    GraphKind.LAYER_MASKED: (find_layer_of_graph, find_kv_cache, mask_pruned_keys),
+    GraphKind.LAYER_KEPT: (
+        find_layer_of_graph,
+        find_kv_cache,
+        continue_on_kept_tokens,
+        rectify_attention,
+        restore_sequence_length,
+    ),
 }
 
 

@@ -22,12 +22,18 @@ never by matching the value N.
 
 Saliency (ALGORITHMS.md 1.3): the queries, keys and mask of layer K-1's attention call; for
 K = 0, a copy of layer 0's query/key computation that reads the unpruned input.
+
+In a decoder that Dynamo split into per-layer graphs, layer K's own graph is cut the same way (the
+cut is its hidden-state input; its cos/sin and mask inputs are gathered like any crossing tensor),
+with layer K - 1's queries and keys as inputs the runtime supplies (``saliency``); ``restore`` then
+writes its kept states back at its exit.
 """
 
 from __future__ import annotations
 
 import json
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,8 +53,8 @@ from .fx_utils import (
     tensor_value,
 )
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
-from .records import BudgetInput, DecoderLayers, PruneSite, VisualSpan
-from .rewrite import append_input, getitem, insert_call
+from .records import BudgetInput, DecoderLayers, PruneSite, VisualSpan, WalkInput
+from .rewrite import append_input, append_walk_input, getitem, insert_call
 from .seqshape import SeqLen, plan_sequence_rewrite
 
 
@@ -56,9 +62,12 @@ from .seqshape import SeqLen, plan_sequence_rewrite
 def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     span, layers = ctx.get(VisualSpan), ctx.get(DecoderLayers)
     K = ctx.config.resolved_layer
-    cut = layers[K].hidden_in
+    layer = layers.by_index(K)
+    if layer is None:
+        raise PassError(f"layer {K} (ERAConfig.layer) is not in this graph")
+    cut = layer.hidden_in
     graph = gm.graph
-    original_mask = attention_args(layers[K].attention)["attn_mask"]  # over the N positions: read before the gathers
+    original_mask = attention_args(layer.attention)["attn_mask"]  # over the N positions: read before the gathers
 
     # size queries of the cut stay upstream: in a dynamic graph HF builds positions and masks
     # from the original length, and those are gathered, not recomputed at the pruned length
@@ -66,34 +75,75 @@ def prune_visual_tokens(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     downstream.discard(graph.output_node())
     first = schedule_upstream_first(graph, downstream)
     budget, budget_input = append_budget(gm, cut)
-    source = attention_args(layers[K - 1].attention if K > 0 else layers[K].attention)
+    queries, keys, source, walked = _saliency_source(gm, ctx, layers, cut, downstream, first)
     with graph.inserting_before(first):
-        queries, keys = source["query"], source["key"]
-        if K == 0:  # layer 0's own queries and keys, of the unpruned input
-            queries, keys = copy_unpruned(graph, [queries, keys], downstream)
         keep_index, hidden_kept, log_bias, samples = insert_selection(
             graph, ctx, span, cut, queries, keys, source, budget, original_mask
         )
+    counts = continue_on_kept(gm, ctx, cut, downstream, first, keep_index, hidden_kept)
+    site = PruneSite(K, keep_index, hidden_kept, log_bias, samples, frozenset(downstream), original_mask)
+    return PassResult(record=site, changed=True, counts=counts, added_inputs=(budget_input, *walked))
 
+
+def _saliency_source(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    layers: DecoderLayers,
+    cut: fx.Node,
+    downstream: set[fx.Node],
+    first: fx.Node,
+) -> tuple[fx.Node, fx.Node, dict[str, Any], tuple[WalkInput, ...]]:
+    """The queries and keys ``era::select`` scores with, the arguments of the attention call whose
+    mask, causality and scale go with them, and the inputs added for them: layer K - 1's; at K = 0 a
+    copy of layer 0's computation on the unpruned input; in a split decoder's layer K (layer K - 1 ran
+    in a graph of its own) K - 1's as the runtime's walk hands them on, beside layer K's own call,
+    since the loop hands every layer the same mask."""
+    K = ctx.config.resolved_layer
+    previous = layers.by_index(K - 1) if K > 0 else None
+    if previous is not None:
+        source = attention_args(previous.attention)
+        return source["query"], source["key"], source, ()
+    own = layers.by_index(K)
+    assert own is not None  # the caller found layer K
+    source = attention_args(own.attention)
+    if K == 0:
+        with gm.graph.inserting_before(first):
+            queries, keys = copy_unpruned(gm.graph, [source["query"], source["key"]], downstream)
+        return queries, keys, source, ()
+    step = ctx.step
+    if step is None or step.queries is None or step.keys is None:
+        raise PassError(f"layer {K}: layer {K - 1}'s queries and keys did not reach it (its graph handed none on)")
+    queries, added_queries = append_walk_input(gm, cut, step.queries, "queries", seq_dim=2)
+    keys, added_keys = append_walk_input(gm, cut, step.keys, "keys", seq_dim=2)
+    return queries, keys, source, (added_queries, added_keys)
+
+
+def continue_on_kept(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    cut: fx.Node,
+    downstream: set[fx.Node],
+    first: fx.Node,
+    keep_index: fx.Node,
+    hidden_kept: fx.Node,
+) -> dict[str, int]:
+    """Make every node ``downstream`` of ``cut`` [B, N, D] run on ``hidden_kept`` [B, n', D]: the
+    tensors made upstream and read downstream gathered at ``keep_index``, the length literals
+    following n' (which ones: ``seqshape``). ``first``: the first downstream node, before which the
+    gathers go. Returns the counts for the report."""
+    graph = gm.graph
+    shape = tensor_value(cut).shape
     order = [n for n in graph.nodes if n in downstream]
-    # the budget input appended above has no example yet (and is no weight): the zip stops before it
+    # inputs appended by the passes have no example yet (and are no weights): the zip stops before them
     frozen = {n for n, x in zip(placeholders(gm), ctx.example_inputs, strict=False) if is_weight(n, x)}
     # the pruned length is the data's (era::recycle's output size): planned with a sentinel
-    replacement_shape = (hint(span.batch), hint(span.seq_len), hint(tensor_value(cut).shape[-1]))
-    plan = plan_sequence_rewrite(order, cut, replacement_shape, seq_dim=1, seq_len=hint(span.seq_len), frozen=frozen)
+    plan = plan_sequence_rewrite(order, cut, hints(shape), seq_dim=1, seq_len=hint(shape[1]), frozen=frozen)
 
     cut.replace_all_uses_with(hidden_kept, delete_user_cb=lambda user: user in downstream)
     with graph.inserting_before(first):
-        gathered = _gather_crossing_tensors(graph, plan, keep_index, span.batch)
+        gathered = _gather_crossing_tensors(graph, plan, keep_index, shape[0])
         literals = _rewrite_lengths(graph, plan, hidden_kept)
-
-    site = PruneSite(K, keep_index, hidden_kept, log_bias, samples, frozenset(downstream), original_mask)
-    return PassResult(
-        record=site,
-        changed=True,
-        counts={"gathered_tensors": gathered, "rewritten_shapes": literals, "downstream_nodes": len(order)},
-        added_inputs=(budget_input,),
-    )
+    return {"gathered_tensors": gathered, "rewritten_shapes": literals, "downstream_nodes": len(order)}
 
 
 def append_budget(gm: fx.GraphModule, like: fx.Node) -> tuple[fx.Node, BudgetInput]:
@@ -169,7 +219,7 @@ def _gather_crossing_tensors(graph: fx.Graph, plan, keep_index: fx.Node, batch) 
     for (consumer, source_node), dims in plan.gathers.items():
         key = (source_node, dims)
         if key not in gathered:
-            gathered[key] = _gather(graph, source_node, dims, keep_index, batch)
+            gathered[key] = gather_kept(graph, source_node, dims, keep_index, batch)
         consumer.replace_input_with(source_node, gathered[key])
     return len(gathered)
 
@@ -228,7 +278,7 @@ def copy_unpruned(graph: fx.Graph, values: list[fx.Node], downstream: set[fx.Nod
     return [copies.get(v, v) for v in values]
 
 
-def _gather(graph: fx.Graph, source: fx.Node, dims: tuple[int, ...], keep_index: fx.Node, batch) -> fx.Node:
+def gather_kept(graph: fx.Graph, source: fx.Node, dims: tuple[int, ...], keep_index: fx.Node, batch) -> fx.Node:
     """``source`` at the kept positions along ``dims`` (dim 0 is the batch, or 1 to broadcast)."""
     shape = tensor_value(source).shape
     if not (same_size(shape[0], 1) or same_size(shape[0], batch)):

@@ -9,7 +9,8 @@ After::
 
     return (..., keys_2, values_2, ..., era_keep_index, era_log_bias, era_last_query_mask, era_samples)
 
-A split decoder's layer K (``masked``) returns its key bias [B, N] last, what its later layers add.
+A split decoder's layer K returns the key bias [B, N] ``restore`` made last: its later layers cut
+their sequence by it (``kept``).
 
 ``key_visible`` [B, N] says which of the original positions the last query may see (False: a
 padding key); without a mask every one. Its length is the original N, the logical length the
@@ -26,7 +27,7 @@ import torch.fx as fx
 
 from .fx_utils import graph_outputs, tensor_value
 from .graph_pass import PassContext, PassResult, graph_pass
-from .records import PrefillOutputs, PruneSite, VisualSpan
+from .records import PrefillOutputs, PruneSite, RestoredSequence, VisualSpan
 from .rewrite import insert_call
 
 
@@ -48,6 +49,10 @@ def publish_pruning(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 key_visible = insert_call(
                     graph, torch.gt, (key_visible, torch.finfo(dtype).min / 2), stem="last_query_visible"
                 )
-    published = PrefillOutputs(site.keep_index, site.log_bias, key_visible, site.samples, site.key_bias)
+    restored = ctx.find(RestoredSequence)  # a split decoder's layer K
+    assert site.samples is not None  # the site of ``prune``, which counts the samples
+    published = PrefillOutputs(
+        site.keep_index, site.log_bias, key_visible, site.samples, None if restored is None else restored.key_bias
+    )
     output.args = (tuple(graph_outputs(gm)) + published.values(),)
     return PassResult(record=published, changed=True, counts={"extra_outputs": len(published.values())})

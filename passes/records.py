@@ -45,9 +45,10 @@ class LayerStep:
     """A decoder layer's own graph, called on an image prompt's way through a decoder that Dynamo
     split into per-layer graphs (``era_compile.runtime.LayerWalk``): the layer it runs there, counted
     in call order, and its part in the pruning. ``role``: ``saliency`` (layer K - 1: hands on its
-    queries and keys), ``prune`` (layer K: selects and recycles, then masks), ``masked`` (after K).
-    The sequence keeps its length N: the loop between the graphs hands every layer the full-length
-    positions, so the pruned tokens are masked out as keys instead of cut."""
+    queries and keys), ``prune`` (layer K: selects and recycles, runs on the kept tokens), ``kept``
+    (after K: runs on the tokens layer K kept). The loop between the graphs hands every layer the
+    whole prompt's [B, N] (hidden states, positions, masks), so each layer from K on cuts it at its
+    entry and writes its states back to their positions at its exit."""
 
     layer: int
     role: str
@@ -55,7 +56,7 @@ class LayerStep:
     visual_mask: torch.Tensor | None = None  # prune: the example's bool [B, N] (a real tensor)
     queries: torch.Tensor | None = None  # prune at K > 0: layer K - 1's, what the saliency reads
     keys: torch.Tensor | None = None
-    key_bias: torch.Tensor | None = None  # masked: the example's float32 [B, N]
+    key_bias: torch.Tensor | None = None  # kept: the example's float32 [B, N], layer K's (``era::unprune``)
 
     def describe(self) -> str:
         return f"layer {self.layer} of a split decoder: {self.role}"
@@ -120,12 +121,12 @@ class PrefillOutputs(TrailingOutputs[V]):
     log_bias: V  # float32 [B, n'] LAR bias per kept key (0 off the anchors)
     key_visible: V  # bool [B, N]: which original positions the last query may see
     samples: V  # int64 [B, 2]: each sample's visual tokens T_b and kept ones k_b
-    key_bias: V | None = None  # float32 [B, N], a split decoder's (``masked``): its later layers' bias
+    key_bias: V | None = None  # float32 [B, N], a split decoder's layer K's: what its later layers keep
 
 
 @dataclass(frozen=True)
 class SaliencyOutputs(TrailingOutputs[V]):
-    """What layer K - 1's own graph hands on for layer K's selection (appended by ``masked``)."""
+    """What layer K - 1's own graph hands on for layer K's selection (appended by ``saliency``)."""
 
     queries: V  # its attention call's queries [B, H, N, d]
     keys: V  # and keys [B, H_kv, N, d]
@@ -174,6 +175,10 @@ class DecoderLayers:
     def __getitem__(self, i):
         return self.layers[i]
 
+    def by_index(self, index: int) -> DecoderLayer | None:
+        """The layer numbered ``index`` (a decoder layer's own graph holds one layer, of any number)."""
+        return next((layer for layer in self.layers if layer.index == index), None)
+
     def __len__(self) -> int:
         return len(self.layers)
 
@@ -205,18 +210,28 @@ class KVCache:
 
 @dataclass(frozen=True)
 class PruneSite:
-    """What ``prune`` inserted, for the passes after it."""
+    """Where this graph's sequence is cut to the kept tokens, for the passes after it: layer K's
+    selection (``prune``), or the entry of a split decoder's later layer, cut where layer K cut
+    (``kept``)."""
 
-    layer: int
+    layer: int  # the first layer that runs on the kept tokens here
     keep_index: fx.Node  # int64 [B, n'] original positions kept, ascending
-    hidden_kept: fx.Node  # [B, n', D] the residual stream entering layer K, pruned
+    hidden_kept: fx.Node  # [B, n', D] the residual stream entering that layer, pruned
     log_bias: fx.Node  # float32 [B, n'] LAR bias per kept key (0 off the anchors)
-    samples: fx.Node  # int64 [B, 2] each sample's visual tokens T_b and kept ones k_b
+    samples: fx.Node | None  # int64 [B, 2] each sample's visual tokens T_b and kept ones k_b (None:
+    # ``kept``, which selects nothing)
     downstream: frozenset[fx.Node]  # the nodes that ran on the cut when it was made
-    attention_mask: fx.Node | None  # layer K's mask over the original positions, if any
-    key_bias: fx.Node | None = None  # masked, not cut (a decoder split per layer): float32 [B, N] bias
-    # of every original position, BLOCKED at the pruned ones; then
-    # ``hidden_kept`` is [B, N, D], the recycled states written back
+    attention_mask: fx.Node | None  # that layer's mask over the original positions, if any
+
+
+@dataclass(frozen=True)
+class RestoredSequence:
+    """What ``restore`` did at the exit of a split decoder's layer graph: the outputs it wrote back to
+    the prompt's positions ([B, n', D] -> [B, N, D]), and the key bias [B, N] ``era::unprune`` gave
+    with them (layer K publishes it: the later layers cut their sequence by it)."""
+
+    outputs: tuple[int, ...]
+    key_bias: fx.Node
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from era_compile.ops.attention import resolve_kernel
 
 from .fx_utils import BIASED_ATTENTION, attention_args, known_scalar, placeholders, tensor_meta
 from .graph_pass import PassError
+from .records import WalkInput
 
 _KEPT_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
@@ -45,6 +46,20 @@ def append_input(
         node.meta["example_value"] = like.new_empty(tuple(shape), dtype=dtype, device=device or like.device)
     node.meta["val"] = node.meta["example_value"]
     return node
+
+
+def append_walk_input(
+    gm: fx.GraphModule, hidden: fx.Node, example: torch.Tensor, field: str, seq_dim: int
+) -> tuple[fx.Node, WalkInput]:
+    """A placeholder for what the runtime's walk through a split decoder holds (``field``), shaped
+    as ``example`` with the hidden states' batch and length (symbolic in a dynamic graph) at dims 0
+    and ``seq_dim``."""
+    value = tensor_meta(hidden)
+    assert value is not None  # a layer's hidden-state input, which carries its fake value
+    shape = list(example.shape)
+    shape[0], shape[seq_dim] = value.shape[0], value.shape[1]
+    node = append_input(gm, f"era_{field}", value, shape, example.dtype)
+    return node, WalkInput(node.name, node.meta["val"], field=field)
 
 
 def replace_node(

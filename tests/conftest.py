@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():  # the Triton kernel runs on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -52,6 +54,62 @@ def generate_matches_reference(model, inputs, config: ERAConfig, *, max_new_toke
     assert torch.equal(generated.sequences, expected.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True)) <= tol
     return backend
+
+
+@dataclass(frozen=True)
+class GraphCall:
+    """One call of a graph the era backend compiled: the era ops the graph holds (``recycle``: a
+    prune; ``kept_tokens``: a split decoder's layer after K), the FLOPs the call ran and the query
+    shape of each ``era::biased_attention`` in it."""
+
+    era_ops: frozenset[str]
+    flops: int
+    attention_queries: tuple[tuple[int, ...], ...]
+
+
+class _AttentionQueries(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.era.biased_attention.default:
+            self.shapes.append(tuple((args[0] if args else kwargs["q"]).shape))
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def graph_calls(monkeypatch) -> list[GraphCall]:
+    """Every call of a graph the era backend compiles while the test runs, in call order, counted
+    as it runs (``GraphCall``). A dispatch mode cannot sit around a compiled model (Dynamo runs the
+    frames eagerly under one), so each compiled graph runs inside FlopCounterMode instead, with
+    ``era::biased_attention`` counted as the attention it is."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import era_compile.backend as backend_module
+    from era_compile.bench import register_biased_attention_flops, register_cpu_sdpa_flops
+
+    register_cpu_sdpa_flops()
+    register_biased_attention_flops()
+    calls: list[GraphCall] = []
+    real = backend_module.inner_compile
+
+    def compile_(gm, example_inputs, compiler):
+        compiled = real(gm, example_inputs, compiler)
+        targets = (n.target for n in gm.graph.nodes if n.op == "call_function")
+        ops = frozenset(t._opname for t in targets if isinstance(t, torch._ops.OpOverload) and t.namespace == "era")
+
+        def counted(*args):
+            with FlopCounterMode(display=False) as flops, _AttentionQueries() as queries:
+                out = compiled(*args)
+            calls.append(GraphCall(ops, flops.get_total_flops(), tuple(queries.shapes)))
+            return out
+
+        return counted
+
+    monkeypatch.setattr(backend_module, "inner_compile", compile_)
+    return calls
 
 
 def assert_cache_rows(model, inputs, generated, report, layer: int) -> None:

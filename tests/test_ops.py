@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import era_compile.ops  # noqa: F401  (registers the ops)
-from era_compile.ops.prune import budget_tensor
+from era_compile.ops.prune import budget_tensor, without_lar
 
 
 def _registered_ops():
@@ -61,10 +61,16 @@ def _unprune_args():
     return hidden, keep_index, hidden_kept, log_bias, True
 
 
+def _kept_tokens_args():
+    _, key_bias = torch.ops.era.unprune(*_unprune_args())
+    return (key_bias,)
+
+
 SAMPLES = {
     "select": _select_args,
     "recycle": _recycle_args,
     "unprune": _unprune_args,
+    "kept_tokens": _kept_tokens_args,
     "biased_attention": _attention_args,
     "head_gram_eigvalsh": lambda: (torch.randn(5, 4, 8),),
 }
@@ -93,11 +99,12 @@ def test_select_and_recycle_are_functions_of_their_inputs():
 
 
 @pytest.mark.parametrize("rectify", [True, False])
-def test_unprune_writes_the_kept_states_back_and_masks_the_pruned_keys(rectify):
-    """A split decoder's sequence keeps its length: the kept (recycled) states at their positions,
-    the pruned ones as they were, and a key bias that is LAR's at the kept keys (0 without it)
-    and BLOCKED at the pruned ones. A ragged batch's padding slot (position 0, BLOCKED) writes
-    nothing over the real token at position 0."""
+def test_unprune_writes_the_kept_states_back_and_says_what_was_kept(rectify):
+    """A split decoder's layer hands the loop the prompt's length: the kept (recycled) states at
+    their positions, the pruned ones as they were, and a key bias that is LAR's at the kept keys (0
+    without it) and BLOCKED at the pruned ones. A ragged batch's padding slot (position 0, BLOCKED)
+    writes nothing over the real token at position 0. ``era::kept_tokens`` reads recycle's layout
+    back off the key bias, slot for slot (the padding slot included), for the later layers."""
     from era_compile.algorithms.sequence import BLOCKED
 
     hidden, mask, anchor_mask, confidence, _, _ = _recycle_args()
@@ -114,6 +121,9 @@ def test_unprune_writes_the_kept_states_back_and_masks_the_pruned_keys(rectify):
         assert torch.equal(full[b, pruned], hidden[b, pruned]) and bool((key_bias[b, pruned] == BLOCKED).all())
         assert torch.equal(key_bias[b, positions], log_bias[b][real] if rectify else torch.zeros(len(positions)))
     assert bool((log_bias[0] > 0).any())  # the anchors carry a bias: the rectified case is no zero test
+    again, bias_again = torch.ops.era.kept_tokens(key_bias)
+    assert torch.equal(again, keep_index)
+    assert torch.equal(bias_again, log_bias if rectify else without_lar(log_bias))
 
 
 def _known_confidence(inputs, k, options):

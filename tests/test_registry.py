@@ -41,7 +41,7 @@ ORACLE_TOL = 1e-5
 SUPPORT_DOC = Path(__file__).resolve().parent.parent / "docs" / "support.md"
 FULL = os.environ.get("ERA_REGISTRY_MATRIX") == "1"
 # What the suite can afford of the matrix: Gemma 3 (vmap-ed bidirectional image masks, sliding-window
-# caches), Qwen3-VL (DeepStack: a decoder split into per-layer graphs, pruned by masking), and two
+# caches), Qwen3-VL (DeepStack: a decoder split into per-layer graphs, each from K cut at its entry), and two
 # refusals read off the config.
 SUITE_TYPES = ("gemma3", "qwen3_vl", "florence2", "fast_vlm")
 ALL_TYPES = list(registry.model_types())
@@ -83,8 +83,8 @@ def _visual(model, inputs):
 
 def logits_error(logits: torch.Tensor, reference: EagerReference, expected: torch.Tensor) -> float:
     """The largest difference from the reference's logits, of the kept tokens. A decoder split into
-    per-layer graphs keeps every position, the pruned ones masked out as keys (``passes/masked.py``):
-    its logits are read at the positions the reference kept."""
+    per-layer graphs hands its head every position (its layers write their kept states back for the
+    loop between them, ``passes/restore.py``): its logits are read at the positions the reference kept."""
     if logits.shape[1] != expected.shape[1]:
         keep = reference.last["keep_index"]
         logits = logits.gather(1, keep[..., None].expand(-1, -1, logits.shape[-1]))

@@ -75,14 +75,10 @@ def assemble(
     of each kept key, 0 for text). Rows that keep fewer than the longest (their padding went)
     start with empty slots, as ``left_pad`` makes them.
     """
-    B, N, D = hidden.shape
+    B = hidden.shape[0]
     anchor_pos = visual_pos.gather(1, anchors)
     keep = text_tokens(visual_mask, real).scatter(1, anchor_pos, True)
-    n_kept = int(keep.sum(-1).max()) if B else 0
-    # kept positions last, ascending: a row keeping fewer begins with positions it drops, made empty
-    # (contiguous: a slice of the [B, N] argsort would not match the op's fake, static-stride output)
-    order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, N - n_kept :].contiguous()
-    filled = keep.gather(1, order)
+    order, filled = kept_slots(keep)
     keep_index = torch.where(filled, order, 0)
     # the anchors' rows in the kept sequence: both ascend (empty slots at -1), so a sorted search finds them
     anchor_rows = torch.searchsorted(torch.where(filled, order, -1), anchor_pos)
@@ -90,6 +86,18 @@ def assemble(
     kept[torch.arange(B, device=hidden.device).unsqueeze(1), anchor_rows] = anchor_states.to(hidden.dtype)
     bias = torch.where(filled, 0.0, BLOCKED).to(torch.float32)
     return keep_index, kept, bias.scatter(1, anchor_rows, anchor_log_bias.to(torch.float32))
+
+
+def kept_slots(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The kept sequence's layout from ``keep`` [B, N] bool (the positions each sample keeps): per
+    slot [B, n'] (n' the most any sample keeps) the position it reads and whether it holds a token.
+    Kept positions come last, ascending; a row keeping fewer begins with positions it drops, which
+    hold no token (``left_pad``'s empty slots)."""
+    B, N = keep.shape
+    n_kept = int(keep.sum(-1).max()) if B else 0
+    # contiguous: a slice of the [B, N] argsort would not match the ops' fake, static-stride outputs
+    order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, N - n_kept :].contiguous()
+    return order, keep.gather(1, order)
 
 
 def text_tokens(visual_mask: Tensor, real: Tensor | None) -> Tensor:

@@ -1,4 +1,5 @@
-"""era::select and era::recycle: the pruning ops the ``prune`` pass inserts at layer K.
+"""era::select and era::recycle: the pruning ops the ``prune`` pass inserts at layer K; era::unprune
+and era::kept_tokens: the exit and the entry of a split decoder's layers from K on.
 
 They are opaque to Inductor (the selection is a sequential greedy loop, not worth fusing).
 How many visual tokens each sample holds is data (``T_b``, counted from the visual mask), and so
@@ -11,6 +12,13 @@ left-padded to ``n'`` with empty slots (``sequence.left_pad``).
 
     anchor_mask, confidence = era::select(hidden, visual_mask, queries, keys, attn_mask, ...)
     keep_index, hidden_kept, log_bias, samples = era::recycle(hidden, visual_mask, anchor_mask, confidence, ...)
+
+A decoder that Dynamo split into per-layer graphs hands each layer the whole prompt [B, N], so each of
+its layers from K on runs on the kept tokens between an entry and an exit (``passes/kept.py``,
+``passes/restore.py``): ``era::unprune`` writes a layer's kept states back over the N positions and
+gives the key bias [B, N] (the kept tokens' ``log b``, ``BLOCKED`` elsewhere); ``era::kept_tokens``
+reads the kept positions and their bias off that key bias at the next layer's entry, laid out as
+``era::recycle`` laid them out, with ``n'`` again an unbacked size.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from era_compile.algorithms.sequence import (
     assemble,
     equal_count_groups,
     gather_rows,
+    kept_slots,
     left_pad,
     real_tokens,
     text_tokens,
@@ -257,12 +266,13 @@ def without_lar(log_bias: Tensor) -> Tensor:
 def unprune(
     hidden: Tensor, keep_index: Tensor, hidden_kept: Tensor, log_bias: Tensor, rectify: bool
 ) -> tuple[Tensor, Tensor]:
-    """``era::recycle``'s kept states written back over the whole sequence [B, N, D] (the anchors
-    carry what they recycled; a pruned token keeps its state, and no key of it is seen again), and
-    the key bias float32 [B, N] that a decoder split into per-layer graphs adds in each layer from
-    K on (``passes/masked.py``): each kept token's LAR bias at its position (0 with ``rectify``
-    off), ``BLOCKED`` at every pruned one. A left-padding slot of a ragged batch (``BLOCKED``
-    bias) holds no token and writes nothing."""
+    """The kept states ``hidden_kept`` [B, n', D] written back over ``hidden`` [B, N, D] at their
+    positions (a pruned position keeps its state from ``hidden``; a left-padding slot of a ragged
+    batch, ``BLOCKED`` bias, holds no token and writes nothing), and the key bias float32 [B, N]:
+    each kept token's LAR bias at its position (0 with ``rectify`` off), ``BLOCKED`` at every other
+    one. The exit of a split decoder's layer >= K (``passes/restore.py``): the eager loop between the
+    layer graphs gets the prompt's [B, N, D] back, and layer K's key bias tells the later layers'
+    ``era::kept_tokens`` what was kept."""
     slots = log_bias > BLOCKED
     rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(keep_index)[slots]
     positions = keep_index[slots]
@@ -276,3 +286,23 @@ def unprune(
 @unprune.register_fake
 def _(hidden, keep_index, hidden_kept, log_bias, rectify):
     return hidden.new_empty(hidden.shape), hidden.new_empty(hidden.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("era::kept_tokens", mutates_args=())
+def kept_tokens(key_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """What ``era::unprune``'s key bias [B, N] says was kept: keep_index [B, n'] and log_bias
+    [B, n'] as ``era::recycle`` laid them out (each sample's kept positions ascending, left-padded to
+    the longest with empty slots: position 0, ``BLOCKED``). The entry of a split decoder's layer
+    after K (``passes/kept.py``)."""
+    order, filled = kept_slots(key_bias > BLOCKED)
+    keep_index = torch.where(filled, order, 0)
+    log_bias = torch.where(filled, key_bias.gather(1, order), BLOCKED).to(torch.float32)
+    return keep_index, log_bias
+
+
+@kept_tokens.register_fake
+def _(key_bias):
+    B, N = key_bias.shape
+    kept_len = torch.library.get_ctx().new_dynamic_size(min=1)  # n' is data, as era::recycle's
+    torch._check(kept_len <= N)
+    return key_bias.new_empty((B, kept_len), dtype=torch.int64), key_bias.new_empty((B, kept_len), dtype=torch.float32)

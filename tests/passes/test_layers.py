@@ -79,7 +79,7 @@ def test_a_layer_with_a_convolution_along_the_positions_is_refused_from_k_on():
 
 def test_a_decoder_layers_own_graph_is_refused_with_why():
     """A layer loop with a graph break between layers: Dynamo traces each layer as a frame of its
-    own, with no layer index around it. The runtime walks such layers (``test_masked``); taken for
+    own, with no layer index around it. The runtime walks such layers (``test_split``); taken for
     a carried prefill it is refused by name, never cut (the eager loop hands the next layer
     full-length positions). A whole decoder is no such graph."""
     torch.manual_seed(0)
