@@ -26,9 +26,9 @@ left-padded as the batches are; the layers are equal, the LM head reads the last
 Everything else of an image prompt (the vision tower, the positions, the merge, the first K
 layers) costs the ideal what it costs the compiled model.
 ``ideal_share`` is the ideal's speed-up that the pruned model reaches: (compiled / pruned) over
-(compiled / ideal), i.e. ideal time over pruned time. In the replay, one profiled prefill more
-per request gives the seconds of ``era::select`` and ``era::recycle`` and their share of it
-(``selection``). The benchmark models (``zoo`` entries marked
+(compiled / ideal), i.e. ideal time over pruned time. In the replay, one prefill more per
+request times ``era::select`` and ``era::recycle`` within it (``bench.selection_overhead``):
+their seconds and share (``selection``). The benchmark models (``zoo`` entries marked
 ``benchmark``, the text-model widths) leave the eager model out: it costs the stream's time and
 says nothing about pruning.
 """
@@ -275,7 +275,7 @@ def _run_serve_bench(
             per_request["ideal"].append(
                 ideal(request, entry, per_request["compiled"][-1]["ttft_s"]) if entry is not None else None
             )
-            if name_of_pass == "replay" and entry is not None:  # a profiled prefill more: era::select and recycle
+            if name_of_pass == "replay" and entry is not None:  # a prefill more: era::select and recycle timed
                 per_request["pruned"][-1]["selection"] = selection_overhead(models["pruned"], request.inputs)
             agree += bool(torch.equal(per_request["pruned"][-1]["tokens"], per_request["compiled"][-1]["tokens"]))
             if progress:
