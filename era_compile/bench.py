@@ -127,13 +127,11 @@ def interleaved_times(
 # --------------------------------------------------------------------------- FLOPs, overhead, memory
 
 
-def register_cpu_sdpa_flops() -> None:
-    """FlopCounterMode knows the CUDA SDPA kernels but not PyTorch's CPU flash kernel, which
-    then counts as 0: give it the same formula (QK^T and PV, 2 * 2 * B * Hq * Lq * Lk * d). Done
-    when FLOPs are first counted; repeats change nothing."""
+def _register_attention_flops(op) -> None:
+    """Give FlopCounterMode attention's formula (QK^T and PV, 2 * 2 * B * Hq * Lq * Lk * d) for
+    ``op``; repeats change nothing."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if op in flop_registry:
         return
 
@@ -143,20 +141,17 @@ def register_cpu_sdpa_flops() -> None:
         return 2 * b * h * lq * key_shape[2] * d + 2 * b * h * lq * key_shape[2] * value_shape[3]
 
 
+def register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels but not PyTorch's CPU flash kernel, which
+    then counts as 0: give it attention's formula. Done when FLOPs are first counted."""
+    _register_attention_flops(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+
+
 def register_biased_attention_flops() -> None:
     """FlopCounterMode sees ``era::biased_attention`` as one op (what its kernels run inside is not
-    counted): give it attention's formula, QK^T and PV, so a compiled pruned graph's count includes
-    its attention. Done when compiled graphs' FLOPs are first counted; repeats change nothing."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    op = torch.ops.era.biased_attention
-    if op in flop_registry:
-        return
-
-    @register_flop_formula(op)
-    def _flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-        b, h, lq, d = q_shape
-        return 2 * b * h * lq * k_shape[2] * d + 2 * b * h * lq * k_shape[2] * v_shape[3]
+    counted): give it attention's formula, so a compiled pruned graph's count includes its
+    attention. Done when compiled graphs' FLOPs are first counted."""
+    _register_attention_flops(torch.ops.era.biased_attention)
 
 
 def language_model_flops(model, inputs: dict, config: ERAConfig | None) -> int:
