@@ -273,7 +273,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve_bench(args: argparse.Namespace) -> int:
     from era_compile import bench, serve_bench
 
-    with bench.progress_bar(2 * args.requests, f"serve-bench {args.model}") as tick:
+    with bench.progress_bar((1 + args.replays) * args.requests, f"serve-bench {args.model}") as tick:
         record = serve_bench.run_serve_bench(
             args.model,
             lambda: zoo.build(args.model, seed=args.seed)[0],
@@ -281,6 +281,7 @@ def _serve_bench(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             new_tokens=args.new_tokens,
             seed=args.seed,
+            replays=args.replays,
             config=_config(args),
             progress=tick,
         )
@@ -417,6 +418,9 @@ def main(argv=None) -> int:
     serve.add_argument("--max-batch", type=int, default=8, help="each request a batch of 1 to this many prompts")
     serve.add_argument("--new-tokens", type=int, default=8)
     serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument(
+        "--replays", type=int, default=1, help="warm passes over the stream; each request's median TTFT is recorded"
+    )
     serve.add_argument("--out", default="benchmarks/results")
     from era_compile.shapes_vqa import evaluate
 

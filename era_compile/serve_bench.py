@@ -9,10 +9,11 @@ the same weights, request by request interleaved:
 * ``compiled``: the unpruned model under ``torch.compile`` with the same inner compiler;
 * ``pruned``: the model compiled with the era backend.
 
-The stream runs twice. The first pass is what a fresh server pays: its wall time, the graphs
+The stream runs ``1 + replays`` times. The first pass is what a fresh server pays: its wall time, the graphs
 each model compiled and their compile seconds (a plain compile too recompiles a small graph of
 transformers' per new visual-token count, so nearly every request of a first pass compiles
-something). The second pass replays the same requests on the warm models: time to first token
+something). The later passes replay the same requests on the warm models (each request's row of
+the record's ``replay`` is, per model, the replay of median time to first token): time to first token
 (p50 / p95), decode tokens per second and wall time of a server past its warm-up, and the graphs
 it compiled (0 expected). Per model also the peak KV-cache bytes, and for the pruned model the
 share of image requests whose prefill pruned, in both passes (which must be 100%).
@@ -212,11 +213,14 @@ def run_serve_bench(
     max_batch: int = 8,
     new_tokens: int = 8,
     seed: int = 0,
+    replays: int = 1,
     config: ERAConfig | None = None,
     progress: Callable[[], None] | None = None,
 ) -> dict:
     """The serve-bench record (see the module docstring). ``build()`` gives the model, the same
     weights on every call."""
+    if replays < 1:
+        raise ValueError(f"serve-bench: --replays must be >= 1, got {replays}")
     with recompile_headroom():  # a stream of prompt shapes through three compiled models of one class
         return _run_serve_bench(
             name,
@@ -225,6 +229,7 @@ def run_serve_bench(
             max_batch=max_batch,
             new_tokens=new_tokens,
             seed=seed,
+            replays=replays,
             config=config,
             progress=progress,
         )
@@ -238,6 +243,7 @@ def _run_serve_bench(
     max_batch: int,
     new_tokens: int,
     seed: int,
+    replays: int,
     config: ERAConfig | None,
     progress: Callable[[], None] | None,
 ) -> dict:
@@ -257,7 +263,8 @@ def _run_serve_bench(
     graphs = {"eager": lambda: 0, "compiled": lambda: plain.graphs, "pruned": lambda: backend.report.graphs}
     passes: dict[str, dict[str, list[Any]]] = {}  # per pass and row, each request's record (None: no ideal)
     pruned_image_requests = image_requests = agree = 0
-    for name_of_pass in ("first", "replay"):
+    names_of_passes = ("first", *(f"replay {r + 1}" for r in range(replays)))
+    for name_of_pass in names_of_passes:
         per_request = passes[name_of_pass] = {label: [] for label in (*labels, "ideal")}
         for request in stream:
             has_image = any(request.visual_tokens)
@@ -275,19 +282,18 @@ def _run_serve_bench(
             per_request["ideal"].append(
                 ideal(request, entry, per_request["compiled"][-1]["ttft_s"]) if entry is not None else None
             )
-            if name_of_pass == "replay" and entry is not None:  # a prefill more: era::select and recycle timed
+            if name_of_pass != "first" and entry is not None:  # a prefill more: era::select and recycle timed
                 per_request["pruned"][-1]["selection"] = selection_overhead(models["pruned"], request.inputs)
             agree += bool(torch.equal(per_request["pruned"][-1]["tokens"], per_request["compiled"][-1]["tokens"]))
             if progress:
                 progress()
-    compile_seconds = {"eager": 0.0, "compiled": plain.compile_seconds, "pruned": backend.report.compile_seconds}
-    summary = {
-        label: _summary(passes["first"][label], passes["replay"][label], compile_seconds[label]) for label in labels
-    }
     for per_request in passes.values():
         for label in labels:
             for row in per_request[label]:
                 del row["tokens"]
+    replay = _median_replay([passes[n] for n in names_of_passes[1:]], (*labels, "ideal"))
+    compile_seconds = {"eager": 0.0, "compiled": plain.compile_seconds, "pruned": backend.report.compile_seconds}
+    summary = {label: _summary(passes["first"][label], replay[label], compile_seconds[label]) for label in labels}
     import transformers
 
     record = {
@@ -302,6 +308,7 @@ def _run_serve_bench(
         "max_batch": max_batch,
         "new_tokens": new_tokens,
         "seed": seed,
+        "replays": replays,
         "distinct_visual_token_counts": len({t for r in stream for t in r.visual_tokens if t}),
         "batch_sizes": [r.batch for r in stream],
         "visual_tokens": [r.visual_tokens for r in stream],
@@ -309,11 +316,18 @@ def _run_serve_bench(
         "image_requests": image_requests,
         "pruned_image_requests": pruned_image_requests,
         "pruned_share": pruned_image_requests / image_requests if image_requests else None,
-        "greedy_tokens_equal_to_unpruned": agree / (2 * len(stream)),
+        "greedy_tokens_equal_to_unpruned": agree / (len(names_of_passes) * len(stream)),
         "summary": summary,
-        "ideal": _ideal_summary(passes["replay"]),
+        "ideal": _ideal_summary(replay),
         "per_request": passes["first"],
-        "replay": passes["replay"],
+        "replay": replay,
+        "replay_ttft_s": {
+            label: [
+                [p[label][i] and p[label][i]["ttft_s"] for p in (passes[n] for n in names_of_passes[1:])]
+                for i in range(len(stream))
+            ]
+            for label in (*labels, "ideal")
+        },
         "pruned_report": {
             "graphs": backend.report.graphs,
             "pruned_calls": backend.report.pruned_calls,
@@ -325,6 +339,19 @@ def _run_serve_bench(
     del models
     gc.collect()
     return record
+
+
+def _median_replay(replays: list[dict[str, list]], labels: tuple[str, ...]) -> dict[str, list]:
+    """Per model and request, the replay of median time to first token (the lower median of an even
+    count): a whole run, so its fields (TTFT, selection, layout) belong together."""
+    median: dict[str, list] = {}
+    for label in labels:
+        rows = []
+        for runs in zip(*(r[label] for r in replays), strict=True):
+            timed_runs = sorted((run for run in runs if run is not None), key=lambda run: run["ttft_s"])
+            rows.append(timed_runs[(len(timed_runs) - 1) // 2] if timed_runs else None)
+        median[label] = rows
+    return median
 
 
 def _ideal_summary(replay: dict[str, list]) -> dict:

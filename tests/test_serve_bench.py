@@ -54,13 +54,15 @@ def test_serve_bench_writes_every_field(tmp_path, capsys):
             "2",
             "--new-tokens",
             "2",
+            "--replays",
+            "2",
             "--out",
             str(tmp_path),
         ]
     )
     assert code == 0
     record = json.loads((tmp_path / "serve-qwen2-vl-cpu.json").read_text())
-    assert record["pruned_share"] == 1.0 and record["image_requests"] == 6  # 3 requests, twice
+    assert record["pruned_share"] == 1.0 and record["image_requests"] == 9  # 3 requests, a first pass and 2 replays
     for label in MODELS:
         summary = record["summary"][label]
         for key in (
@@ -78,6 +80,9 @@ def test_serve_bench_writes_every_field(tmp_path, capsys):
         assert summary["replay_graphs_compiled"] == 0  # the replay runs on warm models
         assert len(record["per_request"][label]) == len(record["replay"][label]) == 3
         assert all(r["ttft_s"] <= r["wall_s"] for r in record["per_request"][label] + record["replay"][label])
+        # each request's replay row is the lower median of its 2 replays, i.e. the faster one
+        for row, runs in zip(record["replay"][label], record["replay_ttft_s"][label], strict=True):
+            assert len(runs) == 2 and row["ttft_s"] == min(runs)
     assert record["summary"]["pruned"]["graphs_compiled"] > 0 and record["summary"]["eager"]["graphs_compiled"] == 0
     assert record["summary"]["pruned"]["peak_kv_cache_bytes"] < record["summary"]["compiled"]["peak_kv_cache_bytes"]
     # the ideal of every pruned request: the kept lengths are each sample's real length less its pruned tokens
