@@ -181,9 +181,10 @@ def _explain_graph(index: int, entry, site, report) -> None:
             if layer < site.layer:
                 what = f"full sequence ({site.seq_len_before}), SDPA unchanged"
             elif layer in rewritten:
-                what = f"{site.seq_len_after} tokens, era::biased_attention ({report.kernel})"
+                lar = "" if entry["attention"].get("lar", True) else ", rectify=False: empty slots blocked, no LAR"
+                what = f"{site.seq_len_after} tokens, era::biased_attention ({report.kernel}{lar})"
             else:
-                what = f"{site.seq_len_after} tokens, SDPA (rectify=False)"
+                what = f"{site.seq_len_after} tokens, SDPA"
             print(f"{'':>5}    layer {layer:>2}: {what}")
     elif entry and "handoff" in entry:
         print(f"{index:>5}  image merge without a decoder layer: visual mask handed to the next graph")

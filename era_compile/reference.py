@@ -32,7 +32,7 @@ from era_compile.algorithms.sequence import real_tokens
 from era_compile.compat import cache_kwarg
 from era_compile.config import ERAConfig
 from era_compile.ops.attention import default_scale
-from era_compile.ops.prune import recycle_kept, select_anchors
+from era_compile.ops.prune import recycle_kept, select_anchors, without_lar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -169,7 +169,7 @@ class EagerReference:
     def bias_for(self, k_len: int):
         """LAR bias of the k_len keys of a pruned layer: prefill's, then 0 for generated tokens."""
         _, prefill_bias = self._after_cut()
-        bias = prefill_bias if self.config.rectify else torch.zeros_like(prefill_bias)
+        bias = prefill_bias if self.config.rectify else without_lar(prefill_bias)  # empty slots stay blocked
         if k_len > bias.shape[1]:
             extra = torch.zeros(bias.shape[0], k_len - bias.shape[1], device=bias.device)
             bias = torch.cat([torch.zeros_like(bias) if self.drop_decode_bias else bias, extra], -1)

@@ -9,7 +9,10 @@ After::
     out = torch.ops.era.biased_attention(q=q, k=k, v=v, bias=log_bias, attn_mask=m, causal=False,
                                          scale=0.25, kernel="sdpa")
 
-``log_bias`` [B, n'] is ``log b`` for each kept anchor key and 0 for text. The keys of
+``log_bias`` [B, n'] is ``log b`` for each kept anchor key, 0 for text and ``BLOCKED`` for an empty
+slot of a ragged batch. With ``rectify=False`` the calls are rewritten all the same, with the bias
+``without_lar(log_bias)`` (0, still ``BLOCKED`` at an empty slot): an empty slot repeats position 0,
+which in an unpadded sample holds a token, and no attention mask hides it. The keys of
 these layers are exactly the kept tokens (a prefill with an empty cache), which the pass
 checks; in decode the pruned layers' caches (``era_compile.compact_kv.CompactKV``) add the bias
 in their own attention. A split decoder's layer graph from K on holds one such layer, cut at its
@@ -18,21 +21,21 @@ own entry (``prune`` at K, ``kept`` after it).
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
+
+from era_compile.algorithms.sequence import BLOCKED
 
 from .fx_utils import attention_args, call_arguments, same_size, tensor_value
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import DecoderLayers, PruneSite, RectifiedAttention
-from .rewrite import replace_with_biased_attention
+from .rewrite import insert_call, replace_with_biased_attention
 
 
 @graph_pass("attention", requires=(DecoderLayers, PruneSite), provides=RectifiedAttention)
 def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     site, layers = ctx.get(PruneSite), ctx.get(DecoderLayers)
-    if not ctx.config.rectify:
-        return PassResult(
-            record=RectifiedAttention(), skipped="rectify=False: attention of the pruned layers left as plain SDPA"
-        )
+    bias = site.log_bias if ctx.config.rectify else _without_lar(gm.graph, site.log_bias)
     calls, kernel = [], None
     for layer in (layer for layer in layers.layers if layer.index >= site.layer):
         call = layer.attention
@@ -42,10 +45,20 @@ def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 f"layer {layer.index}: its keys are not the kept tokens (a non-empty KV cache in prefill "
                 "is not supported yet)"
             )
-        biased = replace_with_biased_attention(gm.graph, call, site.log_bias, ctx.config.attention, layer.index)
+        biased = replace_with_biased_attention(gm.graph, call, bias, ctx.config.attention, layer.index)
         kernel = call_arguments(biased)["kernel"]
         calls.append((layer.index, biased))
-    record = RectifiedAttention(tuple(calls), kernel)
+    record = RectifiedAttention(tuple(calls), kernel, lar=ctx.config.rectify)
     return PassResult(
-        record=record, changed=bool(calls), counts={"attention_rewrites": len(calls), "layers": record.layers}
+        record=record,
+        changed=bool(calls),
+        counts={"attention_rewrites": len(calls), "layers": record.layers, "lar": record.lar},
     )
+
+
+def _without_lar(graph: fx.Graph, log_bias: fx.Node) -> fx.Node:
+    """``era_compile.ops.prune.without_lar`` spelled in the graph, right after ``log_bias``."""
+    with graph.inserting_after(log_bias):
+        holds_token = insert_call(graph, torch.gt, (log_bias, BLOCKED), stem="holds_token")
+    with graph.inserting_after(holds_token):
+        return insert_call(graph, torch.where, (holds_token, 0.0, BLOCKED), stem="without_lar")

@@ -237,10 +237,12 @@ class RestoredSequence:
 @dataclass(frozen=True)
 class RectifiedAttention:
     """Attention calls of a pruned prefill turned into ``era::biased_attention`` (``attention``):
-    per layer index the new node, and the kernel chosen."""
+    per layer index the new node, the kernel chosen, and whether the bias holds LAR's ``log b``
+    (``rectify``) or only blocks the empty slots."""
 
     calls: tuple[tuple[int, fx.Node], ...] = ()
     kernel: str | None = None
+    lar: bool = True
 
     @property
     def layers(self) -> list[int]:

@@ -116,8 +116,9 @@ def test_keep_all_without_rectify_equals_plain_compile():
 
 def test_two_configs_never_share_a_compiled_graph_and_rectification_is_not_a_no_op():
     """The same selection with and without the LAR bias, compiled one after the other with Dynamo's
-    cache live: the second config compiles its own graph (no attention rewrite), its logits are the
-    reference's without the bias, and they differ from the rectified ones (LAR changes the output)."""
+    cache live: the second config compiles its own graph (its attention rewritten with a bias that
+    only blocks empty slots), its logits are the reference's without the bias, and they differ from
+    the rectified ones (LAR changes the output)."""
     model, inputs = build("llava")
     a, b = (
         ERAConfig(layer=1, compiler="eager", strict=True),
@@ -126,7 +127,8 @@ def test_two_configs_never_share_a_compiled_graph_and_rectification_is_not_a_no_
     assert a.cache_key() != b.cache_key()
     with_bias, rep_a = compiled_forward(model, inputs, a)
     without, rep_b = compiled_forward(model, inputs, b)  # no reset: Dynamo's cache is live
-    assert rep_b.pruned and rep_a.attention_rewrites > 0 and rep_b.attention_rewrites == 0
+    assert rep_b.pruned and rep_a.attention_rewrites == rep_b.attention_rewrites > 0
+    assert rep_b.passes  # the second config compiled graphs of its own
     assert (without.logits - _reference(model, inputs, b).logits).abs().max().item() <= TOL
     assert (with_bias.logits - _reference(model, inputs, a).logits).abs().max().item() <= TOL
     assert (with_bias.logits - without.logits).abs().max().item() > 1e-3

@@ -106,6 +106,29 @@ def test_a_blocked_slot_that_received_attention_would_be_seen():
     assert _equal(unblocked.logits, expected.logits) > 10 * TOL
 
 
+def test_empty_slots_are_blocked_with_rectify_off():
+    """``rectify=False`` drops LAR, not the blocking: the two-image sample (unpadded, so its empty
+    slots sit at a position that holds a token) generates as it does alone, where it has no empty
+    slot, in prefill and decode; and the reference run the same way agrees."""
+    model, inputs = build("llava", batch=2, images=[2, 1])
+    padding = inputs["attention_mask"] == 0
+    inputs["input_ids"][padding] = 7  # a text token: both samples unpadded, the second keeps more
+    inputs["attention_mask"][padding] = 1
+    config = ERAConfig(layer=2, keep_ratio=0.25, rectify=False, compiler="eager", strict=True)
+    greedy = dict(GREEDY, max_new_tokens=4)
+    expected = EagerReference(model, config).generate(**inputs, **greedy)
+    backend = make_era_backend(config)
+    model.compile(backend=backend)
+    with torch.no_grad(), recompile_headroom():
+        out = model.generate(**inputs, **greedy)
+        alone = model.generate(**_alone(model, "llava", inputs, 0), **greedy)
+    (site, *_) = backend.report.pruning
+    kept = [L - T + k for L, (T, k) in zip(inputs["attention_mask"].sum(-1).tolist(), site.samples, strict=True)]
+    assert kept[0] < kept[1] == site.seq_len_after  # sample 0 has empty slots
+    assert _equal([x[:1] for x in out.logits], alone.logits) <= TOL
+    assert _equal(out.logits, expected.logits) <= TOL
+
+
 @pytest.mark.parametrize("layer", [1])
 def test_left_padded_cache_lengths_after_prefill_and_decode(layer):
     """Layers >= K hold n' rows plus the generated ones, never N; layers < K all N (+ t). The

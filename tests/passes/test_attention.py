@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from era_compile import ERAConfig
+from era_compile.algorithms.sequence import BLOCKED
 from era_compile.passes.fx_utils import call_arguments
 from era_compile.passes.records import PruneSite, RectifiedAttention
 from toys import LAYERS, PassRecorder, ToyVLM, prompt
@@ -26,10 +27,18 @@ def test_layers_from_k_on_are_rectified(layer):
         assert args["causal"] is True and args["attn_mask"] is None  # the toy attends causally
 
 
-def test_rectify_off_leaves_sdpa():
+def test_rectify_off_still_blocks_the_empty_slots():
+    """rectify=False drops LAR's log b but keeps the blocking of empty slots: the same calls are
+    rewritten, with the bias 0 at every kept token and BLOCKED where the kept sequence holds none."""
     torch.manual_seed(0)
     rec = PassRecorder(
         ToyVLM().eval(), *prompt(), config=ERAConfig(layer=1, keep_tokens=3, rectify=False), until="attention"
     )
-    assert rec.record(RectifiedAttention).calls == () and rec.added("era.biased_attention") == 0
-    assert "rectify=False" in rec.pass_result("attention").skipped
+    rectified = rec.record(RectifiedAttention)
+    assert rectified.layers == list(range(1, LAYERS)) and not rectified.lar
+    site = rec.record(PruneSite)
+    (bias,) = {call_arguments(call)["bias"] for _, call in rectified.calls}
+    assert bias is not site.log_bias and bias.target is torch.where
+    holds_token = bias.args[0]  # without_lar(log_bias), spelled in the graph
+    assert holds_token.target is torch.gt and holds_token.args == (site.log_bias, BLOCKED)
+    assert bias.args[1:] == (0.0, BLOCKED)
