@@ -16,7 +16,7 @@ something). The later passes replay the same requests on the warm models (each r
 the record's ``replay`` is, per model, the replay of median time to first token): time to first token
 (p50 / p95), decode tokens per second and wall time of a server past its warm-up, and the graphs
 it compiled (0 expected). Per model also the peak KV-cache bytes, and for the pruned model the
-share of image requests whose prefill pruned, in both passes (which must be 100%).
+share of image requests whose prefill pruned, in every pass (which must be 100%).
 
 Beside them, per request, the **ideal**: what a pruner that costs nothing would reach on this
 machine, the compiled unpruned model whose layers from K on run on the kept tokens alone. Its
@@ -417,7 +417,8 @@ def table(record: dict) -> str:
         lines.append(f"| ideal | - | - | {1e3 * ideal['ttft_p50_s']:.1f} / {1e3 * ideal['ttft_p95_s']:.1f} | - | - |")
     share = record["pruned_share"]
     lines.append(
-        f"\n{record['image_requests']} image requests over both passes, {record['pruned_image_requests']} pruned "
+        f"\n{record['image_requests']} image requests over all {1 + record.get('replays', 1)} passes, "
+        f"{record['pruned_image_requests']} pruned "
         f"({'-' if share is None else f'{100 * share:.0f}%'}); {record['distinct_visual_token_counts']} "
         f"distinct image sizes; batches {min(record['batch_sizes'])}-{max(record['batch_sizes'])}"
     )
