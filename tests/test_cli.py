@@ -96,6 +96,8 @@ def test_bench_writes_its_record_and_plots(tmp_path, capsys):
         assert ideal["prefill_s"] == pytest.approx(
             ideal["vision_s"] + share * ideal["text_prefill_full_s"] + (1 - share) * ideal["text_prefill_s"]
         )
+        # the pruned prefill timed in the ideal's rounds is the one the share is of
+        assert p["measured_vs_ideal"] == pytest.approx(ideal["prefill_s"] / ideal["pruned_prefill_s"])
         assert p["compile"]["seconds"] > 0 and {"span", "prune", "attention"} <= set(p["compile"]["pass_ms"])
         for moment, t in (("after_prefill", 0), ("after_3_new_tokens", 2)):
             kv = p["kv_cache"][moment]
