@@ -289,11 +289,11 @@ def kept_lengths_of(inputs: dict, entry) -> list[int]:
 
 
 def ideal_prefill(
-    compiled, eager, inputs: dict, entry, *, runs: int, compiler: str, device: torch.device, pruned=None
+    compiled, pruned, eager, inputs: dict, entry, *, runs: int, compiler: str, device: torch.device
 ) -> dict:
     """Median seconds of the vision tower and of the compiled unpruned prefill on text prompts of
     the kept and of the full lengths (``kept_text_prompt``), and the ideal bound they make for a
-    cut at ``entry.layer`` (see the module docstring). With ``pruned``, its prefill on ``inputs``
+    cut at ``entry.layer`` (see the module docstring). The ``pruned`` model's prefill on ``inputs``
     is timed in the same rounds (``pruned_prefill_s``): the machine's drift between one block of
     runs and the next (10-20% on a shared CPU) then hits the ideal and the pruned model alike."""
     text_config = eager.config.get_text_config()
@@ -313,8 +313,7 @@ def ideal_prefill(
             rounds["text"].append(timed(lambda: _generate(compiled, kept, 1), device))
             if entry.layer:
                 rounds["text_full"].append(timed(lambda: _generate(compiled, full, 1), device))
-            if pruned is not None:
-                rounds["pruned"].append(timed(lambda: _generate(pruned, inputs, 1), device))
+            rounds["pruned"].append(timed(lambda: _generate(pruned, inputs, 1), device))
     vision, text = statistics.median(rounds["vision"]), statistics.median(rounds["text"])
     text_full = statistics.median(rounds["text_full"]) if entry.layer else text
     before = entry.layer / layers
@@ -326,7 +325,7 @@ def ideal_prefill(
         "layers_before_cut": entry.layer,
         "layers": layers,
         "prefill_s": vision + ideal_text,
-        "pruned_prefill_s": statistics.median(rounds["pruned"]) if rounds["pruned"] else None,
+        "pruned_prefill_s": statistics.median(rounds["pruned"]),
         "kept_lengths": [int(x) for x in kept["attention_mask"].sum(-1).tolist()],
     }
 
@@ -433,9 +432,7 @@ def _run_bench(
         if not backend.report.pruned:
             raise RuntimeError(f"bench: the backend did not prune at {point}:\n{backend.report}")
         site = backend.report.pruning[0]
-        ideal = ideal_prefill(
-            compiled, eager, inputs, site, runs=runs, compiler=base.compiler, device=device, pruned=pruned
-        )
+        ideal = ideal_prefill(compiled, pruned, eager, inputs, site, runs=runs, compiler=base.compiler, device=device)
         flops_pruned = language_model_flops(eager, inputs, config)
         results.append(
             {

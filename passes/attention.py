@@ -21,10 +21,9 @@ own entry (``prune`` at K, ``kept`` after it).
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
-from era_compile.algorithms.sequence import BLOCKED
+from era_compile.ops.prune import without_lar
 
 from .fx_utils import attention_args, call_arguments, same_size, tensor_value
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
@@ -57,8 +56,6 @@ def rectify_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _without_lar(graph: fx.Graph, log_bias: fx.Node) -> fx.Node:
-    """``era_compile.ops.prune.without_lar`` spelled in the graph, right after ``log_bias``."""
+    """A call of ``without_lar(log_bias)`` right after ``log_bias`` (the compiler traces into it)."""
     with graph.inserting_after(log_bias):
-        holds_token = insert_call(graph, torch.gt, (log_bias, BLOCKED), stem="holds_token")
-    with graph.inserting_after(holds_token):
-        return insert_call(graph, torch.where, (holds_token, 0.0, BLOCKED), stem="without_lar")
+        return insert_call(graph, without_lar, (log_bias,), stem="without_lar")

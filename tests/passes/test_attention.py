@@ -7,6 +7,7 @@ import torch
 
 from era_compile import ERAConfig
 from era_compile.algorithms.sequence import BLOCKED
+from era_compile.ops.prune import without_lar
 from era_compile.passes.fx_utils import call_arguments
 from era_compile.passes.records import PruneSite, RectifiedAttention
 from toys import LAYERS, PassRecorder, ToyVLM, prompt
@@ -38,7 +39,6 @@ def test_rectify_off_still_blocks_the_empty_slots():
     assert rectified.layers == list(range(1, LAYERS)) and not rectified.lar
     site = rec.record(PruneSite)
     (bias,) = {call_arguments(call)["bias"] for _, call in rectified.calls}
-    assert bias is not site.log_bias and bias.target is torch.where
-    holds_token = bias.args[0]  # without_lar(log_bias), spelled in the graph
-    assert holds_token.target is torch.gt and holds_token.args == (site.log_bias, BLOCKED)
-    assert bias.args[1:] == (0.0, BLOCKED)
+    assert bias.target is without_lar and bias.args == (site.log_bias,)
+    log_bias = torch.tensor([[0.7, 0.0, BLOCKED]])  # an anchor, a text token, an empty slot
+    assert torch.equal(without_lar(log_bias), torch.tensor([[0.0, 0.0, BLOCKED]]))
