@@ -121,6 +121,9 @@ class CompactKV(Tensor):
             return x._with_rows(rows, positions=x.positions.to(**moved), bias=x.bias.to(**moved))
         if func is aten.slice.Tensor:
             dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1 :])[:4]
+            # under dynamic=True a window's bounds are symbols of the layer's int attributes (sliding_window,
+            # sys.maxsize for an open end): constants of this model, specialised
+            start, end = (int(b) if isinstance(b, torch.SymInt) else b for b in (start, end))
             dim = dim % x.dim()
             if dim != x.seq_dim:
                 return x._with_rows(func(x.rows, dim, start, end, step))
@@ -233,9 +236,9 @@ def window(x: CompactKV, start: int) -> CompactKV:
     """``x[..., start:, :]`` in original positions (HF's sliding-window cache: the last W - 1).
     Rows before the window are blocked rather than dropped (samples of a batch keep different
     numbers of rows in it); positions count from the window's start, as the sliding-window mask
-    of the next step does (its ``kv_offset``). ``start`` must be an int: Dynamo hands the op a
-    symbol with no source for a window longer than the cache (``kvcache`` refuses a prompt that
-    does not fill the window)."""
+    of the next step does (its ``kv_offset``). ``start`` must be an int: the runtime hands the
+    cache back without its view of the graph's ``cat`` (``without_base``), so that Dynamo never
+    replays that slice with symbols of its own."""
     length = x.shape[x.seq_dim]
     begin = _bound(start, length)
     positions = x.positions - begin
@@ -248,6 +251,16 @@ def _bound(index, length):
     if not isinstance(index, int):
         raise NotImplementedError(f"CompactKV: a slice bound {index!r} that is not an int")
     return torch.sym_max(index + length, 0) if index < 0 else torch.sym_min(index, length)
+
+
+def without_base(x: Any) -> Any:
+    """A CompactKV that is a view (a graph's ``cat[..., -(W - 1):, :]`` output, which AOTAutograd
+    regenerates from its base) as a wrapper of its own, over the same inner tensors; anything else as
+    it is. Dynamo fakeifies a view input by replaying the view from its base with fresh symbols of no
+    source, which the window's slice cannot be taken by; the cache needs the rows, not the aliasing."""
+    if isinstance(x, CompactKV) and x._is_view():
+        return x._with_rows(x.rows)
+    return x
 
 
 def stored_rows(cache_tensor: Any) -> int:

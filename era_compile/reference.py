@@ -50,13 +50,13 @@ def _reference_attention(
         )
     ref.observe(idx, query, key, attention_mask, scaling)
     if ref.attention_observer is not None:
-        ref.report_attention(idx, query, key, attention_mask, scaling)
+        ref.report_attention(idx, query, key, attention_mask, scaling, window_of(module, kwargs))
     if not ref.pruned_layer(idx):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     k_len = key.shape[2]
-    attention_mask = ref.mask_over_cache(attention_mask, query.shape[2], k_len)
+    attention_mask = ref.mask_over_cache(attention_mask, query.shape[2], k_len, window_of(module, kwargs))
     bias = ref.bias_for(k_len)
     rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, rep), repeat_kv(value, rep)
@@ -70,6 +70,19 @@ def _reference_attention(
         mask = mask.masked_fill(~causal, float("-inf"))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype), scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def window_of(module, kwargs) -> int | None:
+    """A sliding-window layer's window W (a query sees the keys less than W positions back), as
+    Hugging Face's attention modules name it; None for a full-attention layer."""
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    return window if isinstance(window, int) else None
+
+
+def attends(layer: torch.nn.Module) -> bool:
+    """Whether a decoder layer holds softmax attention, as Hugging Face names its modules (``...Attention``;
+    a hybrid decoder's other layers hold a ``GatedDeltaNet``, ``ShortConv``, ``Mamba2Mixer``, ``MoE``...)."""
+    return any(type(m).__name__.endswith("Attention") for m in layer.modules())
 
 
 def register_reference_attention() -> None:
@@ -116,6 +129,8 @@ class EagerReference:
     _seq_len: int  # N
     _real: torch.Tensor | None  # bool [B, N], which positions hold a token (None: no padding)
     _pruning: bool  # this forward is the prefill that prunes
+    _own_saliency: bool  # the selection reads layer K's queries and keys (on the unpruned input), not K - 1's
+    _generated: int  # tokens run since the prefill (the current step's included)
 
     def __init__(
         self,
@@ -143,14 +158,14 @@ class EagerReference:
         if self._capture is not None and layer == self._capture:
             self._seen = (query, key, attention_mask, scaling)
 
-    def report_attention(self, layer: int, query, key, attention_mask, scaling) -> None:
+    def report_attention(self, layer: int, query, key, attention_mask, scaling, window: int | None = None) -> None:
         observer = self.attention_observer
         if observer is None:  # nobody listens
             return
         k_len = key.shape[2]
         if self.pruned_layer(layer):
             positions, bias = self.cached_positions(k_len), self.bias_for(k_len)
-            attention_mask = self.mask_over_cache(attention_mask, query.shape[2], k_len)
+            attention_mask = self.mask_over_cache(attention_mask, query.shape[2], k_len, window)
         else:
             positions = torch.arange(k_len, device=key.device).expand(key.shape[0], k_len)
             bias = None
@@ -167,34 +182,45 @@ class EagerReference:
         return self._keep is not None and layer >= self.config.resolved_layer
 
     def bias_for(self, k_len: int):
-        """LAR bias of the k_len keys of a pruned layer: prefill's, then 0 for generated tokens."""
+        """LAR bias of the k_len keys of a pruned layer: prefill's, then 0 for generated tokens (of
+        them, the last k_len: a sliding-window cache keeps its newest rows only)."""
         _, prefill_bias = self._after_cut()
         bias = prefill_bias if self.config.rectify else without_lar(prefill_bias)  # empty slots stay blocked
-        if k_len > bias.shape[1]:
-            extra = torch.zeros(bias.shape[0], k_len - bias.shape[1], device=bias.device)
+        if self._generated:
+            extra = torch.zeros(bias.shape[0], self._generated, device=bias.device)
             bias = torch.cat([torch.zeros_like(bias) if self.drop_decode_bias else bias, extra], -1)
-        return bias
+        return bias[:, bias.shape[1] - k_len :]
 
-    def mask_over_cache(self, attention_mask, q_len: int, k_len: int):
+    def mask_over_cache(self, attention_mask, q_len: int, k_len: int, window: int | None = None):
         """A pruned layer's mask over its k_len cached keys. Hugging Face sizes a decode step's mask
         from the cache it sees, so over n' + t rows it reads its padding mask at positions 0..n'+t-1,
-        not at the rows' own: the mask is rebuilt from which positions hold a token (``_real``) at
-        the rows' positions. A mask over the original positions (longer than the cache) is gathered."""
-        if attention_mask is not None and attention_mask.shape[-1] != k_len:  # over the original positions
-            return _take(attention_mask, self.cached_positions(k_len), 3)
-        if self._real is None or q_len == k_len:  # no padding, or the prefill (masks gathered at the cut)
+        not at the rows' own, and a sliding window by rows: the mask is rebuilt from the rows'
+        original positions, which positions hold a token (``_real``), and the window (a query sees
+        the keys less than W positions back). A mask over the original positions (longer than the
+        cache) is gathered."""
+        if q_len == k_len:  # the prefill: the masks were gathered at the cut
+            return attention_mask
+        if window is None and attention_mask is not None and attention_mask.shape[-1] != k_len:
+            return _take(attention_mask, self.cached_positions(k_len), 3)  # over the original positions
+        if window is None and self._real is None:  # no padding and no window: causal over the rows
             return attention_mask
         keep, _ = self._after_cut()
-        generated = keep.new_ones(keep.shape[0], k_len - keep.shape[1], dtype=torch.bool)
-        held = torch.cat([self._real.gather(1, keep), generated], 1)
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=held.device).tril(k_len - q_len)
-        return held[:, None, None, :] & causal
+        real = self._real.gather(1, keep) if self._real is not None else torch.ones_like(keep, dtype=torch.bool)
+        generated = keep.new_ones(keep.shape[0], self._generated, dtype=torch.bool)
+        held = torch.cat([real, generated], 1)[:, -k_len:]
+        positions = self.cached_positions(k_len)
+        keys, queries = positions[:, None, :], positions[:, -q_len:, None]  # the queries are the newest rows
+        visible = held[:, None, :] & (keys <= queries)
+        if window is not None:
+            visible &= queries - keys < window
+        return visible[:, None]
 
     def cached_positions(self, k_len: int) -> torch.Tensor:
-        """Original positions of a pruned layer's cached keys: the kept ones, then the generated."""
+        """Original positions of a pruned layer's cached keys: the kept ones, then the generated (the
+        last k_len of them)."""
         keep, _ = self._after_cut()
-        generated = torch.arange(self._seq_len, self._seq_len + k_len - keep.shape[1], device=keep.device)
-        return torch.cat([keep, generated.expand(keep.shape[0], -1)], -1)
+        generated = torch.arange(self._seq_len, self._seq_len + self._generated, device=keep.device)
+        return torch.cat([keep, generated.expand(keep.shape[0], -1)], -1)[:, -k_len:]
 
     @staticmethod
     def _layer_mask(kwargs) -> torch.Tensor | None:
@@ -205,20 +231,15 @@ class EagerReference:
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._keep is not None:  # a decode step: the cache already holds the kept tokens
             self._pruning = False
+            self._generated += hidden.shape[1]  # the step's tokens, at original positions N + t, ...
             return None
         self._pruning = True  # the prefill: the layers after this one run on the kept tokens
         K, cfg = self.config.resolved_layer, self.config
-        if K == 0:  # layer 0's queries and keys on the unpruned input, cache untouched
-            self._capture = 0
-            rotary = {"position_embeddings": kwargs["position_embeddings"]} if "position_embeddings" in kwargs else {}
-            module.self_attn(
-                hidden_states=module.input_layernorm(hidden),
-                attention_mask=kwargs.get("attention_mask"),
-                **rotary,
-                **{cache_kwarg(module.self_attn.forward): None},
-            )
+        if self._own_saliency:  # layer K's queries and keys on the unpruned input: the layer run once more
+            self._capture = K  # without its cache (and past its hooks), its output dropped
+            module.forward(*args, **{**kwargs, cache_kwarg(module.forward): None})
         if self._seen is None:
-            raise RuntimeError(f"EagerReference: layer {max(K - 1, 0)}'s attention did not run through the reference's")
+            raise RuntimeError(f"EagerReference: layer {self._capture}'s attention did not run through the reference's")
         query, key, attn_mask, scaling = self._seen
         self._capture = None
         if hidden.shape[0] != self._visual_mask.shape[0]:  # beam search expanded every prompt into its beams
@@ -322,8 +343,11 @@ class EagerReference:
         global _ACTIVE
         self._visual_mask = self.visual_positions(input_ids)
         K = self.config.resolved_layer
-        self._capture = K - 1 if K > 0 else None
+        # no softmax attention before the cut (K = 0, or a hybrid decoder's linear layer K - 1): layer K's own
+        self._own_saliency = K == 0 or not attends(self.layers[K - 1])
+        self._capture = None if self._own_saliency else K - 1
         self._seen, self._keep, self._bias, self._pruning, self._real = None, None, None, False, None
+        self._generated = 0
         text_config = self.model.config.get_text_config()
         previous = text_config._attn_implementation
         handles = [self.layers[K].register_forward_pre_hook(self._prune, with_kwargs=True)]

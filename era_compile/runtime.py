@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from era_compile.compact_kv import compact
+from era_compile.compact_kv import compact, without_base
 from era_compile.ops.prune import without_lar
 from era_compile.passes.kinds import GraphKind
 from era_compile.passes.records import (
@@ -567,7 +567,8 @@ class RuntimeWrapper:
     def __call__(self, *args):
         self.runtime.before_call(self.plan)
         extra = [self.runtime.supply(a, args) for a in self.plan.added_inputs]
-        return self.runtime.record(list(self.compiled(*args, *extra)), self.plan, args)
+        outputs = [without_base(x) for x in self.compiled(*args, *extra)]
+        return self.runtime.record(outputs, self.plan, args)
 
 
 class Variants:

@@ -12,8 +12,9 @@ casts) to that ``cat`` (``fx_utils.sequence_source``: no op list, no hop limit),
   attention adds the bias: ``compact``), an empty tensor in a fresh prefill.
 
 A sliding-window cache layer attends over the ``cat`` but caches only its last W - 1 positions:
-the graph output is ``cat[:, :, -(W - 1):, :]`` (``window_start``). In a pruned layer the runtime
-turns it into a ``CompactKV`` windowed in original positions (``compact_kv.window``). A layer
+the graph output is ``cat[:, :, -(W - 1):, :]`` (``window_start``), whether or not the prompt fills
+the window. In a pruned layer the runtime turns it into a ``CompactKV`` windowed in original
+positions (``compact_kv.window``). A layer
 that caches some other part of what it attends to is refused in a pruned prefill; in a decode
 step it is still a layer over its past (a cache of two parts: the prompt's keys kept apart, which
 a pruned prefill made a ``CompactKV``, and a window of the generated ones), with no output of its own.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
 from era_compile.compact_kv import CompactKV
@@ -42,14 +44,15 @@ from era_compile.compact_kv import CompactKV
 from .fx_utils import (
     attention_args,
     call_arguments,
+    fake_value,
     graph_outputs,
+    hint,
     is_attention,
     is_cat,
     is_in_place,
     layer_index,
     sequence_source,
     tensor_meta,
-    tensor_value,
 )
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .kinds import GraphKind, is_layer_forward
@@ -65,8 +68,11 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     outputs = graph_outputs(gm)
     layers: list[CachedLayer] = []
     partly_cached: list[int] = []  # layers caching part of what they attend to, not a window
+    # a KV cache written in place is an attention layer's: a hybrid decoder's linear or recurrent layers
+    # update their states in place, states they build from whatever tokens they run on
+    attending = {layer_index(n) for n in gm.graph.nodes if is_attention(n)}
     written_in_place = (layer_index(n) for n in gm.graph.nodes if _writes_in_place(n))
-    in_place = sorted({i for i in written_in_place if i is not None})
+    in_place = sorted({i for i in written_in_place if i is not None and i in attending})
     unnumbered_decode = ctx.kind is GraphKind.DECODE and is_layer_forward(gm)  # asked once, of decode graphs only
     for node in gm.graph.nodes:
         if not is_attention(node):
@@ -112,17 +118,6 @@ def find_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     )
     _refuse_if_pruned(
         ctx,
-        [
-            c.index
-            for c in layers
-            if c.window_start is not None and not _fills_window(tensor_value(c.keys).shape[2], c.window_start)
-        ],
-        "have a sliding window that this prompt length does not fill (or a dynamic one might not): "
-        "while a window is not full, Dynamo hands its bound to the pruned cache as a symbol it cannot "
-        "window by; not supported yet (a static prompt of at least W - 1 tokens is)",
-    )
-    _refuse_if_pruned(
-        ctx,
         partly_cached,
         "cache part of the keys they attend to, not as a sliding window "
         "(keys[..., -(W - 1):, :]) of them: the pruned layers' cache cannot be kept; not supported",
@@ -158,11 +153,6 @@ def _refuse_if_pruned(ctx: PassContext, layers: list[int], why: str) -> None:
         raise PassError(f"layers {pruned} {why}")
 
 
-def _fills_window(length, window_start: int) -> bool:
-    """A prompt of this (static) length fills the window of ``keys[..., window_start:, :]``."""
-    return isinstance(length, int) and -window_start <= length
-
-
 def _window_of(cat: fx.Node, outputs: list):
     """(output, start) when an output is ``cat[:, :, start:, :]`` (a sliding-window cache's write),
     else (None, None)."""
@@ -175,14 +165,20 @@ def _window_of(cat: fx.Node, outputs: list):
             and all(i == slice(None) for j, i in enumerate(index) if j != 2)
         ):
             window = index[2]
-            if (
-                isinstance(window, slice)
-                and isinstance(window.start, int)
-                and window.stop is None
-                and window.step in (None, 1)
-            ):
-                return user, window.start
+            start = _window_start(window.start) if isinstance(window, slice) else None
+            if start is not None and window.stop is None and window.step in (None, 1):
+                return user, start
     return None, None
+
+
+def _window_start(start) -> int | None:
+    """A window's start, ``-(W - 1)``: a literal, or under ``dynamic=True`` a value of the graph computed
+    from the layer's ``sliding_window`` (an int Dynamo makes an input of the graph: this model's, the same
+    on every call), taken at its example."""
+    if isinstance(start, int):
+        return start
+    value = fake_value(start)
+    return hint(value) if isinstance(value, torch.SymInt) else None
 
 
 def _is_cache_write(node) -> bool:

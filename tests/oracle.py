@@ -17,6 +17,7 @@ knows which tokens are kept without asking the backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -51,42 +52,70 @@ def kept_positions(visual: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _masked(mask, keep: torch.Tensor, query_len: int):
-    """The layer's mask with the dropped tokens hidden as keys (a causal mask where it had none)."""
+    """The layer's mask with the dropped tokens hidden as keys (a causal mask where it had none: the
+    queries are the last ``query_len`` of the keys)."""
     keys = keep[:, None, None, :]
     if mask is None:
-        causal = torch.ones(query_len, keep.shape[1], dtype=torch.bool, device=keep.device).tril()
+        key_len = keep.shape[1]
+        causal = torch.ones(query_len, key_len, dtype=torch.bool, device=keep.device).tril(key_len - query_len)
         return causal[None, None] & keys
     if mask.dtype == torch.bool:
         return mask & keys
     return mask.masked_fill(~keys, torch.finfo(mask.dtype).min)
 
 
+def _cached_rows(kwargs, layer: int) -> int:
+    """Rows a layer's cache holds before this call appends to it (a sliding-window layer's: the last
+    W - 1 positions at most)."""
+    caches = [v for v in kwargs.values() if hasattr(v, "layers") and hasattr(v, "get_seq_length")]  # by any name
+    if not caches or layer >= len(caches[0].layers):
+        raise ValueError("a decode step with no mask and no cache the oracle can find: it cannot tell the keys")
+    cache = caches[0]
+    keys = getattr(cache.layers[layer], "keys", None)
+    return keys.shape[-2] if isinstance(keys, torch.Tensor) and cache.layers[layer].is_initialized else 0
+
+
 @contextlib.contextmanager
 def dropped_tokens_hidden(model, keep: torch.Tensor):
-    """Every decoder layer of ``model`` sees ``keep``'s dropped tokens as masked keys."""
+    """Every decoder layer of ``model`` sees ``keep``'s dropped tokens as masked keys, in the prompt
+    and in every decode step after it (the generated tokens are kept). A layer's keys are the last
+    of the positions so far: all of them, or a sliding window's last W - 1 and the new ones."""
     decoder = model.get_decoder()
     while not hasattr(decoder, "layers"):  # a whole causal LM (BLIP-2's OPT): its own decoder holds them
         decoder = decoder.get_decoder()
     layers = decoder.layers
     seen: list[bool] = []
+    positions = [0]  # tokens run so far: the prompt, then one per decode step
 
-    def hide(module, args, kwargs):
+    def hide(index: int, module, args, kwargs):
         if "attention_mask" not in kwargs:
             raise ValueError(
                 f"{type(module).__name__} takes its attention mask positionally: the oracle cannot reach it"
             )
         hidden = args[0] if args else kwargs["hidden_states"]
-        kwargs["attention_mask"] = _masked(kwargs["attention_mask"], keep, hidden.shape[1])
+        query_len = hidden.shape[1]
+        if index == 0:
+            positions[0] += query_len
+        total = positions[0]
+        kept = torch.cat([keep, keep.new_ones(keep.shape[0], total - keep.shape[1])], 1)
+        mask = kwargs["attention_mask"]
+        if mask is not None:
+            key_len = mask.shape[-1]
+        else:  # a prompt's keys are its own; a decode step's, the cache's and the new ones
+            key_len = query_len if query_len == total else _cached_rows(kwargs, index) + query_len
+        kwargs["attention_mask"] = _masked(mask, kept[:, total - key_len :], query_len)
         seen.append(True)
         return args, kwargs
 
-    handles = [layer.register_forward_pre_hook(hide, with_kwargs=True) for layer in layers]
+    handles = [
+        layer.register_forward_pre_hook(functools.partial(hide, i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     try:
         yield seen
     finally:
         for h in handles:
             h.remove()
-    if len(seen) != len(layers):
+    if len(seen) % len(layers):
         raise AssertionError(f"the oracle masked {len(seen)} layer calls for {len(layers)} decoder layers")
 
 
@@ -96,3 +125,11 @@ def last_logits(model, inputs: dict, visual: torch.Tensor, k: int) -> torch.Tens
     keep = kept_positions(visual, k)
     with torch.compiler.set_stance("force_eager"), dropped_tokens_hidden(model, keep):
         return model(**inputs).logits[:, -1]
+
+
+@torch.no_grad()
+def generate(model, inputs: dict, visual: torch.Tensor, k: int, **kwargs):
+    """The unpruned model's ``generate`` with all but the kept tokens hidden as keys in every step."""
+    keep = kept_positions(visual, k)
+    with torch.compiler.set_stance("force_eager"), dropped_tokens_hidden(model, keep):
+        return model.generate(**inputs, **kwargs)
