@@ -27,7 +27,7 @@ from .fx_utils import (
     tensor_value,
 )
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
-from .kinds import is_layer_forward, is_sequence_convolution
+from .kinds import is_layer_forward
 from .records import DecoderLayer, DecoderLayers, VisualSpan
 
 
@@ -58,7 +58,7 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             raise PassError(f"decoder layer {path} holds more than one attention call")
         paths.append(path)
 
-    _refuse_layers_without_attention(after_merge, paths)
+    other_layers = _layers_without_attention(after_merge, paths)
     members: dict[str, set] = {p: set() for p in paths}
     for node in gm.graph.nodes:
         path = layer_module_path(node)
@@ -67,7 +67,8 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     residual_shape = tuple(tensor_value(span.merge).shape)  # may hold SymInts: compared without guards
     layers = []
-    for index, (path, call) in enumerate(zip(paths, attention_calls, strict=True)):
+    for path, call in zip(paths, attention_calls, strict=True):
+        index = int(path.rsplit(".", 1)[1])
         nodes = members[path]
         inputs = {a for n in nodes for a in n.all_input_nodes if a not in nodes}
         hidden = [a for a in inputs if _is_residual(a, residual_shape)]
@@ -79,10 +80,24 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers.append(DecoderLayer(index, path, call, frozenset(nodes), hidden[0]))
 
     k = ctx.config.resolved_layer
-    if k >= len(layers):
-        raise PassError(f"ERAConfig.layer={k} but the language model has {len(layers)} decoder layers")
-    _refuse_convolutions(layers[k:])
-    return PassResult(record=DecoderLayers(tuple(layers)), counts={"decoder_layers": len(layers), "prune_layer": k})
+    if all(layer.index != k for layer in layers):
+        numbers = [layer.index for layer in layers]
+        if k in other_layers:
+            raise PassError(
+                f"ERAConfig.layer={k} names a layer without softmax attention (a linear-attention, recurrent or "
+                f"convolution layer of a hybrid decoder), whose queries and keys the selection cannot read: "
+                f"set it to one of the attention layers {numbers}"
+            )
+        hybrid = f" ({len(numbers)} with softmax attention: {numbers})" if other_layers else ""
+        raise PassError(
+            f"ERAConfig.layer={k} but the language model has {len(numbers) + len(other_layers)} decoder layers{hybrid}"
+        )
+    # From K on, a hybrid decoder's linear, recurrent and convolution layers (and convolutions beside an
+    # attention) run on the kept tokens: their states are built from those alone, as ALGORITHMS.md 1.7 says
+    counts = {"decoder_layers": len(layers), "prune_layer": k}
+    if other_layers:
+        counts["without_attention"] = len(other_layers)
+    return PassResult(record=DecoderLayers(tuple(layers), frozenset(other_layers)), counts=counts)
 
 
 @graph_pass("layer", provides=DecoderLayers, rewrites=False)
@@ -99,38 +114,19 @@ def find_layer_of_graph(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     hidden = placeholders(gm)[step.hidden_input]
     nodes = frozenset(n for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
     layer = DecoderLayer(step.layer, "L['self']", calls[0], nodes, hidden)
-    if step.layer >= ctx.config.resolved_layer:
-        _refuse_convolutions([layer])
     return PassResult(record=DecoderLayers((layer,)), counts={"layer": step.layer, "role": step.role})
 
 
-def _refuse_convolutions(pruned_layers) -> None:
-    convolving = [layer.index for layer in pruned_layers if any(is_sequence_convolution(n) for n in layer.nodes)]
-    if convolving:
-        raise PassError(
-            f"layers {convolving} run a 1-D convolution along the positions beside their attention "
-            "(short convolutions, whose window and cached state run along the sequence): on the pruned "
-            "sequence it would mix tokens the cut moved next to each other; pruning them is not supported"
-        )
-
-
-def _refuse_layers_without_attention(after_merge, paths: list[str]) -> None:
-    """A hybrid decoder (short convolutions or recurrences between attention layers): those layers
-    carry a state along the positions, which a pruned sequence would change for every token after a
-    dropped one. Their modules are the siblings of the attention layers that call no attention."""
+def _layers_without_attention(after_merge, paths: list[str]) -> set[int]:
+    """The numbers of a hybrid decoder's layers that call no softmax attention (linear attention,
+    recurrences, short convolutions): the siblings of the attention layers. From K on they run on the
+    kept tokens, and their states (convolution windows, recurrent states) are built from those alone."""
     parents = {p.rsplit(".", 1)[0] for p in paths}
-    siblings = {
-        path
+    return {
+        int(path.rsplit(".", 1)[1])
         for n in after_merge
         if (path := layer_module_path(n)) is not None and path.rsplit(".", 1)[0] in parents and path not in paths
     }
-    if siblings:
-        names = sorted(siblings, key=lambda p: int(p.rsplit(".", 1)[1]))
-        raise PassError(
-            f"hybrid decoder: {len(names)} of {len(names) + len(paths)} layers ({names[0].rsplit('.', 1)[1]}, ...) "
-            "call no attention (convolution or recurrent layers, whose state runs along the positions): "
-            "pruning them is not supported"
-        )
 
 
 def _is_residual(node: fx.Node, shape: tuple) -> bool:

@@ -21,7 +21,8 @@ and which shape literals to rewrite is decided by ``seqshape`` (shapes re-run wi
 never by matching the value N.
 
 Saliency (ALGORITHMS.md 1.3): the queries, keys and mask of layer K-1's attention call; for
-K = 0, a copy of layer 0's query/key computation that reads the unpruned input.
+K = 0, a copy of layer 0's query/key computation that reads the unpruned input, and the same of
+layer K's where layer K - 1 has no softmax attention (a hybrid decoder's linear or recurrent layer).
 
 In a decoder that Dynamo split into per-layer graphs, layer K's own graph is cut the same way (the
 cut is its hidden-state input; its cos/sin and mask inputs are gathered like any crossing tensor),
@@ -55,7 +56,7 @@ from .fx_utils import (
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import BudgetInput, DecoderLayers, PruneSite, VisualSpan, WalkInput
 from .rewrite import append_input, append_walk_input, getitem, insert_call
-from .seqshape import SeqLen, plan_sequence_rewrite
+from .seqshape import PaddedTo, SeqLen, plan_sequence_rewrite
 
 
 @graph_pass("prune", requires=(VisualSpan, DecoderLayers), provides=PruneSite)
@@ -106,7 +107,7 @@ def _saliency_source(
     own = layers.by_index(K)
     assert own is not None  # the caller found layer K
     source = attention_args(own.attention)
-    if K == 0:
+    if K == 0 or K - 1 in layers.without_attention:  # no queries before the cut: layer K's own, unpruned
         with gm.graph.inserting_before(first):
             queries, keys = copy_unpruned(gm.graph, [source["query"], source["key"]], downstream)
         return queries, keys, source, ()
@@ -230,7 +231,13 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
     kept_len = insert_call(graph, torch.ops.aten.sym_size.int, (hidden_kept, 1), stem="kept_len")
     scaled: dict[int, object] = {1: kept_len}
 
+    padded: dict[int, object] = {}
+
     def resolve(a):
+        if isinstance(a, PaddedTo):
+            if a.total not in padded:
+                padded[a.total] = insert_call(graph, operator.sub, (a.total, kept_len), stem="pad_to_total")
+            return padded[a.total]
         if not isinstance(a, SeqLen):
             return a
         if a.factor not in scaled:
@@ -242,6 +249,8 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
         new_args, new_kwargs = fx.node.map_aggregate(args, resolve), fx.node.map_aggregate(kwargs, resolve)
         literals += new_args != node.args or new_kwargs != node.kwargs
         node.args, node.kwargs = new_args, new_kwargs
+        if node.target in (torch.nn.functional.pad, torch._C._nn.pad) and padded:
+            _as_appended_fill(graph, node)
     for (consumer, factory), (args, kwargs) in plan.remade.items():  # its upstream users keep the original
         remade = graph.call_function(
             factory.target, fx.node.map_aggregate(args, resolve), fx.node.map_aggregate(kwargs, resolve)
@@ -249,6 +258,29 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
         consumer.replace_input_with(factory, remade)
         literals += 1
     return literals
+
+
+def _as_appended_fill(graph: fx.Graph, node: fx.Node) -> None:
+    """``F.pad(x, (0, 0, .., 0, t - n'), "constant", value)`` as ``cat([x, full(.., t - n', .., value)])``:
+    the pad's operators want literals (a symbolic pad fails their checks), a fill's sizes may be symbols."""
+    names = ("input", "pad", "mode", "value")
+    bound = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+    x, pad, value = bound["input"], list(bound["pad"]), bound.get("value")
+    padded = [j for j, p in enumerate(pad) if not (isinstance(p, int) and p == 0)]
+    if bound.get("mode", "constant") != "constant" or len(padded) != 1 or padded[0] % 2 == 0:
+        raise PassError(f"{node.name}: a pad of the sequence besides other pads cannot follow the pruned length")
+    ndim = tensor_value(x).dim()
+    dim = ndim - 1 - padded[0] // 2
+    with graph.inserting_before(node):
+        sizes = [
+            pad[padded[0]] if d == dim else insert_call(graph, torch.ops.aten.sym_size.int, (x, d), stem="size")
+            for d in range(ndim)
+        ]
+        fill = insert_call(
+            graph, torch.ops.aten.new_full.default, (x, sizes, 0.0 if value is None else value), stem="pad_fill"
+        )
+    node.target = torch.ops.aten.cat.default
+    node.args, node.kwargs = ([x, fill], dim), {}
 
 
 def schedule_upstream_first(graph: fx.Graph, downstream: set[fx.Node]) -> fx.Node:

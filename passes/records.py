@@ -171,6 +171,9 @@ class DecoderLayers:
     """The language model's decoder layers after the image merge (``layers``)."""
 
     layers: tuple[DecoderLayer, ...]
+    # a hybrid decoder's layers that call no softmax attention (linear attention, recurrences, short
+    # convolutions), by number: they run on the kept tokens from K on, and have no queries to score with
+    without_attention: frozenset[int] = frozenset()
 
     def __getitem__(self, i):
         return self.layers[i]

@@ -53,6 +53,14 @@ class SeqLen:
     factor: int = 1
 
 
+@dataclass(frozen=True)
+class PaddedTo:
+    """Stands for ``total - n'`` in a rewritten pad: the pad that brings the pruned sequence to the
+    original's padded length ``total`` (a chunked scan's pad to a multiple of its chunk)."""
+
+    total: int
+
+
 @dataclass
 class SeqPlan:
     """How to make the downstream nodes run on the pruned length."""
@@ -105,8 +113,11 @@ def plan_sequence_rewrite(
             if is_shape_op(node):
                 args, kwargs = _rewrite_shape_args(node, values, P, seq_len)
                 plan.shape_args[node] = (args, kwargs)
+            elif _pads_a_sequence(node, values, P):
+                args, kwargs = _padded_to_the_original_total(node, values, P, seq_len)
+                plan.shape_args[node] = (args, kwargs)
             elif _slices_a_sequence(node, values, P):
-                args, kwargs = _whole_sequence_slices(node, values, P)
+                args, kwargs = _whole_sequence_slices(node, values, P, seq_len)
                 if args != node.args:
                     plan.shape_args[node] = (args, kwargs)
             crossing = [a for a in node.all_input_nodes if a not in member and a is not cut]
@@ -158,6 +169,16 @@ def _next_prime(n: int) -> int:
 
 def _is_seq(n: Any, P: int) -> bool:
     return isinstance(n, int) and n % P == 0 and n > 0
+
+
+def _padded_sentinel(P: int) -> int:
+    """Q: a padded sequence of the original's padded length T runs with length T * Q here (a multiple
+    of T, so of its chunk, and recognisable: ``_is_padded``), and the runtime's at T."""
+    return _next_prime(P + 1)
+
+
+def _is_padded(n: Any, P: int) -> bool:
+    return isinstance(n, int) and n > 0 and n % _padded_sentinel(P) == 0
 
 
 @dataclass(frozen=True)
@@ -253,6 +274,8 @@ def _run(node, args, kwargs, values, bound, P):
             return _as_fake(fake_value(x))
         if isinstance(x, SeqLen):
             return P * x.factor
+        if isinstance(x, PaddedTo):
+            return x.total * _padded_sentinel(P) - P
         return x
 
     a = fx.node.map_aggregate(args, load)
@@ -307,13 +330,49 @@ def _slices_a_sequence(node: fx.Node, values, P: int) -> bool:
     ):
         return False
     x = values[node.args[0]]
-    return isinstance(x, torch.Tensor) and any(_is_seq(n, P) for n in x.shape)
+    return isinstance(x, torch.Tensor) and any(_is_seq(n, P) or n > P for n in x.shape)
 
 
-def _whole_sequence_slices(node: fx.Node, values, P: int) -> tuple[tuple, dict]:
+_PADS = {torch.nn.functional.pad, torch._C._nn.pad, torch.ops.aten.constant_pad_nd.default}
+
+
+def _pads_a_sequence(node: fx.Node, values, P: int) -> bool:
+    """``F.pad(x, (.., 0, p, ..))``: nothing before, ``p`` after a sequence dimension of a pruned ``x``."""
+    if not (node.op == "call_function" and node.target in _PADS and node.args and node.args[0] in values):
+        return False
+    x, pad = values[node.args[0]], _pad_of(node)
+    if not (isinstance(x, torch.Tensor) and isinstance(pad, (tuple, list))):
+        return False
+    return any(_is_seq(x.shape[-1 - j], P) and pad[2 * j] == 0 for j in range(len(pad) // 2))
+
+
+def _pad_of(node: fx.Node):
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+
+
+def _padded_to_the_original_total(node: fx.Node, values, P: int, seq_len: int) -> tuple[tuple, dict]:
+    """A pad after a sequence pads the pruned one to the original's padded length T = N + p: a chunked
+    scan (a gated delta rule) pads to a multiple of its chunk and unrolls its loop over T's chunks, and
+    a pad of zeros past the last token changes neither its outputs nor its final state."""
+    x, pad = values[node.args[0]], list(_pad_of(node))
+    for j in range(len(pad) // 2):
+        if _is_seq(x.shape[-1 - j], P) and pad[2 * j] == 0:
+            if not isinstance(pad[2 * j + 1], int):
+                raise PassError(f"{node.name}: a pad of the sequence by {pad[2 * j + 1]!r}, not a literal")
+            pad[2 * j + 1] = PaddedTo(seq_len + pad[2 * j + 1])
+    args = list(node.args)
+    if len(args) > 1:
+        args[1] = type(node.args[1])(pad)
+        return tuple(args), dict(node.kwargs)
+    return tuple(args), {**node.kwargs, "pad": type(node.kwargs["pad"])(pad)}
+
+
+def _whole_sequence_slices(node: fx.Node, values, P: int, seq_len: int) -> tuple[tuple, dict]:
     """Open the end of each slice that spans a whole sequence dimension of the original input
-    (start 0, step 1, end at or past the original length); any other slice of the sequence is
-    left to the propagation's shape checks."""
+    (start 0, step 1, end at or past the original length). A slice that ends at N of a sequence
+    lengthened by a constant (a convolution's padding: ``conv1d(x, w, padding=k - 1)[..., :N]``) or
+    padded to a chunk multiple (``_padded_to_the_original_total``) ends at n'. Any other slice of the
+    sequence is left to the propagation's shape checks."""
     src, index = node.args
     assert isinstance(index, tuple)  # _slices_a_sequence matched a tuple index
     original = hints(fake_value(src).shape)
@@ -336,13 +395,28 @@ def _whole_sequence_slices(node: fx.Node, values, P: int) -> tuple[tuple, dict]:
             isinstance(i, slice)
             and d is not None
             and _is_seq(pruned[d], P)
+            and i.step in (None, 1)
+            and (
+                (i.start in (None, 0) and isinstance(i.stop, int) and i.stop >= original[d])
+                or (isinstance(i.start, int) and i.start <= -original[d] and i.stop is None)  # x[..., -N:]
+            )
+        )
+        first_n = (
+            isinstance(i, slice)
+            and d is not None
+            and (_is_lengthened(pruned[d], original[d], seq_len, P) or _is_padded(pruned[d], P))
             and i.start in (None, 0)
             and i.step in (None, 1)
-            and isinstance(i.stop, int)
-            and i.stop >= original[d]
+            and i.stop == seq_len
         )
-        opened.append(slice(None) if whole else i)
+        opened.append(slice(None) if whole else slice(i.start, SeqLen(1), i.step) if first_n else i)
     return (src, tuple(opened)), dict(node.kwargs)
+
+
+def _is_lengthened(pruned: Any, original: int, seq_len: int, P: int) -> bool:
+    """A dimension of n' + c on the pruned sequence where it was N + c (0 < c < N)."""
+    extra = original - seq_len
+    return isinstance(pruned, int) and 0 < extra < seq_len and pruned == P + extra
 
 
 def _rewrite_shape_args(node: fx.Node, values, P: int, seq_len: int) -> tuple[tuple, dict]:

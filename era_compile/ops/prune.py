@@ -239,14 +239,29 @@ def recycle(
     keep_index, hidden_kept, log_bias = recycle_kept(
         hidden, visual_mask, anchor_mask, confidence, merge, weight_norm, real
     )
+    _check_kept_length(keep_index.shape[1])
     return keep_index, hidden_kept, log_bias, sample_counts(visual_mask, anchor_mask)
+
+
+# n' is data, an unbacked size the graph knows only as [MIN_KEPT, N]. At least 2 rather than 1, as Dynamo
+# assumes of its own sizes: whether a [B, n', H, d] view is contiguous then has an answer (hybrid decoders'
+# scans copy theirs contiguous), where at n' = 1 it would be a guard on the data.
+MIN_KEPT = 2
+
+
+def _check_kept_length(kept: int) -> None:
+    if kept < MIN_KEPT:
+        raise ValueError(
+            f"era_compile: pruning would leave {kept} token(s) of the prompt (an image alone, and one kept): "
+            f"keep at least {MIN_KEPT} (a larger keep_ratio or keep_tokens, or text in the prompt)"
+        )
 
 
 @recycle.register_fake
 def _(hidden, visual_mask, anchor_mask, confidence, merge, weight_norm, attn_mask=None):
     B, N, D = hidden.shape
-    # n' is data: a new unbacked size per trace, known only to lie in [1, N]
-    kept_len = torch.library.get_ctx().new_dynamic_size(min=1)
+    # n' is data: a new unbacked size per trace, known only to lie in [MIN_KEPT, N]
+    kept_len = torch.library.get_ctx().new_dynamic_size(min=MIN_KEPT)
     torch._check(kept_len <= N)
     return (
         hidden.new_empty((B, kept_len), dtype=torch.int64),
@@ -297,12 +312,13 @@ def kept_tokens(key_bias: Tensor) -> tuple[Tensor, Tensor]:
     order, filled = kept_slots(key_bias > BLOCKED)
     keep_index = torch.where(filled, order, 0)
     log_bias = torch.where(filled, key_bias.gather(1, order), BLOCKED).to(torch.float32)
+    _check_kept_length(keep_index.shape[1])
     return keep_index, log_bias
 
 
 @kept_tokens.register_fake
 def _(key_bias):
     B, N = key_bias.shape
-    kept_len = torch.library.get_ctx().new_dynamic_size(min=1)  # n' is data, as era::recycle's
+    kept_len = torch.library.get_ctx().new_dynamic_size(min=MIN_KEPT)  # n' is data, as era::recycle's
     torch._check(kept_len <= N)
     return key_bias.new_empty((B, kept_len), dtype=torch.int64), key_bias.new_empty((B, kept_len), dtype=torch.float32)

@@ -66,15 +66,42 @@ class _ShortConvLayer(ToyLayer):
         return super().forward(h, cos, **kwargs)
 
 
-def test_a_layer_with_a_convolution_along_the_positions_is_refused_from_k_on():
+def test_a_convolution_along_the_positions_runs_on_the_kept_tokens_from_k_on():
+    """A convolution beside a layer's attention is cut with it: from K on it runs on the kept tokens
+    (``F.conv1d(..., padding=2)[..., :N]`` follows the pruned length), before K on every token."""
     torch.manual_seed(0)
     model = ToyVLM().eval()
     model.layers[2] = _ShortConvLayer()
-    with pytest.raises(PassError, match=r"layers \[2\] run a 1-D convolution along the positions"):
+    rec = PassRecorder(model, *prompt(), config=ERAConfig(layer=1), until="prune")
+    assert len(rec.record(DecoderLayers)) == LAYERS and not rec.record(DecoderLayers).without_attention
+
+
+class _ConvOnlyLayer(torch.nn.Module):
+    """A hybrid decoder's layer without attention: a causal depthwise convolution along the positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(DIM, DIM, 3, groups=DIM, padding=2)
+
+    def forward(self, h, cos, **kwargs):
+        return h + self.conv(h.transpose(1, 2))[..., : h.shape[1]].transpose(1, 2), None  # no KV cache
+
+
+def test_a_hybrid_decoder_is_cut_at_an_attention_layer_and_a_k_without_one_is_named():
+    """Layers that call no attention are numbered beside the attention ones; K on one of them is refused
+    with the layers it could be, and K on the attention layer after it cuts (the convolution layers
+    after K run on the kept tokens), its saliency read off its own queries and keys."""
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+    model.layers[1] = _ConvOnlyLayer()
+    with pytest.raises(PassError, match=r"ERAConfig.layer=1 names a layer without softmax attention .* \[0, 2\]"):
         PassRecorder(model, *prompt(), config=ERAConfig(layer=1), until="layers")
-    model.layers[2], model.layers[0] = model.layers[0], model.layers[2]  # before K it runs on the full sequence
-    rec = PassRecorder(model, *prompt(), config=ERAConfig(layer=1), until="layers")
-    assert len(rec.record(DecoderLayers)) == LAYERS
+    rec = PassRecorder(model, *prompt(), config=ERAConfig(layer=2), until="prune")
+    layers = rec.record(DecoderLayers)
+    assert [layer.index for layer in layers.layers] == [0, 2] and layers.without_attention == {1}
+    model.layers[0], model.layers[1] = model.layers[1], model.layers[0]  # layer 0 without attention, K = 1
+    rec = PassRecorder(model, *prompt(), config=ERAConfig(layer=1), until="prune")
+    assert rec.record(DecoderLayers).without_attention == {0}
 
 
 def test_a_decoder_layers_own_graph_is_refused_with_why():
