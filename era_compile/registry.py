@@ -52,11 +52,13 @@ def model_types() -> dict[str, str]:
 
 TEXT = dict(
     hidden_size=64,
-    intermediate_size=128,
+    intermediate_size=256,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=16,
+    # A real model's heads are 64 to 256 wide, and never as wide as its hidden state (cos and sin, [B, N, head_dim],
+    # would then look like it): 128, over a hidden state of 64, as Gemma's heads are wider than their share of it.
+    head_dim=128,
     max_window_layers=4,
     num_experts=4,
     num_local_experts=4,
@@ -73,9 +75,7 @@ TEXT = dict(
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
     v_head_dim=16,
-    sliding_window=16,
-    attention_chunk_size=16,
-    max_position_embeddings=2048,
+    max_position_embeddings=8192,
     ffn_hidden_size=128,
     d_model=64,
     num_layers=4,
@@ -138,14 +138,23 @@ _TINY_SAM = {
     "initializer_range": 0.02,
 }
 
+# A hybrid decoder's first attention layer is its fourth: 8 layers keep one after the cut there, and a linear one
+# between them (Qwen3.5: linear, linear, linear, full, ...). MiniCPM-V's merger windows run after tower layer 0,
+# and its image token id is the tokenizer's, not the config's.
+_HYBRID = {"num_hidden_layers": 8}
+
 OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "qwen3_5": {"text_config": _HYBRID},
+    "qwen3_5_moe": {"text_config": _HYBRID},
+    "minicpm_ocr": {"": {"insert_layer_id": 0, "image_token_id": 1000}, "text_config": _HYBRID},
+    "minicpmv4_6": {"": {"insert_layer_id": 0, "image_token_id": 1000}, "text_config": _HYBRID},
+    "minicpmv4_7": {"": {"insert_layer_id": 0, "image_token_id": 1000}, "text_config": _HYBRID},
     "vipllava": {"": {"vision_feature_layers": [-2, -1]}},
     "aria": {"": {"projector_patch_to_query_dict": {64: 16}}},
     "blip-2": {"": {"image_token_index": 50265}},  # as the processors of current checkpoints expand it
     "instructblip": {"": {"image_token_index": 50265}},
     "glm5_next": {"text_config": {"num_key_value_heads": 4, "qk_rope_head_dim": 0}},  # MLA without RoPE (DSA)
     "llama4": {"vision_config": {"intermediate_size": 256, "projector_input_dim": 64, "projector_output_dim": 64}},
-    "step3p7": {"text_config": {"sliding_window": 16}},
     "molmo2": {
         "adapter_config": {"vision_feature_layer": [-1, -2]},
         "vision_config": {"num_position_embeddings": 64},
@@ -157,27 +166,27 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "cohere_compass": {
         "text_config": {
             "rope_parameters": {
-                "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [16, 24, 24]}
             }
         }
     },
     # Ernie interleaves the h and w sections pairwise: they must be equal
     "ernie4_5_vl_moe": {
-        "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]}}
+        "text_config": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [24, 24, 16]}
+        }
     },
     # M-RoPE whose default sections live in the modeling code, not the config
     "paddleocr_vl": {
-        "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 3, 3]}}
+        "text_config": {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [16, 24, 24]}
+        }
     },
-    # the merger windows run after this tower layer; the image token id is the tokenizer's, not the config's
-    "minicpm_ocr": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
-    "minicpmv4_6": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
-    "minicpmv4_7": {"": {"insert_layer_id": 0, "image_token_id": 1000}},
     # the checkpoints' thinker configs carry it; M-RoPE finds each image by it
     "qwen2_5_omni_thinker": {"": {"vision_start_token_id": 151652}},
     "qwen3_omni_moe_thinker": {"": {"vision_start_token_id": 151652}},
     "mistral_large4": {"text_config": {"num_key_value_heads": 4}},  # MLA: a key per query head
-    "hunyuan_vl": {"text_config": {"head_dim": 16}},  # None in its default, derived from widths not shrunk
+    "hunyuan_vl": {"text_config": {"head_dim": 128}},  # None in its default, derived from widths not shrunk
     "kimi_k25": {
         "": {"projection_hidden_size": 64},  # the tower's width, as the projector reads it
         # MLA: a key per query head; head_dim = qk_rope_head_dim, the rotary width DeepSeek-V3 derives
@@ -267,7 +276,11 @@ def _shrunk(config, sizes: dict[str, Any], overrides: dict[str, dict[str, Any]],
             fields[key] = [value] * sizes.get("num_hidden_layers", layers)  # one per layer
     for key, old in list(fields.items()):  # per-layer lists the config derives from the layer count
         if isinstance(old, list) and isinstance(layers, int) and layers > 2 and len(old) == layers and key not in sizes:
-            fields.pop(key)
+            if key == "layer_types" and "num_hidden_layers" in sizes:
+                depth = overrides.get(name, {}).get("num_hidden_layers", sizes["num_hidden_layers"])
+                fields[key] = tiny_layer_types(old, depth)
+            else:
+                fields.pop(key)
     per_layer = fields.get("per_layer_config")
     if isinstance(per_layer, dict) and isinstance(fields.get("num_hidden_layers"), int):  # layers that still exist
         fields["per_layer_config"] = {i: c for i, c in per_layer.items() if int(i) < fields["num_hidden_layers"]}
@@ -275,7 +288,9 @@ def _shrunk(config, sizes: dict[str, Any], overrides: dict[str, dict[str, Any]],
     mrope = "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ())
     if isinstance(rope, dict) and "rope_type" in rope and ("mrope_section" in rope or mrope):
         partial = fields.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
-        half = int(sizes.get("head_dim", 16) * partial) // 2  # M-RoPE's (t, h, w) split of the rotary half
+        head = fields.get("head_dim")  # a config without one derives it from the widths
+        head = head if isinstance(head, int) else fields["hidden_size"] // fields["num_attention_heads"]
+        half = int(head * partial) // 2  # M-RoPE's (t, h, w) split of the rotary half
         fields["rope_parameters"] = dict(
             rope, mrope_section=[2, 3, 3] if half == 8 else [half - 2 * (half // 3), half // 3, half // 3]
         )
@@ -289,6 +304,45 @@ def _shrunk(config, sizes: dict[str, Any], overrides: dict[str, dict[str, Any]],
     for read_only in ("transformers_version", "model_type"):
         fields.pop(read_only, None)
     return type(config)(**fields)
+
+
+def tiny_layer_types(kinds: list[str], layers: int) -> list[str]:
+    """A real model's layer types on ``layers`` layers: its first ones, then the first layer of each
+    kind they leave out, in the real order (Gemma 3's five sliding layers, then a full one: sliding,
+    sliding, sliding, full). Every kind keeps a layer, and the first layers keep their kinds."""
+    head = list(kinds[:layers])
+    missing = [kind for kind in dict.fromkeys(kinds) if kind not in head]
+    return head[: layers - len(missing)] + missing
+
+
+def first_attention_layer(model, at_least: int) -> int:
+    """The first decoder layer from ``at_least`` on that holds softmax attention: where a hybrid decoder
+    (linear, recurrent or convolution layers between attention layers) can be cut."""
+    from era_compile.reference import attends, decoder_of
+
+    layers = decoder_of(model).layers
+    return next((i for i in range(at_least, len(layers)) if attends(layers[i])), at_least)
+
+
+def hybrid_layers(model) -> list[int]:
+    """The decoder layers without softmax attention (a hybrid decoder's linear, recurrent or convolution
+    layers, or blocks of an MLP alone); none in a decoder of attention layers."""
+    from era_compile.reference import attends, decoder_of
+
+    return [i for i, layer in enumerate(decoder_of(model).layers) if not attends(layer)]
+
+
+def sliding_window(config) -> int | None:
+    """The text model's sliding window W when some of its layers use one, else None (a window beside
+    layer types that are all full is unused)."""
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if not isinstance(window, int):
+        return None
+    if layer_types:
+        return window if any("sliding" in kind for kind in layer_types) else None
+    return window if getattr(text, "use_sliding_window", True) is not False else None
 
 
 def _shrink_vision_grid(fields: dict, vision: bool) -> None:
@@ -321,7 +375,9 @@ def special_token_ids(config) -> list[int]:
     ]
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, *, window: int | None = None):
+    """``model_type``'s default config, shrunk; ``window``: its sliding window set to this instead
+    of the real one (a prompt that fills it)."""
     from transformers import CONFIG_MAPPING
 
     default = CONFIG_MAPPING[model_type]()
@@ -332,6 +388,8 @@ def tiny_config(model_type: str):
     ids = special_token_ids(default) + [v for k, v in overrides.get("", {}).items() if k.endswith("_token_index")]
     if text is not None and ids and max(ids) >= getattr(text, "vocab_size", 0):
         overrides.setdefault("text_config", {}).setdefault("vocab_size", max(ids) + 1)
+    if window is not None:
+        overrides.setdefault("text_config" if text is not None else "", {})["sliding_window"] = window
     top = TOP if any(k.endswith("text_config") for k in default.to_dict()) else dict(TEXT, **TOP)
     config = _shrunk(default, top, overrides)
     config._attn_implementation = "sdpa"
@@ -582,7 +640,13 @@ def structural_refusal(model_type: str, config, model_class: type) -> Refusal | 
             "cross-attention: the encoder's features enter through cross-attention layers, "
             "not as tokens of the sequence",
         )
-    if "vq_config" in fields and "vision_config" not in fields:
+    vision = fields.get("vision_config")
+    if (
+        "vq_config" in fields
+        and "vision_config" not in fields
+        or isinstance(vision, dict)
+        and "codebook_size" in vision
+    ):
         return Refusal(
             model_type, "images enter as discrete VQ codes (token ids): no visual features are merged into the sequence"
         )
@@ -603,14 +667,33 @@ _UNBUILDABLE = (
     ),
     (
         "requires the timm library",
-        "its vision tower needs timm, whose torchvision dependency has no CPU wheel on PyPI here",
+        "its vision tower needs timm, and timm torchvision: a missing install, not its structure. PyPI's "
+        "torchvision for torch 2.13 (0.28.0) is built against CUDA torch and fails to load beside the CPU "
+        "build ('operator torchvision::nms does not exist'), and no CPU build is reachable here",
     ),
 )
 
 
-def build(model_type: str, *, seed: int = 0, batch: int = 1, **input_kwargs) -> tuple[torch.nn.Module, dict]:
+def _towers_eager(config) -> bool:
+    """Every sub-config but the text model's set to eager attention (a tower transformers wrote no SDPA
+    for); False when there is none to set."""
+    text = config.get_text_config()
+    towers = [
+        sub
+        for name, sub in vars(config).items()
+        if name.endswith("_config") and hasattr(sub, "_attn_implementation") and sub is not text
+    ]
+    for sub in towers:
+        sub._attn_implementation = "eager"
+    return bool(towers)
+
+
+def build(
+    model_type: str, *, seed: int = 0, batch: int = 1, window: int | None = None, **input_kwargs
+) -> tuple[torch.nn.Module, dict]:
     """A tiny ``model_type`` model (eval, fp32, seeded) and a prompt with one image per sample;
-    raises ``Refusal`` for a type era_compile does not prune."""
+    raises ``Refusal`` for a type era_compile does not prune. ``window``: a sliding window of this
+    many tokens instead of the real one."""
     import transformers
 
     types = model_types()
@@ -622,10 +705,16 @@ def build(model_type: str, *, seed: int = 0, batch: int = 1, **input_kwargs) -> 
     refusal = structural_refusal(model_type, CONFIG_MAPPING[model_type](), model_class)
     if refusal is not None:
         raise refusal
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, window=window)
     torch.manual_seed(seed)
     try:
-        model = model_class(config).eval()
+        try:
+            model = model_class(config).eval()
+        except ValueError as e:  # a tower without SDPA: only the decoder's attention is rewritten
+            if _UNBUILDABLE[0][0] not in str(e) or not _towers_eager(config):
+                raise
+            torch.manual_seed(seed)
+            model = model_class(config).eval()
     except (ValueError, ImportError) as e:
         reason = next((why for text, why in _UNBUILDABLE if text in str(e)), None)
         if reason is None:

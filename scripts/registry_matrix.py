@@ -29,10 +29,19 @@ BEGIN, END = "<!-- registry-matrix:begin -->", "<!-- registry-matrix:end -->"
 
 def detail(row: dict) -> str:
     if row["status"] == "supported":
-        return (
+        oracle = "n/a (no attention at layer 0)" if row["oracle"] is None else f"{row['oracle']:.1e}"
+        text = (
             f"{row['visual_tokens']} -> {row['kept']} visual tokens; max error: forward {row['forward']:.1e}, "
-            f"oracle {row['oracle']:.1e}, batch 2 {row['batch 2']:.1e}, generate {row['generate']:.1e}"
+            f"oracle {oracle}, batch 2 {row['batch 2']:.1e}, generate {row['generate']:.1e}"
         )
+        if "hybrid" in row:  # cut at softmax-attention layers; the others run on the kept tokens after the cut
+            text += f" (hybrid: K = {', '.join(map(str, row['layers']))}; no attention in layers {row['hybrid']})"
+        if "window" in row:  # a prompt shorter than the real window above; one that fills a small window here
+            text += (
+                f" (window {row['window']}, prompt {row['prompt']}); window {row['filled_window']} filled, "
+                f"8 tokens past it: generate {row['generate filled']:.1e}, oracle {row['generate oracle']:.1e}"
+            )
+        return text
     return row["reason"].replace("|", "\\|")
 
 
