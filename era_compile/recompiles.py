@@ -15,7 +15,8 @@ backend code runs to notice.
   ``logging.Filter`` listens on Dynamo's ``convert_frame`` logger (it never drops a record); it is
   removed when the last watch dies (its model, and Dynamo's cache of its graphs, gone). A hit on a
   watched function is told to its model as it happens: a warning and a report note, or in strict
-  mode an ``EraCompileError`` raised into the call that hit it.
+  mode an ``EraCompileError`` raised into the call that hit it, when no other live model traced the
+  function (the line does not say whose call hit it: another model's call is never failed by it).
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def recompile_headroom(limit: int = DEFAULT_HEADROOM) -> Iterator[None]:
 
 
 class RecompileLimitWatch:
-    """The functions one compiled model's graphs were traced from; ``told(function)`` is called when
-    Dynamo gives up recompiling one of them (it may raise: strict mode's error)."""
+    """The functions one compiled model's graphs were traced from; ``told(function, alone)`` is called
+    when Dynamo gives up recompiling one of them (``alone``: no other live model traced it, so the call
+    that hit the limit is this model's; then it may raise, strict mode's error)."""
 
-    def __init__(self, told: Callable[[str], None]):
+    def __init__(self, told: Callable[[str, bool], None]):
         self.functions: dict[tuple[str, int], str] = {}  # (file, first line) -> how Dynamo names it
         self.told = told
         _listener.watch(self)
@@ -66,12 +68,9 @@ class RecompileLimitWatch:
             (code.co_filename, code.co_firstlineno), f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"
         )
 
-    def hit(self, message: str) -> bool:
-        """Whether Dynamo's line names one of this model's functions; if so, tell it."""
-        found = next((name for (file, line), name in self.functions.items() if f"{file}:{line}" in message), None)
-        if found is not None:
-            self.told(found)
-        return found is not None
+    def named(self, message: str) -> str | None:
+        """The one of this model's functions Dynamo's line names, if any."""
+        return next((name for (file, line), name in self.functions.items() if f"{file}:{line}" in message), None)
 
 
 class _Listener(logging.Filter):
@@ -97,10 +96,13 @@ class _Listener(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith(_HIT):
             message = record.getMessage()
+            named = [(watch, name) for watch in list(self.watches) if (name := watch.named(message)) is not None]
             errors = []
-            for watch in list(self.watches):  # a shared function (HF's forward decorator) concerns them all
+            # a shared function (HF's forward decorator) concerns every model that traced it; which one's
+            # call hit the limit the line does not say, so a strict model raises only when it is the one
+            for watch, name in named:
                 try:
-                    watch.hit(message)
+                    watch.told(name, len(named) == 1)
                 except Exception as e:  # a strict model's verdict: raised once every model was told
                     errors.append(e)
             if errors:

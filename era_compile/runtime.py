@@ -330,8 +330,9 @@ class Runtime:
         if plan.watches_images and self.pending is not None and plan.decode_step:
             self._drop(self.pending)
 
-    def recompile_limit_hit(self, function: str) -> None:
-        """Dynamo gave up recompiling ``function``, one of this model's (``era_compile.recompiles``)."""
+    def recompile_limit_hit(self, function: str, alone: bool = True) -> None:
+        """Dynamo gave up recompiling ``function``, one of this model's (``era_compile.recompiles``);
+        ``alone``: no other live model traced it (else strict mode warns: the call may be another's)."""
         limit = torch._dynamo.config.recompile_limit
         self.tell(
             f"Dynamo hit its recompile limit ({limit}) for {function}: it compiles that function no more, "
@@ -339,13 +340,14 @@ class Runtime:
             "serving (`with era_compile.recompile_headroom(): ...`, or torch.compile(..., recompile_limit=64) "
             "on torch >= 2.13); TORCH_LOGS=recompiles says what recompiles",
             note=True,
+            may_raise=alone,
         )
 
-    def tell(self, why: str, note: bool = False) -> None:
-        """A verdict the user must hear, once: a ``RuntimeWarning`` (strict: an ``EraCompileError``),
-        and a line of the report (``unpruned_images``, or ``notes``)."""
+    def tell(self, why: str, note: bool = False, may_raise: bool = True) -> None:
+        """A verdict the user must hear, once: a ``RuntimeWarning`` (strict: an ``EraCompileError``,
+        where ``may_raise``), and a line of the report (``unpruned_images``, or ``notes``)."""
         (self.report.notes if note else self.report.unpruned_images).append(why)
-        if self.strict:
+        if self.strict and may_raise:
             raise EraCompileError(f"era_compile: {why}")
         warnings.warn(f"era_compile: {why}", RuntimeWarning, stacklevel=3)
 

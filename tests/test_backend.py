@@ -197,6 +197,21 @@ def test_hitting_the_recompile_limit_is_told():
         with pytest.raises(EraCompileError, match="recompile limit"):
             for n in range(4):
                 scaled(torch.ones(2), n)
+        # a function two live models traced (as every HF model's forward decorator): the line does not say
+        # whose call hit the limit, so the strict one is told without failing the other's call
+        torch._dynamo.reset()
+
+        def shared(x, n):
+            return x * n - 1
+
+        strict_model = torch.compile(shared, backend=make_era_backend(ERAConfig(compiler="eager", strict=True)))
+        strict_model(torch.ones(2), 0)
+        other = make_era_backend(ERAConfig(compiler="eager"))
+        other_model = torch.compile(shared, backend=other, dynamic=False)
+        with pytest.warns(RuntimeWarning, match="recompile limit"):
+            for n in range(1, 5):
+                other_model(torch.ones(2), n)
+        assert any("recompile limit" in note for note in other.report.notes)
     assert torch._dynamo.config.get_config_copy() == settings
 
 
