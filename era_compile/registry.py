@@ -206,7 +206,7 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
         "text_config": {
             "indexer_n_heads": 2,
             "indexer_kv_heads": 1,
-            "indexer_head_dim": 16,
+            "indexer_head_dim": 128,
             "indexer_budget": 16,
             "indexer_compress_ratio": 4,
         }

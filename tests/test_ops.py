@@ -207,3 +207,15 @@ def test_select_keeps_the_budget_rules_count(budget, kept):
     q, k = torch.randn(B, 4, N, 8, generator=g), torch.randn(B, 2, N, 8, generator=g)
     anchor_mask, _ = torch.ops.era.select(hidden, mask, q, k, None, True, 0.35, budget_tensor(*budget), "era", OPTIONS)
     assert int(anchor_mask.sum()) == kept and not bool((anchor_mask & ~mask).any())
+
+
+def test_a_cut_that_would_leave_one_token_says_how_to_keep_two():
+    """n' is at least 2 to the compiled graph (``MIN_KEPT``): a prompt that is an image alone, one token
+    of it kept, is an error that names what to change, not a failed assertion inside the graph."""
+    hidden = torch.randn(1, 4, 8)
+    visual = torch.ones(1, 4, dtype=torch.bool)
+    anchors = torch.tensor([[True, False, False, False]])
+    with pytest.raises(ValueError, match="keep at least 2"):
+        torch.ops.era.recycle(hidden, visual, anchors, torch.ones(1, 4), True, "mean")
+    two = torch.tensor([[True, False, True, False]])
+    assert torch.ops.era.recycle(hidden, visual, two, torch.ones(1, 4), True, "mean")[0].shape == (1, 2)

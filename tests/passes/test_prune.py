@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from era_compile import ERAConfig
+from era_compile.algorithms import Selection, register_strategy
 from era_compile.passes.fx_utils import reachable_from, same_size, tensor_meta
 from era_compile.passes.records import PruneSite
-from toys import LAYERS, PassRecorder, ToyVLM, prompt
+from toys import DIM, IMAGE, LAYERS, PassRecorder, ToyVLM, prompt
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -108,3 +110,64 @@ def test_a_slice_of_the_whole_prompt_follows_the_pruned_length():
     with torch.no_grad():
         logits = pruned.result.gm(*pruned.inputs())[0]
     assert logits.shape[1] == ids.shape[1] - 8 + 3
+
+
+class _ChunkedScanLayer(torch.nn.Module):
+    """A hybrid decoder's linear layer as Qwen3.5's reference scan writes it: a causal convolution
+    (``padding=k - 1``, then ``[..., :N]``), a zero pad to a multiple of the chunk (8), a scan unrolled
+    over the chunks, its output cut back with ``[:, :N]``. Zeros past the last token leave the scan's
+    outputs and state as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(DIM, DIM, 3, groups=DIM, padding=2)
+        self.proj = torch.nn.Linear(DIM, DIM)
+
+    def forward(self, h, cos, **kwargs):
+        B, N, D = h.shape
+        x = self.conv(h.transpose(1, 2))[..., :N].transpose(1, 2)
+        x = F.pad(x, (0, 0, 0, (8 - N % 8) % 8))
+        chunks = x.reshape(B, -1, 8, D)
+        state, out = torch.zeros(B, 1, D), torch.zeros_like(chunks)
+        for i in range(chunks.shape[1]):  # each chunk written into the padded output, as HF's scan does
+            scanned = chunks[:, i].cumsum(1) + state
+            state = scanned[:, -1:]
+            out[:, i] = scanned
+        return h + self.proj(out.reshape(B, -1, D)[:, :N]), None
+
+
+def _first_visual(inputs, k: int, options: dict) -> Selection:
+    """The first k visual tokens of each sample: anchors a test can name in advance."""
+    return Selection(torch.arange(k).expand(inputs.hidden.shape[0], k))
+
+
+register_strategy("test_first_visual", _first_visual, overwrite=True)
+
+
+@pytest.mark.parametrize("suffix", [5, 6])  # N = 16, a multiple of the chunk (a pad of 0), and 17
+def test_a_chunked_scan_pads_the_kept_tokens_to_the_original_padded_length(suffix):
+    """After the cut a chunked scan's pad is ``T - n'`` (T the original's padded length: its unrolled
+    loop runs over T's chunks), its convolution's ``[..., :N]`` and its output's ``[:, :N]`` end at n'.
+    Keeping every token changes nothing; keeping 3 equals the toy run eagerly on the kept tokens from
+    layer 1 on (layer 2, the scan, sees them alone: its pad and chunks are its own)."""
+    torch.manual_seed(0)
+    model = ToyVLM().eval()
+    model.layers[2] = _ChunkedScanLayer()
+    ids, features = prompt(visual=8, suffix=suffix)
+    config = ERAConfig(layer=1, keep_tokens=8, rectify=False, recycle=False, strategy="test_first_visual")
+    rec = PassRecorder(model, ids, features, config=config)
+    with torch.no_grad():
+        assert torch.allclose(rec.result.gm(*rec.inputs())[0], rec.gm(*rec.example_inputs)[0], atol=1e-5)
+    pruned = PassRecorder(model, ids, features, config=config.replace(keep_tokens=3))
+    with torch.no_grad():
+        logits = pruned.result.gm(*pruned.inputs())[0]
+        image = ids[0] == IMAGE
+        kept = torch.nonzero(~image | (image.cumsum(0) <= 3)).flatten()  # the text and the first 3 visual
+        embeds = model.embed(ids).masked_scatter(image[None, :, None], model.project(features))
+        positions = torch.arange(ids.shape[1])
+        cos = torch.cos(positions[:, None] * model.inv_freq[None, :])[None, None]
+        h, _ = model.layers[0](embeds, cos)
+        h, cos = h[:, kept], cos[:, :, kept]
+        for layer in model.layers[1:]:
+            h, _ = layer(h, cos)
+        assert torch.allclose(logits, model.head(h), atol=1e-5)
