@@ -308,7 +308,9 @@ class EagerReference:
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (_take(cos, keep, 1), _take(sin, keep, 1))
         mask = kwargs.get("attention_mask")
-        if mask is not None:
+        if mask is not None and mask.dim() == 2:  # a linear layer's padding mask [B, N] (hybrid decoders)
+            kwargs["attention_mask"] = _take(mask, keep, 1)
+        elif mask is not None:
             kwargs["attention_mask"] = _take(_take(mask, keep, 2), keep, 3)
         positions = kwargs.get("position_ids")
         if positions is not None and positions.dim() == 3:  # M-RoPE's [3, B, N]
