@@ -198,10 +198,11 @@ class EagerReference:
         original positions, which positions hold a token (``_real``), and the window (a query sees
         the keys less than W positions back). A mask over the original positions (longer than the
         cache) is gathered."""
+        over_positions = attention_mask is not None and attention_mask.shape[-1] != k_len
+        if over_positions and (window is None or q_len == k_len):
+            return _take(attention_mask, self.cached_positions(k_len), 3)  # over the original positions
         if q_len == k_len:  # the prefill: the masks were gathered at the cut
             return attention_mask
-        if window is None and attention_mask is not None and attention_mask.shape[-1] != k_len:
-            return _take(attention_mask, self.cached_positions(k_len), 3)  # over the original positions
         if window is None and self._real is None:  # no padding and no window: causal over the rows
             return attention_mask
         keep, _ = self._after_cut()

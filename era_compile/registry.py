@@ -154,6 +154,8 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "blip-2": {"": {"image_token_index": 50265}},  # as the processors of current checkpoints expand it
     "instructblip": {"": {"image_token_index": 50265}},
     "glm5_next": {"text_config": {"num_key_value_heads": 4, "qk_rope_head_dim": 0}},  # MLA without RoPE (DSA)
+    # its forward reads a sliding window though every layer attends in full (transformers 5.24)
+    "step3p7": {"text_config": {"sliding_window": 4096}},
     "llama4": {"vision_config": {"intermediate_size": 256, "projector_input_dim": 64, "projector_output_dim": 64}},
     "molmo2": {
         "adapter_config": {"vision_feature_layer": [-1, -2]},
@@ -172,9 +174,7 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Ernie interleaves the h and w sections pairwise: they must be equal
     "ernie4_5_vl_moe": {
-        "text_config": {
-            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [24, 24, 16]}
-        }
+        "text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]}}
     },
     # M-RoPE whose default sections live in the modeling code, not the config
     "paddleocr_vl": {
@@ -288,7 +288,7 @@ def _shrunk(config, sizes: dict[str, Any], overrides: dict[str, dict[str, Any]],
     mrope = "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ())
     if isinstance(rope, dict) and "rope_type" in rope and ("mrope_section" in rope or mrope):
         partial = fields.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
-        head = fields.get("head_dim")  # a config without one derives it from the widths
+        head = overrides.get(name, {}).get("head_dim", fields.get("head_dim"))  # else derived from the widths
         head = head if isinstance(head, int) else fields["hidden_size"] // fields["num_attention_heads"]
         half = int(head * partial) // 2  # M-RoPE's (t, h, w) split of the rotary half
         fields["rope_parameters"] = dict(

@@ -39,7 +39,8 @@ def detail(row: dict) -> str:
         if "window" in row:  # a prompt shorter than the real window above; one that fills a small window here
             text += (
                 f" (window {row['window']}, prompt {row['prompt']}); window {row['filled_window']} filled, "
-                f"8 tokens past it: generate {row['generate filled']:.1e}, oracle {row['generate oracle']:.1e}"
+                f"8 tokens past it: generate {row['generate filled']:.1e}, oracle "
+                + ("n/a" if row["generate oracle"] is None else f"{row['generate oracle']:.1e}")
             )
         return text
     return row["reason"].replace("|", "\\|")
