@@ -144,6 +144,15 @@ _TINY_SAM = {
 _HYBRID = {"num_hidden_layers": 8}
 
 OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    # LFM2's default config attends in every layer; its checkpoints (LFM2-VL-1.6B: attention at 2, 5, 8, 10,
+    # 12, 14 of 16, short convolutions elsewhere) are hybrid: their first 8 layers
+    "lfm2_vl": {
+        "text_config": {
+            "num_hidden_layers": 8,
+            "full_attn_idxs": [2, 5],
+            "layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention", "conv", "conv"],
+        }
+    },
     "qwen3_5": {"text_config": _HYBRID},
     "qwen3_5_moe": {"text_config": _HYBRID},
     "minicpm_ocr": {"": {"insert_layer_id": 0, "image_token_id": 1000}, "text_config": _HYBRID},

@@ -357,8 +357,11 @@ def _padded_to_the_original_total(node: fx.Node, values, P: int, seq_len: int) -
     x, pad = values[node.args[0]], list(_pad_of(node))
     for j in range(len(pad) // 2):
         if _is_seq(x.shape[-1 - j], P) and pad[2 * j] == 0:
-            if not isinstance(pad[2 * j + 1], int):
-                raise PassError(f"{node.name}: a pad of the sequence by {pad[2 * j + 1]!r}, not a literal")
+            if not isinstance(pad[2 * j + 1], int):  # dynamic=True: a pad computed from N in the graph
+                raise PassError(
+                    f"{node.name}: a pad of the sequence by {pad[2 * j + 1]!r}, a value of the graph "
+                    "(dynamic=True), not a literal: a chunked scan is cut in static graphs only"
+                )
             pad[2 * j + 1] = PaddedTo(seq_len + pad[2 * j + 1])
     args = list(node.args)
     if len(args) > 1:
@@ -391,26 +394,36 @@ def _whole_sequence_slices(node: fx.Node, values, P: int, seq_len: int) -> tuple
             d += 1
     opened = []
     for i, d in zip(index, dims, strict=True):
+        start, stop = (_bound_hint(b) for b in (i.start, i.stop)) if isinstance(i, slice) else (None, None)
         whole = (
             isinstance(i, slice)
             and d is not None
             and _is_seq(pruned[d], P)
             and i.step in (None, 1)
             and (
-                (i.start in (None, 0) and isinstance(i.stop, int) and i.stop >= original[d])
-                or (isinstance(i.start, int) and i.start <= -original[d] and i.stop is None)  # x[..., -N:]
+                (start in (None, 0) and isinstance(stop, int) and stop >= original[d])
+                or (isinstance(start, int) and start <= -original[d] and i.stop is None)  # x[..., -N:]
             )
         )
         first_n = (
             isinstance(i, slice)
             and d is not None
             and (_is_lengthened(pruned[d], original[d], seq_len, P) or _is_padded(pruned[d], P))
-            and i.start in (None, 0)
+            and start in (None, 0)
             and i.step in (None, 1)
-            and i.stop == seq_len
+            and stop == seq_len
         )
         opened.append(slice(None) if whole else slice(i.start, SeqLen(1), i.step) if first_n else i)
     return (src, tuple(opened)), dict(node.kwargs)
+
+
+def _bound_hint(bound: Any) -> Any:
+    """A slice bound as the plan reads it: a literal, or under ``dynamic=True`` a value of the graph (the
+    prompt's length ``s0`` read off a tensor) at its example; None as it is."""
+    if isinstance(bound, fx.Node):
+        value = fake_value(bound)
+        return hint(value) if isinstance(value, (int, torch.SymInt)) else bound
+    return bound
 
 
 def _is_lengthened(pruned: Any, original: int, seq_len: int, P: int) -> bool:

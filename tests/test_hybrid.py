@@ -53,9 +53,34 @@ def test_a_ragged_batch_is_cut_at_an_attention_layer_and_generates_the_reference
 
 
 def test_a_k_on_a_linear_layer_is_refused_with_the_attention_layers(qwen3_5):
-    model, inputs = registry.build("qwen3_5")
+    model, inputs = qwen3_5, registry.make_inputs(qwen3_5)
     torch._dynamo.reset()
     backend = make_era_backend(ERAConfig(layer=2, compiler="eager", strict=True))
     with pytest.raises(Exception, match=r"layer=2 names a layer without softmax attention .*\[3, 7\]"):
         with torch.no_grad():
             torch.compile(model, backend=backend)(**inputs)
+
+
+@pytest.mark.skipif("lfm2_vl" not in registry.model_types(), reason="no LFM2-VL in this transformers")
+def test_short_convolution_layers_after_the_cut_under_dynamic_shapes():
+    """LFM2-VL as its checkpoints configure it (short convolutions between attention layers), compiled with
+    ``dynamic=True``: the convolution's ``[..., :seqlen]`` ends at the prompt's length read off a tensor (a
+    value of the graph), and after the cut at n'. Two prompt lengths, each the reference's tokens."""
+    model, _ = registry.build("lfm2_vl")
+    assert registry.hybrid_layers(model) == [0, 1, 3, 4, 6, 7]
+    config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
+    torch._dynamo.reset()
+    backend = make_era_backend(config)
+    model.compile(backend=backend, dynamic=True)
+    try:
+        for prefix in (5, 12):
+            inputs = registry.make_inputs(model, prefix=prefix)
+            expected = EagerReference(model, config).generate(**inputs, **GREEDY)
+            with torch.no_grad():
+                generated = model.generate(**inputs, **GREEDY)
+            assert torch.equal(generated.sequences, expected.sequences)
+            error = max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True))
+            assert error <= TOL
+    finally:
+        model._compiled_call_impl = None
+    assert backend.report.pruned_calls == 2
