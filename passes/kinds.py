@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .analysis import analysis_of, computed_from, convolution_weight_rank, is_float
+from .analysis import analysis_of, computed_from, is_float
 from .fx_utils import (
     attention_args,
     call_arguments,
@@ -306,9 +306,3 @@ def token_id_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> l
     analysis = analysis_of(gm, example_inputs)
     read = {i for _, i in analysis.token_lookups}
     return [k for k, node in enumerate(analysis.placeholders) if node in read]
-
-
-def is_sequence_convolution(node: fx.Node) -> bool:
-    """A 1-D convolution ([C_out, C_in, k] weight): inside a decoder layer it runs along the positions
-    (a short convolution beside attention, as hybrid decoders have)."""
-    return convolution_weight_rank(node) == 3

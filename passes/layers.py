@@ -6,10 +6,12 @@ image merge*. The vision tower's attention runs before the merge (it produces th
 features), so it is excluded without looking at any module name.
 
 For each layer the pass records its nodes and the residual stream entering it: the one
-value from outside the layer with the shape of the merged embeddings ``[B, N, D]``. Then
-it checks that the configured pruning layer K exists, and that no layer from K on runs a 1-D
-convolution along the positions (a hybrid decoder's short convolutions; layers without
-attention are refused as hybrid too). The graph is not changed.
+value from outside the layer with the shape of the merged embeddings ``[B, N, D]``. Layers are
+numbered by their module index. A hybrid decoder's layers that call no softmax attention (linear
+attention, Mamba, short convolutions: siblings of the attention layers) are recorded by number;
+from K on they run on the kept tokens like the rest, their states built from those alone. Then it
+checks that the configured pruning layer K is an attention layer (a K without one has no queries
+for the selection: refused, naming the attention layers). The graph is not changed.
 """
 
 from __future__ import annotations
@@ -92,8 +94,6 @@ def find_decoder_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise PassError(
             f"ERAConfig.layer={k} but the language model has {len(numbers) + len(other_layers)} decoder layers{hybrid}"
         )
-    # From K on, a hybrid decoder's linear, recurrent and convolution layers (and convolutions beside an
-    # attention) run on the kept tokens: their states are built from those alone, as ALGORITHMS.md 1.7 says
     counts = {"decoder_layers": len(layers), "prune_layer": k}
     if other_layers:
         counts["without_attention"] = len(other_layers)
