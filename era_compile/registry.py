@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -329,7 +329,7 @@ def first_attention_layer(model, at_least: int) -> int:
     (linear, recurrent or convolution layers between attention layers) can be cut."""
     from era_compile.reference import attends, decoder_of
 
-    layers = decoder_of(model).layers
+    layers = list(cast(torch.nn.ModuleList, decoder_of(model).layers))
     return next((i for i in range(at_least, len(layers)) if attends(layers[i])), at_least)
 
 
@@ -338,7 +338,7 @@ def hybrid_layers(model) -> list[int]:
     layers, or blocks of an MLP alone); none in a decoder of attention layers."""
     from era_compile.reference import attends, decoder_of
 
-    return [i for i, layer in enumerate(decoder_of(model).layers) if not attends(layer)]
+    return [i for i, layer in enumerate(cast(torch.nn.ModuleList, decoder_of(model).layers)) if not attends(layer)]
 
 
 def sliding_window(config) -> int | None:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import json
 import operator
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -265,7 +266,8 @@ def _as_appended_fill(graph: fx.Graph, node: fx.Node) -> None:
     the pad's operators want literals (a symbolic pad fails their checks), a fill's sizes may be symbols."""
     names = ("input", "pad", "mode", "value")
     bound = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
-    x, pad, value = bound["input"], list(bound["pad"]), bound.get("value")
+    x, value = bound["input"], bound.get("value")
+    pad: list[Any] = list(cast(Sequence[Any], bound["pad"]))
     padded = [j for j, p in enumerate(pad) if not (isinstance(p, int) and p == 0)]
     if bound.get("mode", "constant") != "constant" or len(padded) != 1 or padded[0] % 2 == 0:
         raise PassError(f"{node.name}: a pad of the sequence besides other pads cannot follow the pruned length")

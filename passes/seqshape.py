@@ -365,9 +365,9 @@ def _padded_to_the_original_total(node: fx.Node, values, P: int, seq_len: int) -
             pad[2 * j + 1] = PaddedTo(seq_len + pad[2 * j + 1])
     args = list(node.args)
     if len(args) > 1:
-        args[1] = type(node.args[1])(pad)
+        args[1] = tuple(pad)
         return tuple(args), dict(node.kwargs)
-    return tuple(args), {**node.kwargs, "pad": type(node.kwargs["pad"])(pad)}
+    return tuple(args), {**node.kwargs, "pad": tuple(pad)}
 
 
 def _whole_sequence_slices(node: fx.Node, values, P: int, seq_len: int) -> tuple[tuple, dict]:
