@@ -173,6 +173,16 @@ def hint(size: Any) -> int:
     return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
 
 
+def example_int(value: Any) -> Any:
+    """An integer argument as a plan reads it: a literal as it is; a node whose value is an int (under
+    ``dynamic=True`` the prompt's length read off a tensor, a layer's ``sliding_window``) at its
+    example; anything else as it is."""
+    if isinstance(value, fx.Node):
+        example = fake_value(value)
+        return hint(example) if isinstance(example, (int, torch.SymInt)) else value
+    return value
+
+
 def hints(shape) -> tuple[int, ...]:
     return tuple(hint(d) for d in shape)
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
 from era_compile.compact_kv import CompactKV
@@ -44,9 +43,8 @@ from era_compile.compact_kv import CompactKV
 from .fx_utils import (
     attention_args,
     call_arguments,
-    fake_value,
+    example_int,
     graph_outputs,
-    hint,
     is_attention,
     is_cat,
     is_in_place,
@@ -165,20 +163,12 @@ def _window_of(cat: fx.Node, outputs: list):
             and all(i == slice(None) for j, i in enumerate(index) if j != 2)
         ):
             window = index[2]
-            start = _window_start(window.start) if isinstance(window, slice) else None
-            if start is not None and window.stop is None and window.step in (None, 1):
+            # -(W - 1); under dynamic=True computed in the graph from the layer's sliding_window (an int
+            # Dynamo makes an input: this model's, the same on every call), taken at its example
+            start = example_int(window.start) if isinstance(window, slice) else None
+            if isinstance(start, int) and window.stop is None and window.step in (None, 1):
                 return user, start
     return None, None
-
-
-def _window_start(start) -> int | None:
-    """A window's start, ``-(W - 1)``: a literal, or under ``dynamic=True`` a value of the graph computed
-    from the layer's ``sliding_window`` (an int Dynamo makes an input of the graph: this model's, the same
-    on every call), taken at its example."""
-    if isinstance(start, int):
-        return start
-    value = fake_value(start)
-    return hint(value) if isinstance(value, torch.SymInt) else None
 
 
 def _is_cache_write(node) -> bool:

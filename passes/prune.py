@@ -57,7 +57,7 @@ from .fx_utils import (
 from .graph_pass import PassContext, PassError, PassResult, graph_pass
 from .records import BudgetInput, DecoderLayers, PruneSite, VisualSpan, WalkInput
 from .rewrite import append_input, append_walk_input, getitem, insert_call
-from .seqshape import PaddedTo, SeqLen, plan_sequence_rewrite
+from .seqshape import PADS, PaddedTo, SeqLen, plan_sequence_rewrite
 
 
 @graph_pass("prune", requires=(VisualSpan, DecoderLayers), provides=PruneSite)
@@ -228,11 +228,11 @@ def _gather_crossing_tensors(graph: fx.Graph, plan, keep_index: fx.Node, batch) 
 
 def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
     """The pruned length in shape arguments: a size node read off the pruned stream (its length
-    is the data's, so a symbol even in a graph static in N)."""
+    is the data's, so a symbol even in a graph static in N); a planned pad becomes T - n' (a pad to
+    the original padded length T), spelled as an appended fill."""
     kept_len = insert_call(graph, torch.ops.aten.sym_size.int, (hidden_kept, 1), stem="kept_len")
     scaled: dict[int, object] = {1: kept_len}
-
-    padded: dict[int, object] = {}
+    padded: dict[int, object] = {}  # T -> T - n'
 
     def resolve(a):
         if isinstance(a, PaddedTo):
@@ -250,7 +250,7 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
         new_args, new_kwargs = fx.node.map_aggregate(args, resolve), fx.node.map_aggregate(kwargs, resolve)
         literals += new_args != node.args or new_kwargs != node.kwargs
         node.args, node.kwargs = new_args, new_kwargs
-        if node.target in (torch.nn.functional.pad, torch._C._nn.pad) and padded:
+        if node.target in PADS:  # a pad seqshape planned: to the original padded length, a symbol now
             _as_appended_fill(graph, node)
     for (consumer, factory), (args, kwargs) in plan.remade.items():  # its upstream users keep the original
         remade = graph.call_function(
@@ -264,7 +264,8 @@ def _rewrite_lengths(graph: fx.Graph, plan, hidden_kept: fx.Node) -> int:
 def _as_appended_fill(graph: fx.Graph, node: fx.Node) -> None:
     """``F.pad(x, (0, 0, .., 0, t - n'), "constant", value)`` as ``cat([x, full(.., t - n', .., value)])``:
     the pad's operators want literals (a symbolic pad fails their checks), a fill's sizes may be symbols."""
-    names = ("input", "pad", "mode", "value")
+    constant = node.target is torch.ops.aten.constant_pad_nd.default  # (input, pad, value): no mode
+    names = ("input", "pad", "value") if constant else ("input", "pad", "mode", "value")
     bound = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
     x, value = bound["input"], bound.get("value")
     pad: list[Any] = list(cast(Sequence[Any], bound["pad"]))

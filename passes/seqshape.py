@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .fx_utils import fake_value, hint, hints, is_shape_op
+from .fx_utils import example_int, fake_value, hint, hints, is_shape_op
 from .graph_pass import PassError
 
 
@@ -333,12 +333,12 @@ def _slices_a_sequence(node: fx.Node, values, P: int) -> bool:
     return isinstance(x, torch.Tensor) and any(_is_seq(n, P) or n > P for n in x.shape)
 
 
-_PADS = {torch.nn.functional.pad, torch._C._nn.pad, torch.ops.aten.constant_pad_nd.default}
+PADS = {torch.nn.functional.pad, torch._C._nn.pad, torch.ops.aten.constant_pad_nd.default}
 
 
 def _pads_a_sequence(node: fx.Node, values, P: int) -> bool:
     """``F.pad(x, (.., 0, p, ..))``: nothing before, ``p`` after a sequence dimension of a pruned ``x``."""
-    if not (node.op == "call_function" and node.target in _PADS and node.args and node.args[0] in values):
+    if not (node.op == "call_function" and node.target in PADS and node.args and node.args[0] in values):
         return False
     x, pad = values[node.args[0]], _pad_of(node)
     if not (isinstance(x, torch.Tensor) and isinstance(pad, (tuple, list))):
@@ -394,7 +394,8 @@ def _whole_sequence_slices(node: fx.Node, values, P: int, seq_len: int) -> tuple
             d += 1
     opened = []
     for i, d in zip(index, dims, strict=True):
-        start, stop = (_bound_hint(b) for b in (i.start, i.stop)) if isinstance(i, slice) else (None, None)
+        # dynamic=True: bounds that are values of the graph, read at their example
+        start, stop = (example_int(b) for b in (i.start, i.stop)) if isinstance(i, slice) else (None, None)
         whole = (
             isinstance(i, slice)
             and d is not None
@@ -415,15 +416,6 @@ def _whole_sequence_slices(node: fx.Node, values, P: int, seq_len: int) -> tuple
         )
         opened.append(slice(None) if whole else slice(i.start, SeqLen(1), i.step) if first_n else i)
     return (src, tuple(opened)), dict(node.kwargs)
-
-
-def _bound_hint(bound: Any) -> Any:
-    """A slice bound as the plan reads it: a literal, or under ``dynamic=True`` a value of the graph (the
-    prompt's length ``s0`` read off a tensor) at its example; None as it is."""
-    if isinstance(bound, fx.Node):
-        value = fake_value(bound)
-        return hint(value) if isinstance(value, (int, torch.SymInt)) else bound
-    return bound
 
 
 def _is_lengthened(pruned: Any, original: int, seq_len: int, P: int) -> bool:
