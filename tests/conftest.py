@@ -40,19 +40,39 @@ def build(name="llava", **kwargs):
     return zoo.build(name, **kwargs)
 
 
-def generate_matches_reference(model, inputs, config: ERAConfig, *, max_new_tokens: int = 8, tol: float = 1e-4):
+def greedy(max_new_tokens: int) -> dict:
+    """``generate`` arguments of a greedy run that returns its sequences and every step's logits."""
+    return dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def compiled_generate(model, inputs, config: ERAConfig, generate_kwargs: dict, **compile_options):
+    """``model.generate`` with the model compiled by the era backend of ``config``; the model is left
+    uncompiled after, for what runs next. (generated, backend)"""
+    backend = make_era_backend(config)
+    model.compile(backend=backend, **compile_options)
+    try:
+        with torch.no_grad():
+            return model.generate(**inputs, **generate_kwargs), backend
+    finally:
+        model._compiled_call_impl = None
+
+
+def logits_difference(generated, expected) -> float:
+    """The largest difference of two greedy runs' logits, over every step."""
+    return max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True))
+
+
+def generate_matches_reference(
+    model, inputs, config: ERAConfig, *, max_new_tokens: int = 8, tol: float = 1e-4, **compile_options
+):
     """Greedy generate with the model compiled by the era backend equals the eager reference's,
     token for token and logit for logit (within ``tol``); returns the backend for its report."""
     from era_compile.reference import EagerReference
 
-    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    expected = EagerReference(model, config).generate(**inputs, **greedy)
-    backend = make_era_backend(config)
-    model.compile(backend=backend)
-    with torch.no_grad():
-        generated = model.generate(**inputs, **greedy)
+    expected = EagerReference(model, config).generate(**inputs, **greedy(max_new_tokens))
+    generated, backend = compiled_generate(model, inputs, config, greedy(max_new_tokens), **compile_options)
     assert torch.equal(generated.sequences, expected.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True)) <= tol
+    assert logits_difference(generated, expected) <= tol
     return backend
 
 
@@ -160,7 +180,15 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-__all__ = ["compiled_forward", "build", "generate_matches_reference", "last_report"]
+__all__ = [
+    "compiled_forward",
+    "build",
+    "compiled_generate",
+    "generate_matches_reference",
+    "greedy",
+    "last_report",
+    "logits_difference",
+]
 
 
 def raised_chain(error: BaseException) -> list:

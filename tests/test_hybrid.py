@@ -14,13 +14,13 @@ import pytest
 import torch
 from test_split_decoder import ragged_batch
 
+from conftest import generate_matches_reference, greedy, logits_difference
 from era_compile import ERAConfig, make_era_backend, registry
 from era_compile.reference import EagerReference
 
 pytestmark = pytest.mark.skipif("qwen3_5" not in registry.model_types(), reason="no Qwen3.5 in this transformers")
 
 TOL = 1e-4
-GREEDY = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +35,7 @@ def test_a_ragged_batch_is_cut_at_an_attention_layer_and_generates_the_reference
     inputs = ragged_batch(model)
     assert int(inputs["attention_mask"][1].sum()) < inputs["input_ids"].shape[1]  # the second is padded
     config = ERAConfig(layer=3, keep_ratio=0.25, compiler="eager", strict=True)
-    expected = EagerReference(model, config).generate(**inputs, **GREEDY)
-    torch._dynamo.reset()
-    backend = make_era_backend(config)
-    model.compile(backend=backend)
-    try:
-        with torch.no_grad():
-            generated = model.generate(**inputs, **GREEDY)
-    finally:
-        model._compiled_call_impl = None
-    assert torch.equal(generated.sequences, expected.sequences)
-    error = max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True))
-    assert error <= TOL
+    backend = generate_matches_reference(model, inputs, config, max_new_tokens=4, tol=TOL)
     (site,) = backend.report.pruning
     assert site.layer == 3 and [t for t, _ in site.samples] == [16, 8] and site.seq_len_after < site.seq_len_before
     assert backend.report.decode_rewrites > 0
@@ -75,12 +64,11 @@ def test_short_convolution_layers_after_the_cut_under_dynamic_shapes():
     try:
         for prefix in (5, 12):
             inputs = registry.make_inputs(model, prefix=prefix)
-            expected = EagerReference(model, config).generate(**inputs, **GREEDY)
+            expected = EagerReference(model, config).generate(**inputs, **greedy(4))
             with torch.no_grad():
-                generated = model.generate(**inputs, **GREEDY)
+                generated = model.generate(**inputs, **greedy(4))
             assert torch.equal(generated.sequences, expected.sequences)
-            error = max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True))
-            assert error <= TOL
+            assert logits_difference(generated, expected) <= TOL
     finally:
         model._compiled_call_impl = None
     assert backend.report.pruned_calls == 2

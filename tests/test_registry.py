@@ -31,6 +31,7 @@ import torch
 from transformers import GenerationMixin
 
 import oracle
+from conftest import compiled_generate, greedy, logits_difference
 from era_compile import ERAConfig, make_era_backend, registry
 from era_compile.algorithms import kept_count
 from era_compile.backend import EraCompileError
@@ -131,7 +132,8 @@ def check_supported(model, inputs) -> dict:
     assert report2.pruned and batch_error <= TOL, f"batch 2: {batch_error:.2e} from the reference"
 
     generate = ERAConfig(layer=registry.first_attention_layer(model, 2), keep_ratio=0.25, compiler="eager", strict=True)
-    generated, reference, backend = _generate_both(model, inputs, generate, lambda: EagerReference(model, generate))
+    reference = EagerReference(model, generate).generate(**inputs, **greedy(4))
+    generated, backend = _compiled_generate(model, inputs, generate, greedy(4))
     if backend.report.graphs == 0 and type(model).generate is not GenerationMixin.generate:
         raise GenerateBypassesForward(forward_error, oracle_error, batch_error)
     generate_error = _generate_error(generated, reference, backend, "generate")
@@ -153,7 +155,6 @@ def check_supported(model, inputs) -> dict:
 # A window every prompt of ``registry.make_inputs`` fills (5 + 1 or more visual + 7 tokens), so that decode
 # runs past it: the real windows (512 to 4096) are longer than the prompts, as users' prompts are.
 FILLED_WINDOW = 12
-GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 def check_window_filled(model_type: str) -> dict:
@@ -163,10 +164,8 @@ def check_window_filled(model_type: str) -> dict:
     model, inputs = registry.build(model_type, window=FILLED_WINDOW)
     layer = registry.first_attention_layer(model, 2)
     config = ERAConfig(layer=layer, keep_ratio=0.25, compiler="eager", strict=True)
-    greedy = dict(GREEDY, max_new_tokens=8)
-    generated, reference, backend = _generate_both(
-        model, inputs, config, lambda: EagerReference(model, config), greedy=greedy
-    )
+    reference = EagerReference(model, config).generate(**inputs, **greedy(8))
+    generated, backend = _compiled_generate(model, inputs, config, greedy(8))
     filled_error = _generate_error(generated, reference, backend, "generate past a filled window")
     if registry.first_attention_layer(model, 0) != 0:  # a hybrid decoder: no K = 0 oracle (check_supported)
         return {"filled_window": FILLED_WINDOW, "generate filled": filled_error, "generate oracle": None}
@@ -176,42 +175,21 @@ def check_window_filled(model_type: str) -> dict:
     )
     visual = _visual(model, inputs)
     k = kept_count(int(visual[0].sum()), keep_ratio=0.25)
-    generated, expected, backend = _generate_both(
-        model, inputs, oracle_config, lambda: _Oracle(model, visual, k), greedy=greedy
-    )
+    expected = oracle.generate(model, inputs, visual, k, **greedy(8))
+    generated, backend = _compiled_generate(model, inputs, oracle_config, greedy(8))
     oracle_error = _generate_error(generated, expected, backend, "generate against the oracle past a filled window")
     return {"filled_window": FILLED_WINDOW, "generate filled": filled_error, "generate oracle": oracle_error}
 
 
-class _Oracle:
-    """``oracle.generate`` as a reference's ``generate``."""
-
-    def __init__(self, model, visual, k: int):
-        self.model, self.visual, self.k = model, visual, k
-
-    def generate(self, **kwargs):
-        return oracle.generate(self.model, kwargs, self.visual, self.k)
-
-
-def _generate_both(model, inputs, config, make_reference, greedy=None):
-    """Greedy generate by the compiled model (strict) and by the reference ``make_reference()`` builds
-    (before the model is compiled: the reference runs eagerly whatever happens to the model after)."""
-    greedy = greedy or dict(GREEDY, max_new_tokens=4)
-    expected = make_reference().generate(**inputs, **greedy)
+def _compiled_generate(model, inputs, config, generate_kwargs: dict):
+    """``conftest.compiled_generate`` after a fresh Dynamo: each check compiles the model anew."""
     torch._dynamo.reset()
-    backend = make_era_backend(config)
-    model.compile(backend=backend)
-    try:
-        with torch.no_grad():
-            generated = model.generate(**inputs, **greedy)
-    finally:
-        model._compiled_call_impl = None  # the model as it was, for what runs after
-    return generated, expected, backend
+    return compiled_generate(model, inputs, config, generate_kwargs)
 
 
 def _generate_error(generated, expected, backend, what: str) -> float:
     assert torch.equal(generated.sequences, expected.sequences), f"{what}: other tokens than the reference"
-    error = max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True))
+    error = logits_difference(generated, expected)
     assert error <= TOL and backend.report.pruned, f"{what}: {error:.2e} from the reference"
     assert backend.report.decode_rewrites > 0 or _compact_cache(generated), (
         f"{what}: no decode step attended over a pruned cache"

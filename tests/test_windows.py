@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import oracle
-from era_compile import ERAConfig, make_era_backend, registry
+from conftest import compiled_generate, generate_matches_reference, greedy, logits_difference
+from era_compile import ERAConfig, registry
 from era_compile.algorithms import kept_count
 from era_compile.reference import EagerReference
 from oracle import FIXED
@@ -34,34 +35,14 @@ def _left_padded(model, prefixes: tuple[int, ...], seed: int = 3) -> dict:
     return batch
 
 
-def _generate(model, inputs, config, new_tokens: int, **compile_options):
-    greedy = dict(max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    torch._dynamo.reset()
-    backend = make_era_backend(config)
-    model.compile(backend=backend, **compile_options)
-    try:
-        with torch.no_grad():
-            return model.generate(**inputs, **greedy), backend.report, greedy
-    finally:
-        model._compiled_call_impl = None
-
-
-def _assert_same(generated, expected, report) -> float:
-    assert torch.equal(generated.sequences, expected.sequences)
-    error = max((a - b).abs().max().item() for a, b in zip(generated.logits, expected.logits, strict=True))
-    assert error <= TOL, f"{error:.2e} from the expected logits"
-    assert report.pruned and report.decode_rewrites > 0
-    return error
-
-
 def test_a_window_longer_than_the_prompt_prunes_a_ragged_batch_under_dynamic_shapes():
     model, _ = registry.build("gemma3")
     assert registry.sliding_window(model.config) == 4096  # the real one
     inputs = _left_padded(model, prefixes=(5, 11))
     assert inputs["input_ids"].shape[1] < 64 and int(inputs["attention_mask"][0].sum()) < inputs["input_ids"].shape[1]
     config = ERAConfig(layer=2, keep_ratio=0.25, compiler="eager", strict=True)
-    generated, report, greedy = _generate(model, inputs, config, 6, dynamic=True)
-    _assert_same(generated, EagerReference(model, config).generate(**inputs, **greedy), report)
+    report = generate_matches_reference(model, inputs, config, max_new_tokens=6, dynamic=True).report
+    assert report.pruned and report.decode_rewrites > 0
 
 
 def test_decode_past_a_filled_window_equals_the_oracle_in_every_step_of_a_ragged_batch():
@@ -75,13 +56,14 @@ def test_decode_past_a_filled_window_equals_the_oracle_in_every_step_of_a_ragged
     config = ERAConfig(
         layer=0, keep_ratio=0.25, strategy=FIXED, recycle=False, rectify=False, compiler="eager", strict=True
     )
-    generated, report, greedy = _generate(model, inputs, config, 10)
-    expected = oracle.generate(model, inputs, visual, k, **greedy)
-    _assert_same(generated, expected, report)
+    generated, backend = compiled_generate(model, inputs, config, greedy(10))
+    expected = oracle.generate(model, inputs, visual, k, **greedy(10))
+    assert torch.equal(generated.sequences, expected.sequences)
+    assert logits_difference(generated, expected) <= TOL
+    assert backend.report.pruned and backend.report.decode_rewrites > 0
     # the check has teeth: the oracle with every token kept gives other logits
-    unpruned = oracle.generate(model, inputs, visual, int(visual[0].sum()), **greedy)
-    difference = max((a - b).abs().max().item() for a, b in zip(unpruned.logits, expected.logits, strict=True))
-    assert difference > 1e-3
+    unpruned = oracle.generate(model, inputs, visual, int(visual[0].sum()), **greedy(10))
+    assert logits_difference(unpruned, expected) > 1e-3
 
 
 @pytest.mark.parametrize("window", [12, 4096])
@@ -92,9 +74,7 @@ def test_the_reference_windows_its_decode_by_original_positions(window):
     visual = inputs["input_ids"] == registry.image_token_id(model.config)
     k = kept_count(int(visual[0].sum()), keep_ratio=0.25)
     config = ERAConfig(layer=0, keep_ratio=0.25, strategy=FIXED, recycle=False, rectify=False)
-    greedy = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    reference = EagerReference(model, config).generate(**inputs, **greedy)
-    expected = oracle.generate(model, inputs, visual, k, **greedy)
+    reference = EagerReference(model, config).generate(**inputs, **greedy(10))
+    expected = oracle.generate(model, inputs, visual, k, **greedy(10))
     assert torch.equal(reference.sequences, expected.sequences)
-    error = max((a - b).abs().max().item() for a, b in zip(reference.logits, expected.logits, strict=True))
-    assert error <= TOL
+    assert logits_difference(reference, expected) <= TOL
