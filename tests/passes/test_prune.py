@@ -62,16 +62,26 @@ def _run_to(rec, site):
     return [env[n] for n in wanted]
 
 
+def _rewritten_logits(rec: PassRecorder) -> torch.Tensor:
+    """The rewritten graph's logits on the recorded prompt."""
+    with torch.no_grad():
+        return rec.result.gm(*rec.inputs())[0]
+
+
+def _unchanged_when_all_kept(rec: PassRecorder) -> bool:
+    """A recorder that keeps every token: the rewritten graph's logits are the captured graph's."""
+    with torch.no_grad():
+        expected = rec.gm(*rec.example_inputs)[0]
+    return torch.allclose(_rewritten_logits(rec), expected, atol=1e-5)
+
+
 def test_pruned_graph_runs_and_keeps_the_text():
     torch.manual_seed(0)
     model = ToyVLM().eval()
     ids, features = prompt(visual=8)
     config = ERAConfig(layer=1, keep_tokens=8, rectify=False, recycle=False)  # keep all: nothing changes
     rec = PassRecorder(model, ids, features, config=config)
-    with torch.no_grad():
-        out = rec.result.gm(*rec.inputs())
-        expected = rec.gm(*rec.example_inputs)
-    assert torch.allclose(out[0], expected[0], atol=1e-5)
+    assert _unchanged_when_all_kept(rec)
 
 
 def test_a_routed_mlp_runs_on_the_kept_tokens():
@@ -85,13 +95,9 @@ def test_a_routed_mlp_runs_on_the_kept_tokens():
     rec = PassRecorder(model, ids, features, config=config)
     assert rec.pass_result("prune").counts["rewritten_shapes"] > 0
     assert sum(n.op == "call_method" and n.target == "scatter_" for n in rec.result.gm.graph.nodes) == LAYERS
-    with torch.no_grad():
-        out = rec.result.gm(*rec.inputs())
-        expected = rec.gm(*rec.example_inputs)
-    assert torch.allclose(out[0], expected[0], atol=1e-5)
+    assert _unchanged_when_all_kept(rec)
     pruned = PassRecorder(model, ids, features, config=config.replace(keep_tokens=3))
-    with torch.no_grad():
-        logits = pruned.result.gm(*pruned.inputs())[0]  # a stale 2 * N would not broadcast into 2 * n'
+    logits = _rewritten_logits(pruned)  # a stale 2 * N would not broadcast into 2 * n'
     assert logits.shape[1] == ids.shape[1] - 8 + 3
 
 
@@ -104,12 +110,9 @@ def test_a_slice_of_the_whole_prompt_follows_the_pruned_length():
     ids, features = prompt(visual=8)
     config = ERAConfig(layer=1, keep_tokens=8, rectify=False, recycle=False)  # keep all: nothing changes
     rec = PassRecorder(model, ids, features, config=config)
-    with torch.no_grad():
-        assert torch.allclose(rec.result.gm(*rec.inputs())[0], rec.gm(*rec.example_inputs)[0], atol=1e-5)
+    assert _unchanged_when_all_kept(rec)
     pruned = PassRecorder(model, ids, features, config=config.replace(keep_tokens=3))
-    with torch.no_grad():
-        logits = pruned.result.gm(*pruned.inputs())[0]
-    assert logits.shape[1] == ids.shape[1] - 8 + 3
+    assert _rewritten_logits(pruned).shape[1] == ids.shape[1] - 8 + 3
 
 
 class _ChunkedScanLayer(torch.nn.Module):
@@ -156,11 +159,10 @@ def test_a_chunked_scan_pads_the_kept_tokens_to_the_original_padded_length(suffi
     ids, features = prompt(visual=8, suffix=suffix)
     config = ERAConfig(layer=1, keep_tokens=8, rectify=False, recycle=False, strategy="test_first_visual")
     rec = PassRecorder(model, ids, features, config=config)
-    with torch.no_grad():
-        assert torch.allclose(rec.result.gm(*rec.inputs())[0], rec.gm(*rec.example_inputs)[0], atol=1e-5)
+    assert _unchanged_when_all_kept(rec)
     pruned = PassRecorder(model, ids, features, config=config.replace(keep_tokens=3))
+    logits = _rewritten_logits(pruned)
     with torch.no_grad():
-        logits = pruned.result.gm(*pruned.inputs())[0]
         image = ids[0] == IMAGE
         kept = torch.nonzero(~image | (image.cumsum(0) <= 3)).flatten()  # the text and the first 3 visual
         embeds = model.embed(ids).masked_scatter(image[None, :, None], model.project(features))
